@@ -1,0 +1,460 @@
+//! The configuration file: one TOML document, strict, with every default in [`Config::default`].
+//!
+//! ```toml
+//! socket = "/run/nixpush/nixpush.sock"
+//! state_dir = "/var/lib/nixpush"
+//! upstream = ["https://cache.nixos.org"]
+//! exclude = ["*-source", "*.drv"]
+//!
+//! [target]
+//! url = "file:///var/cache/nix"
+//! compression = "zstd"
+//! signing_key_file = "/run/secrets/nix-signing-key"
+//! ```
+//!
+//! Keys are snake_case because they are the interface every tool and test speaks. Secrets are never config
+//! literals: only the paths of the files that hold them are.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the daemon and the CLI look when neither `--config` nor `NIXPUSH_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixpush/config.toml";
+/// Socket path compiled into the hook and used when the config does not say otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/nixpush/nixpush.sock";
+/// State directory (queue, spool) when the config does not say otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixpush";
+/// The Cachix API host used for `cachix://NAME` targets.
+pub const DEFAULT_CACHIX_API: &str = "https://cachix.org";
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has unknown or mistyped keys. The message names the key and line.
+    #[error("invalid configuration file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message, which names the key, line and column.
+        message: String,
+    },
+    /// A value parsed but makes no sense.
+    #[error("invalid configuration: `{field}` {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `target.workers`.
+        field: &'static str,
+        /// What is wrong, e.g. "must be greater than 0".
+        problem: String,
+    },
+}
+
+/// How NARs are compressed in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd, `.nar.zst`.
+    #[default]
+    Zstd,
+    /// xz, `.nar.xz`.
+    Xz,
+    /// Uncompressed, `.nar`.
+    None,
+}
+
+impl Compression {
+    /// The narinfo `Compression:` value.
+    pub fn narinfo_name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+            Compression::None => "none",
+        }
+    }
+
+    /// The NAR file extension, including the leading `.nar`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Zstd => ".nar.zst",
+            Compression::Xz => ".nar.xz",
+            Compression::None => ".nar",
+        }
+    }
+
+    /// The level used when `compression_level` is not set: zstd's and xz's own defaults.
+    pub fn default_level(self) -> i32 {
+        match self {
+            Compression::Zstd => 3,
+            Compression::Xz => 6,
+            Compression::None => 0,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The hook socket the daemon listens on.
+    pub socket: PathBuf,
+    /// Permission bits of the socket, as an octal string. Enqueueing is still limited by peer credentials.
+    pub socket_mode: String,
+    /// Group that owns the socket, if not the daemon's own.
+    pub socket_group: Option<String>,
+    /// The sled queue and `spool/` live here.
+    pub state_dir: PathBuf,
+    /// The Nix store directory.
+    pub store_dir: PathBuf,
+    /// Nix's SQLite database, read read-only for path info.
+    pub nix_db: PathBuf,
+    /// Users besides root allowed to enqueue.
+    pub allowed_users: Vec<String>,
+    /// Groups whose members may enqueue.
+    pub allowed_groups: Vec<String>,
+    /// Binary caches whose paths are never uploaded. Empty turns upstream skipping off.
+    pub upstream: Vec<String>,
+    /// Glob patterns over store path names (`<hash>-<name>`) that are never pushed.
+    pub exclude: Vec<String>,
+    /// How long a socket client may take to send its request, in milliseconds.
+    pub client_timeout_ms: u64,
+    /// How long "the target or an upstream has this path" is remembered, in seconds.
+    pub present_ttl_secs: u64,
+    /// The cache everything is pushed to.
+    pub target: Target,
+}
+
+/// The `[target]` table.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Target {
+    /// `file:///dir`, `http(s)://host/prefix`, `s3://bucket?region=…&endpoint=…`, or `cachix://name`.
+    pub url: String,
+    /// NAR compression.
+    pub compression: Compression,
+    /// Compression level; the method's default when unset.
+    pub compression_level: Option<i32>,
+    /// Secret key in Nix's `name:base64` format (or Cachix's bare base64) used to sign narinfos.
+    pub signing_key_file: Option<PathBuf>,
+    /// Bearer token (HTTP, Cachix). Re-read when the file changes.
+    pub auth_token_file: Option<PathBuf>,
+    /// Parallel uploads. Defaults to the number of CPUs.
+    pub workers: Option<usize>,
+    /// Attempts before a path is parked as failed.
+    pub max_attempts: u32,
+    /// Cachix API base for `cachix://` targets.
+    pub cachix_api: String,
+    /// Multipart part size in bytes (Cachix, S3).
+    pub part_size: u64,
+    /// Per-request timeout towards the target, in seconds (covers idle time, not the whole body).
+    pub timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: "0666".to_owned(),
+            socket_group: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            store_dir: PathBuf::from("/nix/store"),
+            nix_db: PathBuf::from("/nix/var/nix/db/db.sqlite"),
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
+            upstream: vec!["https://cache.nixos.org".to_owned()],
+            exclude: Vec::new(),
+            client_timeout_ms: 2_000,
+            present_ttl_secs: 24 * 3600,
+            target: Target::default(),
+        }
+    }
+}
+
+impl Default for Target {
+    fn default() -> Target {
+        Target {
+            url: String::new(),
+            compression: Compression::Zstd,
+            compression_level: None,
+            signing_key_file: None,
+            auth_token_file: None,
+            workers: None,
+            max_attempts: 10,
+            cachix_api: DEFAULT_CACHIX_API.to_owned(),
+            part_size: 32 * 1024 * 1024,
+            timeout_secs: 60,
+        }
+    }
+}
+
+impl fmt::Debug for Target {
+    // Only file paths are held here, never secrets, but keep Debug explicit so a secret field added later
+    // cannot leak by derive.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &redact_url(&self.url))
+            .field("compression", &self.compression)
+            .field("compression_level", &self.compression_level)
+            .field("signing_key_file", &self.signing_key_file)
+            .field("auth_token_file", &self.auth_token_file)
+            .field("workers", &self.workers)
+            .field("max_attempts", &self.max_attempts)
+            .field("cachix_api", &self.cachix_api)
+            .field("part_size", &self.part_size)
+            .field("timeout_secs", &self.timeout_secs)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `origin` only names the source in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work. Errors name the field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |field, problem: &str| Error::Invalid {
+            field,
+            problem: problem.to_owned(),
+        };
+        if self.target.url.is_empty() {
+            return Err(invalid(
+                "target.url",
+                "is required (file://, http(s)://, s3:// or cachix://)",
+            ));
+        }
+        let scheme = self.target.url.split("://").next().unwrap_or_default();
+        if !self.target.url.contains("://")
+            || !matches!(scheme, "file" | "http" | "https" | "s3" | "cachix")
+        {
+            return Err(Error::Invalid {
+                field: "target.url",
+                problem: format!(
+                    "has unsupported scheme in {:?}; use file://, http(s)://, s3:// or cachix://",
+                    redact_url(&self.target.url)
+                ),
+            });
+        }
+        if self.target.workers == Some(0) {
+            return Err(invalid("target.workers", "must be greater than 0"));
+        }
+        if self.target.max_attempts == 0 {
+            return Err(invalid("target.max_attempts", "must be greater than 0"));
+        }
+        if let Some(level) = self.target.compression_level {
+            let range = match self.target.compression {
+                Compression::Zstd => 1..=19,
+                Compression::Xz => 0..=9,
+                Compression::None => 0..=0,
+            };
+            if !range.contains(&level) {
+                return Err(Error::Invalid {
+                    field: "target.compression_level",
+                    problem: format!(
+                        "{level} is out of range {}..={} for {}",
+                        range.start(),
+                        range.end(),
+                        self.target.compression.narinfo_name()
+                    ),
+                });
+            }
+        }
+        if self.target.part_size < 5 * 1024 * 1024 {
+            return Err(invalid(
+                "target.part_size",
+                "must be at least 5 MiB (5242880)",
+            ));
+        }
+        if self.target.timeout_secs == 0 {
+            return Err(invalid("target.timeout_secs", "must be greater than 0"));
+        }
+        if self.client_timeout_ms == 0 {
+            return Err(invalid("client_timeout_ms", "must be greater than 0"));
+        }
+        self.socket_mode_bits()?;
+        for (field, path) in [
+            ("socket", &self.socket),
+            ("state_dir", &self.state_dir),
+            ("store_dir", &self.store_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(field, "must be an absolute path"));
+            }
+        }
+        if self.store_dir.to_str().is_none() {
+            return Err(invalid("store_dir", "must be valid UTF-8"));
+        }
+        for pattern in &self.exclude {
+            globset::Glob::new(pattern).map_err(|e| Error::Invalid {
+                field: "exclude",
+                problem: format!("has an invalid pattern {pattern:?}: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The socket mode as permission bits.
+    pub fn socket_mode_bits(&self) -> Result<u32, Error> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(bits) if bits <= 0o777 => Ok(bits),
+            _ => Err(Error::Invalid {
+                field: "socket_mode",
+                problem: format!(
+                    "{:?} is not an octal mode such as \"0660\"",
+                    self.socket_mode
+                ),
+            }),
+        }
+    }
+
+    /// The store directory as a string (validated UTF-8).
+    pub fn store_dir_str(&self) -> &str {
+        self.store_dir.to_str().unwrap_or("/nix/store")
+    }
+
+    /// Directory where the hook drops requests when the daemon is unreachable.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
+    }
+
+    /// Number of upload workers: the configured value or the number of CPUs.
+    pub fn workers(&self) -> usize {
+        self.target.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
+    }
+
+    /// The effective compression level.
+    pub fn compression_level(&self) -> i32 {
+        self.target
+            .compression_level
+            .unwrap_or_else(|| self.target.compression.default_level())
+    }
+
+    /// The configuration as TOML with every default filled in, for `check-config`. Holds no secrets: only the
+    /// paths of secret files, and URLs with any embedded password removed.
+    pub fn to_effective_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.target.url = redact_url(&self.target.url);
+        shown.target.workers = Some(self.workers());
+        shown.target.compression_level = Some(self.compression_level());
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/…` and secret-looking query values with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    let secret_keys = ["secret", "token", "password", "secret-key", "signature"];
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let lower = k.to_ascii_lowercase();
+                if secret_keys.iter().any(|s| lower.contains(s)) {
+                    (k.into_owned(), "***".to_owned())
+                } else {
+                    (k.into_owned(), v.into_owned())
+                }
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_fills_defaults() {
+        let c = parse("[target]\nurl = \"file:///tmp/cache\"\n").unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.upstream, vec!["https://cache.nixos.org".to_owned()]);
+        assert_eq!(c.target.max_attempts, 10);
+        assert_eq!(c.target.compression, Compression::Zstd);
+        assert_eq!(c.compression_level(), 3);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("socket = \"/tmp/s\"\nworkerz = 3\n[target]\nurl = \"file:///x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("workerz"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_in_target_is_an_error() {
+        let err = parse("[target]\nurl = \"file:///x\"\ncompresion = \"xz\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("compresion"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let err = parse("[target]\nurl = \"file:///x\"\nworkers = 0\n").unwrap_err();
+        assert!(err.to_string().contains("target.workers"), "{err}");
+        let err = parse("[target]\nurl = \"ftp://x\"\n").unwrap_err();
+        assert!(err.to_string().contains("target.url"), "{err}");
+        let err = parse("").unwrap_err();
+        assert!(err.to_string().contains("target.url"), "{err}");
+        let err = parse("socket_mode = \"999\"\n[target]\nurl = \"file:///x\"\n").unwrap_err();
+        assert!(err.to_string().contains("socket_mode"), "{err}");
+        let err =
+            parse("[target]\nurl = \"file:///x\"\ncompression = \"xz\"\ncompression_level = 12\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("compression_level"), "{err}");
+    }
+
+    #[test]
+    fn effective_toml_round_trips_and_hides_passwords() {
+        let c =
+            parse("[target]\nurl = \"https://user:hunter2@cache.example/x?token=abc\"\n").unwrap();
+        let shown = c.to_effective_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("abc"), "{shown}");
+        let back = parse(&shown).unwrap();
+        assert_eq!(back.workers(), c.workers());
+        assert_eq!(back.state_dir, c.state_dir);
+    }
+}

@@ -1,0 +1,1 @@
+//! nixpush's integration tests: one binary, real Nix, real servers.
