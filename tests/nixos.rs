@@ -747,27 +747,136 @@ fn sample_example_and_module_configs_pass_check_config() {
     assert!(String::from_utf8_lossy(&failed.stderr).contains("workerz"));
 }
 
+/// nginx running `examples/nginx-webdav.conf`, stopped (gracefully, so its workers go too) on drop.
+struct Nginx {
+    child: Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.0 request; returns the status code and body.
+fn http(port: u16, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
 #[test]
-fn nginx_webdav_example_is_valid_nginx_configuration() {
+fn nginx_webdav_example_takes_uploads_only_with_the_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("nginx.conf");
-    fs::write(
-        &conf,
+    let example = repo().join("examples/nginx-webdav.conf");
+    let wrapper = |include: &Path| {
         format!(
-            "error_log {dir}/error.log;\npid {dir}/nginx.pid;\nevents {{}}\nhttp {{\n  access_log off;\n  include {example};\n}}\n",
+            "user root;\nerror_log {dir}/error.log;\npid {dir}/nginx.pid;\nevents {{}}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  include {include};\n}}\n",
             dir = tmp.path().display(),
-            example = repo().join("examples/nginx-webdav.conf").display()
+            include = include.display()
+        )
+    };
+    // The example as shipped is valid nginx configuration.
+    let conf = tmp.path().join("nginx.conf");
+    fs::write(&conf, wrapper(&example)).unwrap();
+    let check = |conf: &Path| {
+        succeed(
+            Command::new("nginx")
+                .arg("-t")
+                .arg("-p")
+                .arg(tmp.path())
+                .arg("-c")
+                .arg(conf),
+        )
+    };
+    check(&conf);
+
+    // Served on a free port and a scratch root, everything else as shipped.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let root = tmp.path().join("cache");
+    fs::create_dir(&root).unwrap();
+    let text = fs::read_to_string(&example).unwrap();
+    assert!(text.contains("listen 127.0.0.1:8080;") && text.contains("root /var/cache/nix-http;"));
+    let served = tmp.path().join("served.conf");
+    fs::write(
+        &served,
+        text.replace(
+            "listen 127.0.0.1:8080;",
+            &format!("listen 127.0.0.1:{port};"),
+        )
+        .replace(
+            "root /var/cache/nix-http;",
+            &format!("root {};", root.display()),
         ),
     )
     .unwrap();
-    succeed(
-        Command::new("nginx")
-            .arg("-t")
+    fs::write(&conf, wrapper(&served)).unwrap();
+    check(&conf);
+    let _nginx = Nginx {
+        child: Command::new("nginx")
             .arg("-p")
             .arg(tmp.path())
             .arg("-c")
-            .arg(&conf),
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .spawn()
+            .expect("nginx runs"),
+    };
+    wait_for("nginx to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+
+    let put = |auth: &str| {
+        http(
+            port,
+            &format!(
+                "PUT /nix/nar/x.nar.zst HTTP/1.0\r\nHost: cache.example.org\r\n{auth}Content-Length: 5\r\n\r\nhello"
+            ),
+        )
+        .0
+    };
+    assert_eq!(put(""), 401, "an anonymous PUT is refused");
+    assert_eq!(put("Authorization: Bearer wrong\r\n"), 401);
+    assert!(!root.join("nix/nar/x.nar.zst").exists());
+    assert_eq!(
+        put("Authorization: Bearer CHANGE-ME-TO-THE-TOKEN\r\n"),
+        201,
+        "the token's PUT creates the file, directories included"
     );
+    let get = http(
+        port,
+        "GET /nix/nar/x.nar.zst HTTP/1.0\r\nHost: cache.example.org\r\n\r\n",
+    );
+    assert_eq!(get, (200, "hello".to_owned()), "reads are public");
+    let head = http(
+        port,
+        "HEAD /nix/missing.narinfo HTTP/1.0\r\nHost: cache.example.org\r\n\r\n",
+    );
+    assert_eq!(head.0, 404);
 }
 
 /// What the flake evaluates to with nixpkgs stood in for (tests/fixtures/nixos/eval-flake.nix).
@@ -883,7 +992,11 @@ fn cachix_push_app_builds_then_pushes() {
         let calls = fs::read_to_string(&log).unwrap_or_default();
         (out, calls)
     };
-    let hostname = succeed(&mut Command::new("hostname")).trim().to_owned();
+    // What bash puts in $HOSTNAME (gethostname).
+    let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned();
 
     fake(
         "nix",
