@@ -281,11 +281,13 @@ in
       };
       users.groups.nixpush = { };
 
-      # Made at boot too, so the hook can spool before the daemon first starts; the daemon (user nixpush) must
-      # own spool/ to delete what it imported.
+      # Made at boot, before nix-daemon, so the hook can spool before the daemon first starts. spool/ must be
+      # the daemon's (a directory the root-run hook created would be root's, and the daemon could neither set
+      # its mode nor delete what it imported); 01733 as the daemon sets it: anyone's hook may drop a file,
+      # nobody else may list. state_dir is traversable for that, not listable.
       systemd.tmpfiles.rules = [
-        "d ${stateDir} 0750 nixpush nixpush - -"
-        "d ${stateDir}/spool 0750 nixpush nixpush - -"
+        "d ${stateDir} 0711 nixpush nixpush - -"
+        "d ${stateDir}/spool 1733 nixpush nixpush - -"
       ]
       ++ optional (fileTargetDir != null) "d ${fileTargetDir} 0755 nixpush nixpush - -";
 
@@ -373,7 +375,7 @@ in
           if lib.hasPrefix "/var/lib/" stateDir then
             {
               StateDirectory = lib.removePrefix "/var/lib/" stateDir;
-              StateDirectoryMode = "0750";
+              StateDirectoryMode = "0711";
             }
           else
             { }

@@ -317,7 +317,7 @@ fn module_renders_a_hardened_socket_activated_service() {
         json!(true)
     );
     let tmpfiles = strings(&eval["tmpfiles"]);
-    assert!(tmpfiles.contains(&"d /var/lib/nixpush/spool 0750 nixpush nixpush - -"));
+    assert!(tmpfiles.contains(&"d /var/lib/nixpush/spool 1733 nixpush nixpush - -"));
     assert!(tmpfiles.contains(&"d /var/cache/nixpush 0755 nixpush nixpush - -"));
 }
 
@@ -484,7 +484,7 @@ fn module_tells_nix_daemon_about_a_moved_socket_and_state_dir() {
         strings(&service["ReadWritePaths"]),
         ["/srv/cache", "/srv/nixpush"]
     );
-    assert!(strings(&eval["tmpfiles"]).contains(&"d /srv/nixpush/spool 0750 nixpush nixpush - -"));
+    assert!(strings(&eval["tmpfiles"]).contains(&"d /srv/nixpush/spool 1733 nixpush nixpush - -"));
 }
 
 #[test]
@@ -669,8 +669,8 @@ fn sysusers_and_tmpfiles_give_the_spool_to_the_daemon_user() {
             .arg(repo().join("systemd/nixpush.tmpfiles.conf")),
     );
     for (dir, mode) in [
-        ("var/lib/nixpush", 0o750),
-        ("var/lib/nixpush/spool", 0o750),
+        ("var/lib/nixpush", 0o711),
+        ("var/lib/nixpush/spool", 0o1733),
         ("var/cache/nixpush", 0o755),
     ] {
         let meta = fs::metadata(root.path().join(dir)).unwrap();
