@@ -1,1 +1,2 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
+mod nixos;
