@@ -19,8 +19,11 @@
 //! - [`daemon`]: the long-running service: socket server, spool import, shutdown.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
+//! - [`upload`]: the engine: closure, dedup, NAR pipeline, dependency-ordered uploads, retry policy.
+//! - [`backend`]: where NARs go (`file://`, HTTP); the only code that speaks to a cache.
 //! - [`secret`]: secrets that never print.
 
+pub mod backend;
 pub mod base32;
 pub mod config;
 pub mod daemon;
@@ -38,3 +41,4 @@ pub mod signing;
 pub mod spool;
 pub mod store_path;
 pub mod systemd;
+pub mod upload;

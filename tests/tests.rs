@@ -1,2 +1,5 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
+mod faultproxy;
+mod nginx;
 mod nixos;
+mod upload;
