@@ -36,5 +36,6 @@ pub mod queue;
 pub mod secret;
 pub mod signing;
 pub mod spool;
+pub mod status;
 pub mod store_path;
 pub mod systemd;
