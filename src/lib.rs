@@ -16,12 +16,15 @@
 //! - [`hook`]: the post-build-hook client; std only.
 //! - [`spool`]: requests the hook saved while the daemon was unreachable.
 //! - [`queue`]: the durable queue; the only module that knows sled.
-//! - [`daemon`]: the long-running service: socket server, spool import, shutdown.
+//! - [`daemon`]: the long-running service: socket server, spool import, group commit, shutdown.
+//! - [`status`]: the status report shared by the daemon and `nixpush status`.
+//! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
 //! - [`secret`]: secrets that never print.
 
 pub mod base32;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod derivation;
