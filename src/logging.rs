@@ -8,6 +8,7 @@
 //! 2024-11-26T15:40:01.123Z  INFO nixpush::daemon::server: queued store_path=/nix/store/…-ht-b source="hook"
 //! ```
 
+use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -50,6 +51,7 @@ pub fn init(default_level: &str) -> Result<Destination, Error> {
     tracing_subscriber::fmt()
         .with_env_filter(filter())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init()
         .map_err(|e| Error::Install(e.to_string()))?;
     Ok(Destination::Stderr)

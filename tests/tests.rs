@@ -1,1 +1,4 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
+
+mod spine;
+mod util;
