@@ -16,7 +16,9 @@
 //! - [`hook`]: the post-build-hook client; std only.
 //! - [`spool`]: requests the hook saved while the daemon was unreachable.
 //! - [`queue`]: the durable queue; the only module that knows sled.
-//! - [`daemon`]: the long-running service: socket server, spool import, shutdown.
+//! - [`daemon`]: the long-running service: socket server, spool import, group commit, shutdown.
+//! - [`status`]: the status report shared by the daemon and `nixpush status`.
+//! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
 //! - [`upload`]: the engine: closure, dedup, NAR pipeline, dependency-ordered uploads, retry policy.
@@ -25,6 +27,7 @@
 
 pub mod backend;
 pub mod base32;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod derivation;
@@ -39,6 +42,7 @@ pub mod queue;
 pub mod secret;
 pub mod signing;
 pub mod spool;
+pub mod status;
 pub mod store_path;
 pub mod systemd;
 pub mod upload;
