@@ -5,9 +5,9 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::config::Config;
+use crate::nar;
 use anyhow::Context as _;
-use nixpush::config::Config;
-use nixpush::nar;
 
 /// Arguments of `nixpush dump-nar`.
 #[derive(Debug, clap::Args)]
@@ -17,7 +17,7 @@ pub struct Args {
 }
 
 /// Streams the NAR to stdout.
-pub fn run(args: &Args, _config: Option<&Config>) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: &Args, _config: Option<&Config>) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     // `dump` buffers its output itself.
     nar::dump(&args.path, &mut stdout)

@@ -3,9 +3,12 @@
 
 mod check_config;
 mod daemon;
+pub mod dump_nar;
 mod hook;
+pub mod push;
 mod queue;
 mod status;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,6 +45,12 @@ pub enum Command {
     Hook,
     /// List the queue, retry failed paths, drop a path.
     Queue(queue::Args),
+    /// Upload store paths (and their closures) now, without the daemon; or queue them with `--via-daemon`.
+    Push(push::Args),
+    /// Write the NAR of a path to standard output, exactly as `nix-store --dump PATH` does.
+    DumpNar(dump_nar::Args),
+    /// Recompute NAR hashes and sizes and compare them with what Nix recorded.
+    Verify(verify::Args),
 }
 
 /// Parses the command line, runs the subcommand, and returns the process exit code.
@@ -54,6 +63,13 @@ pub fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config::run(config_path, args),
         Command::Hook => hook::run(),
         Command::Queue(args) => queue::run(config_path, args),
+        Command::Push(args) => push::run(config_path, args),
+        Command::DumpNar(args) => {
+            optional_config(config_path).and_then(|config| dump_nar::run(&args, config.as_ref()))
+        }
+        Command::Verify(args) => {
+            optional_config(config_path).and_then(|config| verify::run(&args, config.as_ref()))
+        }
     };
     match result {
         Ok(code) => code,
@@ -73,6 +89,17 @@ fn client_config(path: Option<&Path>) -> anyhow::Result<Config> {
             Ok(Config::load(Path::new(DEFAULT_CONFIG_PATH))?)
         }
         None => Ok(Config::default()),
+    }
+}
+
+/// The configuration if one was named or the default file exists; commands that work without one get `None`.
+fn optional_config(path: Option<&Path>) -> anyhow::Result<Option<Config>> {
+    match path {
+        Some(path) => Ok(Some(Config::load(path)?)),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            Ok(Some(Config::load(Path::new(DEFAULT_CONFIG_PATH))?))
+        }
+        None => Ok(None),
     }
 }
 

@@ -13,10 +13,10 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
+use crate::config::Config;
+use crate::pathinfo::{self, LocalStore, VerifyOutcome};
+use crate::store_path::{self, StorePath};
 use anyhow::Context as _;
-use nixpush::config::Config;
-use nixpush::pathinfo::{self, LocalStore, VerifyOutcome};
-use nixpush::store_path::{self, StorePath};
 
 /// Arguments of `nixpush verify`.
 #[derive(Debug, clap::Args)]
@@ -27,7 +27,7 @@ pub struct Args {
 }
 
 /// Verifies every path and prints one line each.
-pub fn run(args: &Args, config: Option<&Config>) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: &Args, config: Option<&Config>) -> anyhow::Result<ExitCode> {
     let defaults = Config::default();
     let config = config.unwrap_or(&defaults);
     let store_dir = config.store_dir_str();

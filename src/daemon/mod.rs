@@ -10,6 +10,8 @@ pub mod commit;
 mod importer;
 mod report;
 pub mod resolve;
+pub mod scheduler;
+pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
@@ -77,10 +79,7 @@ impl EngineStatus {
         let (state, message) = if hold {
             (TargetState::Hold, "uploads held (--hold)")
         } else {
-            (
-                TargetState::Idle,
-                "no upload engine in this build; paths stay queued",
-            )
+            (TargetState::Idle, "starting")
         };
         EngineStatus {
             state,
@@ -227,8 +226,21 @@ pub async fn run(
         options.config_path.clone(),
         stop.clone(),
     ));
-    // The upload scheduler (issue #5) is spawned here on `tasks` unless `options.hold`: it waits on
-    // `shared.work_available`, takes `shared.queue.due(…)`, and reports through `shared.engine`.
+    if !options.hold {
+        // Not on `tasks`: shutdown does not wait for uploads. Whatever is mid-upload stays `uploading` in the
+        // queue and starts over after the restart.
+        let secrets_changed = Arc::new(Notify::new());
+        tokio::spawn(secrets::watch(
+            shared.clone(),
+            secrets_changed.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(scheduler::run(
+            shared.clone(),
+            stop.clone(),
+            secrets_changed,
+        ));
+    }
 
     if let Err(e) = systemd::notify(&format!("READY=1\nSTATUS={}", shared.status_line())) {
         tracing::warn!("cannot notify systemd: {e}");
@@ -321,6 +333,8 @@ async fn reload_on_signal(
             new.state_dir = old.state_dir.clone();
         }
         shared.replace_config(new);
+        // The scheduler rebuilds its engine for the new configuration, re-reading the token and key.
+        shared.work_available.notify_one();
         tracing::info!("configuration reloaded");
         let _ = systemd::notify(&format!("STATUS={}", shared.status_line()));
     }

@@ -211,8 +211,21 @@ impl PresentCache for MemoryPresentCache {
     }
 }
 
+/// What a batch is about to do, once the cache has been asked.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Plan {
+    /// Closure members considered.
+    pub paths: usize,
+    /// Paths that will be uploaded.
+    pub to_upload: usize,
+    /// Their uncompressed NAR bytes.
+    pub to_upload_bytes: u64,
+}
+
 /// Receives a report as each path finishes (logs, progress bars, history).
 pub trait Observer: Send + Sync {
+    /// Called once per batch when it is known what must be uploaded.
+    fn planned(&self, _plan: &Plan) {}
     /// Called once per closure member, as soon as its outcome is known.
     fn path_finished(&self, report: &PathReport);
 }
@@ -392,6 +405,17 @@ impl<B: Backend + 'static> Engine<B> {
 
     /// Uploads the closures of `roots`. Never panics on bad input; every failure is reported per root.
     pub async fn push(&self, roots: &[StorePath], cancel: &CancellationToken) -> BatchReport {
+        self.push_paths(roots, true, cancel).await
+    }
+
+    /// Uploads `roots`, with their closures when `closure` is set. Without, only the roots themselves are
+    /// considered (their references must reach the cache some other way).
+    pub async fn push_paths(
+        &self,
+        roots: &[StorePath],
+        closure: bool,
+        cancel: &CancellationToken,
+    ) -> BatchReport {
         let mut report = BatchReport::default();
         // Roots that are gone are reported as such; the rest form one closure.
         let mut live = Vec::new();
@@ -407,7 +431,12 @@ impl<B: Backend + 'static> Engine<B> {
         if live.is_empty() {
             return report;
         }
-        let closure = match self.closure(&live).await {
+        let expanded = if closure {
+            self.closure(&live).await
+        } else {
+            self.infos_in_order(&live).await
+        };
+        let closure = match expanded {
             Ok(c) => c,
             Err(e) => {
                 let e = Arc::new(e);
@@ -442,6 +471,21 @@ impl<B: Backend + 'static> Engine<B> {
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(Error::from)
+    }
+
+    /// The path infos of `paths` alone, references (among them) first.
+    async fn infos_in_order(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
+        let mut infos = Vec::new();
+        for path in paths {
+            match self.query(path).await? {
+                Some(info) if !infos.iter().any(|i: &PathInfo| i.path == info.path) => {
+                    infos.push(info)
+                }
+                Some(_) => {}
+                None => return Err(Error::Gone(path.clone())),
+            }
+        }
+        Ok(topological(infos))
     }
 
     async fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
@@ -551,6 +595,11 @@ impl<B: Backend + 'static> Engine<B> {
         }
         let refs: Vec<&str> = present_now.iter().map(String::as_str).collect();
         self.present.remember_present(&refs);
+        self.observer.planned(&Plan {
+            paths: closure.len(),
+            to_upload: to_upload.len(),
+            to_upload_bytes: to_upload.iter().map(|i| i.nar_size).sum(),
+        });
 
         // 4. Prepare and upload in dependency order.
         for (path, result) in self.upload_in_order(&to_upload, cancel).await {
@@ -594,12 +643,13 @@ impl<B: Backend + 'static> Engine<B> {
                 .copied()
                 .filter(|i| !found.contains(&i.path))
                 .collect();
+            let unknown: Vec<StorePath> = unknown.into_iter().map(|i| i.path.clone()).collect();
+            let client = &self.upstream_client;
             let answers: Vec<(StorePath, Result<bool, backend::Error>)> =
                 futures_util::stream::iter(unknown)
-                    .map(|info| async move {
-                        let has =
-                            backend::http::cache_has(&self.upstream_client, base, &info.path).await;
-                        (info.path.clone(), has)
+                    .map(|path| async move {
+                        let has = backend::http::cache_has(client, base, &path).await;
+                        (path, has)
                     })
                     .buffer_unordered(16)
                     .collect()
@@ -883,6 +933,31 @@ impl<B: Backend + 'static> Engine<B> {
             map.remove(path);
         }
     }
+}
+
+/// Orders `infos` so that each comes after the references it has among them (self-references ignored).
+fn topological(infos: Vec<PathInfo>) -> Vec<PathInfo> {
+    let paths: HashSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+    let mut placed: HashSet<StorePath> = HashSet::new();
+    let mut remaining = infos;
+    let mut ordered = Vec::with_capacity(remaining.len());
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        let (ready, waiting): (Vec<PathInfo>, Vec<PathInfo>) =
+            remaining.into_iter().partition(|info| {
+                info.references
+                    .iter()
+                    .all(|r| r == &info.path || !paths.contains(r) || placed.contains(r))
+            });
+        placed.extend(ready.iter().map(|i| i.path.clone()));
+        ordered.extend(ready);
+        remaining = waiting;
+        if remaining.len() == before {
+            // A reference cycle cannot happen in a valid store; keep the rest in the given order.
+            ordered.append(&mut remaining);
+        }
+    }
+    ordered
 }
 
 /// Where one path of a batch stands.
