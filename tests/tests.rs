@@ -1,5 +1,6 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
 
+mod daemon_upload;
 mod faultproxy;
 mod nginx;
 mod nixos;
