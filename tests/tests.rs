@@ -1,1 +1,3 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
+
+mod formats;
