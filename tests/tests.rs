@@ -2,6 +2,7 @@
 
 mod daemon_upload;
 mod faultproxy;
+mod formats;
 mod nginx;
 mod nixos;
 mod spine;
