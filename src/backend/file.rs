@@ -81,8 +81,8 @@ impl FileBackend {
         if !same_size {
             // The engine normally wrote `nar.path` inside our staging directory, so this is a rename; anything
             // else is copied to a temporary name first.
+            // The engine fsynced the file it staged with us; anything else is copied and synced here.
             let staged = if nar.path.parent() == Some(self.root.join("nar").as_path()) {
-                sync_file(nar.path)?;
                 nar.path.to_owned()
             } else {
                 let tmp = temp_name(&self.root.join("nar"));

@@ -7,9 +7,9 @@ use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use crate::config::Config;
 use crate::nar;
+use anyhow::Context as _;
 
 /// Arguments of `nixpush dump-nar`.
 #[derive(Debug, clap::Args)]

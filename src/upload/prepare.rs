@@ -147,7 +147,13 @@ enum Compressor<W: Write> {
 impl<W: Write> Compressor<W> {
     fn new(compression: Compression, level: i32, inner: W) -> io::Result<Compressor<W>> {
         Ok(match compression {
-            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(inner, level)?),
+            Compression::Zstd => {
+                let mut encoder = zstd::stream::write::Encoder::new(inner, level)?;
+                // One compression thread per NAR: this thread walks, reads and hashes while zstd compresses,
+                // the way `nix-store --dump | zstd` splits the work between two processes.
+                encoder.multithread(1)?;
+                Compressor::Zstd(encoder)
+            }
             Compression::Xz => {
                 Compressor::Xz(xz2::write::XzEncoder::new(inner, level.clamp(0, 9) as u32))
             }
