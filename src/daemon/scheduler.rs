@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{AnyBackend, Backend, Credentials};
-use crate::config::Config;
+use crate::config::{redact_url, Config};
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::signing::SecretKey;
 use crate::status::{InFlightUpload, TargetState};
@@ -53,11 +53,13 @@ impl PresentCache for QueuePresence {
 /// Logs every finished path and records the ones that need no retry in the queue's history.
 struct DaemonObserver {
     queue: Arc<dyn Queue>,
+    /// The target URL (password-redacted), for the `target` log field.
+    target: String,
 }
 
 impl Observer for DaemonObserver {
     fn path_finished(&self, report: &PathReport) {
-        upload::log_report(report);
+        upload::log_report(report, Some(&self.target));
         let outcome = match report.outcome {
             PathOutcome::Uploaded => Outcome::Uploaded,
             PathOutcome::AlreadyPresent => Outcome::AlreadyPresent,
@@ -149,6 +151,7 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
         }),
         Arc::new(DaemonObserver {
             queue: Arc::clone(&shared.queue),
+            target: redact_url(&config.target.url),
         }),
     )?;
     Ok(Built {
@@ -166,6 +169,17 @@ fn set_status(shared: &Shared, state: TargetState, message: impl Into<String>) {
     });
 }
 
+/// Records what the last request to the target showed: whether it answered, and whether it took the credentials
+/// (`None` leaves what was known).
+fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) {
+    shared.engine.send_modify(|s| {
+        s.reachable = Some(reachable);
+        if authorized.is_some() {
+            s.authorized = authorized;
+        }
+    });
+}
+
 /// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: Arc<Notify>) {
     let policy = retry::Policy::default();
@@ -176,7 +190,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
         // (Re)build on start and after a configuration reload.
         if built
             .as_ref()
-            .is_none_or(|b| !Arc::ptr_eq(&b.config, &config))
+            .map_or(true, |b| !Arc::ptr_eq(&b.config, &config))
         {
             match build(&shared, Arc::clone(&config)) {
                 Ok(b) => {
@@ -205,25 +219,37 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             reload_secrets(current);
         }
         // Ready the target (nix-cache-info, cache info); this doubles as the auth probe while paused.
+        let target = redact_url(&config.target.url);
         match engine.backend().prepare().await {
-            Ok(_) => {
+            Ok(info) => {
                 if paused {
-                    tracing::info!("target accepts the credentials again; resuming uploads");
+                    tracing::info!(
+                        target = %target,
+                        "target accepts the credentials again; resuming uploads"
+                    );
                 }
                 paused = false;
+                shared.engine.send_modify(|s| {
+                    s.reachable = Some(true);
+                    s.authorized = Some(true);
+                    s.info = Some(info);
+                });
             }
             Err(e) if e.is_auth() => {
                 if !paused {
                     tracing::error!(
+                        target = %target,
                         "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
                     );
                 }
                 paused = true;
+                set_reachability(&shared, true, Some(false));
                 set_status(&shared, TargetState::Paused, format!("paused: {e}"));
                 continue;
             }
             Err(e) => {
-                tracing::warn!("target not ready: {e}");
+                tracing::warn!(target = %target, "target not ready: {e}");
+                set_reachability(&shared, false, None);
                 set_status(&shared, TargetState::Unreachable, e.to_string());
                 wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
@@ -314,6 +340,7 @@ async fn run_batch(
     shared.engine.send_modify(|s| s.in_flight.clear());
 
     let now = queue::now_ms();
+    let target = redact_url(&config.target.url);
     let mut pause = report.auth_failure.is_some();
     for (root, outcome) in report.roots {
         let Some(mut entry) = entries.iter().find(|e| e.path == root).cloned() else {
@@ -334,9 +361,15 @@ async fn run_batch(
                     nar_size: 0,
                     file_size: None,
                     duration_ms: None,
+                    compression: None,
                 };
                 record(&*shared.queue, &gone, Outcome::SkippedGone, Some(reason));
                 shared.queue.remove(&root).map(|_| ())
+            }
+            // Dropped by the operator while it was uploading: do not bring it back.
+            RootOutcome::Failed(_) if matches!(shared.queue.get(&root), Ok(None)) => {
+                tracing::info!(store_path = %root, "{root} was dropped from the queue while uploading");
+                Ok(())
             }
             RootOutcome::Failed(error) => {
                 entry.last_error = Some(error.to_string());
@@ -351,6 +384,7 @@ async fn run_batch(
                         tracing::error!(
                             store_path = %root,
                             attempt = entry.attempts,
+                            target = %target,
                             "giving up on {root} after {} attempt(s): {error}",
                             entry.attempts
                         );
@@ -360,6 +394,7 @@ async fn run_batch(
                             nar_size: 0,
                             file_size: None,
                             duration_ms: None,
+                            compression: None,
                         };
                         record(
                             &*shared.queue,
@@ -375,6 +410,8 @@ async fn run_batch(
                         tracing::warn!(
                             store_path = %root,
                             attempt = entry.attempts,
+                            target = %target,
+                            retry_in_ms = delay.as_millis() as u64,
                             "upload of {root} failed (attempt {}/{}), retrying in {:.1} s: {error}",
                             entry.attempts,
                             config.target.max_attempts,
@@ -392,8 +429,10 @@ async fn run_batch(
     if pause {
         if let Some(e) = &report.auth_failure {
             tracing::error!(
+                target = %target,
                 "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
             );
+            set_reachability(shared, true, Some(false));
             set_status(shared, TargetState::Paused, format!("paused: {e}"));
         }
     }
@@ -422,6 +461,7 @@ async fn report_progress(
                 started_at: now_secs.saturating_sub(f.elapsed_ms / 1000),
                 nar_bytes_done: f.nar_done,
                 nar_size: Some(f.nar_size),
+                phase: Some(f.phase.to_owned()),
             })
             .collect();
         shared

@@ -145,6 +145,8 @@ pub struct PathReport {
     pub file_size: Option<u64>,
     /// Time spent preparing and uploading, when uploaded.
     pub duration_ms: Option<u64>,
+    /// How the uploaded file is compressed, when uploaded.
+    pub compression: Option<Compression>,
 }
 
 /// What happened to one requested root.
@@ -236,31 +238,56 @@ pub struct LogObserver;
 
 impl Observer for LogObserver {
     fn path_finished(&self, report: &PathReport) {
-        log_report(report);
+        log_report(report, None);
     }
 }
 
-/// Logs one finished path the way the journal should read.
-pub fn log_report(report: &PathReport) {
+/// `uploaded /nix/store/…-hello-2.12 (12.3 MiB → 3.1 MiB zstd, 0.8 s)`: how logs and `push` tell of an upload.
+pub fn upload_line(report: &PathReport) -> String {
+    format!(
+        "uploaded {} ({} → {} {}, {:.1} s)",
+        report.path,
+        human_bytes(report.nar_size),
+        human_bytes(report.file_size.unwrap_or_default()),
+        report
+            .compression
+            .map(Compression::narinfo_name)
+            .unwrap_or("?"),
+        report.duration_ms.unwrap_or_default() as f64 / 1000.0
+    )
+}
+
+/// Logs one finished path the way the journal should read: a human line, plus the fields `store_path`,
+/// `nar_size`, `file_size`, `duration_ms`, `compression` and `target` (journald shows them upper-cased, e.g.
+/// `STORE_PATH`, for `journalctl -o json` and filters such as `journalctl STORE_PATH=…`).
+pub fn log_report(report: &PathReport, target: Option<&str>) {
     match &report.outcome {
         PathOutcome::Uploaded => tracing::info!(
             store_path = %report.path,
             nar_size = report.nar_size,
             file_size = report.file_size.unwrap_or_default(),
             duration_ms = report.duration_ms.unwrap_or_default(),
-            "uploaded {} ({} → {}, {:.1} s)",
-            report.path,
-            human_bytes(report.nar_size),
-            human_bytes(report.file_size.unwrap_or_default()),
-            report.duration_ms.unwrap_or_default() as f64 / 1000.0
+            compression = report.compression.map(Compression::narinfo_name),
+            target,
+            "{}",
+            upload_line(report)
         ),
         PathOutcome::Failed(reason) => tracing::warn!(
             store_path = %report.path,
+            nar_size = report.nar_size,
+            target,
             "failed to upload {}: {reason}",
             report.path
         ),
         PathOutcome::AlreadyPresent | PathOutcome::SkippedUpstream | PathOutcome::Excluded => {
-            tracing::debug!(store_path = %report.path, outcome = ?report.outcome, "skipped {}", report.path)
+            tracing::debug!(
+                store_path = %report.path,
+                nar_size = report.nar_size,
+                outcome = ?report.outcome,
+                target,
+                "skipped {}",
+                report.path
+            )
         }
     }
 }
@@ -534,6 +561,7 @@ impl<B: Backend + 'static> Engine<B> {
                 nar_size: info.nar_size,
                 file_size: None,
                 duration_ms: None,
+                compression: None,
             };
             self.observer.path_finished(&path_report);
             report.paths.push(path_report);
@@ -618,6 +646,7 @@ impl<B: Backend + 'static> Engine<B> {
                         nar_size: done.nar_size,
                         file_size: Some(done.file_size),
                         duration_ms: Some(done.duration.as_millis() as u64),
+                        compression: Some(self.settings.compression),
                     };
                     self.observer.path_finished(&path_report);
                     report.paths.push(path_report);
