@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::{self, ErrorKind, Request, Response, MAX_FRAME_BYTES};
+use crate::queue::{Queue, State};
 use crate::store_path::StorePath;
 
 use super::auth::{self, Peer};
@@ -254,9 +255,14 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                     Err(message) => return error(ErrorKind::Refused, message),
                 }
             };
+            let now = crate::queue::now_ms();
             let retried = shared
                 .queue
-                .retry_failed(selected.as_deref(), crate::queue::now_ms());
+                .retry_failed(selected.as_deref(), now)
+                .and_then(|mut retried| {
+                    retried.extend(bring_forward(&*shared.queue, selected.as_deref(), now)?);
+                    Ok(retried)
+                });
             match retried {
                 Ok(retried) => {
                     if let Err(e) = shared.commit.make_durable().await {
@@ -299,6 +305,35 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             }
         }
     }
+}
+
+/// Makes queued paths that wait out a backoff due now (an operator who says "retry" means now); their attempt
+/// counts stay.
+fn bring_forward(
+    queue: &dyn Queue,
+    selected: Option<&[StorePath]>,
+    now_ms: u64,
+) -> Result<Vec<StorePath>, crate::queue::Error> {
+    let candidates = match selected {
+        Some(paths) => {
+            let mut found = Vec::new();
+            for path in paths {
+                found.extend(queue.get(path)?);
+            }
+            found
+        }
+        None => queue.entries()?,
+    };
+    let mut moved = Vec::new();
+    for mut entry in candidates {
+        if entry.state == State::Queued && entry.next_attempt_at_ms > now_ms {
+            entry.next_attempt_at_ms = now_ms;
+            entry.updated_at_ms = now_ms;
+            queue.set(&entry)?;
+            moved.push(entry.path);
+        }
+    }
+    Ok(moved)
 }
 
 /// Parses store paths named by an operator (they need not exist any more).
