@@ -750,10 +750,14 @@ async fn check_target(
         }
     };
     match tokio::time::timeout(TARGET_TIMEOUT, backend.prepare()).await {
-        Ok(Ok(info)) => (
-            Check::pass(NAME, format!("{url} answers and accepts our credentials")),
-            Some(info),
-        ),
+        Ok(Ok(info)) => {
+            let detail = if config.target.url.starts_with("file://") {
+                format!("{url} is writable")
+            } else {
+                format!("{url} answers and accepts our credentials")
+            };
+            (Check::pass(NAME, detail), Some(info))
+        }
         Ok(Err(e)) if e.is_auth() => {
             let fix = match &config.target.auth_token_file {
                 Some(file) => format!(

@@ -629,38 +629,50 @@ impl<B: Backend + 'static> Engine<B> {
             to_upload_bytes: to_upload.iter().map(|i| i.nar_size).sum(),
         });
 
-        // 4. Prepare and upload in dependency order.
+        // 4. Prepare and upload in dependency order. The observer hears of each path as it finishes.
+        let infos: HashMap<&StorePath, &PathInfo> =
+            to_upload.iter().map(|i| (&i.path, *i)).collect();
         for (path, result) in self.upload_in_order(&to_upload, cancel).await {
-            let info = to_upload
-                .iter()
-                .find(|i| i.path == path)
-                .map(|i| (*i).clone());
-            let Some(info) = info else { continue };
+            let Some(info) = infos.get(&path) else {
+                continue;
+            };
+            report.paths.push(self.upload_report(info, &result));
             match result {
-                Ok(done) => {
+                Ok(_) => {
                     self.present.remember_present(&[info.path.hash_part()]);
                     outcomes.insert(path, None);
-                    let path_report = PathReport {
-                        path: info.path.clone(),
-                        outcome: PathOutcome::Uploaded,
-                        nar_size: done.nar_size,
-                        file_size: Some(done.file_size),
-                        duration_ms: Some(done.duration.as_millis() as u64),
-                        compression: Some(self.settings.compression),
-                    };
-                    self.observer.path_finished(&path_report);
-                    report.paths.push(path_report);
                 }
                 Err(e) => {
                     if e.is_auth() && report.auth_failure.is_none() {
                         report.auth_failure = Some(Arc::clone(&e));
                     }
-                    finish(report, &info, PathOutcome::Failed(e.to_string()));
                     outcomes.insert(path, Some(e));
                 }
             }
         }
         outcomes
+    }
+
+    /// The report of a path that was to be uploaded.
+    fn upload_report(&self, info: &PathInfo, result: &Result<Uploaded, Arc<Error>>) -> PathReport {
+        match result {
+            Ok(done) => PathReport {
+                path: info.path.clone(),
+                outcome: PathOutcome::Uploaded,
+                nar_size: done.nar_size,
+                file_size: Some(done.file_size),
+                duration_ms: Some(done.duration.as_millis() as u64),
+                compression: Some(self.settings.compression),
+            },
+            Err(e) => PathReport {
+                path: info.path.clone(),
+                outcome: PathOutcome::Failed(e.to_string()),
+                nar_size: info.nar_size,
+                file_size: None,
+                duration_ms: None,
+                compression: None,
+            },
+        }
     }
 
     /// Asks every upstream cache about `paths`; a cache that cannot be reached counts as not having them.
@@ -730,6 +742,18 @@ impl<B: Backend + 'static> Engine<B> {
         let staged_limit = 2 * workers;
         let mut tasks = FuturesUnordered::new();
         let (mut preparing, mut uploading) = (0usize, 0usize);
+        // Results up to here have been reported to the observer.
+        let mut notified = 0;
+        let notify = |results: &[(StorePath, Result<Uploaded, Arc<Error>>)],
+                      notified: &mut usize| {
+            for (path, result) in &results[*notified..] {
+                if let Some(&i) = index.get(path) {
+                    self.observer
+                        .path_finished(&self.upload_report(paths[i], result));
+                }
+            }
+            *notified = results.len();
+        };
 
         loop {
             // Fail paths whose references failed; they must not be published.
@@ -825,6 +849,7 @@ impl<B: Backend + 'static> Engine<B> {
                     results.push((paths[i].path.clone(), Ok(done)));
                 }
             }
+            notify(&results, &mut notified);
             if cancel.is_cancelled() && preparing == 0 && uploading == 0 {
                 break;
             }
@@ -835,6 +860,7 @@ impl<B: Backend + 'static> Engine<B> {
                 results.push((paths[i].path.clone(), Err(Arc::new(Error::Cancelled))));
             }
         }
+        notify(&results, &mut notified);
         results
     }
 
