@@ -3,6 +3,7 @@
 mod faultproxy;
 mod nginx;
 mod nixos;
+mod ops;
 mod spine;
 mod upload;
 mod util;

@@ -124,13 +124,15 @@ impl TestEnv {
     }
 }
 
-/// A running `nixpush daemon --hold` in a [`TestEnv`]. Dropping it sends SIGTERM, then SIGKILL after a grace period.
+/// A running `nixpush daemon --hold` (or, from [`TestDaemon::start_uploading`], an uploading daemon) in a
+/// [`TestEnv`]. Dropping it sends SIGTERM, then SIGKILL after a grace period.
 pub struct TestDaemon {
     /// Where it runs.
     pub env: TestEnv,
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
+    hold: bool,
 }
 
 impl TestDaemon {
@@ -141,11 +143,21 @@ impl TestDaemon {
 
     /// Starts a daemon in `env` and waits for `READY=1`.
     pub fn start_in(env: TestEnv) -> TestDaemon {
+        TestDaemon::start_with(env, true)
+    }
+
+    /// Starts a daemon that uploads (no `--hold`) in `env` and waits for `READY=1`.
+    pub fn start_uploading(env: TestEnv) -> TestDaemon {
+        TestDaemon::start_with(env, false)
+    }
+
+    fn start_with(env: TestEnv, hold: bool) -> TestDaemon {
         let mut daemon = TestDaemon {
             log: env.dir.path().join("daemon.log"),
             env,
             child: None,
             starts: 0,
+            hold,
         };
         daemon.spawn();
         daemon
@@ -170,7 +182,8 @@ impl TestDaemon {
         let child = Command::new(NIXPUSH)
             .arg("--config")
             .arg(&self.env.config_path)
-            .args(["daemon", "--hold"])
+            .arg("daemon")
+            .args(self.hold.then_some("--hold"))
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")
             .env_remove("LISTEN_FDS")
