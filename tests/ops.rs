@@ -772,3 +772,62 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     let report = text(&daemon.env.nixpush(&["status", "--json"]).stdout);
     assert!(!report.contains(&old_token) && !report.contains(&new_token));
 }
+
+// See: #7
+#[test]
+fn ops_signing_key_rotation_by_rename_takes_effect_without_restart() {
+    let env = TestEnv::new();
+    let cache = cache_dir(&env, "cache");
+    let secrets = env.dir.path().join("secrets");
+    fs::create_dir_all(&secrets).unwrap();
+    let (key_file, _) = signing_key(&secrets);
+    let old_key = nixpush::signing::SecretKey::load(&key_file).unwrap();
+    write_config(
+        &env,
+        "",
+        &format!(
+            "url = \"file://{}\"\nsigning_key_file = \"{}\"",
+            cache.display(),
+            key_file.display()
+        ),
+    );
+    let daemon = TestDaemon::start_uploading(env);
+    let paths = util::add_store_paths(2);
+    let narinfo = |path: &str| {
+        let text = fs::read_to_string(narinfo_in(&cache, path)).unwrap();
+        nixpush::narinfo::NarInfo::parse(&text, "/nix/store").unwrap()
+    };
+
+    assert!(daemon.env.run_hook(&[&paths[0]], None).status.success());
+    wait_status(&daemon, "the first path to land", |s| {
+        settled(s) && s["done"] == 1
+    });
+    assert!(narinfo(&paths[0]).verify(&old_key.public_key()));
+
+    let new_key = nixpush::signing::generate("nixpush-rotated-1");
+    replace_by_rename(&key_file, new_key.to_nix_string().expose());
+    wait_until("the daemon to reload the signing key", || {
+        daemon.log().contains("signing key reloaded")
+    });
+    assert!(daemon.env.run_hook(&[&paths[1]], None).status.success());
+    wait_status(&daemon, "the second path to land", |s| {
+        settled(s) && s["done"] == 2
+    });
+    let second = narinfo(&paths[1]);
+    assert!(second.verify(&new_key.public_key()), "{}", second.render());
+    assert!(!second.verify(&old_key.public_key()), "{}", second.render());
+
+    let log = daemon.log();
+    assert!(
+        log.contains(&new_key.public_key().to_string()),
+        "the log names the new key by its public half:\n{log}"
+    );
+    for key in [&old_key, &new_key] {
+        let secret = key.to_nix_string();
+        let secret_part = secret.expose().split_once(':').unwrap().1;
+        assert!(
+            !log.contains(secret_part),
+            "a log line holds a secret key:\n{log}"
+        );
+    }
+}

@@ -3,11 +3,13 @@
 //!
 //! An authentication failure pauses the whole target instead of burning attempts: the paths go back to the queue
 //! unchanged, and uploads resume when the token or key file changes (or SIGHUP), or when a probe every
-//! [`AUTH_PROBE_INTERVAL`] finds the target accepting the credentials again.
+//! [`AUTH_PROBE_INTERVAL`] finds the target accepting the credentials again. A token or key rotated while uploads
+//! run normally is re-read before the next batch.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -113,6 +115,8 @@ struct Built {
     config: Arc<Config>,
     engine: Arc<Engine<AnyBackend>>,
     credentials: Credentials,
+    /// The public half of the signing key in use (`name:base64`), to tell a rotated key in the log.
+    public_key: std::sync::Mutex<Option<String>>,
 }
 
 fn token_env_var(config: &Config) -> &'static str {
@@ -140,11 +144,13 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
     )?;
     let backend = AnyBackend::from_config(&config, credentials.clone())?;
     let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
+    let key = load_signing_key(&config)?;
+    let public_key = key.as_ref().map(|k| k.public_key().to_string());
     let engine = Engine::new(
         Arc::new(backend),
         Arc::new(store),
         Settings::from_config(&config)?,
-        load_signing_key(&config)?,
+        key,
         Arc::new(QueuePresence {
             queue: Arc::clone(&shared.queue),
             ttl_ms: config.present_ttl_secs.saturating_mul(1000),
@@ -158,6 +164,7 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
         config,
         engine: Arc::new(engine),
         credentials,
+        public_key: std::sync::Mutex::new(public_key),
     })
 }
 
@@ -185,6 +192,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
     let policy = retry::Policy::default();
     let mut built: Option<Built> = None;
     let mut paused = false;
+    // Set when a wait ended because a secret file changed.
+    let mut secrets_dirty = false;
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
@@ -217,6 +226,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
                 break;
             }
             reload_secrets(current);
+            secrets_dirty = false;
+        } else if secrets_dirty || secrets_changed.notified().now_or_never().is_some() {
+            // A key or token rotated while uploads ran normally (the change may have come during a batch):
+            // the next batch uses the new one.
+            reload_secrets(current);
+            secrets_dirty = false;
         }
         // Ready the target (nix-cache-info, cache info); this doubles as the auth probe while paused.
         let target = redact_url(&config.target.url);
@@ -251,7 +266,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
                 tracing::warn!(target = %target, "target not ready: {e}");
                 set_reachability(&shared, false, None);
                 set_status(&shared, TargetState::Unreachable, e.to_string());
-                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                secrets_dirty |=
+                    wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
             }
         }
@@ -260,7 +276,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             Ok(due) => due,
             Err(e) => {
                 tracing::error!("cannot read the queue: {e}");
-                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                secrets_dirty |=
+                    wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
             }
         };
@@ -271,7 +288,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
                 .next_due_at()
                 .map(|at| Duration::from_millis(at.saturating_sub(queue::now_ms())))
                 .unwrap_or(Duration::from_secs(3600));
-            wait_for_change(&shared, &stop, &secrets_changed, wait).await;
+            secrets_dirty |= wait_for_change(&shared, &stop, &secrets_changed, wait).await;
             continue;
         }
         set_status(&shared, TargetState::Ok, "uploading");
@@ -283,7 +300,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
 }
 
 /// Re-reads the token and the signing key after a change. Errors keep the old values and are logged, without the
-/// secrets themselves.
+/// secrets themselves (a key is named by its public half).
 fn reload_secrets(built: &Built) {
     match built.credentials.reload() {
         Ok(true) => tracing::info!("auth token reloaded"),
@@ -291,23 +308,37 @@ fn reload_secrets(built: &Built) {
         Err(e) => tracing::warn!("keeping the previous auth token: {e}"),
     }
     match load_signing_key(&built.config) {
-        Ok(key) => built.engine.set_signing_key(key),
+        Ok(key) => {
+            let public_key = key.as_ref().map(|k| k.public_key().to_string());
+            let mut current = built
+                .public_key
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *current != public_key {
+                tracing::info!(
+                    "signing key reloaded; narinfos are now signed by {}",
+                    public_key.as_deref().unwrap_or("no key")
+                );
+                *current = public_key;
+            }
+            built.engine.set_signing_key(key);
+        }
         Err(e) => tracing::warn!("keeping the previous signing key: {e}"),
     }
 }
 
-/// Waits until work arrives, secrets change, `timeout` passes, or shutdown.
+/// Waits until work arrives, secrets change, `timeout` passes, or shutdown. Returns whether a secret file changed.
 async fn wait_for_change(
     shared: &Shared,
     stop: &CancellationToken,
     secrets_changed: &Notify,
     timeout: Duration,
-) {
+) -> bool {
     tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = shared.work_available.notified() => {}
-        _ = secrets_changed.notified() => {}
-        _ = tokio::time::sleep(timeout) => {}
+        _ = stop.cancelled() => false,
+        _ = shared.work_available.notified() => false,
+        _ = secrets_changed.notified() => true,
+        _ = tokio::time::sleep(timeout) => false,
     }
 }
 
