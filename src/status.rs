@@ -176,11 +176,17 @@ impl StatusReport {
                 )
             })
             .unwrap_or_else(|| "no upload recorded yet".to_owned());
+        let paused = self.target.state == TargetState::Paused;
         if self.daemon.hold {
             format!("uploads held (--hold): {waiting} path(s) waiting")
-        } else if self.target.state == TargetState::Paused {
+        } else if paused && !self.up_to_date {
             format!(
                 "NOT up to date: uploads paused, {waiting} path(s) waiting. {}",
+                self.target.message
+            )
+        } else if self.up_to_date && paused {
+            format!(
+                "up to date ({last}), but new paths will wait: {}",
                 self.target.message
             )
         } else if self.up_to_date {
@@ -223,6 +229,7 @@ impl StatusReport {
         let reachable = match t.reachable {
             Some(true) => "reachable",
             Some(false) => "unreachable",
+            None if d.hold => "not contacted (uploads held)",
             None => "reachability not known yet",
         };
         let authorized = match t.authorized {

@@ -747,6 +747,12 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
             .contains("rejected the credentials"),
         "{status:#}"
     );
+    let report = text(&daemon.env.nixpush(&["status"]).stdout);
+    assert!(
+        report.starts_with("NOT up to date: uploads paused, 1 path(s) waiting."),
+        "{report}"
+    );
+    assert!(report.contains("credentials REJECTED"), "{report}");
     let queued = daemon.queued_paths();
     assert_eq!(queued, [paths[0].clone()]);
     assert!(!narinfo_in(&root, &paths[0]).exists());
