@@ -505,6 +505,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn retry_makes_a_path_waiting_out_a_backoff_due_now() {
+        let f = fixture();
+        let mut client = connect(&f, ROOT);
+        call(&mut client, &enqueue(&[&f.good])).await;
+        let path = StorePath::parse(&f.good, f.shared.config().store_dir_str()).unwrap();
+        let mut entry = f.shared.queue.get(&path).unwrap().unwrap();
+        entry.attempts = 3;
+        entry.last_error = Some("HTTP 503".into());
+        entry.next_attempt_at_ms = crate::queue::now_ms() + 300_000;
+        f.shared.queue.set(&entry).unwrap();
+        assert!(f
+            .shared
+            .queue
+            .due(crate::queue::now_ms(), 10)
+            .unwrap()
+            .is_empty());
+        let retried = call(
+            &mut client,
+            &Request::Retry {
+                paths: vec![f.good.clone()],
+                all: false,
+            },
+        )
+        .await;
+        assert_eq!(
+            retried,
+            Response::Changed {
+                paths: vec![f.good.clone()]
+            }
+        );
+        let due = f.shared.queue.due(crate::queue::now_ms(), 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].attempts, 3, "the attempts so far are kept");
+    }
+
+    #[tokio::test]
     async fn retry_and_drop() {
         let f = fixture();
         let mut client = connect(&f, ROOT);
