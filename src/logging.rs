@@ -1,12 +1,17 @@
 //! Where log lines go: to the journal when stderr is connected to it, otherwise human-readable to stderr.
 //!
 //! systemd sets `JOURNAL_STREAM=<device>:<inode>` for a service whose stderr is the journal; if stderr is still
-//! that stream (not redirected since), events go through tracing-journald so their fields (`STORE_PATH`, …) stay
-//! structured for `journalctl -o json`. The level comes from `RUST_LOG`, defaulting to the caller's choice, e.g.
+//! that stream (not redirected since), events go through tracing-journald so their fields stay structured for
+//! `journalctl -o json` and filters. The level comes from `RUST_LOG`, defaulting to the caller's choice, e.g.
 //!
 //! ```text
 //! 2024-11-26T15:40:01.123Z  INFO nixpush::daemon::server: queued store_path=/nix/store/…-ht-b source="hook"
 //! ```
+//!
+//! Upload events (`upload::log_report`, the scheduler's retries, failures and pauses) carry `store_path`,
+//! `nar_size`, `file_size`, `attempt` and `target`; the journal upper-cases them, so
+//! `journalctl -u nixpush STORE_PATH=/nix/store/…-hello-2.12` finds a path's story. journald's own `TARGET`
+//! field (the Rust module) and ours share the name: `journalctl -o json` shows both values.
 
 use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
@@ -79,7 +84,73 @@ fn matches_stream(stream: &str, dev: u64, ino: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::Context;
+    use tracing_subscriber::Layer;
+
     use super::*;
+    use crate::store_path::StorePath;
+    use crate::upload::{PathOutcome, PathReport};
+
+    /// One event's fields as `(name, value)`.
+    type EventFields = Vec<(String, String)>;
+
+    /// Records every event's fields.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<EventFields>>>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Recorder {
+        fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+            struct Fields(Vec<(String, String)>);
+            impl Visit for Fields {
+                fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                    self.0.push((field.name().to_owned(), format!("{value:?}")));
+                }
+                fn record_str(&mut self, field: &Field, value: &str) {
+                    self.0.push((field.name().to_owned(), value.to_owned()));
+                }
+            }
+            let mut fields = Fields(Vec::new());
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
+        }
+    }
+
+    #[test]
+    fn upload_events_carry_structured_fields_and_a_human_line() {
+        let recorder = Recorder::default();
+        let subscriber = tracing_subscriber::registry().with(recorder.clone());
+        let report = PathReport {
+            path: StorePath::parse(
+                "/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello-2.12",
+                "/nix/store",
+            )
+            .unwrap(),
+            outcome: PathOutcome::Uploaded,
+            nar_size: 12_897_485,
+            file_size: Some(3_250_585),
+            duration_ms: Some(800),
+            compression: Some(crate::config::Compression::Zstd),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            crate::upload::log_report(&report, Some("http://127.0.0.1:8080"));
+        });
+        let events = recorder.0.lock().unwrap();
+        let fields: std::collections::HashMap<_, _> = events[0].iter().cloned().collect();
+        assert_eq!(
+            fields["store_path"],
+            "/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello-2.12"
+        );
+        assert_eq!(fields["nar_size"], "12897485");
+        assert_eq!(fields["file_size"], "3250585");
+        assert_eq!(fields["target"], "http://127.0.0.1:8080");
+        assert_eq!(
+            fields["message"],
+            "uploaded /nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello-2.12 (12.3 MiB → 3.1 MiB zstd, 0.8 s)"
+        );
+    }
 
     #[test]
     fn journal_stream_must_match_exactly() {

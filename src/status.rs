@@ -1,10 +1,13 @@
 //! The status report: what the daemon says about itself, its queue and its target. `nixpush status --json`
-//! prints it as is, so its JSON shape is a contract for scripts and tests: keep it flat and only ever add fields.
+//! prints it as is, so its JSON shape is a contract for scripts and tests: keep it flat and only ever add fields
+//! (new fields carry `#[serde(default)]`, so a newer `nixpush status` still reads an older daemon's report).
 //!
 //! ```json
 //! {"version":1,"queued":3,"in_flight":0,"done":0,"failed":0,"refused":1,"skipped":0,"excluded":0,"spooled":0,
+//!  "up_to_date":false,"last_upload_at":null,
 //!  "daemon":{"pid":4242,"started_at":1732600000,"uptime_secs":12,"hold":true},
-//!  "target":{"url":"file:///var/cache/nix","state":"hold","message":"uploads held (--hold)"},
+//!  "target":{"url":"file:///var/cache/nix","state":"hold","message":"uploads held (--hold)",
+//!            "reachable":null,"authorized":null,"read_url":null,"stats":null},
 //!  "in_flight_uploads":[],"recent":[],"failed_paths":[],
 //!  "refused_requests":[{"input":"/tmp/x","reason":"not inside the store directory /nix/store","peer_uid":0,
 //!                       "source":"socket","at_ms":1732600005000}],
@@ -15,7 +18,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{HistoryRecord, Outcome, RefusedRecord, TotalsReport};
+use crate::queue::{HistoryRecord, Outcome, RefusedRecord, Totals, TotalsReport};
 use crate::store_path::StorePath;
 
 /// The report's format version.
@@ -42,6 +45,12 @@ pub struct StatusReport {
     pub excluded: u64,
     /// Spool files waiting to be imported.
     pub spooled: u64,
+    /// Nothing waits: no path queued, uploading, failed or spooled, and uploads are not held.
+    #[serde(default)]
+    pub up_to_date: bool,
+    /// When the most recent upload finished, in Unix seconds (from the history).
+    #[serde(default)]
+    pub last_upload_at: Option<u64>,
     /// The daemon process.
     pub daemon: DaemonInfo,
     /// The cache paths are pushed to.
@@ -80,6 +89,18 @@ pub struct TargetInfo {
     pub state: TargetState,
     /// A human explanation of the state, e.g. the last error.
     pub message: String,
+    /// Whether the target answered the last request; `null` until the daemon has asked.
+    #[serde(default)]
+    pub reachable: Option<bool>,
+    /// Whether the target accepted the credentials; `null` until known.
+    #[serde(default)]
+    pub authorized: Option<bool>,
+    /// The URL Nix substitutes from, as the target reported it.
+    #[serde(default)]
+    pub read_url: Option<String>,
+    /// The target's own statistics, where the backend offers them (Cachix cache info).
+    #[serde(default)]
+    pub stats: Option<serde_json::Value>,
 }
 
 /// How the target is doing.
@@ -122,6 +143,9 @@ pub struct InFlightUpload {
     pub nar_bytes_done: u64,
     /// The NAR's size, when known.
     pub nar_size: Option<u64>,
+    /// `preparing` (streaming and compressing the NAR) or `uploading`.
+    #[serde(default)]
+    pub phase: Option<String>,
 }
 
 /// A path whose last attempt failed.
@@ -140,55 +164,116 @@ pub struct FailedPath {
 }
 
 impl StatusReport {
+    /// One line answering "is my cache up to date?".
+    pub fn verdict(&self, now_secs: u64) -> String {
+        let waiting = self.queued + self.in_flight + self.spooled;
+        let last = self
+            .last_upload_at
+            .map(|at| {
+                format!(
+                    "last upload {} ago",
+                    human_duration(now_secs.saturating_sub(at))
+                )
+            })
+            .unwrap_or_else(|| "no upload recorded yet".to_owned());
+        let paused = self.target.state == TargetState::Paused;
+        if self.daemon.hold {
+            format!("uploads held (--hold): {waiting} path(s) waiting")
+        } else if paused && !self.up_to_date {
+            format!(
+                "NOT up to date: uploads paused, {waiting} path(s) waiting. {}",
+                self.target.message
+            )
+        } else if self.up_to_date && paused {
+            format!(
+                "up to date ({last}), but new paths will wait: {}",
+                self.target.message
+            )
+        } else if self.up_to_date {
+            format!("up to date: nothing waiting ({last})")
+        } else if self.failed > 0 {
+            format!(
+                "NOT up to date: {} path(s) failed (`nixpush retry --all` once the cause is fixed), \
+                 {waiting} waiting ({last})",
+                self.failed
+            )
+        } else if self.target.state == TargetState::Unreachable {
+            format!("NOT up to date: target unreachable, {waiting} path(s) waiting ({last})")
+        } else {
+            format!(
+                "catching up: {} queued, {} uploading, {} spooled ({last})",
+                self.queued, self.in_flight, self.spooled
+            )
+        }
+    }
+
     /// The report as a few readable lines, relative to `now_secs` (Unix seconds).
     pub fn render(&self, now_secs: u64) -> String {
         let mut out = String::new();
+        let _ = writeln!(out, "{}", self.verdict(now_secs));
+        out.push('\n');
         let d = &self.daemon;
         let _ = writeln!(
             out,
-            "nixpush daemon (pid {}) up {}{}",
+            "daemon:   pid {}, up {}{}",
             d.pid,
             human_duration(d.uptime_secs),
             if d.hold { ", uploads held" } else { "" }
         );
-        let _ = write!(
-            out,
-            "target:   {} ({})",
-            self.target.url,
-            self.target.state.as_str()
-        );
-        if !self.target.message.is_empty() {
-            let _ = write!(out, ": {}", self.target.message);
+        let t = &self.target;
+        let _ = write!(out, "target:   {} ({})", t.url, t.state.as_str());
+        if !t.message.is_empty() {
+            let _ = write!(out, ": {}", t.message);
         }
         out.push('\n');
+        let reachable = match t.reachable {
+            Some(true) => "reachable",
+            Some(false) => "unreachable",
+            None if d.hold => "not contacted (uploads held)",
+            None => "reachability not known yet",
+        };
+        let authorized = match t.authorized {
+            Some(true) => ", credentials accepted",
+            Some(false) => ", credentials REJECTED",
+            None => "",
+        };
+        let _ = write!(out, "          {reachable}{authorized}");
+        if let Some(read_url) = t.read_url.as_deref().filter(|u| *u != t.url) {
+            let _ = write!(out, "; Nix reads it from {read_url}");
+        }
+        out.push('\n');
+        if let Some(stats) = &t.stats {
+            let _ = writeln!(out, "          target reports: {}", flat_stats(stats));
+        }
         let _ = writeln!(
             out,
-            "queue:    {} queued, {} in flight, {} failed, {} spooled",
-            self.queued, self.in_flight, self.failed, self.spooled
+            "queue:    {} queued, {} in flight, {} failed, {} spooled; {} refused request(s) all time",
+            self.queued, self.in_flight, self.failed, self.spooled, self.refused
         );
         let _ = writeln!(
             out,
-            "finished: {} done, {} skipped, {} excluded since start; {} refused requests all time",
-            self.done, self.skipped, self.excluded, self.refused
+            "since start: {}",
+            totals_line(&self.totals.since_start)
         );
-        let t = &self.totals.all_time;
-        let _ = writeln!(
-            out,
-            "all time: {} uploaded ({} NAR, {} stored)",
-            t.uploaded,
-            human_bytes(t.nar_bytes),
-            human_bytes(t.file_bytes)
-        );
+        let _ = writeln!(out, "all time:    {}", totals_line(&self.totals.all_time));
         if !self.in_flight_uploads.is_empty() {
             out.push_str("\nuploading:\n");
             for u in &self.in_flight_uploads {
-                let size = u.nar_size.map(human_bytes).unwrap_or_else(|| "?".into());
+                let progress = match u.nar_size {
+                    Some(size) if size > 0 => format!(
+                        "{} / {} ({:.0} %)",
+                        human_bytes(u.nar_bytes_done),
+                        human_bytes(size),
+                        u.nar_bytes_done.min(size) as f64 * 100.0 / size as f64
+                    ),
+                    _ => human_bytes(u.nar_bytes_done),
+                };
                 let _ = writeln!(
                     out,
-                    "  {}  {} / {}",
+                    "  {}  {progress}  {}, {}",
                     u.path,
-                    human_bytes(u.nar_bytes_done),
-                    size
+                    u.phase.as_deref().unwrap_or("running"),
+                    human_duration(now_secs.saturating_sub(u.started_at))
                 );
             }
         }
@@ -215,15 +300,29 @@ impl StatusReport {
         if !self.recent.is_empty() {
             out.push_str("\nrecent:\n");
             for r in &self.recent {
+                let what = match (r.outcome, r.nar_size, r.file_size) {
+                    (Outcome::Uploaded, Some(nar), Some(file)) => format!(
+                        "uploaded {} → {}{}, {:.1} s",
+                        human_bytes(nar),
+                        human_bytes(file),
+                        ratio(nar, file)
+                            .map(|p| format!(" ({p:.0} %)"))
+                            .unwrap_or_default(),
+                        r.duration_ms as f64 / 1000.0
+                    ),
+                    (outcome, _, _) => format!(
+                        "{}{}",
+                        outcome_name(outcome),
+                        r.reason
+                            .as_deref()
+                            .map(|why| format!(" ({why})"))
+                            .unwrap_or_default()
+                    ),
+                };
                 let _ = writeln!(
                     out,
-                    "  {}  {}{}  {} ago",
+                    "  {}  {what}  {} ago",
                     r.path,
-                    outcome_name(r.outcome),
-                    r.reason
-                        .as_deref()
-                        .map(|why| format!(" ({why})"))
-                        .unwrap_or_default(),
                     human_duration(now_secs.saturating_sub(r.finished_at_ms / 1000))
                 );
             }
@@ -247,6 +346,46 @@ impl StatusReport {
             }
         }
         out
+    }
+}
+
+/// Compressed size as a percentage of the NAR size.
+fn ratio(nar_bytes: u64, file_bytes: u64) -> Option<f64> {
+    (nar_bytes > 0).then(|| file_bytes as f64 * 100.0 / nar_bytes as f64)
+}
+
+/// `3 uploaded (12.3 MiB NAR → 3.1 MiB stored, 25 %), 4 skipped, 1 excluded, 0 failed`.
+fn totals_line(t: &Totals) -> String {
+    let ratio = ratio(t.nar_bytes, t.file_bytes)
+        .map(|p| format!(", {p:.0} %"))
+        .unwrap_or_default();
+    format!(
+        "{} uploaded ({} NAR → {} stored{ratio}), {} skipped ({} already there, {} upstream, {} gone), \
+         {} excluded, {} failed",
+        t.uploaded,
+        human_bytes(t.nar_bytes),
+        human_bytes(t.file_bytes),
+        t.already_present + t.skipped_upstream + t.skipped_gone,
+        t.already_present,
+        t.skipped_upstream,
+        t.skipped_gone,
+        t.excluded,
+        t.failed
+    )
+}
+
+/// A target's statistics on one line: `key: value, …` for an object, the JSON text otherwise.
+fn flat_stats(stats: &serde_json::Value) -> String {
+    match stats.as_object() {
+        Some(map) => map
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}: {s}"),
+                other => format!("{k}: {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => stats.to_string(),
     }
 }
 
@@ -301,6 +440,8 @@ pub(crate) mod tests {
             skipped: 0,
             excluded: 0,
             spooled: 0,
+            up_to_date: false,
+            last_upload_at: None,
             daemon: DaemonInfo {
                 pid: 42,
                 started_at: 1_700_000_000,
@@ -311,6 +452,10 @@ pub(crate) mod tests {
                 url: "file:///var/cache/nix".into(),
                 state: TargetState::Hold,
                 message: "uploads held (--hold)".into(),
+                reachable: None,
+                authorized: None,
+                read_url: None,
+                stats: None,
             },
             in_flight_uploads: vec![],
             recent: vec![],
@@ -371,6 +516,102 @@ pub(crate) mod tests {
         assert!(text.contains("HTTP 500"), "{text}");
         assert!(text.contains("not inside the store directory"), "{text}");
         assert!(text.contains("5s ago"), "{text}");
+    }
+
+    #[test]
+    fn older_reports_without_new_fields_still_parse() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        let object = json.as_object_mut().unwrap();
+        object.remove("up_to_date");
+        object.remove("last_upload_at");
+        let target = object["target"].as_object_mut().unwrap();
+        for key in ["reachable", "authorized", "read_url", "stats"] {
+            target.remove(key);
+        }
+        let back: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    fn path(name: &str) -> StorePath {
+        StorePath::parse(
+            &format!("/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-{name}"),
+            "/nix/store",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn render_answers_whether_the_cache_is_up_to_date() {
+        let now = 1_700_000_100;
+        let mut report = sample();
+        report.daemon.hold = false;
+        report.queued = 0;
+        report.failed = 0;
+        report.failed_paths.clear();
+        report.up_to_date = true;
+        report.last_upload_at = Some(now - 120);
+        report.target = TargetInfo {
+            url: "http://127.0.0.1:8080".into(),
+            state: TargetState::Idle,
+            message: "queue empty".into(),
+            reachable: Some(true),
+            authorized: Some(true),
+            read_url: Some("http://127.0.0.1:8080".into()),
+            stats: Some(serde_json::json!({"paths": 12, "size": "3 GiB"})),
+        };
+        report.recent = vec![HistoryRecord {
+            path: path("hello-2.12"),
+            outcome: Outcome::Uploaded,
+            nar_size: Some(4 * 1024 * 1024),
+            file_size: Some(1024 * 1024),
+            duration_ms: 800,
+            reason: None,
+            finished_at_ms: (now - 120) * 1000,
+        }];
+        report.totals.since_start.uploaded = 1;
+        report.totals.since_start.nar_bytes = 4 * 1024 * 1024;
+        report.totals.since_start.file_bytes = 1024 * 1024;
+        let text = report.render(now);
+        let first = text.lines().next().unwrap();
+        assert!(first.starts_with("up to date"), "{text}");
+        assert!(first.contains("last upload 2m 00s ago"), "{text}");
+        assert!(text.contains("reachable, credentials accepted"), "{text}");
+        assert!(
+            text.contains("target reports: paths: 12, size: 3 GiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("uploaded 4.0 MiB → 1.0 MiB (25 %), 0.8 s  2m 00s ago"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 uploaded (4.0 MiB NAR → 1.0 MiB stored, 25 %)"),
+            "{text}"
+        );
+
+        report.up_to_date = false;
+        report.queued = 1;
+        report.target.state = TargetState::Paused;
+        report.target.authorized = Some(false);
+        report.target.message =
+            "paused: http://127.0.0.1:8080/nix-cache-info rejected the credentials".into();
+        report.in_flight_uploads = vec![InFlightUpload {
+            path: path("big"),
+            started_at: now - 3,
+            nar_bytes_done: 512,
+            nar_size: Some(2048),
+            phase: Some("preparing".into()),
+        }];
+        let text = report.render(now);
+        assert!(
+            text.starts_with("NOT up to date: uploads paused, 1 path(s) waiting"),
+            "{text}"
+        );
+        assert!(text.contains("credentials REJECTED"), "{text}");
+        assert!(
+            text.contains("512 B / 2.0 KiB (25 %)  preparing, 3s"),
+            "{text}"
+        );
     }
 
     #[test]

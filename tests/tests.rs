@@ -5,6 +5,7 @@ mod faultproxy;
 mod formats;
 mod nginx;
 mod nixos;
+mod ops;
 mod spine;
 mod upload;
 mod util;

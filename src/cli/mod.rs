@@ -3,6 +3,7 @@
 
 mod check_config;
 mod daemon;
+mod doctor;
 pub mod dump_nar;
 mod hook;
 pub mod push;
@@ -45,6 +46,11 @@ pub enum Command {
     Hook,
     /// List the queue, retry failed paths, drop a path.
     Queue(queue::Args),
+    /// Requeue failed paths now (the same as `queue retry`).
+    Retry(queue::RetryArgs),
+    /// Check the whole setup (configuration, daemon, Nix hook and trust, token, key, spool) and say how to fix
+    /// what is wrong; exits 0 only when every check passes.
+    Doctor(doctor::Args),
     /// Upload store paths (and their closures) now, without the daemon; or queue them with `--via-daemon`.
     Push(push::Args),
     /// Write the NAR of a path to standard output, exactly as `nix-store --dump PATH` does.
@@ -63,6 +69,8 @@ pub fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config::run(config_path, args),
         Command::Hook => hook::run(),
         Command::Queue(args) => queue::run(config_path, args),
+        Command::Retry(args) => queue::retry(config_path, args),
+        Command::Doctor(args) => doctor::run(config_path, args),
         Command::Push(args) => push::run(config_path, args),
         Command::DumpNar(args) => {
             optional_config(config_path).and_then(|config| dump_nar::run(&args, config.as_ref()))

@@ -4,6 +4,7 @@
 //! On a terminal it draws progress bars; otherwise (CI logs) it prints one plain line per finished path and a
 //! summary every ten seconds. It ends with a summary (`--json` for scripts) and exits 1 if anything failed.
 
+use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,8 +23,8 @@ use crate::pathinfo::LocalStore;
 use crate::protocol::{Request, Response};
 use crate::store_path::StorePath;
 use crate::upload::{
-    human_bytes, Engine, MemoryPresentCache, Observer, PathOutcome, PathReport, Plan, RootOutcome,
-    Settings,
+    human_bytes, upload_line, Engine, MemoryPresentCache, Observer, PathOutcome, PathReport, Plan,
+    RootOutcome, Settings,
 };
 
 /// Rounds of whole-path retries for transient failures before `push` gives up.
@@ -296,37 +297,27 @@ async fn push(
         ..Summary::default()
     };
     let mut pending = roots;
-    let mut failures = Vec::new();
+    let mut tally = Tally::default();
+    let mut root_failures = Vec::new();
     for round in 1..=PUSH_ROUNDS {
         let report = engine.push_paths(&pending, closure, &cancel).await;
         for path in &report.paths {
-            match &path.outcome {
-                PathOutcome::Uploaded => {
-                    summary.uploaded += 1;
-                    summary.nar_bytes += path.nar_size;
-                    summary.file_bytes += path.file_size.unwrap_or(0);
-                }
-                PathOutcome::AlreadyPresent => summary.already_present += 1,
-                PathOutcome::SkippedUpstream => summary.skipped_upstream += 1,
-                PathOutcome::Excluded => summary.excluded += 1,
-                PathOutcome::Failed(_) => {}
-            }
+            tally.add(path);
         }
-        failures.clear();
+        // Transient failures are tried again (the rest of the closure is known present by then); the others
+        // are final.
         let mut retry = Vec::new();
         for (root, outcome) in report.roots {
             match outcome {
                 RootOutcome::Done => {}
                 RootOutcome::Gone => summary.gone.push(root),
-                RootOutcome::Failed(e) => {
-                    if e.is_retryable() && !e.is_auth() && round < PUSH_ROUNDS {
-                        retry.push(root.clone());
-                    }
-                    failures.push((root, e));
+                RootOutcome::Failed(e) if e.is_retryable() && round < PUSH_ROUNDS => {
+                    retry.push(root)
                 }
+                RootOutcome::Failed(e) => root_failures.push((root, e)),
             }
         }
-        if retry.is_empty() || retry.len() < failures.len() {
+        if retry.is_empty() {
             break;
         }
         let delay = Duration::from_secs(2u64.pow(round));
@@ -340,13 +331,16 @@ async fn push(
     }
     ticker.abort();
     progress.finish();
-    summary.failed = failures
-        .into_iter()
-        .map(|(path, e)| Failure {
-            path,
-            reason: e.to_string(),
-        })
-        .collect();
+    tally.fill(&mut summary);
+    // A root that failed before any of its paths was tried (e.g. its closure could not be read).
+    for (root, e) in root_failures {
+        if !summary.failed.iter().any(|f| f.path == root) {
+            summary.failed.push(Failure {
+                path: root,
+                reason: e.to_string(),
+            });
+        }
+    }
     summary.wall_time_ms = started.elapsed().as_millis() as u64;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -358,6 +352,48 @@ async fn push(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The final outcome of every path a push considered, in the order they first finished. An upload is final
+/// even when a later round finds the path already present.
+#[derive(Default)]
+struct Tally {
+    order: Vec<StorePath>,
+    latest: HashMap<StorePath, PathReport>,
+}
+
+impl Tally {
+    fn add(&mut self, report: &PathReport) {
+        match self.latest.get(&report.path) {
+            Some(earlier) if earlier.outcome == PathOutcome::Uploaded => {}
+            Some(_) => {
+                self.latest.insert(report.path.clone(), report.clone());
+            }
+            None => {
+                self.order.push(report.path.clone());
+                self.latest.insert(report.path.clone(), report.clone());
+            }
+        }
+    }
+
+    fn fill(&self, summary: &mut Summary) {
+        for report in self.order.iter().filter_map(|p| self.latest.get(p)) {
+            match &report.outcome {
+                PathOutcome::Uploaded => {
+                    summary.uploaded += 1;
+                    summary.nar_bytes += report.nar_size;
+                    summary.file_bytes += report.file_size.unwrap_or(0);
+                }
+                PathOutcome::AlreadyPresent => summary.already_present += 1,
+                PathOutcome::SkippedUpstream => summary.skipped_upstream += 1,
+                PathOutcome::Excluded => summary.excluded += 1,
+                PathOutcome::Failed(reason) => summary.failed.push(Failure {
+                    path: report.path.clone(),
+                    reason: reason.clone(),
+                }),
+            }
+        }
+    }
 }
 
 /// The human summary.
@@ -417,10 +453,11 @@ impl Progress {
     fn new(terminal: bool) -> Progress {
         let bars = terminal.then(|| {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            // Overall progress is measured in NAR bytes (rate and ETA); the path count rides in the message.
             let overall = multi.add(ProgressBar::new(0));
             overall.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} {pos}/{len} paths  {msg}  [{elapsed_precise}] ETA {eta}",
+                    "{spinner} {msg}  {bytes}/{total_bytes}  {binary_bytes_per_sec}  [{elapsed_precise}] ETA {eta}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
@@ -438,6 +475,15 @@ impl Progress {
             done_bytes: AtomicU64::new(0),
             last_summary: Mutex::new(Instant::now()),
         }
+    }
+
+    /// `3/10 paths`.
+    fn paths_message(&self) -> String {
+        format!(
+            "{}/{} paths",
+            self.done_paths.load(Ordering::Relaxed),
+            self.planned.load(Ordering::Relaxed)
+        )
     }
 
     fn note(&self, line: &str) {
@@ -475,6 +521,10 @@ impl Progress {
             }
             return;
         };
+        let running: u64 = in_flight.iter().map(|f| f.nar_done.min(f.nar_size)).sum();
+        bars.overall
+            .set_position(self.done_bytes.load(Ordering::Relaxed) + running);
+        bars.overall.set_message(self.paths_message());
         let Ok(mut active) = bars.active.lock() else {
             return;
         };
@@ -512,12 +562,16 @@ impl Observer for Progress {
         self.planned.fetch_add(plan.paths, Ordering::Relaxed);
         match &self.bars {
             Some(bars) => {
-                bars.overall.inc_length(plan.paths as u64);
-                bars.overall.set_message(format!(
-                    "{} to upload ({})",
-                    plan.to_upload,
-                    human_bytes(plan.to_upload_bytes)
-                ));
+                bars.overall.inc_length(plan.to_upload_bytes);
+                bars.overall.set_message(self.paths_message());
+                bars.multi.suspend(|| {
+                    eprintln!(
+                        "{} path(s) in the closure, {} to upload ({})",
+                        plan.paths,
+                        plan.to_upload,
+                        human_bytes(plan.to_upload_bytes)
+                    )
+                });
             }
             None => eprintln!(
                 "{} path(s) in the closure, {} to upload ({})",
@@ -535,13 +589,7 @@ impl Observer for Progress {
                 .fetch_add(report.nar_size, Ordering::Relaxed);
         }
         let line = match &report.outcome {
-            PathOutcome::Uploaded => format!(
-                "uploaded {} ({} → {}, {:.1} s)",
-                report.path,
-                human_bytes(report.nar_size),
-                human_bytes(report.file_size.unwrap_or(0)),
-                report.duration_ms.unwrap_or(0) as f64 / 1000.0
-            ),
+            PathOutcome::Uploaded => upload_line(report),
             PathOutcome::AlreadyPresent => format!("present  {}", report.path),
             PathOutcome::SkippedUpstream => format!("upstream {}", report.path),
             PathOutcome::Excluded => format!("excluded {}", report.path),
@@ -549,7 +597,7 @@ impl Observer for Progress {
         };
         match &self.bars {
             Some(bars) => {
-                bars.overall.inc(1);
+                bars.overall.set_message(self.paths_message());
                 if matches!(
                     report.outcome,
                     PathOutcome::Uploaded | PathOutcome::Failed(_)

@@ -1,4 +1,4 @@
-//! `nixpush queue [list|retry|drop]`: look at and change the daemon's queue.
+//! `nixpush queue [list|retry|drop]`: look at and change the daemon's queue. `nixpush retry` is `queue retry`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -25,19 +25,57 @@ enum Action {
         json: bool,
     },
     /// Requeue failed paths now.
-    Retry {
-        /// Every failed path.
-        #[arg(long, conflicts_with = "paths")]
-        all: bool,
-        /// The paths to retry.
-        #[arg(required_unless_present = "all")]
-        paths: Vec<String>,
-    },
+    Retry(RetryArgs),
     /// Remove a path from the queue.
     Drop {
         /// The path.
         path: String,
     },
+}
+
+/// Arguments of `retry` (and `queue retry`).
+#[derive(Debug, clap::Args)]
+pub struct RetryArgs {
+    /// Every failed path, and every path waiting out a backoff.
+    #[arg(long, conflicts_with = "paths")]
+    all: bool,
+    /// The paths to retry (store paths, or links to them such as ./result).
+    #[arg(required_unless_present = "all")]
+    paths: Vec<String>,
+}
+
+/// Requeues failed paths (and paths waiting for their next attempt) to be tried now.
+pub(super) fn retry(config_path: Option<&Path>, args: RetryArgs) -> anyhow::Result<ExitCode> {
+    let config = super::client_config(config_path)?;
+    // `./result` and friends name the store path they point at; anything else goes as typed, and the daemon
+    // says what is wrong with it.
+    let paths = args
+        .paths
+        .iter()
+        .map(|input| {
+            super::push::resolve_store_path(Path::new(input), config.store_dir_str())
+                .map(|p| p.to_string())
+                .unwrap_or_else(|_| input.clone())
+        })
+        .collect();
+    let request = Request::Retry {
+        paths,
+        all: args.all,
+    };
+    let Response::Changed { paths } = super::ask(&config, &request)? else {
+        anyhow::bail!("unexpected answer from the daemon");
+    };
+    if paths.is_empty() {
+        println!(
+            "nothing to retry: no failed or waiting path matched (`nixpush queue` lists the queue)"
+        );
+    } else {
+        println!("requeued {} path(s)", paths.len());
+        for path in paths {
+            println!("  {path}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<ExitCode> {
@@ -67,16 +105,7 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
                 }
             }
         }
-        Action::Retry { all, paths } => {
-            let Response::Changed { paths } = super::ask(&config, &Request::Retry { paths, all })?
-            else {
-                anyhow::bail!("unexpected answer from the daemon");
-            };
-            println!("requeued {} path(s)", paths.len());
-            for path in paths {
-                println!("  {path}");
-            }
-        }
+        Action::Retry(args) => return retry(config_path, args),
         Action::Drop { path } => {
             let Response::Changed { paths } =
                 super::ask(&config, &Request::Drop { path: path.clone() })?

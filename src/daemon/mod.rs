@@ -64,7 +64,7 @@ pub struct Options {
 }
 
 /// What the upload engine reports about the target, for `status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineStatus {
     /// The target's state.
     pub state: TargetState,
@@ -72,6 +72,12 @@ pub struct EngineStatus {
     pub message: String,
     /// Uploads running now.
     pub in_flight: Vec<InFlightUpload>,
+    /// Whether the target answered the last request; `None` until asked.
+    pub reachable: Option<bool>,
+    /// Whether the target accepted the credentials; `None` until known.
+    pub authorized: Option<bool>,
+    /// What the target reported the last time it was readied.
+    pub info: Option<crate::backend::TargetInfo>,
 }
 
 impl EngineStatus {
@@ -85,6 +91,9 @@ impl EngineStatus {
             state,
             message: message.to_owned(),
             in_flight: Vec::new(),
+            reachable: None,
+            authorized: None,
+            info: None,
         }
     }
 }

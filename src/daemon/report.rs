@@ -1,7 +1,7 @@
 //! Builds the [`StatusReport`] from the queue, the spool and the engine's status.
 
 use crate::config::redact_url;
-use crate::queue::{self, State};
+use crate::queue::{self, Outcome, State};
 use crate::status::{DaemonInfo, FailedPath, StatusReport, TargetInfo, STATUS_VERSION};
 
 use super::Shared;
@@ -40,6 +40,21 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         }
     }
     let since = totals.since_start;
+    let spooled = crate::spool::list(&config.spool_dir())
+        .map(|files| files.len() as u64)
+        .unwrap_or(0);
+    let last_upload_at = shared
+        .queue
+        .recent(queue::HISTORY_CAP)?
+        .iter()
+        .find(|r| r.outcome == Outcome::Uploaded)
+        .map(|r| r.finished_at_ms / 1000);
+    let up_to_date = !shared.hold
+        && counts.queued == 0
+        && counts.uploading == 0
+        && counts.failed == 0
+        && spooled == 0;
+    let info = engine.info.as_ref();
     Ok(StatusReport {
         version: STATUS_VERSION,
         queued: counts.queued,
@@ -49,9 +64,9 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         refused: shared.queue.refused_total()?,
         skipped: since.already_present + since.skipped_upstream + since.skipped_gone,
         excluded: since.excluded,
-        spooled: crate::spool::list(&config.spool_dir())
-            .map(|files| files.len() as u64)
-            .unwrap_or(0),
+        spooled,
+        up_to_date,
+        last_upload_at,
         daemon: DaemonInfo {
             pid: std::process::id(),
             started_at: shared
@@ -65,9 +80,13 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         target: TargetInfo {
             url: redact_url(&config.target.url),
             state: engine.state,
-            message: engine.message,
+            message: engine.message.clone(),
+            reachable: engine.reachable,
+            authorized: engine.authorized,
+            read_url: info.and_then(|i| i.read_url.clone()),
+            stats: info.and_then(|i| i.stats.clone()),
         },
-        in_flight_uploads: engine.in_flight,
+        in_flight_uploads: engine.in_flight.clone(),
         recent: shared.queue.recent(RECENT_SHOWN)?,
         failed_paths,
         refused_requests: shared.queue.refused(REFUSED_SHOWN)?,

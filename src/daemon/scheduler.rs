@@ -3,16 +3,18 @@
 //!
 //! An authentication failure pauses the whole target instead of burning attempts: the paths go back to the queue
 //! unchanged, and uploads resume when the token or key file changes (or SIGHUP), or when a probe every
-//! [`AUTH_PROBE_INTERVAL`] finds the target accepting the credentials again.
+//! [`AUTH_PROBE_INTERVAL`] finds the target accepting the credentials again. A token or key rotated while uploads
+//! run normally is re-read before the next batch.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{AnyBackend, Backend, Credentials};
-use crate::config::Config;
+use crate::config::{redact_url, Config};
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::signing::SecretKey;
 use crate::status::{InFlightUpload, TargetState};
@@ -53,11 +55,13 @@ impl PresentCache for QueuePresence {
 /// Logs every finished path and records the ones that need no retry in the queue's history.
 struct DaemonObserver {
     queue: Arc<dyn Queue>,
+    /// The target URL (password-redacted), for the `target` log field.
+    target: String,
 }
 
 impl Observer for DaemonObserver {
     fn path_finished(&self, report: &PathReport) {
-        upload::log_report(report);
+        upload::log_report(report, Some(&self.target));
         let outcome = match report.outcome {
             PathOutcome::Uploaded => Outcome::Uploaded,
             // Every rebuild's closure is mostly paths the cache already has; listing them would bury the
@@ -113,6 +117,8 @@ struct Built {
     config: Arc<Config>,
     engine: Arc<Engine<AnyBackend>>,
     credentials: Credentials,
+    /// The public half of the signing key in use (`name:base64`), to tell a rotated key in the log.
+    public_key: std::sync::Mutex<Option<String>>,
 }
 
 fn token_env_var(config: &Config) -> &'static str {
@@ -140,23 +146,27 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
     )?;
     let backend = AnyBackend::from_config(&config, credentials.clone())?;
     let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
+    let key = load_signing_key(&config)?;
+    let public_key = key.as_ref().map(|k| k.public_key().to_string());
     let engine = Engine::new(
         Arc::new(backend),
         Arc::new(store),
         Settings::from_config(&config)?,
-        load_signing_key(&config)?,
+        key,
         Arc::new(QueuePresence {
             queue: Arc::clone(&shared.queue),
             ttl_ms: config.present_ttl_secs.saturating_mul(1000),
         }),
         Arc::new(DaemonObserver {
             queue: Arc::clone(&shared.queue),
+            target: redact_url(&config.target.url),
         }),
     )?;
     Ok(Built {
         config,
         engine: Arc::new(engine),
         credentials,
+        public_key: std::sync::Mutex::new(public_key),
     })
 }
 
@@ -168,17 +178,30 @@ fn set_status(shared: &Shared, state: TargetState, message: impl Into<String>) {
     });
 }
 
+/// Records what the last request to the target showed: whether it answered, and whether it took the credentials
+/// (`None` leaves what was known).
+fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) {
+    shared.engine.send_modify(|s| {
+        s.reachable = Some(reachable);
+        if authorized.is_some() {
+            s.authorized = authorized;
+        }
+    });
+}
+
 /// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: Arc<Notify>) {
     let policy = retry::Policy::default();
     let mut built: Option<Built> = None;
     let mut paused = false;
+    // Set when a wait ended because a secret file changed.
+    let mut secrets_dirty = false;
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
         if built
             .as_ref()
-            .is_none_or(|b| !Arc::ptr_eq(&b.config, &config))
+            .map_or(true, |b| !Arc::ptr_eq(&b.config, &config))
         {
             match build(&shared, Arc::clone(&config)) {
                 Ok(b) => {
@@ -205,29 +228,48 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
                 break;
             }
             reload_secrets(current);
+            secrets_dirty = false;
+        } else if secrets_dirty || secrets_changed.notified().now_or_never().is_some() {
+            // A key or token rotated while uploads ran normally (the change may have come during a batch):
+            // the next batch uses the new one.
+            reload_secrets(current);
+            secrets_dirty = false;
         }
         // Ready the target (nix-cache-info, cache info); this doubles as the auth probe while paused.
+        let target = redact_url(&config.target.url);
         match engine.backend().prepare().await {
-            Ok(_) => {
+            Ok(info) => {
                 if paused {
-                    tracing::info!("target accepts the credentials again; resuming uploads");
+                    tracing::info!(
+                        target = %target,
+                        "target accepts the credentials again; resuming uploads"
+                    );
                 }
                 paused = false;
+                shared.engine.send_modify(|s| {
+                    s.reachable = Some(true);
+                    s.authorized = Some(true);
+                    s.info = Some(info);
+                });
             }
             Err(e) if e.is_auth() => {
                 if !paused {
                     tracing::error!(
+                        target = %target,
                         "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
                     );
                 }
                 paused = true;
+                set_reachability(&shared, true, Some(false));
                 set_status(&shared, TargetState::Paused, format!("paused: {e}"));
                 continue;
             }
             Err(e) => {
-                tracing::warn!("target not ready: {e}");
+                tracing::warn!(target = %target, "target not ready: {e}");
+                set_reachability(&shared, false, None);
                 set_status(&shared, TargetState::Unreachable, e.to_string());
-                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                secrets_dirty |=
+                    wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
             }
         }
@@ -236,7 +278,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             Ok(due) => due,
             Err(e) => {
                 tracing::error!("cannot read the queue: {e}");
-                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                secrets_dirty |=
+                    wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
             }
         };
@@ -247,7 +290,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
                 .next_due_at()
                 .map(|at| Duration::from_millis(at.saturating_sub(queue::now_ms())))
                 .unwrap_or(Duration::from_secs(3600));
-            wait_for_change(&shared, &stop, &secrets_changed, wait).await;
+            secrets_dirty |= wait_for_change(&shared, &stop, &secrets_changed, wait).await;
             continue;
         }
         set_status(&shared, TargetState::Ok, "uploading");
@@ -259,7 +302,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
 }
 
 /// Re-reads the token and the signing key after a change. Errors keep the old values and are logged, without the
-/// secrets themselves.
+/// secrets themselves (a key is named by its public half).
 fn reload_secrets(built: &Built) {
     match built.credentials.reload() {
         Ok(true) => tracing::info!("auth token reloaded"),
@@ -267,23 +310,37 @@ fn reload_secrets(built: &Built) {
         Err(e) => tracing::warn!("keeping the previous auth token: {e}"),
     }
     match load_signing_key(&built.config) {
-        Ok(key) => built.engine.set_signing_key(key),
+        Ok(key) => {
+            let public_key = key.as_ref().map(|k| k.public_key().to_string());
+            let mut current = built
+                .public_key
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *current != public_key {
+                tracing::info!(
+                    "signing key reloaded; narinfos are now signed by {}",
+                    public_key.as_deref().unwrap_or("no key")
+                );
+                *current = public_key;
+            }
+            built.engine.set_signing_key(key);
+        }
         Err(e) => tracing::warn!("keeping the previous signing key: {e}"),
     }
 }
 
-/// Waits until work arrives, secrets change, `timeout` passes, or shutdown.
+/// Waits until work arrives, secrets change, `timeout` passes, or shutdown. Returns whether a secret file changed.
 async fn wait_for_change(
     shared: &Shared,
     stop: &CancellationToken,
     secrets_changed: &Notify,
     timeout: Duration,
-) {
+) -> bool {
     tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = shared.work_available.notified() => {}
-        _ = secrets_changed.notified() => {}
-        _ = tokio::time::sleep(timeout) => {}
+        _ = stop.cancelled() => false,
+        _ = shared.work_available.notified() => false,
+        _ = secrets_changed.notified() => true,
+        _ = tokio::time::sleep(timeout) => false,
     }
 }
 
@@ -316,6 +373,7 @@ async fn run_batch(
     shared.engine.send_modify(|s| s.in_flight.clear());
 
     let now = queue::now_ms();
+    let target = redact_url(&config.target.url);
     let mut pause = report.auth_failure.is_some();
     for (root, outcome) in report.roots {
         let Some(mut entry) = entries.iter().find(|e| e.path == root).cloned() else {
@@ -336,9 +394,15 @@ async fn run_batch(
                     nar_size: 0,
                     file_size: None,
                     duration_ms: None,
+                    compression: None,
                 };
                 record(&*shared.queue, &gone, Outcome::SkippedGone, Some(reason));
                 shared.queue.remove(&root).map(|_| ())
+            }
+            // Dropped by the operator while it was uploading: do not bring it back.
+            RootOutcome::Failed(_) if matches!(shared.queue.get(&root), Ok(None)) => {
+                tracing::info!(store_path = %root, "{root} was dropped from the queue while uploading");
+                Ok(())
             }
             RootOutcome::Failed(error) => {
                 entry.last_error = Some(error.to_string());
@@ -353,6 +417,7 @@ async fn run_batch(
                         tracing::error!(
                             store_path = %root,
                             attempt = entry.attempts,
+                            target = %target,
                             "giving up on {root} after {} attempt(s): {error}",
                             entry.attempts
                         );
@@ -362,6 +427,7 @@ async fn run_batch(
                             nar_size: 0,
                             file_size: None,
                             duration_ms: None,
+                            compression: None,
                         };
                         record(
                             &*shared.queue,
@@ -377,6 +443,8 @@ async fn run_batch(
                         tracing::warn!(
                             store_path = %root,
                             attempt = entry.attempts,
+                            target = %target,
+                            retry_in_ms = delay.as_millis() as u64,
                             "upload of {root} failed (attempt {}/{}), retrying in {:.1} s: {error}",
                             entry.attempts,
                             config.target.max_attempts,
@@ -394,8 +462,10 @@ async fn run_batch(
     if pause {
         if let Some(e) = &report.auth_failure {
             tracing::error!(
+                target = %target,
                 "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
             );
+            set_reachability(shared, true, Some(false));
             set_status(shared, TargetState::Paused, format!("paused: {e}"));
         }
     }
@@ -424,6 +494,7 @@ async fn report_progress(
                 started_at: now_secs.saturating_sub(f.elapsed_ms / 1000),
                 nar_bytes_done: f.nar_done,
                 nar_size: Some(f.nar_size),
+                phase: Some(f.phase.to_owned()),
             })
             .collect();
         shared

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::{self, ErrorKind, Request, Response, MAX_FRAME_BYTES};
+use crate::queue::{Queue, State};
 use crate::store_path::StorePath;
 
 use super::auth::{self, Peer};
@@ -254,9 +255,14 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                     Err(message) => return error(ErrorKind::Refused, message),
                 }
             };
+            let now = crate::queue::now_ms();
             let retried = shared
                 .queue
-                .retry_failed(selected.as_deref(), crate::queue::now_ms());
+                .retry_failed(selected.as_deref(), now)
+                .and_then(|mut retried| {
+                    retried.extend(bring_forward(&*shared.queue, selected.as_deref(), now)?);
+                    Ok(retried)
+                });
             match retried {
                 Ok(retried) => {
                     if let Err(e) = shared.commit.make_durable().await {
@@ -299,6 +305,35 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             }
         }
     }
+}
+
+/// Makes queued paths that wait out a backoff due now (an operator who says "retry" means now); their attempt
+/// counts stay.
+fn bring_forward(
+    queue: &dyn Queue,
+    selected: Option<&[StorePath]>,
+    now_ms: u64,
+) -> Result<Vec<StorePath>, crate::queue::Error> {
+    let candidates = match selected {
+        Some(paths) => {
+            let mut found = Vec::new();
+            for path in paths {
+                found.extend(queue.get(path)?);
+            }
+            found
+        }
+        None => queue.entries()?,
+    };
+    let mut moved = Vec::new();
+    for mut entry in candidates {
+        if entry.state == State::Queued && entry.next_attempt_at_ms > now_ms {
+            entry.next_attempt_at_ms = now_ms;
+            entry.updated_at_ms = now_ms;
+            queue.set(&entry)?;
+            moved.push(entry.path);
+        }
+    }
+    Ok(moved)
 }
 
 /// Parses store paths named by an operator (they need not exist any more).
@@ -467,6 +502,42 @@ mod tests {
             call(&mut client, &enqueue(&[&f.good])).await,
             Response::Ack { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn retry_makes_a_path_waiting_out_a_backoff_due_now() {
+        let f = fixture();
+        let mut client = connect(&f, ROOT);
+        call(&mut client, &enqueue(&[&f.good])).await;
+        let path = StorePath::parse(&f.good, f.shared.config().store_dir_str()).unwrap();
+        let mut entry = f.shared.queue.get(&path).unwrap().unwrap();
+        entry.attempts = 3;
+        entry.last_error = Some("HTTP 503".into());
+        entry.next_attempt_at_ms = crate::queue::now_ms() + 300_000;
+        f.shared.queue.set(&entry).unwrap();
+        assert!(f
+            .shared
+            .queue
+            .due(crate::queue::now_ms(), 10)
+            .unwrap()
+            .is_empty());
+        let retried = call(
+            &mut client,
+            &Request::Retry {
+                paths: vec![f.good.clone()],
+                all: false,
+            },
+        )
+        .await;
+        assert_eq!(
+            retried,
+            Response::Changed {
+                paths: vec![f.good.clone()]
+            }
+        );
+        let due = f.shared.queue.due(crate::queue::now_ms(), 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].attempts, 3, "the attempts so far are kept");
     }
 
     #[tokio::test]

@@ -145,6 +145,8 @@ pub struct PathReport {
     pub file_size: Option<u64>,
     /// Time spent preparing and uploading, when uploaded.
     pub duration_ms: Option<u64>,
+    /// How the uploaded file is compressed, when uploaded.
+    pub compression: Option<Compression>,
 }
 
 /// What happened to one requested root.
@@ -236,31 +238,56 @@ pub struct LogObserver;
 
 impl Observer for LogObserver {
     fn path_finished(&self, report: &PathReport) {
-        log_report(report);
+        log_report(report, None);
     }
 }
 
-/// Logs one finished path the way the journal should read.
-pub fn log_report(report: &PathReport) {
+/// `uploaded /nix/store/…-hello-2.12 (12.3 MiB → 3.1 MiB zstd, 0.8 s)`: how logs and `push` tell of an upload.
+pub fn upload_line(report: &PathReport) -> String {
+    format!(
+        "uploaded {} ({} → {} {}, {:.1} s)",
+        report.path,
+        human_bytes(report.nar_size),
+        human_bytes(report.file_size.unwrap_or_default()),
+        report
+            .compression
+            .map(Compression::narinfo_name)
+            .unwrap_or("?"),
+        report.duration_ms.unwrap_or_default() as f64 / 1000.0
+    )
+}
+
+/// Logs one finished path the way the journal should read: a human line, plus the fields `store_path`,
+/// `nar_size`, `file_size`, `duration_ms`, `compression` and `target` (journald shows them upper-cased, e.g.
+/// `STORE_PATH`, for `journalctl -o json` and filters such as `journalctl STORE_PATH=…`).
+pub fn log_report(report: &PathReport, target: Option<&str>) {
     match &report.outcome {
         PathOutcome::Uploaded => tracing::info!(
             store_path = %report.path,
             nar_size = report.nar_size,
             file_size = report.file_size.unwrap_or_default(),
             duration_ms = report.duration_ms.unwrap_or_default(),
-            "uploaded {} ({} → {}, {:.1} s)",
-            report.path,
-            human_bytes(report.nar_size),
-            human_bytes(report.file_size.unwrap_or_default()),
-            report.duration_ms.unwrap_or_default() as f64 / 1000.0
+            compression = report.compression.map(Compression::narinfo_name),
+            target,
+            "{}",
+            upload_line(report)
         ),
         PathOutcome::Failed(reason) => tracing::warn!(
             store_path = %report.path,
+            nar_size = report.nar_size,
+            target,
             "failed to upload {}: {reason}",
             report.path
         ),
         PathOutcome::AlreadyPresent | PathOutcome::SkippedUpstream | PathOutcome::Excluded => {
-            tracing::debug!(store_path = %report.path, outcome = ?report.outcome, "skipped {}", report.path)
+            tracing::debug!(
+                store_path = %report.path,
+                nar_size = report.nar_size,
+                outcome = ?report.outcome,
+                target,
+                "skipped {}",
+                report.path
+            )
         }
     }
 }
@@ -534,6 +561,7 @@ impl<B: Backend + 'static> Engine<B> {
                 nar_size: info.nar_size,
                 file_size: None,
                 duration_ms: None,
+                compression: None,
             };
             self.observer.path_finished(&path_report);
             report.paths.push(path_report);
@@ -601,37 +629,50 @@ impl<B: Backend + 'static> Engine<B> {
             to_upload_bytes: to_upload.iter().map(|i| i.nar_size).sum(),
         });
 
-        // 4. Prepare and upload in dependency order.
+        // 4. Prepare and upload in dependency order. The observer hears of each path as it finishes.
+        let infos: HashMap<&StorePath, &PathInfo> =
+            to_upload.iter().map(|i| (&i.path, *i)).collect();
         for (path, result) in self.upload_in_order(&to_upload, cancel).await {
-            let info = to_upload
-                .iter()
-                .find(|i| i.path == path)
-                .map(|i| (*i).clone());
-            let Some(info) = info else { continue };
+            let Some(info) = infos.get(&path) else {
+                continue;
+            };
+            report.paths.push(self.upload_report(info, &result));
             match result {
-                Ok(done) => {
+                Ok(_) => {
                     self.present.remember_present(&[info.path.hash_part()]);
                     outcomes.insert(path, None);
-                    let path_report = PathReport {
-                        path: info.path.clone(),
-                        outcome: PathOutcome::Uploaded,
-                        nar_size: done.nar_size,
-                        file_size: Some(done.file_size),
-                        duration_ms: Some(done.duration.as_millis() as u64),
-                    };
-                    self.observer.path_finished(&path_report);
-                    report.paths.push(path_report);
                 }
                 Err(e) => {
                     if e.is_auth() && report.auth_failure.is_none() {
                         report.auth_failure = Some(Arc::clone(&e));
                     }
-                    finish(report, &info, PathOutcome::Failed(e.to_string()));
                     outcomes.insert(path, Some(e));
                 }
             }
         }
         outcomes
+    }
+
+    /// The report of a path that was to be uploaded.
+    fn upload_report(&self, info: &PathInfo, result: &Result<Uploaded, Arc<Error>>) -> PathReport {
+        match result {
+            Ok(done) => PathReport {
+                path: info.path.clone(),
+                outcome: PathOutcome::Uploaded,
+                nar_size: done.nar_size,
+                file_size: Some(done.file_size),
+                duration_ms: Some(done.duration.as_millis() as u64),
+                compression: Some(self.settings.compression),
+            },
+            Err(e) => PathReport {
+                path: info.path.clone(),
+                outcome: PathOutcome::Failed(e.to_string()),
+                nar_size: info.nar_size,
+                file_size: None,
+                duration_ms: None,
+                compression: None,
+            },
+        }
     }
 
     /// Asks every upstream cache about `paths`; a cache that cannot be reached counts as not having them.
@@ -701,6 +742,18 @@ impl<B: Backend + 'static> Engine<B> {
         let staged_limit = 2 * workers;
         let mut tasks = FuturesUnordered::new();
         let (mut preparing, mut uploading) = (0usize, 0usize);
+        // Results up to here have been reported to the observer.
+        let mut notified = 0;
+        let notify = |results: &[(StorePath, Result<Uploaded, Arc<Error>>)],
+                      notified: &mut usize| {
+            for (path, result) in &results[*notified..] {
+                if let Some(&i) = index.get(path) {
+                    self.observer
+                        .path_finished(&self.upload_report(paths[i], result));
+                }
+            }
+            *notified = results.len();
+        };
 
         loop {
             // Fail paths whose references failed; they must not be published.
@@ -796,6 +849,7 @@ impl<B: Backend + 'static> Engine<B> {
                     results.push((paths[i].path.clone(), Ok(done)));
                 }
             }
+            notify(&results, &mut notified);
             if cancel.is_cancelled() && preparing == 0 && uploading == 0 {
                 break;
             }
@@ -806,6 +860,7 @@ impl<B: Backend + 'static> Engine<B> {
                 results.push((paths[i].path.clone(), Err(Arc::new(Error::Cancelled))));
             }
         }
+        notify(&results, &mut notified);
         results
     }
 
