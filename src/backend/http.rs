@@ -299,7 +299,7 @@ pub async fn status_error(method: &str, url: &str, response: Response) -> Error 
     }
 }
 
-/// Reads at most [`MAX_SMALL_BODY`] bytes of a response body as text.
+/// Reads at most 64 KiB of a response body as text.
 pub async fn small_body(mut response: Response) -> Result<String, reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
