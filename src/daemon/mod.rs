@@ -101,6 +101,8 @@ pub struct Shared {
     pub work_available: Arc<Notify>,
     /// The engine's view of the target; `send_modify` it to update `status`.
     pub engine: watch::Sender<EngineStatus>,
+    /// Turns requests into validated store paths.
+    pub resolver: resolve::Resolver,
     /// Whether uploads are held.
     pub hold: bool,
     started_at: SystemTime,
@@ -116,6 +118,7 @@ impl Shared {
             queue,
             work_available: Arc::new(Notify::new()),
             engine: watch::channel(EngineStatus::initial(hold)).0,
+            resolver: resolve::Resolver::new(),
             hold,
             started_at: SystemTime::now(),
             started: Instant::now(),

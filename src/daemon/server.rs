@@ -18,7 +18,7 @@ use crate::protocol::{self, ErrorKind, Request, Response, MAX_FRAME_BYTES};
 use crate::store_path::StorePath;
 
 use super::auth::{self, Peer};
-use super::{resolve, Shared};
+use super::Shared;
 
 /// Connections served at once; more wait in the kernel's backlog (and their hooks spool if they wait too long).
 pub const MAX_CONNECTIONS: usize = 512;
@@ -83,29 +83,32 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) {
     let mut served = 0u64;
+    // Bytes received and not yet consumed. A hook's request usually arrives in one read.
+    let mut received = Vec::new();
     loop {
         let timeout_ms = shared.config().client_timeout_ms;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-        let mut header = [0u8; 4];
-        let first = tokio::select! {
-            _ = stop.cancelled() => return,
-            read = timeout_at(deadline, stream.read(&mut header)) => read,
-        };
-        let got = match first {
-            Ok(Ok(0)) => return,
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                tracing::debug!(peer_uid = peer.uid, "connection error: {e}");
-                return;
+        if received.is_empty() {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                read = timeout_at(deadline, read_some(&mut stream, &mut received, FIRST_READ)) => read,
+            };
+            match first {
+                Ok(Ok(0)) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(peer_uid = peer.uid, "connection error: {e}");
+                    return;
+                }
+                // An idle connection after a served request just closes; a silent new one is told why.
+                Err(_) if served > 0 => return,
+                Err(_) => {
+                    let message = format!("no request within {timeout_ms} ms");
+                    return refuse_connection(&mut stream, peer, ErrorKind::Timeout, message).await;
+                }
             }
-            // An idle connection after a served request just closes; a silent new one is told why.
-            Err(_) if served > 0 => return,
-            Err(_) => {
-                let message = format!("no request within {timeout_ms} ms");
-                return refuse_connection(&mut stream, peer, ErrorKind::Timeout, message).await;
-            }
-        };
-        let payload = match read_rest(&mut stream, header, got, deadline).await {
+        }
+        let payload = match read_frame(&mut stream, &mut received, deadline).await {
             Ok(payload) => payload,
             Err((kind, message)) => {
                 return refuse_connection(&mut stream, peer, kind, message).await;
@@ -136,42 +139,64 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Reads the rest of a frame whose first `got` header bytes are in `header`.
-async fn read_rest<S: AsyncRead + Unpin>(
+/// The first read of a request: enough for any hook's request.
+const FIRST_READ: usize = 4096;
+/// Largest single read; a frame bigger than this arrives in several.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Appends up to `max` bytes from one read to `received`; returns how many (0 at end of stream).
+async fn read_some<S: AsyncRead + Unpin>(
     stream: &mut S,
-    mut header: [u8; 4],
-    got: usize,
+    received: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
+    // `read_buf` on a full Vec would only grow it by 64 bytes at a time.
+    received.reserve(max);
+    let mut limited = (&mut *stream).take(max as u64);
+    limited.read_buf(received).await
+}
+
+/// Takes one frame's payload from `received`, reading more until it is complete. The buffer grows only with
+/// what actually arrives, so a client announcing 1 MiB and sending nothing costs nothing.
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    received: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, (ErrorKind, String)> {
-    let late = || {
-        (
-            ErrorKind::Timeout,
-            "request not complete within the client timeout".to_owned(),
-        )
-    };
-    let closed = || {
-        (
-            ErrorKind::Malformed,
-            "connection closed in the middle of a request".to_owned(),
-        )
-    };
-    timeout_at(deadline, stream.read_exact(&mut header[got..]))
-        .await
-        .map_err(|_| late())?
-        .map_err(|_| closed())?;
-    let len = protocol::frame_len(header).map_err(|e| (e.kind(), e.to_string()))?;
-    // Grows with what actually arrives, so a client announcing 1 MiB and sending nothing costs nothing.
-    let mut payload = Vec::with_capacity(len.min(64 * 1024));
-    let mut limited = (&mut *stream).take(len as u64);
-    timeout_at(deadline, limited.read_to_end(&mut payload))
-        .await
-        .map_err(|_| late())?
-        .map_err(|_| closed())?;
-    if payload.len() != len {
-        return Err(closed());
+    let mut needed = 4;
+    let mut len = None;
+    loop {
+        if len.is_none() && received.len() >= 4 {
+            let header = [received[0], received[1], received[2], received[3]];
+            let frame_len = protocol::frame_len(header).map_err(|e| (e.kind(), e.to_string()))?;
+            len = Some(frame_len);
+            needed = 4 + frame_len;
+        }
+        if received.len() >= needed {
+            if let Some(len) = len {
+                debug_assert!(len <= MAX_FRAME_BYTES);
+                let payload = received[4..needed].to_vec();
+                received.drain(..needed);
+                return Ok(payload);
+            }
+        }
+        let want = (needed - received.len()).min(READ_CHUNK);
+        match timeout_at(deadline, read_some(stream, received, want)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Err((
+                    ErrorKind::Malformed,
+                    "connection closed in the middle of a request".to_owned(),
+                ))
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                return Err((
+                    ErrorKind::Timeout,
+                    "request not complete within the client timeout".to_owned(),
+                ))
+            }
+        }
     }
-    debug_assert!(payload.len() <= MAX_FRAME_BYTES);
-    Ok(payload)
 }
 
 async fn refuse_connection<S: AsyncWrite + Unpin>(
@@ -227,7 +252,10 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                 return error(ErrorKind::PermissionDenied, reason);
             }
             let source: String = source.chars().take(32).collect();
-            let resolved = resolve::resolve(drv_path.as_deref(), &out_paths, &config).await;
+            let resolved = shared
+                .resolver
+                .resolve(drv_path.as_deref(), &out_paths, &config)
+                .await;
             let refused: Vec<String> = resolved.refused.iter().map(|r| r.message()).collect();
             match shared
                 .enqueue_durably(&resolved, &source, peer.uid, "socket")
@@ -466,6 +494,30 @@ mod tests {
         assert!(matches!(
             call(&mut client, &enqueue(&[&f.good])).await,
             Response::Ack { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn pipelined_and_trickled_requests_are_framed() {
+        let f = fixture();
+        let mut client = connect(&f, ROOT);
+        let mut two = protocol::encode_request(&Request::Status);
+        two.extend(protocol::encode_request(&enqueue(&[&f.good])));
+        client.write_all(&two).await.unwrap();
+        assert!(matches!(
+            read_response(&mut client).await,
+            Some(Response::Status(_))
+        ));
+        assert!(matches!(
+            read_response(&mut client).await,
+            Some(Response::Ack { .. })
+        ));
+        for byte in protocol::encode_request(&Request::List) {
+            client.write_all(&[byte]).await.unwrap();
+        }
+        assert!(matches!(
+            read_response(&mut client).await,
+            Some(Response::List { .. })
         ));
     }
 
