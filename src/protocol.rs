@@ -29,6 +29,10 @@ use crate::status::StatusReport;
 pub const VERSION: u32 = 1;
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Most queue entries in one `List` answer, so that a page stays far below [`MAX_FRAME_BYTES`].
+pub const MAX_LIST_PAGE: usize = 1000;
+/// Most refusals spelled out in one answer; the rest are counted.
+pub const MAX_REFUSALS_SHOWN: usize = 20;
 
 /// Why a frame could not be sent, received or understood.
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +103,15 @@ pub enum Request {
     },
     /// The status report; anyone who can open the socket may ask.
     Status,
-    /// Every queue entry; anyone who can open the socket may ask.
-    List,
+    /// One page of queue entries, in path order; anyone who can open the socket may ask.
+    List {
+        /// Start after this path (the previous page's `next`).
+        #[serde(default)]
+        after: Option<String>,
+        /// Page size; the daemon caps it at [`MAX_LIST_PAGE`].
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     /// Requeue failed paths now: the listed ones, or all with `all`.
     Retry {
         /// Paths to retry.
@@ -144,10 +155,12 @@ pub enum Response {
     },
     /// The status report.
     Status(Box<StatusReport>),
-    /// The queue's entries.
+    /// One page of the queue's entries.
     List {
         /// In path order.
         entries: Vec<Entry>,
+        /// Where the next page starts (send it as `after`); `None` on the last page.
+        next: Option<String>,
     },
     /// A retry or drop took effect on these paths.
     Changed {
@@ -418,7 +431,11 @@ mod tests {
                     source
                 }),
             Just(Request::Status),
-            Just(Request::List),
+            (
+                proptest::option::of(text),
+                proptest::option::of(0usize..5000)
+            )
+                .prop_map(|(after, limit)| Request::List { after, limit }),
             (proptest::collection::vec(text, 0..3), any::<bool>())
                 .prop_map(|(paths, all)| Request::Retry { paths, all }),
             text.prop_map(|path| Request::Drop { path }),

@@ -20,6 +20,7 @@
 //! disagree with what is on disk after a crash. Everything else talks to the [`Queue`] trait.
 
 use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -285,6 +286,8 @@ pub trait Queue: Send + Sync {
     fn next_due_at(&self) -> Option<u64>;
     /// Every entry, in path order.
     fn entries(&self) -> Result<Vec<Entry>, Error>;
+    /// Up to `limit` entries with paths after `after` (all when `None`), in path order: one page of a listing.
+    fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Entry>, Error>;
     /// Entries per state.
     fn counts(&self) -> Counts;
     /// Puts entries left `uploading` by a previous process back to `queued`, due now. Run once at startup.
@@ -639,6 +642,21 @@ impl Queue for SledQueue {
         Ok(out)
     }
 
+    fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Entry>, Error> {
+        let items = match after {
+            Some(after) => self
+                .entries
+                .range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded)),
+            None => self.entries.iter(),
+        };
+        let mut out = Vec::new();
+        for item in items.take(limit) {
+            let (key, value) = item.map_err(db_error("reading entries"))?;
+            out.push(decode(&key, &value)?);
+        }
+        Ok(out)
+    }
+
     fn counts(&self) -> Counts {
         self.lock().counts
     }
@@ -877,6 +895,23 @@ mod tests {
         assert_eq!(q.get(&path(1)).unwrap().unwrap().next_attempt_at_ms, 50);
         assert_eq!(q.refused_total().unwrap(), 1);
         assert_eq!(q.refused(10).unwrap()[0].input, "/tmp/x");
+    }
+
+    #[test]
+    fn list_pages_in_path_order() {
+        let q = SledQueue::temporary().unwrap();
+        q.enqueue(&[path(3), path(1), path(2)], "hook", 1).unwrap();
+        let first = q.list(None, 2).unwrap();
+        assert_eq!(
+            first.iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
+            vec![path(1), path(2)]
+        );
+        let rest = q.list(Some(path(2).as_str()), 2).unwrap();
+        assert_eq!(
+            rest.iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
+            vec![path(3)]
+        );
+        assert!(q.list(Some(path(3).as_str()), 2).unwrap().is_empty());
     }
 
     #[test]

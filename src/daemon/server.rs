@@ -14,11 +14,13 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::protocol::{self, ErrorKind, Request, Response, MAX_FRAME_BYTES};
+use crate::protocol::{
+    self, ErrorKind, Request, Response, MAX_FRAME_BYTES, MAX_LIST_PAGE, MAX_REFUSALS_SHOWN,
+};
 use crate::store_path::StorePath;
 
 use super::auth::{self, Peer};
-use super::Shared;
+use super::{resolve, Shared};
 
 /// Connections served at once; more wait in the kernel's backlog (and their hooks spool if they wait too long).
 pub const MAX_CONNECTIONS: usize = 512;
@@ -237,10 +239,18 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             Ok(report) => Response::Status(Box::new(report)),
             Err(e) => internal(e),
         },
-        Request::List => match shared.queue.entries() {
-            Ok(entries) => Response::List { entries },
-            Err(e) => internal(e),
-        },
+        Request::List { after, limit } => {
+            let limit = limit.unwrap_or(MAX_LIST_PAGE).clamp(1, MAX_LIST_PAGE);
+            match shared.queue.list(after.as_deref(), limit) {
+                Ok(entries) => Response::List {
+                    next: (entries.len() == limit)
+                        .then(|| entries.last().map(|e| e.path.to_string()))
+                        .flatten(),
+                    entries,
+                },
+                Err(e) => internal(e),
+            }
+        }
         Request::Enqueue {
             drv_path,
             out_paths,
@@ -256,7 +266,7 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                 .resolver
                 .resolve(drv_path.as_deref(), &out_paths, &config)
                 .await;
-            let refused: Vec<String> = resolved.refused.iter().map(|r| r.message()).collect();
+            let refused = refusal_messages(&resolved.refused);
             match shared
                 .enqueue_durably(&resolved, &source, peer.uid, "socket")
                 .await
@@ -327,6 +337,22 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             }
         }
     }
+}
+
+/// The refusals as clients see them, capped so an answer stays small whatever the request held.
+fn refusal_messages(refused: &[resolve::Refusal]) -> Vec<String> {
+    let mut messages: Vec<String> = refused
+        .iter()
+        .take(MAX_REFUSALS_SHOWN)
+        .map(|r| r.message())
+        .collect();
+    if refused.len() > MAX_REFUSALS_SHOWN {
+        messages.push(format!(
+            "and {} more refused paths (see `nixpush status`)",
+            refused.len() - MAX_REFUSALS_SHOWN
+        ));
+    }
+    messages
 }
 
 /// Parses store paths named by an operator (they need not exist any more).
@@ -512,7 +538,11 @@ mod tests {
             read_response(&mut client).await,
             Some(Response::Ack { .. })
         ));
-        for byte in protocol::encode_request(&Request::List) {
+        let list = Request::List {
+            after: None,
+            limit: None,
+        };
+        for byte in protocol::encode_request(&list) {
             client.write_all(&[byte]).await.unwrap();
         }
         assert!(matches!(
@@ -552,10 +582,22 @@ mod tests {
                 paths: vec![f.good.clone()]
             }
         );
-        let Response::List { entries } = call(&mut client, &Request::List).await else {
+        let list = Request::List {
+            after: None,
+            limit: Some(1),
+        };
+        let Response::List { entries, next } = call(&mut client, &list).await else {
             panic!()
         };
         assert_eq!(entries.len(), 1);
+        let list = Request::List {
+            after: next,
+            limit: Some(1),
+        };
+        let Response::List { entries, next } = call(&mut client, &list).await else {
+            panic!()
+        };
+        assert!(entries.is_empty() && next.is_none());
         let dropped = call(
             &mut client,
             &Request::Drop {
