@@ -52,11 +52,11 @@ spooled=$(find "$work/state/spool" -maxdepth 1 -name '*.json' | wc -l)
 echo "   queued after the run: $queued, spooled: $spooled"
 
 echo "== 2. hyperfine: $runs runs, DRV_PATH only (resolved through Nix's database), path already queued"
-drv=$(nix-instantiate tests/fixtures/hooktest.nix --argstr nonce "bench-$(date +%s%N)")
-nix-store --realise "$drv" "${nix_options[@]}" --option post-build-hook "$bin/nixpush-hook" >/dev/null
+drv=$(nix-instantiate tests/fixtures/hooktest.nix --argstr nonce "bench-$(date +%s%N)" 2>/dev/null)
+nix-store --realise "$drv" "${nix_options[@]}" --option post-build-hook "$bin/nixpush-hook" >/dev/null 2>&1
 export DRV_PATH=$drv OUT_PATHS=
 hyperfine --shell=none --warmup 20 --runs "$runs" --export-json "$work/hyperfine.json" \
-    /bin/true "$bin/nixpush-hook" >/dev/null
+    /bin/true "$bin/nixpush-hook" >/dev/null 2>&1 || { echo "hyperfine failed" >&2; exit 1; }
 python3 - "$work/hyperfine.json" <<'PY'
 import json, sys
 results = json.load(open(sys.argv[1]))["results"]
