@@ -338,13 +338,40 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Respons
             e.into()
         }
     })?;
-    // The read timeout applies per read call; the answer is small, so one or two reads fit the deadline.
-    stream.set_read_timeout(Some(remaining()?))?;
-    match read_frame(&mut stream) {
-        Ok(payload) => decode_response(&payload),
-        Err(Error::Io(e)) if is_timeout(&e) => Err(timed_out()),
-        Err(e) => Err(e),
+    let mut header = [0; 4];
+    read_exact_by(&mut stream, &mut header, &remaining, &timed_out)?;
+    let mut payload = vec![0; frame_len(header)?];
+    read_exact_by(&mut stream, &mut payload, &remaining, &timed_out)?;
+    decode_response(&payload)
+}
+
+/// Fills `buf`, giving each read only the time left before the deadline (a socket read timeout alone would apply
+/// afresh to every read).
+fn read_exact_by(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    remaining: &dyn Fn() -> Result<Duration, Error>,
+    timed_out: &dyn Fn() -> Error,
+) -> Result<(), Error> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        stream.set_read_timeout(Some(remaining()?))?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err(Error::Closed),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
