@@ -6,6 +6,9 @@
 //! failure writes the request to the spool instead. It always exits 0 (panics included) and prints nothing on
 //! success, or exactly one line to stderr saying what happened.
 //!
+//! A request the daemon refuses (a path outside the store, a peer that may not enqueue) is not spooled: the
+//! daemon judges spool files by the same rules and would refuse it again. The hook says why, once, and exits 0.
+//!
 //! Nix 2.8.0 leaves `OUT_PATHS` empty (NixOS/nix#6446), so the hook forwards `DRV_PATH` as well and the daemon
 //! resolves the outputs.
 

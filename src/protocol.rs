@@ -29,6 +29,10 @@ use crate::status::StatusReport;
 pub const VERSION: u32 = 1;
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Most queue entries in one `List` answer, so that a page stays far below [`MAX_FRAME_BYTES`].
+pub const MAX_LIST_PAGE: usize = 1000;
+/// Most refusals spelled out in one answer; the rest are counted.
+pub const MAX_REFUSALS_SHOWN: usize = 20;
 
 /// Why a frame could not be sent, received or understood.
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +103,15 @@ pub enum Request {
     },
     /// The status report; anyone who can open the socket may ask.
     Status,
-    /// Every queue entry; anyone who can open the socket may ask.
-    List,
+    /// One page of queue entries, in path order; anyone who can open the socket may ask.
+    List {
+        /// Start after this path (the previous page's `next`).
+        #[serde(default)]
+        after: Option<String>,
+        /// Page size; the daemon caps it at [`MAX_LIST_PAGE`].
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     /// Requeue failed paths now: the listed ones, or all with `all`.
     Retry {
         /// Paths to retry.
@@ -144,10 +155,12 @@ pub enum Response {
     },
     /// The status report.
     Status(Box<StatusReport>),
-    /// The queue's entries.
+    /// One page of the queue's entries.
     List {
         /// In path order.
         entries: Vec<Entry>,
+        /// Where the next page starts (send it as `after`); `None` on the last page.
+        next: Option<String>,
     },
     /// A retry or drop took effect on these paths.
     Changed {
@@ -325,13 +338,40 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Respons
             e.into()
         }
     })?;
-    // The read timeout applies per read call; the answer is small, so one or two reads fit the deadline.
-    stream.set_read_timeout(Some(remaining()?))?;
-    match read_frame(&mut stream) {
-        Ok(payload) => decode_response(&payload),
-        Err(Error::Io(e)) if is_timeout(&e) => Err(timed_out()),
-        Err(e) => Err(e),
+    let mut header = [0; 4];
+    read_exact_by(&mut stream, &mut header, &remaining, &timed_out)?;
+    let mut payload = vec![0; frame_len(header)?];
+    read_exact_by(&mut stream, &mut payload, &remaining, &timed_out)?;
+    decode_response(&payload)
+}
+
+/// Fills `buf`, giving each read only the time left before the deadline (a socket read timeout alone would apply
+/// afresh to every read).
+fn read_exact_by(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    remaining: &dyn Fn() -> Result<Duration, Error>,
+    timed_out: &dyn Fn() -> Error,
+) -> Result<(), Error> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        stream.set_read_timeout(Some(remaining()?))?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err(Error::Closed),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -418,7 +458,11 @@ mod tests {
                     source
                 }),
             Just(Request::Status),
-            Just(Request::List),
+            (
+                proptest::option::of(text),
+                proptest::option::of(0usize..5000)
+            )
+                .prop_map(|(after, limit)| Request::List { after, limit }),
             (proptest::collection::vec(text, 0..3), any::<bool>())
                 .prop_map(|(paths, all)| Request::Retry { paths, all }),
             text.prop_map(|path| Request::Drop { path }),

@@ -1,8 +1,6 @@
 //! Helpers shared by the integration tests: a daemon in a temporary directory, real Nix builds through the hook,
 //! fresh store paths, and waiting on conditions with a deadline.
 
-#![allow(dead_code)]
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;

@@ -82,9 +82,23 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
     let config = super::client_config(config_path)?;
     match args.action.unwrap_or(Action::List { json: false }) {
         Action::List { json } => {
-            let Response::List { entries } = super::ask(&config, &Request::List)? else {
-                anyhow::bail!("unexpected answer from the daemon");
-            };
+            let mut entries = Vec::new();
+            let mut after = None;
+            loop {
+                let page = Request::List { after, limit: None };
+                let Response::List {
+                    entries: mut page,
+                    next,
+                } = super::ask(&config, &page)?
+                else {
+                    anyhow::bail!("unexpected answer from the daemon");
+                };
+                entries.append(&mut page);
+                match next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string(&entries)?);
             } else if entries.is_empty() {

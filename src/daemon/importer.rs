@@ -7,13 +7,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::spool;
 
-use super::{auth, resolve, Shared};
+use super::{auth, Shared};
 
 /// Safety-net rescan interval.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
@@ -24,7 +24,7 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let spool_dir = shared.config().spool_dir();
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|event| is_new_file(&event.kind)) {
             // A full channel already means "rescan"; one pending signal is enough.
             let _ = changed_tx.try_send(());
         }
@@ -58,6 +58,15 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+/// Whether a watcher event may mean a new spool file. Access events must not count: listing the directory opens
+/// it, and reacting to that would rescan forever.
+fn is_new_file(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => true,
+        EventKind::Access(_) | EventKind::Remove(_) => false,
     }
 }
 
@@ -112,7 +121,10 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) {
         finish(shared, path).await;
         return;
     }
-    let resolved = resolve::resolve(request.drv_path.as_deref(), &request.out_paths, &config).await;
+    let resolved = shared
+        .resolver
+        .resolve(request.drv_path.as_deref(), &request.out_paths, &config)
+        .await;
     let source: String = request.source.chars().take(32).collect();
     match shared
         .enqueue_durably(&resolved, &source, Some(file.owner_uid), "spool")
@@ -151,5 +163,27 @@ async fn finish(shared: &Shared, path: &Path) {
             "cannot record the refusal of {}: {e}; keeping it",
             path.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
+
+    // See: #3 (the daemon's own directory listing must not trigger another scan)
+    #[test]
+    fn only_new_files_trigger_a_scan() {
+        assert!(is_new_file(&EventKind::Create(CreateKind::File)));
+        assert!(is_new_file(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(!is_new_file(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_new_file(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!is_new_file(&EventKind::Remove(RemoveKind::File)));
     }
 }

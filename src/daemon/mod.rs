@@ -109,6 +109,8 @@ pub struct Shared {
     pub work_available: Arc<Notify>,
     /// The engine's view of the target; `send_modify` it to update `status`.
     pub engine: watch::Sender<EngineStatus>,
+    /// Turns requests into validated store paths.
+    pub resolver: resolve::Resolver,
     /// Whether uploads are held.
     pub hold: bool,
     started_at: SystemTime,
@@ -124,6 +126,7 @@ impl Shared {
             queue,
             work_available: Arc::new(Notify::new()),
             engine: watch::channel(EngineStatus::initial(hold)).0,
+            resolver: resolve::Resolver::new(),
             hold,
             started_at: SystemTime::now(),
             started: Instant::now(),
@@ -207,6 +210,8 @@ pub async fn run(
         token: stop,
         reload,
     } = shutdown;
+    // Removes the socket we bound however `run` ends, last (after STOPPING=1 on a clean stop).
+    let _socket_file = SocketFile(listener.bound_path.clone());
     spool::prepare_dir(&config.spool_dir())?;
     let queue_dir = config.state_dir.join("queue");
     let queue = tokio::task::spawn_blocking(move || SledQueue::open(&queue_dir))
@@ -217,7 +222,6 @@ pub async fn run(
         tracing::info!(requeued, "requeued paths whose upload was interrupted");
     }
     let description = listener.describe();
-    let bound_path = listener.bound_path.clone();
     let socket = tokio::net::UnixListener::from_std(listener.socket).map_err(|source| {
         socket::Error::Setup {
             action: "listen on",
@@ -279,13 +283,21 @@ pub async fn run(
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
     let _ = systemd::notify("STOPPING=1");
-    if let Some(path) = bound_path {
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!("cannot remove socket {}: {e}", path.display());
-        }
-    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The socket path we bound; removed on drop so that no later hook connects to a dead socket.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("cannot remove socket {}: {e}", path.display());
+            }
+        }
+    }
 }
 
 /// Pings the systemd watchdog (and refreshes `STATUS=`) at half of `WATCHDOG_USEC`.

@@ -11,7 +11,8 @@
 //! and, if that fails, from `nix-store --query --outputs DRV`. The outputs are valid by the time Nix runs the hook,
 //! and each is checked like any other path.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -104,61 +105,110 @@ pub fn validate(input: &str, store_dir: &str) -> Result<StorePath, String> {
     }
 }
 
-/// Validates `out_paths`, or, when there are none, resolves and validates the outputs of `drv_path`.
-pub async fn resolve(drv_path: Option<&str>, out_paths: &[String], config: &Config) -> Resolved {
-    let store_dir = config.store_dir_str();
-    let mut resolved = Resolved::default();
-    if !out_paths.is_empty() {
-        for input in out_paths {
-            resolved.accept(input, store_dir);
-        }
-        return resolved;
+/// Resolves requests. Keeps one read-only connection to Nix's database between requests, because opening it costs
+/// more than the whole rest of a request.
+#[derive(Default)]
+pub struct Resolver {
+    db: Arc<Mutex<Option<OpenDb>>>,
+}
+
+struct OpenDb {
+    path: PathBuf,
+    connection: Connection,
+}
+
+impl Resolver {
+    /// A resolver with no database connection yet.
+    pub fn new() -> Resolver {
+        Resolver::default()
     }
-    let Some(drv_input) = drv_path else {
-        resolved.refuse("", "the request names no paths".to_owned());
-        return resolved;
-    };
-    let drv = match validate(drv_input, store_dir) {
-        Ok(drv) if drv.is_derivation() => drv,
-        Ok(_) => {
-            resolved.refuse(drv_input, "DRV_PATH is not a derivation (.drv)".to_owned());
-            return resolved;
-        }
-        Err(reason) => {
-            resolved.refuse(drv_input, reason);
-            return resolved;
-        }
-    };
-    match derivation_outputs(&drv, &config.nix_db).await {
-        Ok(outputs) if !outputs.is_empty() => {
-            for output in &outputs {
-                resolved.accept(output, store_dir);
+
+    /// Validates `out_paths`, or, when there are none, resolves and validates the outputs of `drv_path`.
+    pub async fn resolve(
+        &self,
+        drv_path: Option<&str>,
+        out_paths: &[String],
+        config: &Config,
+    ) -> Resolved {
+        let store_dir = config.store_dir_str();
+        let mut resolved = Resolved::default();
+        if !out_paths.is_empty() {
+            for input in out_paths {
+                resolved.accept(input, store_dir);
             }
+            return resolved;
         }
-        Ok(_) => resolved.refuse(drv_input, "the derivation has no valid outputs".to_owned()),
-        Err(e) => resolved.refuse(drv_input, format!("cannot resolve its outputs: {e}")),
+        let Some(drv_input) = drv_path else {
+            resolved.refuse("", "the request names no paths".to_owned());
+            return resolved;
+        };
+        let drv = match validate(drv_input, store_dir) {
+            Ok(drv) if drv.is_derivation() => drv,
+            Ok(_) => {
+                resolved.refuse(drv_input, "DRV_PATH is not a derivation (.drv)".to_owned());
+                return resolved;
+            }
+            Err(reason) => {
+                resolved.refuse(drv_input, reason);
+                return resolved;
+            }
+        };
+        match self.derivation_outputs(&drv, &config.nix_db).await {
+            Ok(outputs) if !outputs.is_empty() => {
+                for output in &outputs {
+                    resolved.accept(output, store_dir);
+                }
+            }
+            Ok(_) => resolved.refuse(drv_input, "the derivation has no valid outputs".to_owned()),
+            Err(e) => resolved.refuse(drv_input, format!("cannot resolve its outputs: {e}")),
+        }
+        resolved
     }
-    resolved
+
+    /// The output paths of `drv`: from the database, else from `nix-store`.
+    async fn derivation_outputs(
+        &self,
+        drv: &StorePath,
+        nix_db: &Path,
+    ) -> Result<Vec<String>, Error> {
+        let (cache, db, path) = (self.db.clone(), nix_db.to_owned(), drv.as_str().to_owned());
+        let from_db =
+            tokio::task::spawn_blocking(move || outputs_from_db(&cache, &db, &path)).await;
+        match from_db {
+            Ok(Ok(outputs)) if !outputs.is_empty() => return Ok(outputs),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(store_path = %drv, "database lookup failed: {e}"),
+            Err(e) => tracing::debug!(store_path = %drv, "database lookup panicked: {e}"),
+        }
+        outputs_from_nix_store(drv).await
+    }
 }
 
-/// The output paths of `drv`: from the database, else from `nix-store`.
-async fn derivation_outputs(drv: &StorePath, nix_db: &Path) -> Result<Vec<String>, Error> {
-    let (db, path) = (nix_db.to_owned(), drv.as_str().to_owned());
-    let from_db = tokio::task::spawn_blocking(move || outputs_from_db(&db, &path)).await;
-    match from_db {
-        Ok(Ok(outputs)) if !outputs.is_empty() => return Ok(outputs),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::debug!(store_path = %drv, "database lookup failed: {e}"),
-        Err(e) => tracing::debug!(store_path = %drv, "database lookup panicked: {e}"),
-    }
-    outputs_from_nix_store(drv).await
-}
-
-fn outputs_from_db(db: &Path, drv: &str) -> Result<Vec<String>, Error> {
+fn outputs_from_db(
+    cache: &Mutex<Option<OpenDb>>,
+    db: &Path,
+    drv: &str,
+) -> Result<Vec<String>, Error> {
     let db_error = |source| Error::Db {
         db: db.display().to_string(),
         source,
     };
+    // A panic while querying leaves at worst no cached connection.
+    let mut cached = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    let open = match cached.take() {
+        Some(open) if open.path == db => open,
+        _ => OpenDb {
+            path: db.to_owned(),
+            connection: open_read_only(db).map_err(db_error)?,
+        },
+    };
+    let outputs = query_outputs(&open.connection, drv).map_err(db_error)?;
+    // Kept only after a successful query, so a connection that went bad is reopened next time.
+    *cached = Some(open);
+    Ok(outputs)
+}
+
+fn open_read_only(db: &Path) -> Result<Connection, rusqlite::Error> {
     // A URI so that `mode=ro` applies; '?', '#' and '%' would otherwise be read as URI syntax.
     let escaped = db
         .display()
@@ -171,21 +221,18 @@ fn outputs_from_db(db: &Path, drv: &str) -> Result<Vec<String>, Error> {
         OpenFlags::SQLITE_OPEN_READ_ONLY
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(db_error)?;
-    connection
-        .busy_timeout(Duration::from_millis(500))
-        .map_err(db_error)?;
-    let mut statement = connection
-        .prepare(
-            "SELECT o.path FROM DerivationOutputs o JOIN ValidPaths v ON v.id = o.drv \
-             WHERE v.path = ?1 ORDER BY o.id",
-        )
-        .map_err(db_error)?;
-    let rows = statement
-        .query_map([drv], |row| row.get::<_, String>(0))
-        .map_err(db_error)?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(db_error)
+    )?;
+    connection.busy_timeout(Duration::from_millis(500))?;
+    Ok(connection)
+}
+
+fn query_outputs(connection: &Connection, drv: &str) -> Result<Vec<String>, rusqlite::Error> {
+    let mut statement = connection.prepare_cached(
+        "SELECT o.path FROM DerivationOutputs o JOIN ValidPaths v ON v.id = o.drv \
+         WHERE v.path = ?1 ORDER BY o.id",
+    )?;
+    let rows = statement.query_map([drv], |row| row.get::<_, String>(0))?;
+    rows.collect()
 }
 
 async fn outputs_from_nix_store(drv: &StorePath) -> Result<Vec<String>, Error> {
@@ -250,7 +297,7 @@ mod tests {
             "relative/path".to_owned(),
             format!("{dir}/not-a-store-path"),
         ];
-        let resolved = resolve(None, &inputs, &config).await;
+        let resolved = Resolver::new().resolve(None, &inputs, &config).await;
         assert_eq!(resolved.paths.len(), 1);
         let reasons: Vec<_> = resolved.refused.iter().map(|r| r.reason.as_str()).collect();
         assert_eq!(
@@ -276,15 +323,43 @@ mod tests {
     async fn drv_path_must_be_a_derivation() {
         let (_tmp, config) = store();
         let dir = config.store_dir_str().to_owned();
-        let resolved = resolve(
-            Some(&format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present")),
-            &[],
-            &config,
-        )
-        .await;
+        let resolved = Resolver::new()
+            .resolve(
+                Some(&format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present")),
+                &[],
+                &config,
+            )
+            .await;
         assert!(resolved.paths.is_empty());
         assert!(resolved.refused[0].reason.contains("not a derivation"));
-        let resolved = resolve(None, &[], &config).await;
+        let resolved = Resolver::new().resolve(None, &[], &config).await;
         assert_eq!(resolved.refused[0].reason, "the request names no paths");
+    }
+
+    #[tokio::test]
+    async fn drv_outputs_come_from_the_database() {
+        let (tmp, mut config) = store();
+        let dir = config.store_dir_str().to_owned();
+        let drv = format!("{dir}/hrnw32bvgf2gvs4zqkcrbqwbjhi40kq8-ht-b.drv");
+        let out = format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present");
+        let gone = format!("{dir}/8pjibnycdlc071yls0gkbsb7l2ffmlgg-ht-b-dev");
+        std::fs::write(&drv, b"Derive(...)").unwrap();
+        config.nix_db = tmp.path().join("db.sqlite");
+        let db = Connection::open(&config.nix_db).unwrap();
+        db.execute_batch(&format!(
+            "CREATE TABLE ValidPaths (id integer primary key, path text unique not null);
+             CREATE TABLE DerivationOutputs (drv integer, id text, path text);
+             INSERT INTO ValidPaths VALUES (1, '{drv}');
+             INSERT INTO DerivationOutputs VALUES (1, 'dev', '{gone}'), (1, 'out', '{out}');"
+        ))
+        .unwrap();
+        let resolver = Resolver::new();
+        for _ in 0..2 {
+            let resolved = resolver.resolve(Some(&drv), &[], &config).await;
+            assert_eq!(resolved.paths.len(), 1);
+            assert_eq!(resolved.paths[0].as_str(), out);
+            assert_eq!(resolved.refused[0].input, gone);
+            assert_eq!(resolved.refused[0].reason, "does not exist");
+        }
     }
 }

@@ -201,7 +201,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
         // (Re)build on start and after a configuration reload.
         if built
             .as_ref()
-            .map_or(true, |b| !Arc::ptr_eq(&b.config, &config))
+            .is_none_or(|b| !Arc::ptr_eq(&b.config, &config))
         {
             match build(&shared, Arc::clone(&config)) {
                 Ok(b) => {

@@ -14,7 +14,9 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::protocol::{self, ErrorKind, Request, Response, MAX_FRAME_BYTES};
+use crate::protocol::{
+    self, ErrorKind, Request, Response, MAX_FRAME_BYTES, MAX_LIST_PAGE, MAX_REFUSALS_SHOWN,
+};
 use crate::queue::{Queue, State};
 use crate::store_path::StorePath;
 
@@ -84,29 +86,32 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) {
     let mut served = 0u64;
+    // Bytes received and not yet consumed. A hook's request usually arrives in one read.
+    let mut received = Vec::new();
     loop {
         let timeout_ms = shared.config().client_timeout_ms;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-        let mut header = [0u8; 4];
-        let first = tokio::select! {
-            _ = stop.cancelled() => return,
-            read = timeout_at(deadline, stream.read(&mut header)) => read,
-        };
-        let got = match first {
-            Ok(Ok(0)) => return,
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                tracing::debug!(peer_uid = peer.uid, "connection error: {e}");
-                return;
+        if received.is_empty() {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                read = timeout_at(deadline, read_some(&mut stream, &mut received, FIRST_READ)) => read,
+            };
+            match first {
+                Ok(Ok(0)) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(peer_uid = peer.uid, "connection error: {e}");
+                    return;
+                }
+                // An idle connection after a served request just closes; a silent new one is told why.
+                Err(_) if served > 0 => return,
+                Err(_) => {
+                    let message = format!("no request within {timeout_ms} ms");
+                    return refuse_connection(&mut stream, peer, ErrorKind::Timeout, message).await;
+                }
             }
-            // An idle connection after a served request just closes; a silent new one is told why.
-            Err(_) if served > 0 => return,
-            Err(_) => {
-                let message = format!("no request within {timeout_ms} ms");
-                return refuse_connection(&mut stream, peer, ErrorKind::Timeout, message).await;
-            }
-        };
-        let payload = match read_rest(&mut stream, header, got, deadline).await {
+        }
+        let payload = match read_frame(&mut stream, &mut received, deadline).await {
             Ok(payload) => payload,
             Err((kind, message)) => {
                 return refuse_connection(&mut stream, peer, kind, message).await;
@@ -137,42 +142,64 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Reads the rest of a frame whose first `got` header bytes are in `header`.
-async fn read_rest<S: AsyncRead + Unpin>(
+/// The first read of a request: enough for any hook's request.
+const FIRST_READ: usize = 4096;
+/// Largest single read; a frame bigger than this arrives in several.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Appends up to `max` bytes from one read to `received`; returns how many (0 at end of stream).
+async fn read_some<S: AsyncRead + Unpin>(
     stream: &mut S,
-    mut header: [u8; 4],
-    got: usize,
+    received: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
+    // `read_buf` on a full Vec would only grow it by 64 bytes at a time.
+    received.reserve(max);
+    let mut limited = (&mut *stream).take(max as u64);
+    limited.read_buf(received).await
+}
+
+/// Takes one frame's payload from `received`, reading more until it is complete. The buffer grows only with
+/// what actually arrives, so a client announcing 1 MiB and sending nothing costs nothing.
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    received: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, (ErrorKind, String)> {
-    let late = || {
-        (
-            ErrorKind::Timeout,
-            "request not complete within the client timeout".to_owned(),
-        )
-    };
-    let closed = || {
-        (
-            ErrorKind::Malformed,
-            "connection closed in the middle of a request".to_owned(),
-        )
-    };
-    timeout_at(deadline, stream.read_exact(&mut header[got..]))
-        .await
-        .map_err(|_| late())?
-        .map_err(|_| closed())?;
-    let len = protocol::frame_len(header).map_err(|e| (e.kind(), e.to_string()))?;
-    // Grows with what actually arrives, so a client announcing 1 MiB and sending nothing costs nothing.
-    let mut payload = Vec::with_capacity(len.min(64 * 1024));
-    let mut limited = (&mut *stream).take(len as u64);
-    timeout_at(deadline, limited.read_to_end(&mut payload))
-        .await
-        .map_err(|_| late())?
-        .map_err(|_| closed())?;
-    if payload.len() != len {
-        return Err(closed());
+    let mut needed = 4;
+    let mut len = None;
+    loop {
+        if len.is_none() && received.len() >= 4 {
+            let header = [received[0], received[1], received[2], received[3]];
+            let frame_len = protocol::frame_len(header).map_err(|e| (e.kind(), e.to_string()))?;
+            len = Some(frame_len);
+            needed = 4 + frame_len;
+        }
+        if received.len() >= needed {
+            if let Some(len) = len {
+                debug_assert!(len <= MAX_FRAME_BYTES);
+                let payload = received[4..needed].to_vec();
+                received.drain(..needed);
+                return Ok(payload);
+            }
+        }
+        let want = (needed - received.len()).min(READ_CHUNK);
+        match timeout_at(deadline, read_some(stream, received, want)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Err((
+                    ErrorKind::Malformed,
+                    "connection closed in the middle of a request".to_owned(),
+                ))
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                return Err((
+                    ErrorKind::Timeout,
+                    "request not complete within the client timeout".to_owned(),
+                ))
+            }
+        }
     }
-    debug_assert!(payload.len() <= MAX_FRAME_BYTES);
-    Ok(payload)
 }
 
 async fn refuse_connection<S: AsyncWrite + Unpin>(
@@ -213,10 +240,18 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             Ok(report) => Response::Status(Box::new(report)),
             Err(e) => internal(e),
         },
-        Request::List => match shared.queue.entries() {
-            Ok(entries) => Response::List { entries },
-            Err(e) => internal(e),
-        },
+        Request::List { after, limit } => {
+            let limit = limit.unwrap_or(MAX_LIST_PAGE).clamp(1, MAX_LIST_PAGE);
+            match shared.queue.list(after.as_deref(), limit) {
+                Ok(entries) => Response::List {
+                    next: (entries.len() == limit)
+                        .then(|| entries.last().map(|e| e.path.to_string()))
+                        .flatten(),
+                    entries,
+                },
+                Err(e) => internal(e),
+            }
+        }
         Request::Enqueue {
             drv_path,
             out_paths,
@@ -228,8 +263,11 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                 return error(ErrorKind::PermissionDenied, reason);
             }
             let source: String = source.chars().take(32).collect();
-            let resolved = resolve::resolve(drv_path.as_deref(), &out_paths, &config).await;
-            let refused: Vec<String> = resolved.refused.iter().map(|r| r.message()).collect();
+            let resolved = shared
+                .resolver
+                .resolve(drv_path.as_deref(), &out_paths, &config)
+                .await;
+            let refused = refusal_messages(&resolved.refused);
             match shared
                 .enqueue_durably(&resolved, &source, peer.uid, "socket")
                 .await
@@ -334,6 +372,22 @@ fn bring_forward(
         }
     }
     Ok(moved)
+}
+
+/// The refusals as clients see them, capped so an answer stays small whatever the request held.
+fn refusal_messages(refused: &[resolve::Refusal]) -> Vec<String> {
+    let mut messages: Vec<String> = refused
+        .iter()
+        .take(MAX_REFUSALS_SHOWN)
+        .map(|r| r.message())
+        .collect();
+    if refused.len() > MAX_REFUSALS_SHOWN {
+        messages.push(format!(
+            "and {} more refused paths (see `nixpush status`)",
+            refused.len() - MAX_REFUSALS_SHOWN
+        ));
+    }
+    messages
 }
 
 /// Parses store paths named by an operator (they need not exist any more).
@@ -541,6 +595,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pipelined_and_trickled_requests_are_framed() {
+        let f = fixture();
+        let mut client = connect(&f, ROOT);
+        let mut two = protocol::encode_request(&Request::Status);
+        two.extend(protocol::encode_request(&enqueue(&[&f.good])));
+        client.write_all(&two).await.unwrap();
+        assert!(matches!(
+            read_response(&mut client).await,
+            Some(Response::Status(_))
+        ));
+        assert!(matches!(
+            read_response(&mut client).await,
+            Some(Response::Ack { .. })
+        ));
+        let list = Request::List {
+            after: None,
+            limit: None,
+        };
+        for byte in protocol::encode_request(&list) {
+            client.write_all(&[byte]).await.unwrap();
+        }
+        assert!(matches!(
+            read_response(&mut client).await,
+            Some(Response::List { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn retry_and_drop() {
         let f = fixture();
         let mut client = connect(&f, ROOT);
@@ -571,10 +653,22 @@ mod tests {
                 paths: vec![f.good.clone()]
             }
         );
-        let Response::List { entries } = call(&mut client, &Request::List).await else {
+        let list = Request::List {
+            after: None,
+            limit: Some(1),
+        };
+        let Response::List { entries, next } = call(&mut client, &list).await else {
             panic!()
         };
         assert_eq!(entries.len(), 1);
+        let list = Request::List {
+            after: next,
+            limit: Some(1),
+        };
+        let Response::List { entries, next } = call(&mut client, &list).await else {
+            panic!()
+        };
+        assert!(entries.is_empty() && next.is_none());
         let dropped = call(
             &mut client,
             &Request::Drop {

@@ -1,0 +1,326 @@
+//! The durable queue of store paths waiting to be pushed; the only module that knows sled.
+//!
+//! One sled database (`state_dir/queue`) with these trees:
+//!
+//! - `entries`: store path → [`Entry`] as JSON, for example
+//!   `{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","state":"queued","attempts":0,
+//!   "next_attempt_at_ms":1732600000000,"last_error":null,"enqueued_at_ms":1732600000000,
+//!   "updated_at_ms":1732600000000,"source":"hook"}`;
+//! - `present`: hash part → expiry (unix ms, 8 bytes big-endian) of "the target or an upstream has this path";
+//! - `history`: id → [`HistoryRecord`], the last [`HISTORY_CAP`] finished paths;
+//! - `refused`: id → [`RefusedRecord`], the last [`REFUSED_CAP`] refused requests;
+//! - `meta`: all-time counters ([`Totals`] under `totals`, the refused count under `refused_total`).
+//!
+//! Nothing written is durable until [`Queue::flush`] returns. The daemon acknowledges a request only after a flush
+//! that started after the request's writes: read [`Queue::writes`] after writing, then wait until a flush that
+//! began at or after that count has finished (`daemon::commit`). Every write happens under one lock that also bumps
+//! the write counter, so a request that finds its path already queued by someone else also waits for that write.
+//!
+//! Counts per state and the due order live in memory and are rebuilt from `entries` at open, so they cannot
+//! disagree with what is on disk after a crash. Everything else talks to the [`Queue`] trait.
+
+mod sled_queue;
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store_path::StorePath;
+
+pub use sled_queue::SledQueue;
+
+/// How many finished paths the history keeps.
+pub const HISTORY_CAP: usize = 100;
+/// How many refused requests are kept.
+pub const REFUSED_CAP: usize = 100;
+/// Longest refused input kept in a [`RefusedRecord`], in characters.
+pub const MAX_REFUSED_INPUT_CHARS: usize = 300;
+
+/// Why the queue could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened (often: another daemon holds its lock).
+    #[error("cannot open the queue database {path}: {source}")]
+    Open {
+        /// The database directory.
+        path: PathBuf,
+        /// What sled said.
+        source: sled::Error,
+    },
+    /// A read, write or flush failed.
+    #[error("queue database error while {operation}: {source}")]
+    Db {
+        /// What the queue was doing, e.g. "flushing".
+        operation: &'static str,
+        /// What sled said.
+        source: sled::Error,
+    },
+    /// A stored record does not decode.
+    #[error("corrupt queue record {key:?}: {source}")]
+    Corrupt {
+        /// The record's key, as text.
+        key: String,
+        /// What the decoder said.
+        source: serde_json::Error,
+    },
+}
+
+/// Where a queued path stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for its next attempt.
+    Queued,
+    /// A worker is uploading it. Requeued at startup, since that worker died with the last process.
+    Uploading,
+    /// Parked after too many attempts or a permanent error, until retried.
+    Failed,
+}
+
+/// One path in the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The store path; also the key.
+    pub path: StorePath,
+    /// Where it stands.
+    pub state: State,
+    /// Upload attempts so far.
+    pub attempts: u32,
+    /// Unix time (ms) before which it is not due.
+    pub next_attempt_at_ms: u64,
+    /// The reason the last attempt failed.
+    pub last_error: Option<String>,
+    /// Unix time (ms) it was first queued (or requeued from failed).
+    pub enqueued_at_ms: u64,
+    /// Unix time (ms) of the last change.
+    pub updated_at_ms: u64,
+    /// Who asked for it: `hook`, `spool`, `push`, ….
+    pub source: String,
+}
+
+impl Entry {
+    /// A fresh entry, due at once.
+    pub fn new(path: StorePath, source: &str, now_ms: u64) -> Entry {
+        Entry {
+            path,
+            state: State::Queued,
+            attempts: 0,
+            next_attempt_at_ms: now_ms,
+            last_error: None,
+            enqueued_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            source: source.to_owned(),
+        }
+    }
+}
+
+/// What [`Queue::enqueue`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Paths newly queued, or requeued from failed.
+    pub queued: Vec<StorePath>,
+    /// Paths that were already queued or uploading (left as they were).
+    pub duplicate: Vec<StorePath>,
+}
+
+/// Number of entries per state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// In state queued.
+    pub queued: u64,
+    /// In state uploading.
+    pub uploading: u64,
+    /// In state failed.
+    pub failed: u64,
+}
+
+/// How the engine finished with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// NAR and narinfo written to the target.
+    Uploaded,
+    /// The target already had it.
+    AlreadyPresent,
+    /// An upstream cache serves it.
+    SkippedUpstream,
+    /// Matched an `exclude` pattern.
+    Excluded,
+    /// Garbage-collected before it could be uploaded.
+    SkippedGone,
+    /// Gave up on it.
+    Failed,
+}
+
+/// One finished path, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    /// The store path.
+    pub path: StorePath,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Uncompressed NAR size, when a NAR was made.
+    pub nar_size: Option<u64>,
+    /// Size of the uploaded (compressed) file, when one was uploaded.
+    pub file_size: Option<u64>,
+    /// Time spent on the path, in milliseconds.
+    pub duration_ms: u64,
+    /// Why, for anything but a plain upload.
+    pub reason: Option<String>,
+    /// Unix time (ms) it finished.
+    pub finished_at_ms: u64,
+}
+
+/// One refused request, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRecord {
+    /// The path (or raw input) that was refused, truncated to [`MAX_REFUSED_INPUT_CHARS`].
+    pub input: String,
+    /// Why, e.g. `not inside the store directory /nix/store`.
+    pub reason: String,
+    /// The requester's uid (socket peer or spool file owner), when known.
+    pub peer_uid: Option<u32>,
+    /// `socket` or `spool`.
+    pub source: String,
+    /// Unix time (ms) of the refusal.
+    pub at_ms: u64,
+}
+
+impl RefusedRecord {
+    /// A record for `input`, truncated so a hostile client cannot fill the database.
+    pub fn new(
+        input: &str,
+        reason: impl Into<String>,
+        peer_uid: Option<u32>,
+        source: &str,
+        at_ms: u64,
+    ) -> RefusedRecord {
+        // Control characters would let a client forge lines in logs and `status`.
+        let mut kept: String = input
+            .chars()
+            .take(MAX_REFUSED_INPUT_CHARS)
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+        if input.chars().nth(MAX_REFUSED_INPUT_CHARS).is_some() {
+            kept.push('…');
+        }
+        RefusedRecord {
+            input: kept,
+            reason: reason.into(),
+            peer_uid,
+            source: source.to_owned(),
+            at_ms,
+        }
+    }
+}
+
+/// Counters of finished paths and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Totals {
+    /// Paths uploaded.
+    pub uploaded: u64,
+    /// Paths the target already had.
+    pub already_present: u64,
+    /// Paths an upstream cache serves.
+    pub skipped_upstream: u64,
+    /// Paths matching `exclude`.
+    pub excluded: u64,
+    /// Paths garbage-collected before upload.
+    pub skipped_gone: u64,
+    /// Paths given up on.
+    pub failed: u64,
+    /// Uncompressed NAR bytes uploaded.
+    pub nar_bytes: u64,
+    /// Compressed bytes uploaded.
+    pub file_bytes: u64,
+}
+
+impl Totals {
+    /// Adds one finished path.
+    pub fn add(&mut self, record: &HistoryRecord) {
+        match record.outcome {
+            Outcome::Uploaded => {
+                self.uploaded += 1;
+                self.nar_bytes += record.nar_size.unwrap_or(0);
+                self.file_bytes += record.file_size.unwrap_or(0);
+            }
+            Outcome::AlreadyPresent => self.already_present += 1,
+            Outcome::SkippedUpstream => self.skipped_upstream += 1,
+            Outcome::Excluded => self.excluded += 1,
+            Outcome::SkippedGone => self.skipped_gone += 1,
+            Outcome::Failed => self.failed += 1,
+        }
+    }
+}
+
+/// Totals since the queue was opened and since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TotalsReport {
+    /// Since this process opened the queue.
+    pub since_start: Totals,
+    /// Since the database was created.
+    pub all_time: Totals,
+}
+
+/// The queue as the daemon and the upload engine see it. All methods are quick (no fsync) except
+/// [`Queue::flush`], which callers on an async runtime run on a blocking thread.
+pub trait Queue: Send + Sync {
+    /// Queues each path. A path already queued or uploading is left alone and reported as a duplicate; a failed
+    /// one is requeued with its attempts reset.
+    fn enqueue(&self, paths: &[StorePath], source: &str, now_ms: u64) -> Result<Enqueued, Error>;
+    /// The entry for `path`.
+    fn get(&self, path: &StorePath) -> Result<Option<Entry>, Error>;
+    /// Inserts or replaces an entry (the engine's state changes).
+    fn set(&self, entry: &Entry) -> Result<(), Error>;
+    /// Removes a path (done, or dropped by the operator); returns what was there.
+    fn remove(&self, path: &StorePath) -> Result<Option<Entry>, Error>;
+    /// Queued entries with `next_attempt_at_ms <= now_ms`, earliest first, at most `limit`.
+    fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Entry>, Error>;
+    /// When the earliest queued entry is due (unix ms), if any is queued.
+    fn next_due_at(&self) -> Option<u64>;
+    /// Every entry, in path order.
+    fn entries(&self) -> Result<Vec<Entry>, Error>;
+    /// Up to `limit` entries with paths after `after` (all when `None`), in path order: one page of a listing.
+    fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Entry>, Error>;
+    /// Entries per state.
+    fn counts(&self) -> Counts;
+    /// Puts entries left `uploading` by a previous process back to `queued`, due now. Run once at startup.
+    fn requeue_interrupted(&self, now_ms: u64) -> Result<usize, Error>;
+    /// Requeues failed entries (all, or those listed) with attempts reset; returns the paths requeued.
+    fn retry_failed(
+        &self,
+        paths: Option<&[StorePath]>,
+        now_ms: u64,
+    ) -> Result<Vec<StorePath>, Error>;
+    /// Remembers that these hash parts are present in the target or an upstream until `until_ms`.
+    fn remember_present(&self, hash_parts: &[&str], until_ms: u64) -> Result<(), Error>;
+    /// Whether `hash_part` is remembered as present at `now_ms`.
+    fn is_known_present(&self, hash_part: &str, now_ms: u64) -> Result<bool, Error>;
+    /// Appends to the history (keeping the last [`HISTORY_CAP`]) and adds to the totals.
+    fn record_finished(&self, record: &HistoryRecord) -> Result<(), Error>;
+    /// The last `limit` finished paths, newest first.
+    fn recent(&self, limit: usize) -> Result<Vec<HistoryRecord>, Error>;
+    /// Appends a refused request (keeping the last [`REFUSED_CAP`]) and counts it.
+    fn record_refused(&self, record: &RefusedRecord) -> Result<(), Error>;
+    /// The last `limit` refused requests, newest first.
+    fn refused(&self, limit: usize) -> Result<Vec<RefusedRecord>, Error>;
+    /// Refused requests since the database was created.
+    fn refused_total(&self) -> Result<u64, Error>;
+    /// Finished-path totals.
+    fn totals(&self) -> Result<TotalsReport, Error>;
+    /// How many writes this queue has made since it was opened. A flush that starts after reading `n` makes the
+    /// first `n` writes durable.
+    fn writes(&self) -> u64;
+    /// Makes every write so far durable (fsync).
+    fn flush(&self) -> Result<(), Error>;
+}
+
+/// Milliseconds since the Unix epoch, the time unit of every record.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
