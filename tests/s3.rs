@@ -150,6 +150,33 @@ async fn bucket_written_like_nix_and_substituted() {
 }
 
 #[tokio::test]
+async fn virtual_host_addressing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    shared_credentials_file();
+    let url = format!(
+        "s3://{BUCKET}?endpoint=http://localhost:{}&addressing=virtual&profile=nixpush",
+        server.port
+    );
+    let backend = S3Backend::new(&url, &config(&url, 5 * 1024 * 1024)).unwrap();
+    assert_eq!(
+        backend.object_url("x.narinfo").unwrap().as_str(),
+        format!("http://{BUCKET}.localhost:{}/x.narinfo", server.port)
+    );
+    backend.prepare().await.unwrap();
+    let paths = build_paths(dir.path(), "s3vh", 1_000);
+    let (sec, public) = nix_key(dir.path(), "nixpush-s3-vh-1");
+    let key = SecretKey::load(&sec).unwrap();
+    for path in &paths {
+        let p = prepare(path, Compression::Zstd, Some(&key));
+        backend.upload(&p.narinfo, p.nar()).await.unwrap();
+    }
+    let bucket_url = format!("{}/{BUCKET}", server.base());
+    let (ok, err) = nix_copy_from(&bucket_url, &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+}
+
+#[tokio::test]
 async fn a_missing_bucket_is_a_clear_error() {
     let server = PyServer::start("s3_server.py", &[]);
     let err = backend(&server, 5 * 1024 * 1024)

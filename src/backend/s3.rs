@@ -129,6 +129,30 @@ fn parse_url(url: &str) -> Result<S3Url, Error> {
     })
 }
 
+/// For virtual-host addressing against `localhost`: the bucket's host name (`bucket.localhost`) and port. RFC 6761
+/// reserves `*.localhost` for loopback, but glibc does not resolve it, so the client is told directly.
+fn loopback_bucket_host(url: &S3Url) -> Option<(String, u16)> {
+    let host = url.endpoint.host_str()?;
+    (url.virtual_host && host == "localhost").then(|| {
+        (
+            format!("{}.{host}", url.bucket),
+            url.endpoint.port_or_known_default().unwrap_or(80),
+        )
+    })
+}
+
+/// The backend client, with `host` resolving to 127.0.0.1.
+fn loopback_client(host: &str, port: u16, timeout: Duration) -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .user_agent(concat!("nixpush/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(timeout.min(Duration::from_secs(30)))
+        .read_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(host, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
+}
+
 /// Keys from the process environment, or from a profile of the shared credentials file.
 fn load_credentials(source: &CredentialSource) -> Result<rusty_s3::Credentials, Error> {
     load_credentials_with(source, &|name| std::env::var(name).ok())
@@ -229,6 +253,11 @@ impl S3Backend {
         } else {
             UrlStyle::Path
         };
+        let timeout = Duration::from_secs(config.target.timeout_secs);
+        let client = match loopback_bucket_host(&parsed) {
+            Some((host, port)) => loopback_client(&host, port, timeout)?,
+            None => super::http::client(timeout)?,
+        };
         let bucket = Bucket::new(parsed.endpoint, style, parsed.bucket, parsed.region)
             .map_err(|e| Error::Config(format!("{}: {e}", redact_url(url))))?;
         let source = CredentialSource {
@@ -239,7 +268,7 @@ impl S3Backend {
             bucket,
             source,
             credentials: RwLock::new(Some(Arc::new(credentials))),
-            client: super::http::client(Duration::from_secs(config.target.timeout_secs))?,
+            client,
             part_size: config.target.part_size,
             store_dir: config.store_dir_str().to_owned(),
         })
