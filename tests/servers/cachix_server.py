@@ -35,8 +35,8 @@ Config file (JSON):
                  "check_nar": true}]}                 # parse the decompressed NAR on complete
 
 Control endpoints:
-    GET  /_control/log              JSON request log: [{seq,time,method,route,path,status,cache,narId,
-                                    partNumber,fault,auth,bytes}]
+    GET  /_control/log              JSON request log: [{seq,time,duration,method,route,path,status,cache,
+                                    narId,partNumber,fault,auth,bytes}]
     GET  /_control/state            {caches: {NAME: {paths, uploads: {open, aborted, completed}, publicSigningKeys}},
                                     faults: [...remaining]}
     GET  /_control/paths/NAME       the store paths NAME holds
@@ -384,6 +384,7 @@ class Handler(BaseHTTPRequestHandler):
             body = body.encode()
         fault = self.fault
         self.before_response()
+        self.record(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -414,6 +415,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_file(self, path, content_type):
         size = os.path.getsize(path)
         self.before_response()
+        self.record(200)
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(size))
@@ -444,7 +446,7 @@ class Handler(BaseHTTPRequestHandler):
         self.query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
         segments = [urllib.parse.unquote(s) for s in parsed.path.split("/")[1:]]
         route, handler, args = self.route(segments)
-        entry = {
+        self.entry = entry = {
             "time": time.time(),
             "method": self.command,
             "route": route,
@@ -472,14 +474,25 @@ class Handler(BaseHTTPRequestHandler):
             except HttpError as e:
                 self.send(e.status, e.body, e.content_type, e.headers)
         except (ResetConnection, ConnectionError, BrokenPipeError):
+            self.record("reset")
             self.reset_connection()
             self.status = "reset"
         finally:
-            entry.update(self.info)
-            entry["status"] = self.status
-            entry["fault"] = self.fault["action"] if self.fault else None
-            if route != "control":
-                st.record(entry)
+            self.record(self.status)
+
+    def record(self, status):
+        """Logs the request once, before its response goes out, so a client never sees an answer that the log
+        does not show yet."""
+        entry = self.entry
+        if entry is None:
+            return
+        self.entry = None
+        entry.update(self.info)
+        entry["duration"] = round(time.time() - entry["time"], 6)
+        entry["status"] = status
+        entry["fault"] = self.fault["action"] if self.fault else None
+        if entry["route"] != "control":
+            self.state.record(entry)
 
     def apply_early_fault(self):
         fault = self.fault
