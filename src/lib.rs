@@ -16,12 +16,18 @@
 //! - [`hook`]: the post-build-hook client; std only.
 //! - [`spool`]: requests the hook saved while the daemon was unreachable.
 //! - [`queue`]: the durable queue; the only module that knows sled.
-//! - [`daemon`]: the long-running service: socket server, spool import, shutdown.
+//! - [`daemon`]: the long-running service: socket server, spool import, group commit, shutdown.
+//! - [`status`]: the status report shared by the daemon and `nixpush status`.
+//! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
+//! - [`upload`]: the engine: closure, dedup, NAR pipeline, dependency-ordered uploads, retry policy.
+//! - [`backend`]: where NARs go (`file://`, HTTP); the only code that speaks to a cache.
 //! - [`secret`]: secrets that never print.
 
+pub mod backend;
 pub mod base32;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod derivation;
@@ -36,5 +42,7 @@ pub mod queue;
 pub mod secret;
 pub mod signing;
 pub mod spool;
+pub mod status;
 pub mod store_path;
 pub mod systemd;
+pub mod upload;

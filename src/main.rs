@@ -1,1 +1,5 @@
-fn main() {}
+//! `nixpush`: everything lives in the library; see `nixpush::cli`.
+
+fn main() -> std::process::ExitCode {
+    nixpush::cli::main()
+}

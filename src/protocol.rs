@@ -1,1 +1,473 @@
-//! protocol
+//! The hook socket's wire format, shared by the hook, the CLI and the daemon. Blocking std I/O only, so the hook
+//! stays free of an async runtime.
+//!
+//! Every message is one frame: a 4-byte big-endian length `N` (1 ≤ `N` ≤ [`MAX_FRAME_BYTES`]), then `N` bytes of
+//! JSON carrying the protocol version `v`. A request and its reply:
+//!
+//! ```text
+//! → 00 00 00 77 {"v":1,"op":"enqueue","drv_path":"/nix/store/hrnw32bvgf2gvs4zqkcrbqwbjhi40kq8-ht-a.drv","out_paths":[],"source":"hook"}
+//! ← 00 00 00 70 {"v":1,"reply":"ack","accepted":["/nix/store/5mq8v1yxr6jvfwcjgv2x9rqn8kdw8qlq-ht-a"],"duplicate":0,"refused":[]}
+//! ```
+//!
+//! A connection may carry several requests, one after the other. The daemon answers a malformed, oversized or
+//! too-slow request with an [`Response::Error`] and closes the connection.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::time::{TimeVal, TimeValLike};
+use serde::{Deserialize, Serialize};
+
+use crate::queue::Entry;
+use crate::status::StatusReport;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// Largest frame payload either side accepts.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Why a frame could not be sent, received or understood.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Connecting failed (no daemon, permission, …).
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// Reading or writing failed.
+    #[error("socket i/o failed: {0}")]
+    Io(#[from] io::Error),
+    /// The exchange did not finish in time.
+    #[error("no complete answer within {timeout_ms} ms")]
+    Timeout {
+        /// The deadline that passed.
+        timeout_ms: u64,
+    },
+    /// The peer closed the connection before a complete frame.
+    #[error("connection closed before a complete message")]
+    Closed,
+    /// The announced length is over the limit.
+    #[error("message of {len} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+    },
+    /// The payload is not a message this version understands.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    Version(u64),
+}
+
+impl Error {
+    /// The error kind sent back to a client whose request caused this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::TooLarge { .. } => ErrorKind::TooLarge,
+            Error::Malformed(_) | Error::Closed => ErrorKind::Malformed,
+            Error::Version(_) => ErrorKind::Version,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Connect { .. } | Error::Io(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Queue a build's outputs. Nix 2.8 leaves `OUT_PATHS` empty, so `drv_path` alone is enough: the daemon then
+    /// resolves the derivation's outputs.
+    Enqueue {
+        /// `DRV_PATH`, if set.
+        #[serde(default)]
+        drv_path: Option<String>,
+        /// `OUT_PATHS`, split on whitespace.
+        #[serde(default)]
+        out_paths: Vec<String>,
+        /// Who sends it: `hook`, `push`, ….
+        #[serde(default = "default_source")]
+        source: String,
+    },
+    /// The status report; anyone who can open the socket may ask.
+    Status,
+    /// Every queue entry; anyone who can open the socket may ask.
+    List,
+    /// Requeue failed paths now: the listed ones, or all with `all`.
+    Retry {
+        /// Paths to retry.
+        #[serde(default)]
+        paths: Vec<String>,
+        /// Retry every failed path.
+        #[serde(default)]
+        all: bool,
+    },
+    /// Remove a path from the queue.
+    Drop {
+        /// The path.
+        path: String,
+    },
+}
+
+fn default_source() -> String {
+    "hook".to_owned()
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    /// The request's paths are durably queued.
+    Ack {
+        /// Paths newly queued (or requeued from failed).
+        accepted: Vec<String>,
+        /// Paths that were already queued.
+        duplicate: usize,
+        /// Paths of this request that were refused, each as `refused PATH: reason`.
+        #[serde(default)]
+        refused: Vec<String>,
+    },
+    /// The request failed; `message` names what was wrong.
+    Error {
+        /// The class of failure.
+        kind: ErrorKind,
+        /// E.g. `refused /tmp/x: not inside the store directory /nix/store`.
+        message: String,
+    },
+    /// The status report.
+    Status(Box<StatusReport>),
+    /// The queue's entries.
+    List {
+        /// In path order.
+        entries: Vec<Entry>,
+    },
+    /// A retry or drop took effect on these paths.
+    Changed {
+        /// The paths requeued or removed.
+        paths: Vec<String>,
+    },
+}
+
+/// Classes of [`Response::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Not a valid frame or message.
+    Malformed,
+    /// Over [`MAX_FRAME_BYTES`].
+    TooLarge,
+    /// The request did not arrive within the client deadline.
+    Timeout,
+    /// Another protocol version.
+    Version,
+    /// The peer may not do this.
+    PermissionDenied,
+    /// Every path in the request was refused.
+    Refused,
+    /// The daemon could not do it (e.g. the queue could not be written).
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether the daemon's answer is final: sending the same request again, later or through the spool, gets
+    /// the same answer.
+    pub fn is_final(self) -> bool {
+        match self {
+            ErrorKind::PermissionDenied | ErrorKind::Refused => true,
+            ErrorKind::Malformed
+            | ErrorKind::TooLarge
+            | ErrorKind::Timeout
+            | ErrorKind::Version
+            | ErrorKind::Internal => false,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: Option<serde_json::Value>,
+}
+
+fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    let mut frame = vec![0; 4];
+    // Serializing our own enums of strings and numbers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut frame, &Envelope { v: VERSION, body });
+    let len = (frame.len() - 4) as u32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frame
+}
+
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
+    let version: VersionOnly =
+        serde_json::from_slice(payload).map_err(|e| Error::Malformed(e.to_string()))?;
+    match version.v {
+        Some(v) if v.as_u64() == Some(u64::from(VERSION)) => {}
+        Some(v) => return Err(Error::Version(v.as_u64().unwrap_or(0))),
+        None => return Err(Error::Malformed("no protocol version `v`".into())),
+    }
+    let envelope: Envelope<T> =
+        serde_json::from_slice(payload).map_err(|e| Error::Malformed(e.to_string()))?;
+    Ok(envelope.body)
+}
+
+/// A request as a complete frame (length prefix included).
+pub fn encode_request(request: &Request) -> Vec<u8> {
+    encode(request)
+}
+
+/// A response as a complete frame (length prefix included).
+pub fn encode_response(response: &Response) -> Vec<u8> {
+    encode(response)
+}
+
+/// Decodes a request frame's payload.
+pub fn decode_request(payload: &[u8]) -> Result<Request, Error> {
+    decode(payload)
+}
+
+/// Decodes a response frame's payload.
+pub fn decode_response(payload: &[u8]) -> Result<Response, Error> {
+    decode(payload)
+}
+
+/// The payload length announced by a frame header, checked against the limit.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, Error> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(Error::TooLarge { len });
+    }
+    if len == 0 {
+        return Err(Error::Malformed("empty message".into()));
+    }
+    Ok(len)
+}
+
+/// Reads one frame's payload.
+pub fn read_frame<R: Read>(reader: &mut R) -> Result<Vec<u8>, Error> {
+    let mut header = [0; 4];
+    read_exact(reader, &mut header)?;
+    let len = frame_len(header)?;
+    let mut payload = Vec::new();
+    reader.take(len as u64).read_to_end(&mut payload)?;
+    if payload.len() != len {
+        return Err(Error::Closed);
+    }
+    Ok(payload)
+}
+
+fn read_exact<R: Read>(reader: &mut R, buf: &mut [u8]) -> Result<(), Error> {
+    reader.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => Error::Closed,
+        _ => Error::Io(e),
+    })
+}
+
+/// Connects to `path`, giving up after `timeout` even when the daemon's accept backlog is full (`connect` on a
+/// Unix socket honours `SO_SNDTIMEO`, which std's `UnixStream::connect` offers no way to set beforehand).
+pub fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, Error> {
+    let connect_error = |source: io::Error| Error::Connect {
+        path: path.display().to_string(),
+        source,
+    };
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| connect_error(e.into()))?;
+    let timeval = TimeVal::milliseconds(timeout.as_millis().max(1) as i64);
+    socket::setsockopt(&fd, sockopt::SendTimeout, &timeval).map_err(|e| connect_error(e.into()))?;
+    let addr = UnixAddr::new(path).map_err(|e| connect_error(e.into()))?;
+    socket::connect(fd.as_raw_fd(), &addr).map_err(|e| connect_error(e.into()))?;
+    Ok(UnixStream::from(fd))
+}
+
+/// Sends `request` and reads the answer, all within `timeout`.
+pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, Error> {
+    let deadline = Instant::now() + timeout;
+    let timed_out = || Error::Timeout {
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(timed_out)
+    };
+    let mut stream = connect(path, remaining()?)?;
+    let is_timeout = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        )
+    };
+    stream.set_write_timeout(Some(remaining()?))?;
+    stream.write_all(&encode_request(request)).map_err(|e| {
+        if is_timeout(&e) {
+            timed_out()
+        } else {
+            e.into()
+        }
+    })?;
+    // The read timeout applies per read call; the answer is small, so one or two reads fit the deadline.
+    stream.set_read_timeout(Some(remaining()?))?;
+    match read_frame(&mut stream) {
+        Ok(payload) => decode_response(&payload),
+        Err(Error::Io(e)) if is_timeout(&e) => Err(timed_out()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn payload(frame: &[u8]) -> &[u8] {
+        let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        &frame[4..]
+    }
+
+    #[test]
+    fn wire_example_is_what_we_send() {
+        let frame = encode_request(&Request::Enqueue {
+            drv_path: Some("/nix/store/hrnw32bvgf2gvs4zqkcrbqwbjhi40kq8-ht-a.drv".into()),
+            out_paths: vec![],
+            source: "hook".into(),
+        });
+        assert_eq!(
+            std::str::from_utf8(payload(&frame)).unwrap(),
+            r#"{"v":1,"op":"enqueue","drv_path":"/nix/store/hrnw32bvgf2gvs4zqkcrbqwbjhi40kq8-ht-a.drv","out_paths":[],"source":"hook"}"#
+        );
+        assert_eq!(&frame[..4], &[0, 0, 0, 0x77]);
+    }
+
+    #[test]
+    fn status_reply_round_trips() {
+        let report = crate::status::tests::sample();
+        let frame = encode_response(&Response::Status(Box::new(report.clone())));
+        let back = decode_response(payload(&frame)).unwrap();
+        assert_eq!(back, Response::Status(Box::new(report)));
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        assert!(matches!(
+            frame_len((2 * MAX_FRAME_BYTES as u32).to_be_bytes()),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(frame_len([0; 4]), Err(Error::Malformed(_))));
+        assert!(matches!(decode_request(b"hello"), Err(Error::Malformed(_))));
+        assert!(matches!(
+            decode_request(br#"{"v":2,"op":"status"}"#),
+            Err(Error::Version(2))
+        ));
+        assert!(matches!(
+            decode_request(br#"{"op":"status"}"#),
+            Err(Error::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_request(br#"{"v":1,"op":"launch"}"#),
+            Err(Error::Malformed(_))
+        ));
+        let mut short: &[u8] = &[0, 0, 0, 9, b'{'];
+        assert!(matches!(read_frame(&mut short), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn minimal_enqueue_gets_defaults() {
+        let r = decode_request(br#"{"v":1,"op":"enqueue","out_paths":["/nix/store/x"]}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Enqueue {
+                drv_path: None,
+                out_paths: vec!["/nix/store/x".into()],
+                source: "hook".into()
+            }
+        );
+    }
+
+    fn any_request() -> impl Strategy<Value = Request> {
+        let text = ".{0,40}";
+        prop_oneof![
+            (
+                proptest::option::of(text),
+                proptest::collection::vec(text, 0..4),
+                text
+            )
+                .prop_map(|(drv_path, out_paths, source)| Request::Enqueue {
+                    drv_path,
+                    out_paths,
+                    source
+                }),
+            Just(Request::Status),
+            Just(Request::List),
+            (proptest::collection::vec(text, 0..3), any::<bool>())
+                .prop_map(|(paths, all)| Request::Retry { paths, all }),
+            text.prop_map(|path| Request::Drop { path }),
+        ]
+    }
+
+    fn any_response() -> impl Strategy<Value = Response> {
+        let text = ".{0,40}";
+        prop_oneof![
+            (
+                proptest::collection::vec(text, 0..4),
+                any::<usize>(),
+                proptest::collection::vec(text, 0..2)
+            )
+                .prop_map(|(accepted, duplicate, refused)| Response::Ack {
+                    accepted,
+                    duplicate,
+                    refused
+                }),
+            text.prop_map(|message| Response::Error {
+                kind: ErrorKind::Refused,
+                message
+            }),
+            proptest::collection::vec(text, 0..3).prop_map(|paths| Response::Changed { paths }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(request in any_request()) {
+            let frame = encode_request(&request);
+            let mut reader = &frame[..];
+            let payload = read_frame(&mut reader).unwrap();
+            prop_assert_eq!(decode_request(&payload).unwrap(), request);
+        }
+
+        #[test]
+        fn responses_round_trip(response in any_response()) {
+            let frame = encode_response(&response);
+            let mut reader = &frame[..];
+            let payload = read_frame(&mut reader).unwrap();
+            prop_assert_eq!(decode_response(&payload).unwrap(), response);
+        }
+
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_request(&bytes);
+            let mut reader = &bytes[..];
+            let _ = read_frame(&mut reader);
+        }
+    }
+}

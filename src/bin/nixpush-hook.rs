@@ -1,1 +1,5 @@
-fn main() {}
+//! `nixpush-hook`: point Nix's `post-build-hook` here. Always exits 0; see `nixpush::hook`.
+
+fn main() {
+    nixpush::hook::run();
+}

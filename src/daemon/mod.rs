@@ -1,1 +1,341 @@
-//! daemon
+//! The long-running service: opens the queue, serves the hook socket, imports the spool, and shuts down cleanly.
+//!
+//! [`run`] takes an already bound listener and a [`Shutdown`], so tests and systemd socket activation go through
+//! the same code path as a plain start. Everything the tasks share lives in [`Shared`]: the configuration (swapped
+//! on SIGHUP), the queue behind the [`Queue`] trait, the group committer, the "work available" signal the upload
+//! scheduler waits on, and the engine's status for `nixpush status`.
+
+pub mod auth;
+pub mod commit;
+mod importer;
+mod report;
+pub mod resolve;
+pub mod scheduler;
+pub mod secrets;
+pub mod server;
+pub mod shutdown;
+pub mod socket;
+
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::queue::{self, Enqueued, Queue, RefusedRecord, SledQueue};
+use crate::status::{InFlightUpload, StatusReport, TargetState};
+use crate::{spool, systemd};
+
+pub use shutdown::Shutdown;
+
+/// How long requests already read and the spool import get to finish after a stop signal.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spool directory could not be prepared.
+    #[error(transparent)]
+    Spool(#[from] spool::Error),
+    /// The queue could not be opened, read or written.
+    #[error(transparent)]
+    Queue(#[from] queue::Error),
+    /// The socket could not be used.
+    #[error(transparent)]
+    Socket(#[from] socket::Error),
+    /// Queue writes could not be made durable.
+    #[error(transparent)]
+    Commit(#[from] commit::Error),
+    /// A blocking task died.
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+/// How the daemon runs.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Accept and persist requests but never upload (`--hold`).
+    pub hold: bool,
+    /// The file to re-read on SIGHUP.
+    pub config_path: Option<PathBuf>,
+}
+
+/// What the upload engine reports about the target, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// The target's state.
+    pub state: TargetState,
+    /// Why it is in that state.
+    pub message: String,
+    /// Uploads running now.
+    pub in_flight: Vec<InFlightUpload>,
+}
+
+impl EngineStatus {
+    fn initial(hold: bool) -> EngineStatus {
+        let (state, message) = if hold {
+            (TargetState::Hold, "uploads held (--hold)")
+        } else {
+            (TargetState::Idle, "starting")
+        };
+        EngineStatus {
+            state,
+            message: message.to_owned(),
+            in_flight: Vec::new(),
+        }
+    }
+}
+
+/// State shared by the daemon's tasks.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    /// The durable queue.
+    pub queue: Arc<dyn Queue>,
+    /// Makes queue writes durable, one fsync per burst.
+    pub commit: commit::GroupCommit,
+    /// Notified whenever paths are queued or requeued; the upload scheduler waits on it.
+    pub work_available: Arc<Notify>,
+    /// The engine's view of the target; `send_modify` it to update `status`.
+    pub engine: watch::Sender<EngineStatus>,
+    /// Whether uploads are held.
+    pub hold: bool,
+    started_at: SystemTime,
+    started: Instant,
+}
+
+impl Shared {
+    /// Builds the shared state and starts the group committer on the current runtime.
+    pub fn new(config: Config, queue: Arc<dyn Queue>, hold: bool) -> Arc<Shared> {
+        Arc::new(Shared {
+            config: RwLock::new(Arc::new(config)),
+            commit: commit::GroupCommit::start(queue.clone()),
+            queue,
+            work_available: Arc::new(Notify::new()),
+            engine: watch::channel(EngineStatus::initial(hold)).0,
+            hold,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The current configuration.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+    }
+
+    /// Records and logs a refusal. `via` is `socket` or `spool`.
+    pub fn refuse(&self, input: &str, reason: &str, peer_uid: Option<u32>, via: &str) {
+        let record = RefusedRecord::new(input, reason, peer_uid, via, queue::now_ms());
+        tracing::warn!(store_path = %record.input, peer_uid, via, "refused: {reason}");
+        if let Err(e) = self.queue.record_refused(&record) {
+            tracing::error!("cannot record a refusal: {e}");
+        }
+    }
+
+    /// Records the refusals, queues the accepted paths and waits until both are on disk.
+    pub async fn enqueue_durably(
+        &self,
+        resolved: &resolve::Resolved,
+        source: &str,
+        peer_uid: Option<u32>,
+        via: &str,
+    ) -> Result<Enqueued, Error> {
+        for refusal in &resolved.refused {
+            self.refuse(&refusal.input, &refusal.reason, peer_uid, via);
+        }
+        let enqueued = self
+            .queue
+            .enqueue(&resolved.paths, source, queue::now_ms())?;
+        self.commit.make_durable().await?;
+        for path in &enqueued.queued {
+            tracing::info!(store_path = %path, source, via, "queued");
+        }
+        for path in &enqueued.duplicate {
+            tracing::debug!(store_path = %path, source, via, "already queued");
+        }
+        if !enqueued.queued.is_empty() {
+            self.work_available.notify_one();
+        }
+        Ok(enqueued)
+    }
+
+    /// The status report.
+    pub fn report(&self) -> Result<StatusReport, queue::Error> {
+        report::build(self)
+    }
+
+    fn status_line(&self) -> String {
+        let counts = self.queue.counts();
+        format!(
+            "{} queued, {} uploading, {} failed{}",
+            counts.queued,
+            counts.uploading,
+            counts.failed,
+            if self.hold { " (uploads held)" } else { "" }
+        )
+    }
+}
+
+/// Runs the daemon until `shutdown.token` is cancelled, then drains: stop accepting, answer requests already
+/// read, flush the queue, `STOPPING=1`, remove the socket.
+pub async fn run(
+    config: Config,
+    listener: socket::Listener,
+    shutdown: Shutdown,
+    options: Options,
+) -> Result<(), Error> {
+    let Shutdown {
+        token: stop,
+        reload,
+    } = shutdown;
+    spool::prepare_dir(&config.spool_dir())?;
+    let queue_dir = config.state_dir.join("queue");
+    let queue = tokio::task::spawn_blocking(move || SledQueue::open(&queue_dir))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    let requeued = queue.requeue_interrupted(queue::now_ms())?;
+    if requeued > 0 {
+        tracing::info!(requeued, "requeued paths whose upload was interrupted");
+    }
+    let description = listener.describe();
+    let bound_path = listener.bound_path.clone();
+    let socket = tokio::net::UnixListener::from_std(listener.socket).map_err(|source| {
+        socket::Error::Setup {
+            action: "listen on",
+            path: PathBuf::from(&description),
+            source,
+        }
+    })?;
+    let shared = Shared::new(config, Arc::new(queue), options.hold);
+    let tasks = TaskTracker::new();
+    tasks.spawn(importer::run(shared.clone(), stop.clone()));
+    tokio::spawn(watchdog(shared.clone(), stop.clone()));
+    tokio::spawn(reload_on_signal(
+        shared.clone(),
+        reload,
+        options.config_path.clone(),
+        stop.clone(),
+    ));
+    if !options.hold {
+        // Not on `tasks`: shutdown does not wait for uploads. Whatever is mid-upload stays `uploading` in the
+        // queue and starts over after the restart.
+        let secrets_changed = Arc::new(Notify::new());
+        tokio::spawn(secrets::watch(
+            shared.clone(),
+            secrets_changed.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(scheduler::run(
+            shared.clone(),
+            stop.clone(),
+            secrets_changed,
+        ));
+    }
+
+    if let Err(e) = systemd::notify(&format!("READY=1\nSTATUS={}", shared.status_line())) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+    tracing::info!(
+        socket = %description,
+        queued = shared.queue.counts().queued,
+        hold = options.hold,
+        "nixpush daemon ready"
+    );
+
+    server::accept_loop(socket, shared.clone(), stop.clone(), &tasks).await;
+    tracing::info!("stopped accepting; draining");
+    let _ = systemd::notify("STATUS=draining");
+    tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still running after {} s; stopping anyway (nothing unacknowledged is lost)",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    let queue = shared.queue.clone();
+    tokio::task::spawn_blocking(move || queue.flush())
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    let _ = systemd::notify("STOPPING=1");
+    if let Some(path) = bound_path {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!("cannot remove socket {}: {e}", path.display());
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Pings the systemd watchdog (and refreshes `STATUS=`) at half of `WATCHDOG_USEC`.
+async fn watchdog(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(interval) = systemd::watchdog_interval() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = systemd::notify(&format!("WATCHDOG=1\nSTATUS={}", shared.status_line())) {
+            tracing::warn!("cannot ping the systemd watchdog: {e}");
+        }
+    }
+}
+
+/// Re-reads the configuration file on SIGHUP. A file that does not load is refused and the old configuration
+/// stays; `socket` and `state_dir` only change with a restart.
+async fn reload_on_signal(
+    shared: Arc<Shared>,
+    mut reload: tokio::sync::mpsc::UnboundedReceiver<()>,
+    config_path: Option<PathBuf>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            request = reload.recv() => if request.is_none() { return },
+        }
+        let Some(path) = config_path.clone() else {
+            tracing::warn!(
+                "reload requested, but the daemon was started without a configuration file"
+            );
+            continue;
+        };
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let mut new = match loaded {
+            Ok(Ok(config)) => config,
+            Ok(Err(e)) => {
+                tracing::error!("refusing the new configuration, keeping the old one: {e}");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("configuration reload failed: {e}");
+                continue;
+            }
+        };
+        let old = shared.config();
+        if new.socket != old.socket || new.state_dir != old.state_dir {
+            tracing::warn!("`socket` and `state_dir` changes take effect after a restart");
+            new.socket = old.socket.clone();
+            new.state_dir = old.state_dir.clone();
+        }
+        shared.replace_config(new);
+        // The scheduler rebuilds its engine for the new configuration, re-reading the token and key.
+        shared.work_available.notify_one();
+        tracing::info!("configuration reloaded");
+        let _ = systemd::notify(&format!("STATUS={}", shared.status_line()));
+    }
+}

@@ -1,0 +1,42 @@
+# A flake-based NixOS configuration that pushes every build to Cachix with nixpush, the token and signing key
+# kept with sops-nix. Switch as usual (`nh os switch`, `nixos-rebuild switch --flake .#myhost`): from then on
+# every build on the machine, the switch's own included, lands in the cache.
+#
+# `nix run .#cachix-push` builds this host's system and pushes its closure (what `cachix push` did by hand).
+{
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+    sops-nix = {
+      url = "github:Mic92/sops-nix";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+    nixpush = {
+      # Wherever you get nixpush from (a fork, a tag, a local checkout: "path:/src/nixpush").
+      url = "git+file:///src/nixpush";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+  };
+
+  outputs =
+    {
+      nixpkgs,
+      sops-nix,
+      nixpush,
+      ...
+    }:
+    {
+      nixosConfigurations.myhost = nixpkgs.lib.nixosSystem {
+        system = "x86_64-linux";
+        modules = [
+          sops-nix.nixosModules.sops
+          nixpush.nixosModules.default
+          ./configuration.nix # the host's existing configuration
+          ./nixpush.nix
+        ];
+      };
+
+      # CI runs `nix run .#cachix-push` too (examples/github-actions/nixpush-push.yml).
+      apps.x86_64-linux.cachix-push = nixpush.apps.x86_64-linux.cachix-push;
+      packages.x86_64-linux.nixpush = nixpush.packages.x86_64-linux.default;
+    };
+}

@@ -1,0 +1,400 @@
+# NixOS module for nixpush: every build on this machine is queued by nixpush-hook and uploaded in the
+# background by a socket-activated daemon.
+#
+#   services.nixpush = {
+#     enable = true;
+#     settings.target.url = "cachix://mycache";
+#     authTokenFile = config.sops.secrets.cachix-token.path;
+#     signingKeyFile = config.sops.secrets.cachix-signing-key.path;
+#   };
+#
+# tests/nixos.rs evaluates this file without nixpkgs (tests/fixtures/nixos/eval-module.nix); keep to the lib
+# functions that harness stands in for, or add the new ones there.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkOption
+    optional
+    optionalAttrs
+    types
+    ;
+
+  cfg = config.services.nixpush;
+  settingsFormat = pkgs.formats.toml { };
+
+  defaultSocket = "/run/nixpush/nixpush.sock";
+  defaultStateDir = "/var/lib/nixpush";
+  socketPath = cfg.settings.socket;
+  stateDir = cfg.settings.state_dir;
+
+  # systemd copies each LoadCredential= file here at service start, readable by the service alone, so the user
+  # nixpush never needs access to the original (a sops-nix secret is root-only). Config values are literal paths.
+  credentialsDir = "/run/credentials/nixpush.service";
+
+  targetUrl = cfg.settings.target.url;
+  stripQuery = url: builtins.head (lib.splitString "?" url);
+  fileTargetDir =
+    if lib.hasPrefix "file://" targetUrl then stripQuery (lib.removePrefix "file://" targetUrl) else null;
+  cachixName =
+    if lib.hasPrefix "cachix://" targetUrl then stripQuery (lib.removePrefix "cachix://" targetUrl) else null;
+  substituterUrl =
+    if cfg.substituterUrl != null then
+      cfg.substituterUrl
+    else if cachixName != null then
+      "https://${cachixName}.cachix.org"
+    else
+      targetUrl;
+
+  # TOML has no null: unset optional keys (e.g. target.workers) are left out and nixpush uses its default.
+  finalSettings = lib.filterAttrsRecursive (_: value: value != null) (
+    cfg.settings
+    // {
+      allowed_users = cfg.allowedUsers ++ (cfg.settings.allowed_users or [ ]);
+      target =
+        cfg.settings.target
+        // optionalAttrs (cfg.signingKeyFile != null) {
+          signing_key_file = "${credentialsDir}/signing-key";
+        }
+        // optionalAttrs (cfg.authTokenFile != null) {
+          auth_token_file = "${credentialsDir}/auth-token";
+        };
+    }
+  );
+
+  rawConfigFile = settingsFormat.generate "nixpush.toml" finalSettings;
+
+  # Checked at build time, as RFC 42 modules do: a typo fails `nixos-rebuild`, not the running service.
+  configFile =
+    if cfg.checkConfig then
+      pkgs.runCommand "nixpush-checked.toml" { raw = rawConfigFile; } ''
+        ${cfg.package}/bin/nixpush check-config "$raw" > /dev/null
+        cp "$raw" "$out"
+      ''
+    else
+      rawConfigFile;
+
+  # Where secrets must not come from: a Nix path literal is copied into the world-readable store.
+  secretPathAssertions =
+    name: value:
+    optional (value != null) {
+      assertion = lib.hasPrefix "/" value && !(lib.hasPrefix "${builtins.storeDir}/" value);
+      message = "services.nixpush.${name} must be an absolute path outside the Nix store (e.g. a sops-nix secret's path), got ${value}.";
+    };
+in
+{
+  options.services.nixpush = {
+    enable = mkEnableOption "nixpush, which uploads every Nix build on this machine to a binary cache";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nixpush;
+      defaultText = literalExpression "pkgs.nixpush";
+      description = "The nixpush package. The flake's `nixosModules.default` sets it to the flake's own build.";
+    };
+
+    settings = mkOption {
+      description = ''
+        Contents of /etc/nixpush/config.toml. Any key nixpush knows may be set here (see systemd/config.toml);
+        the common ones are typed below. Secrets are never set here: use `signingKeyFile` and `authTokenFile`.
+      '';
+      default = { };
+      example = literalExpression ''
+        {
+          target.url = "s3://my-cache?region=eu-central-1";
+          target.compression = "zstd";
+          exclude = [ "*-source" ];
+        }
+      '';
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          socket = mkOption {
+            type = types.str;
+            default = defaultSocket;
+            description = "The hook socket. The socket unit listens here; nix-daemon is told when it is not the default.";
+          };
+          socket_mode = mkOption {
+            type = types.str;
+            default = "0666";
+            description = "Mode of the socket. Anyone may connect; only root and `allowedUsers` may enqueue.";
+          };
+          socket_group = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            description = "Group owning the socket, for a tighter `socket_mode`.";
+          };
+          state_dir = mkOption {
+            type = types.str;
+            default = defaultStateDir;
+            description = "The queue and the hook's spool live here.";
+          };
+          upstream = mkOption {
+            type = types.listOf types.str;
+            default = [ "https://cache.nixos.org" ];
+            description = "Caches whose paths are never uploaded. `[ ]` uploads everything.";
+          };
+          exclude = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "*-source" "*.iso" ];
+            description = "Glob patterns over store path names (`<hash>-<name>`) that are never uploaded.";
+          };
+          target = mkOption {
+            description = "The cache every build goes to.";
+            # So that a missing URL is reported as settings.target.url.
+            default = { };
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                url = mkOption {
+                  type = types.strMatching "(file|https?|s3|cachix)://.+";
+                  example = "cachix://mycache";
+                  description = "`file:///dir`, `http(s)://host/prefix`, `s3://bucket?region=…&endpoint=…` or `cachix://NAME`.";
+                };
+                compression = mkOption {
+                  type = types.enum [
+                    "zstd"
+                    "xz"
+                    "none"
+                  ];
+                  default = "zstd";
+                  description = "NAR compression.";
+                };
+                workers = mkOption {
+                  type = types.nullOr types.ints.positive;
+                  default = null;
+                  description = "Parallel uploads; the number of CPUs when null.";
+                };
+              };
+            };
+          };
+        };
+      };
+    };
+
+    signingKeyFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/nixpush/signing-key";
+      description = ''
+        Secret key (`nix-store --generate-binary-cache-key` or `cachix generate-keypair` format) that signs every
+        narinfo. Passed to the service with LoadCredential=, so it stays readable by root only. Give a path as a
+        string (e.g. `config.sops.secrets.nixpush-key.path`), never a Nix path literal.
+      '';
+    };
+
+    authTokenFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/cachix-token";
+      description = "Bearer token for HTTP and Cachix targets, passed with LoadCredential= like `signingKeyFile`.";
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/nixpush-s3.env";
+      description = "`KEY=value` lines for the service's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY for S3), read by systemd as root.";
+    };
+
+    allowedUsers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "alice" ];
+      description = "Users besides root (the hook runs as root inside nix-daemon) who may enqueue paths through the socket.";
+    };
+
+    hook.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Set `nix.settings.post-build-hook` to nixpush-hook, so every build on this machine is queued.";
+    };
+
+    addToSubstituters = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Add the target's read URL to `nix.settings.substituters` and `publicKey` to `trusted-public-keys`.";
+    };
+
+    substituterUrl = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "https://cache.example.org";
+      description = "URL Nix reads the cache from. When null: https://NAME.cachix.org for cachix://NAME, else the target URL.";
+    };
+
+    publicKey = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "mycache.cachix.org-1:AAAA…=";
+      description = "Public half of `signingKeyFile` (or the Cachix cache's key), trusted when `addToSubstituters` is set.";
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Run `nixpush check-config` on the generated configuration at build time.";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = !(cfg.addToSubstituters && cfg.publicKey == null);
+          message = "services.nixpush.addToSubstituters needs services.nixpush.publicKey, or Nix will refuse the cache's signatures.";
+        }
+        {
+          assertion = !(cfg.signingKeyFile != null && cfg.settings.target ? signing_key_file);
+          message = "Set either services.nixpush.signingKeyFile or settings.target.signing_key_file, not both.";
+        }
+        {
+          assertion = !(cfg.authTokenFile != null && cfg.settings.target ? auth_token_file);
+          message = "Set either services.nixpush.authTokenFile or settings.target.auth_token_file, not both.";
+        }
+      ]
+      ++ secretPathAssertions "signingKeyFile" cfg.signingKeyFile
+      ++ secretPathAssertions "authTokenFile" cfg.authTokenFile;
+
+      environment.systemPackages = [ cfg.package ];
+      # The default path, so `nixpush status` and `nixpush doctor` need no --config.
+      environment.etc."nixpush/config.toml".source = configFile;
+
+      # A static user rather than DynamicUser=: the hook (root, inside nix-daemon) writes the spool under
+      # state_dir, which DynamicUser would move behind /var/lib/private, and a fixed uid keeps the queue's
+      # ownership stable across reboots.
+      users.users.nixpush = {
+        isSystemUser = true;
+        group = "nixpush";
+        home = stateDir;
+        description = "nixpush binary cache uploader";
+      };
+      users.groups.nixpush = { };
+
+      # Made at boot, before nix-daemon, so the hook can spool before the daemon first starts. spool/ must be
+      # the daemon's (a directory the root-run hook created would be root's, and the daemon could neither set
+      # its mode nor delete what it imported); 01733 as the daemon sets it: anyone's hook may drop a file,
+      # nobody else may list. state_dir is traversable for that, not listable.
+      systemd.tmpfiles.rules = [
+        "d ${stateDir} 0711 nixpush nixpush - -"
+        "d ${stateDir}/spool 1733 nixpush nixpush - -"
+      ]
+      ++ optional (fileTargetDir != null) "d ${fileTargetDir} 0755 nixpush nixpush - -";
+
+      # The socket exists from early boot, so a hook never misses the daemon: systemd holds connections until
+      # the service is up.
+      systemd.sockets.nixpush = {
+        description = "nixpush hook socket";
+        wantedBy = [ "sockets.target" ];
+        listenStreams = [ socketPath ];
+        socketConfig = {
+          SocketMode = cfg.settings.socket_mode;
+        }
+        // optionalAttrs (cfg.settings.socket_group != null) { SocketGroup = cfg.settings.socket_group; };
+      };
+
+      systemd.services.nixpush = {
+        description = "nixpush: upload every Nix build to a binary cache";
+        # Also started at boot, to drain what was queued before a reboot without waiting for the next build.
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "nixpush.socket" ];
+        after = [
+          "nixpush.socket"
+          "network.target"
+          "nix-daemon.socket"
+        ];
+        # `nix path-info` through nix-daemon is the fallback when the database cannot be read directly.
+        path = [ config.nix.package ];
+        # A changed configuration is applied with SIGHUP; the queue keeps running.
+        reloadTriggers = [ configFile ];
+        serviceConfig = {
+          Type = "notify";
+          ExecStart = "${cfg.package}/bin/nixpush daemon";
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          WatchdogSec = "30s";
+          Restart = "on-failure";
+          RestartSec = "2s";
+          TimeoutStopSec = "30s";
+          User = "nixpush";
+          Group = "nixpush";
+          RuntimeDirectory = "nixpush";
+          # The socket unit's socket lives in /run/nixpush: removing the directory on stop would cut the hook
+          # off until the socket unit is restarted.
+          RuntimeDirectoryPreserve = "yes";
+          LoadCredential =
+            optional (cfg.signingKeyFile != null) "signing-key:${cfg.signingKeyFile}"
+            ++ optional (cfg.authTokenFile != null) "auth-token:${cfg.authTokenFile}";
+          EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
+          ReadWritePaths =
+            optional (fileTargetDir != null) fileTargetDir
+            ++ optional (!lib.hasPrefix "/var/lib/" stateDir) stateDir;
+
+          # Reads the store (read-only under ProtectSystem=strict, as is /nix/var/nix/db), writes only its state
+          # directory and a file:// target. Connecting to nix-daemon's socket still works on a read-only mount.
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          NoNewPrivileges = true;
+          CapabilityBoundingSet = "";
+          AmbientCapabilities = "";
+          RestrictAddressFamilies = [
+            "AF_UNIX"
+            "AF_INET"
+            "AF_INET6"
+          ];
+          SystemCallFilter = [ "@system-service" ];
+          SystemCallErrorNumber = "EPERM";
+          SystemCallArchitectures = "native";
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          RemoveIPC = true;
+          # No PrivateUsers=: inside a user namespace the hook's uid 0 would read back from SO_PEERCRED as
+          # nobody, and the daemon would refuse every build.
+        }
+        // (
+          if lib.hasPrefix "/var/lib/" stateDir then
+            {
+              StateDirectory = lib.removePrefix "/var/lib/" stateDir;
+              StateDirectoryMode = "0711";
+            }
+          else
+            { }
+        );
+      };
+    }
+
+    (mkIf cfg.hook.enable {
+      nix.settings.post-build-hook = "${cfg.package}/bin/nixpush-hook";
+      # The hook reads no configuration, only these two variables, so a moved socket or state directory is
+      # announced to the nix-daemon that runs it.
+      systemd.services.nix-daemon.environment =
+        optionalAttrs (socketPath != defaultSocket) { NIXPUSH_SOCKET = socketPath; }
+        // optionalAttrs (stateDir != defaultStateDir) { NIXPUSH_SPOOL = "${stateDir}/spool"; };
+    })
+
+    (mkIf cfg.addToSubstituters {
+      nix.settings.substituters = [ substituterUrl ];
+      nix.settings.trusted-public-keys = [ cfg.publicKey ];
+    })
+  ]);
+}

@@ -1,0 +1,196 @@
+//! `file:///dir`: the directory layout of Nix's file binary cache.
+//!
+//! ```text
+//! dir/nix-cache-info                       StoreDir: /nix/store
+//! dir/<storehash>.narinfo                  the narinfo
+//! dir/nar/<filehash>.nar.zst               the compressed NAR
+//! ```
+//!
+//! Every file is written under a temporary name, fsynced and renamed into place, NAR before narinfo, so a reader
+//! (or a crash) never sees a narinfo without its complete NAR.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::narinfo::NarInfo;
+use crate::store_path::StorePath;
+
+use super::{Backend, Error, NarFile, TargetInfo};
+
+/// Prefix of temporary files in the cache; stale ones are removed by [`FileBackend::prepare`].
+const TMP_PREFIX: &str = ".nixpush-tmp-";
+
+/// A binary cache in a local directory.
+#[derive(Debug, Clone)]
+pub struct FileBackend {
+    root: PathBuf,
+    url: String,
+    store_dir: String,
+}
+
+impl FileBackend {
+    /// Parses `file:///abs/dir`.
+    pub fn new(url: &str, config: &Config) -> Result<FileBackend, Error> {
+        let parsed = url::Url::parse(url).map_err(|e| Error::Config(format!("{url}: {e}")))?;
+        let root = parsed
+            .to_file_path()
+            .map_err(|()| Error::Config(format!("{url} is not an absolute file:// URL")))?;
+        Ok(FileBackend {
+            root,
+            url: url.to_owned(),
+            store_dir: config.store_dir_str().to_owned(),
+        })
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn narinfo_path(&self, path: &StorePath) -> PathBuf {
+        self.root.join(format!("{}.narinfo", path.hash_part()))
+    }
+
+    fn prepare_blocking(&self) -> Result<TargetInfo, Error> {
+        let nar_dir = self.root.join("nar");
+        std::fs::create_dir_all(&nar_dir).map_err(|e| Error::io(&nar_dir, e))?;
+        let info = self.root.join("nix-cache-info");
+        if !info.exists() {
+            write_atomically(&info, format!("StoreDir: {}\n", self.store_dir).as_bytes())?;
+        }
+        remove_stale_temporaries(&nar_dir);
+        remove_stale_temporaries(&self.root);
+        Ok(TargetInfo {
+            read_url: Some(self.url.clone()),
+            ..TargetInfo::default()
+        })
+    }
+
+    fn upload_blocking(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+        let nar_path = self.root.join(&narinfo.url);
+        if !nar_path.starts_with(self.root.join("nar")) || narinfo.url.contains("..") {
+            return Err(Error::Config(format!(
+                "narinfo URL {:?} points outside the cache",
+                narinfo.url
+            )));
+        }
+        let same_size = std::fs::metadata(&nar_path)
+            .map(|m| m.len() == nar.size)
+            .unwrap_or(false);
+        if !same_size {
+            // The engine normally wrote `nar.path` inside our staging directory, so this is a rename; anything
+            // else is copied to a temporary name first.
+            let staged = if nar.path.parent() == Some(self.root.join("nar").as_path()) {
+                sync_file(nar.path)?;
+                nar.path.to_owned()
+            } else {
+                let tmp = temp_name(&self.root.join("nar"));
+                copy_synced(nar.path, &tmp)?;
+                tmp
+            };
+            std::fs::rename(&staged, &nar_path).map_err(|e| Error::io(&nar_path, e))?;
+            sync_dir(&self.root.join("nar"))?;
+        }
+        write_atomically(
+            &self.narinfo_path(&narinfo.store_path),
+            narinfo.render().as_bytes(),
+        )
+    }
+}
+
+impl Backend for FileBackend {
+    async fn prepare(&self) -> Result<TargetInfo, Error> {
+        self.prepare_blocking()
+    }
+
+    async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, Error> {
+        Ok(paths
+            .iter()
+            .filter(|p| !self.narinfo_path(p).exists())
+            .cloned()
+            .collect())
+    }
+
+    async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+        let backend = self.clone();
+        let narinfo = narinfo.clone();
+        let nar_path = nar.path.to_owned();
+        let (size, sha256) = (nar.size, nar.sha256);
+        tokio::task::spawn_blocking(move || {
+            backend.upload_blocking(
+                &narinfo,
+                NarFile {
+                    path: &nar_path,
+                    size,
+                    sha256,
+                },
+            )
+        })
+        .await
+        .map_err(|e| Error::Config(format!("upload task failed: {e}")))?
+    }
+
+    fn staging_dir(&self) -> Option<PathBuf> {
+        Some(self.root.join("nar"))
+    }
+}
+
+/// A fresh temporary file name in `dir`.
+fn temp_name(dir: &Path) -> PathBuf {
+    dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()))
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let tmp = temp_name(dir);
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    sync_dir(dir)
+}
+
+fn copy_synced(from: &Path, to: &Path) -> Result<(), Error> {
+    std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
+    sync_file(to)
+}
+
+fn sync_file(path: &Path) -> Result<(), Error> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Removes temporaries left by a crash. Only old ones: a young one may belong to an upload in progress.
+/// Best effort: a leftover file wastes space but breaks nothing.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let stale_after = std::time::Duration::from_secs(3600);
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > stale_after);
+        if old && entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The `nixpush` command line: clap definitions and one `run` per subcommand. Errors are `anyhow` here and
+//! nowhere else; `main` prints them with their whole chain and turns them into an exit code.
+
+mod check_config;
+mod daemon;
+pub mod dump_nar;
+mod hook;
+pub mod push;
+mod queue;
+mod status;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::protocol::{self, Request, Response};
+
+/// Push every Nix build to your binary cache in the background.
+#[derive(Debug, Parser)]
+#[command(name = "nixpush", version, about)]
+pub struct Cli {
+    /// Configuration file [default: /etc/nixpush/config.toml]
+    #[arg(long, global = true, env = "NIXPUSH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: accept paths on the hook socket, queue them durably, push them.
+    Daemon(daemon::Args),
+    /// Show the daemon's queue, target and recent activity.
+    Status(status::Args),
+    /// Check a configuration file and print it with every default filled in.
+    CheckConfig(check_config::Args),
+    /// Run as Nix's post-build-hook (the same as the `nixpush-hook` program).
+    Hook,
+    /// List the queue, retry failed paths, drop a path.
+    Queue(queue::Args),
+    /// Upload store paths (and their closures) now, without the daemon; or queue them with `--via-daemon`.
+    Push(push::Args),
+    /// Write the NAR of a path to standard output, exactly as `nix-store --dump PATH` does.
+    DumpNar(dump_nar::Args),
+    /// Recompute NAR hashes and sizes and compare them with what Nix recorded.
+    Verify(verify::Args),
+}
+
+/// Parses the command line, runs the subcommand, and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_path = cli.config.as_deref();
+    let result = match cli.command {
+        Command::Daemon(args) => daemon::run(config_path, args),
+        Command::Status(args) => status::run(config_path, args),
+        Command::CheckConfig(args) => check_config::run(config_path, args),
+        Command::Hook => hook::run(),
+        Command::Queue(args) => queue::run(config_path, args),
+        Command::Push(args) => push::run(config_path, args),
+        Command::DumpNar(args) => {
+            optional_config(config_path).and_then(|config| dump_nar::run(&args, config.as_ref()))
+        }
+        Command::Verify(args) => {
+            optional_config(config_path).and_then(|config| verify::run(&args, config.as_ref()))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nixpush: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configuration for commands that talk to the daemon: the given file, or the default one, or (when the
+/// default file does not exist) the built-in defaults, which is all a client needs to find the socket.
+fn client_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            Ok(Config::load(Path::new(DEFAULT_CONFIG_PATH))?)
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+/// The configuration if one was named or the default file exists; commands that work without one get `None`.
+fn optional_config(path: Option<&Path>) -> anyhow::Result<Option<Config>> {
+    match path {
+        Some(path) => Ok(Some(Config::load(path)?)),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            Ok(Some(Config::load(Path::new(DEFAULT_CONFIG_PATH))?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// How long CLI requests to the daemon may take.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends one request; a daemon error becomes an `anyhow` error naming the socket.
+fn ask(config: &Config, request: &Request) -> anyhow::Result<Response> {
+    let response = protocol::call(&config.socket, request, CLIENT_TIMEOUT)
+        .with_context(|| format!("asking the daemon at {}", config.socket.display()))?;
+    if let Response::Error { kind, message } = &response {
+        anyhow::bail!("the daemon answered {kind:?}: {message}");
+    }
+    Ok(response)
+}

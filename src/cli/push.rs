@@ -1,0 +1,570 @@
+//! `nixpush push PATH…`: upload store paths (with their closures) now, in this process, with the daemon's
+//! engine and configuration. What CI jobs and `nix run .#cachix-push` use; `--via-daemon` queues instead.
+//!
+//! On a terminal it draws progress bars; otherwise (CI logs) it prints one plain line per finished path and a
+//! summary every ten seconds. It ends with a summary (`--json` for scripts) and exits 1 if anything failed.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{AnyBackend, Backend, Credentials};
+use crate::config::{Compression, Config, DEFAULT_CONFIG_PATH};
+use crate::pathinfo::LocalStore;
+use crate::protocol::{Request, Response};
+use crate::store_path::StorePath;
+use crate::upload::{
+    human_bytes, Engine, MemoryPresentCache, Observer, PathOutcome, PathReport, Plan, RootOutcome,
+    Settings,
+};
+
+/// Rounds of whole-path retries for transient failures before `push` gives up.
+const PUSH_ROUNDS: u32 = 3;
+
+/// Arguments of `push`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Store paths, or links to them such as ./result.
+    #[arg(value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Also read paths from standard input, one per line (`nix path-info -r … | nixpush push --stdin`).
+    #[arg(long)]
+    stdin: bool,
+    /// Push only the named paths, not their closures.
+    #[arg(long)]
+    no_closure: bool,
+    /// Push to this cache instead of the configured target (file://, http(s)://, s3://, cachix://).
+    #[arg(long, value_name = "URL")]
+    target: Option<String>,
+    /// Sign with this secret key (Nix `name:base64` format, or Cachix's bare base64).
+    #[arg(long, value_name = "FILE")]
+    signing_key_file: Option<PathBuf>,
+    /// Read the auth token from this file (otherwise CACHIX_AUTH_TOKEN / NIXPUSH_AUTH_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// NAR compression.
+    #[arg(long, value_enum)]
+    compression: Option<CompressionArg>,
+    /// Parallel uploads.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Skip paths these caches serve (repeatable; replaces the configured list).
+    #[arg(long, value_name = "URL")]
+    upstream: Vec<String>,
+    /// Do not ask upstream caches; upload everything the target lacks.
+    #[arg(long, conflicts_with = "upstream")]
+    no_upstream: bool,
+    /// Queue the paths with the running daemon and return at once.
+    #[arg(long)]
+    via_daemon: bool,
+    /// Print the summary as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--compression` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompressionArg {
+    Zstd,
+    Xz,
+    None,
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Compression {
+        match c {
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::Xz => Compression::Xz,
+            CompressionArg::None => Compression::None,
+        }
+    }
+}
+
+/// The end-of-run summary, printed for humans or as JSON.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    /// Target (password-redacted).
+    pub target: String,
+    /// Paths uploaded now.
+    pub uploaded: usize,
+    /// Paths the target already had.
+    pub already_present: usize,
+    /// Paths an upstream cache serves.
+    pub skipped_upstream: usize,
+    /// Paths matching `exclude`.
+    pub excluded: usize,
+    /// Requested paths no longer in the store.
+    pub gone: Vec<StorePath>,
+    /// Paths that failed, with the reason.
+    pub failed: Vec<Failure>,
+    /// Uncompressed NAR bytes uploaded.
+    pub nar_bytes: u64,
+    /// Compressed bytes uploaded.
+    pub file_bytes: u64,
+    /// Wall time in milliseconds.
+    pub wall_time_ms: u64,
+}
+
+/// One failed path.
+#[derive(Debug, Serialize)]
+pub struct Failure {
+    /// The path.
+    pub path: StorePath,
+    /// Why.
+    pub reason: String,
+}
+
+pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<ExitCode> {
+    let config = push_config(config_path, &args)?;
+    let mut inputs = args.paths.clone();
+    if args.stdin {
+        for line in std::io::stdin().lock().lines() {
+            let line = line.context("reading paths from standard input")?;
+            let line = line.trim();
+            if !line.is_empty() {
+                inputs.push(PathBuf::from(line));
+            }
+        }
+    }
+    if inputs.is_empty() {
+        bail!("no paths given (pass store paths, ./result links, or --stdin)");
+    }
+    let roots = inputs
+        .iter()
+        .map(|p| resolve_store_path(p, config.store_dir_str()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    if args.via_daemon {
+        return enqueue_via_daemon(&config, &roots);
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(push(config, roots, !args.no_closure, args.json))
+}
+
+/// The configuration for a push: the file (if any), with command-line overrides.
+fn push_config(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Config> {
+    let file = config_path
+        .map(Path::to_owned)
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()));
+    let mut config = match (&file, &args.target) {
+        (Some(path), _) => Config::load(path)
+            .or_else(|e| match (&args.target, &e) {
+                // A one-off `--target` may fill in the only thing a partial file lacks.
+                (
+                    Some(_),
+                    crate::config::Error::Invalid {
+                        field: "target.url",
+                        ..
+                    },
+                ) => {
+                    let text = std::fs::read_to_string(path)?;
+                    Ok(toml::from_str::<Config>(&text)?)
+                }
+                _ => Err(anyhow::Error::from(e)),
+            })
+            .with_context(|| format!("loading {}", path.display()))?,
+        (None, Some(_)) => Config::default(),
+        (None, None) => bail!(
+            "no target: pass --target URL, or --config FILE (or create {DEFAULT_CONFIG_PATH})"
+        ),
+    };
+    if let Some(url) = &args.target {
+        config.target.url = url.clone();
+    }
+    if let Some(file) = &args.signing_key_file {
+        config.target.signing_key_file = Some(file.clone());
+    }
+    if let Some(file) = &args.auth_token_file {
+        config.target.auth_token_file = Some(file.clone());
+    }
+    if let Some(c) = args.compression {
+        config.target.compression = c.into();
+        config.target.compression_level = None;
+    }
+    if let Some(w) = args.workers {
+        config.target.workers = Some(w);
+    }
+    if args.no_upstream {
+        config.upstream.clear();
+    } else if !args.upstream.is_empty() {
+        config.upstream = args.upstream.clone();
+    }
+    if !config.state_dir.exists()
+        || std::fs::metadata(&config.state_dir).is_ok_and(|m| m.permissions().readonly())
+    {
+        // A CI runner has no /var/lib/nixpush; temporary NARs go to the system's temporary directory instead.
+        config.state_dir = std::env::temp_dir().join("nixpush");
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Turns `./result`, a store path, or a path inside one into the top-level store path, following links only
+/// until they reach the store (a store path may itself be a symlink).
+pub fn resolve_store_path(input: &Path, store_dir: &str) -> anyhow::Result<StorePath> {
+    let mut current = input.to_owned();
+    for _ in 0..40 {
+        if let Some(text) = current.to_str() {
+            if let Ok(path) = StorePath::parse_containing(text, store_dir) {
+                return Ok(path);
+            }
+        }
+        let target = std::fs::read_link(&current)
+            .with_context(|| format!("{} is not a store path or a link to one", input.display()))?;
+        current = match current.parent() {
+            Some(parent) if target.is_relative() => parent.join(target),
+            _ => target,
+        };
+    }
+    bail!("{}: too many levels of symbolic links", input.display())
+}
+
+fn enqueue_via_daemon(config: &Config, roots: &[StorePath]) -> anyhow::Result<ExitCode> {
+    let request = Request::Enqueue {
+        drv_path: None,
+        out_paths: roots.iter().map(|p| p.as_str().to_owned()).collect(),
+        source: "push".to_owned(),
+    };
+    match super::ask(config, &request)? {
+        Response::Ack {
+            accepted,
+            duplicate,
+            refused,
+        } => {
+            eprintln!(
+                "queued {} path(s) with the daemon ({} already queued)",
+                accepted.len(),
+                duplicate
+            );
+            for line in &refused {
+                eprintln!("{line}");
+            }
+            Ok(if refused.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+async fn push(
+    config: Config,
+    roots: Vec<StorePath>,
+    closure: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let token_var = if config.target.url.starts_with("cachix://") {
+        "CACHIX_AUTH_TOKEN"
+    } else {
+        "NIXPUSH_AUTH_TOKEN"
+    };
+    let credentials = Credentials::load(config.target.auth_token_file.as_deref(), token_var)?;
+    let backend = AnyBackend::from_config(&config, credentials)?;
+    let store = LocalStore::open(config.store_dir_str(), &config.nix_db)?;
+    let key = crate::daemon::scheduler::load_signing_key(&config)?;
+    let progress = Arc::new(Progress::new(std::io::stderr().is_terminal()));
+    let engine = Arc::new(Engine::new(
+        Arc::new(backend),
+        Arc::new(store),
+        Settings::from_config(&config)?,
+        key,
+        Arc::new(MemoryPresentCache::default()),
+        progress.clone(),
+    )?);
+    engine.backend().prepare().await.with_context(|| {
+        format!(
+            "preparing {}",
+            crate::config::redact_url(&config.target.url)
+        )
+    })?;
+
+    let ticker = tokio::spawn(tick(Arc::clone(&progress), Arc::clone(&engine)));
+    let cancel = CancellationToken::new();
+    let mut summary = Summary {
+        target: crate::config::redact_url(&config.target.url),
+        ..Summary::default()
+    };
+    let mut pending = roots;
+    let mut failures = Vec::new();
+    for round in 1..=PUSH_ROUNDS {
+        let report = engine.push_paths(&pending, closure, &cancel).await;
+        for path in &report.paths {
+            match &path.outcome {
+                PathOutcome::Uploaded => {
+                    summary.uploaded += 1;
+                    summary.nar_bytes += path.nar_size;
+                    summary.file_bytes += path.file_size.unwrap_or(0);
+                }
+                PathOutcome::AlreadyPresent => summary.already_present += 1,
+                PathOutcome::SkippedUpstream => summary.skipped_upstream += 1,
+                PathOutcome::Excluded => summary.excluded += 1,
+                PathOutcome::Failed(_) => {}
+            }
+        }
+        failures.clear();
+        let mut retry = Vec::new();
+        for (root, outcome) in report.roots {
+            match outcome {
+                RootOutcome::Done => {}
+                RootOutcome::Gone => summary.gone.push(root),
+                RootOutcome::Failed(e) => {
+                    if e.is_retryable() && !e.is_auth() && round < PUSH_ROUNDS {
+                        retry.push(root.clone());
+                    }
+                    failures.push((root, e));
+                }
+            }
+        }
+        if retry.is_empty() || retry.len() < failures.len() {
+            break;
+        }
+        let delay = Duration::from_secs(2u64.pow(round));
+        progress.note(&format!(
+            "{} path(s) failed with transient errors; trying again in {} s",
+            retry.len(),
+            delay.as_secs()
+        ));
+        tokio::time::sleep(delay).await;
+        pending = retry;
+    }
+    ticker.abort();
+    progress.finish();
+    summary.failed = failures
+        .into_iter()
+        .map(|(path, e)| Failure {
+            path,
+            reason: e.to_string(),
+        })
+        .collect();
+    summary.wall_time_ms = started.elapsed().as_millis() as u64;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        eprint!("{}", render_summary(&summary));
+    }
+    Ok(if summary.failed.is_empty() && summary.gone.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The human summary.
+pub fn render_summary(s: &Summary) -> String {
+    let mut out = format!(
+        "pushed to {}: {} uploaded, {} already present, {} skipped (upstream), {} excluded, {} failed\n",
+        s.target,
+        s.uploaded,
+        s.already_present,
+        s.skipped_upstream,
+        s.excluded,
+        s.failed.len() + s.gone.len()
+    );
+    if s.uploaded > 0 {
+        let ratio = if s.nar_bytes > 0 {
+            s.file_bytes as f64 / s.nar_bytes as f64 * 100.0
+        } else {
+            0.0
+        };
+        out.push_str(&format!(
+            "{} of NARs → {} compressed ({ratio:.0} %) in {:.1} s\n",
+            human_bytes(s.nar_bytes),
+            human_bytes(s.file_bytes),
+            s.wall_time_ms as f64 / 1000.0
+        ));
+    } else {
+        out.push_str(&format!(
+            "done in {:.1} s\n",
+            s.wall_time_ms as f64 / 1000.0
+        ));
+    }
+    for path in &s.gone {
+        out.push_str(&format!("  gone: {path} is no longer in the store\n"));
+    }
+    for failure in &s.failed {
+        out.push_str(&format!("  failed: {}: {}\n", failure.path, failure.reason));
+    }
+    out
+}
+
+/// Progress output: bars on a terminal, plain lines otherwise.
+struct Progress {
+    bars: Option<Bars>,
+    done_paths: AtomicUsize,
+    planned: AtomicUsize,
+    done_bytes: AtomicU64,
+    last_summary: Mutex<Instant>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    active: Mutex<Vec<(StorePath, ProgressBar)>>,
+}
+
+impl Progress {
+    fn new(terminal: bool) -> Progress {
+        let bars = terminal.then(|| {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let overall = multi.add(ProgressBar::new(0));
+            overall.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {pos}/{len} paths  {msg}  [{elapsed_precise}] ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            overall.enable_steady_tick(Duration::from_millis(120));
+            Bars {
+                multi,
+                overall,
+                active: Mutex::new(Vec::new()),
+            }
+        });
+        Progress {
+            bars,
+            done_paths: AtomicUsize::new(0),
+            planned: AtomicUsize::new(0),
+            done_bytes: AtomicU64::new(0),
+            last_summary: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn note(&self, line: &str) {
+        match &self.bars {
+            Some(bars) => bars.multi.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bars) = &self.bars {
+            if let Ok(mut active) = bars.active.lock() {
+                for (_, bar) in active.drain(..) {
+                    bar.finish_and_clear();
+                }
+            }
+            bars.overall.finish_and_clear();
+        }
+    }
+
+    /// Refreshes per-upload bars from the engine's in-flight view (terminal), or prints a periodic summary.
+    fn refresh<B: Backend + 'static>(&self, engine: &Engine<B>) {
+        let in_flight = engine.in_flight();
+        let Some(bars) = &self.bars else {
+            let mut last = self.last_summary.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() >= Duration::from_secs(10) {
+                *last = Instant::now();
+                eprintln!(
+                    "progress: {}/{} paths, {} uploaded, {} in flight",
+                    self.done_paths.load(Ordering::Relaxed),
+                    self.planned.load(Ordering::Relaxed),
+                    human_bytes(self.done_bytes.load(Ordering::Relaxed)),
+                    in_flight.len()
+                );
+            }
+            return;
+        };
+        let Ok(mut active) = bars.active.lock() else {
+            return;
+        };
+        active.retain(|(path, bar)| {
+            let keep = in_flight.iter().any(|f| &f.path == path);
+            if !keep {
+                bar.finish_and_clear();
+                bars.multi.remove(bar);
+            }
+            keep
+        });
+        for f in &in_flight {
+            let bar = match active.iter().find(|(p, _)| p == &f.path) {
+                Some((_, bar)) => bar.clone(),
+                None => {
+                    let bar = bars.multi.add(ProgressBar::new(f.nar_size));
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "  {wide_msg} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    bar.set_message(f.path.name().to_owned());
+                    active.push((f.path.clone(), bar.clone()));
+                    bar
+                }
+            };
+            bar.set_position(f.nar_done.min(f.nar_size));
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn planned(&self, plan: &Plan) {
+        self.planned.fetch_add(plan.paths, Ordering::Relaxed);
+        match &self.bars {
+            Some(bars) => {
+                bars.overall.inc_length(plan.paths as u64);
+                bars.overall.set_message(format!(
+                    "{} to upload ({})",
+                    plan.to_upload,
+                    human_bytes(plan.to_upload_bytes)
+                ));
+            }
+            None => eprintln!(
+                "{} path(s) in the closure, {} to upload ({})",
+                plan.paths,
+                plan.to_upload,
+                human_bytes(plan.to_upload_bytes)
+            ),
+        }
+    }
+
+    fn path_finished(&self, report: &PathReport) {
+        self.done_paths.fetch_add(1, Ordering::Relaxed);
+        if report.outcome == PathOutcome::Uploaded {
+            self.done_bytes
+                .fetch_add(report.nar_size, Ordering::Relaxed);
+        }
+        let line = match &report.outcome {
+            PathOutcome::Uploaded => format!(
+                "uploaded {} ({} → {}, {:.1} s)",
+                report.path,
+                human_bytes(report.nar_size),
+                human_bytes(report.file_size.unwrap_or(0)),
+                report.duration_ms.unwrap_or(0) as f64 / 1000.0
+            ),
+            PathOutcome::AlreadyPresent => format!("present  {}", report.path),
+            PathOutcome::SkippedUpstream => format!("upstream {}", report.path),
+            PathOutcome::Excluded => format!("excluded {}", report.path),
+            PathOutcome::Failed(reason) => format!("failed   {}: {reason}", report.path),
+        };
+        match &self.bars {
+            Some(bars) => {
+                bars.overall.inc(1);
+                if matches!(
+                    report.outcome,
+                    PathOutcome::Uploaded | PathOutcome::Failed(_)
+                ) {
+                    bars.multi.suspend(|| eprintln!("{line}"));
+                }
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+async fn tick<B: Backend + 'static>(progress: Arc<Progress>, engine: Arc<Engine<B>>) {
+    loop {
+        progress.refresh(&engine);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,76 @@
+//! Builds the [`StatusReport`] from the queue, the spool and the engine's status.
+
+use crate::config::redact_url;
+use crate::queue::{self, State};
+use crate::status::{DaemonInfo, FailedPath, StatusReport, TargetInfo, STATUS_VERSION};
+
+use super::Shared;
+
+/// Finished paths shown in `recent`.
+const RECENT_SHOWN: usize = 20;
+/// Refused requests shown.
+const REFUSED_SHOWN: usize = 20;
+/// Failing paths shown.
+const FAILED_SHOWN: usize = 100;
+
+pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
+    let config = shared.config();
+    let counts = shared.queue.counts();
+    let totals = shared.queue.totals()?;
+    let engine = shared.engine.borrow().clone();
+    let mut failed_paths = Vec::new();
+    if counts.failed > 0 || counts.queued > 0 {
+        for entry in shared.queue.entries()? {
+            let state = match entry.state {
+                State::Failed => "failed",
+                State::Queued if entry.last_error.is_some() => "retrying",
+                State::Queued | State::Uploading => continue,
+            };
+            failed_paths.push(FailedPath {
+                next_attempt_at: (entry.state == State::Queued)
+                    .then_some(entry.next_attempt_at_ms / 1000),
+                path: entry.path,
+                state: state.to_owned(),
+                attempts: entry.attempts,
+                last_error: entry.last_error,
+            });
+            if failed_paths.len() == FAILED_SHOWN {
+                break;
+            }
+        }
+    }
+    let since = totals.since_start;
+    Ok(StatusReport {
+        version: STATUS_VERSION,
+        queued: counts.queued,
+        in_flight: counts.uploading,
+        done: since.uploaded,
+        failed: counts.failed,
+        refused: shared.queue.refused_total()?,
+        skipped: since.already_present + since.skipped_upstream + since.skipped_gone,
+        excluded: since.excluded,
+        spooled: crate::spool::list(&config.spool_dir())
+            .map(|files| files.len() as u64)
+            .unwrap_or(0),
+        daemon: DaemonInfo {
+            pid: std::process::id(),
+            started_at: shared
+                .started_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            uptime_secs: shared.started.elapsed().as_secs(),
+            hold: shared.hold,
+        },
+        target: TargetInfo {
+            url: redact_url(&config.target.url),
+            state: engine.state,
+            message: engine.message,
+        },
+        in_flight_uploads: engine.in_flight,
+        recent: shared.queue.recent(RECENT_SHOWN)?,
+        failed_paths,
+        refused_requests: shared.queue.refused(REFUSED_SHOWN)?,
+        totals,
+    })
+}

@@ -1,0 +1,435 @@
+//! Drives the upload engine from the durable queue: takes due paths, uploads their closures, and writes each
+//! outcome back (done, retry with backoff, parked as failed, skipped because garbage-collected).
+//!
+//! An authentication failure pauses the whole target instead of burning attempts: the paths go back to the queue
+//! unchanged, and uploads resume when the token or key file changes (or SIGHUP), or when a probe every
+//! [`AUTH_PROBE_INTERVAL`] finds the target accepting the credentials again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{AnyBackend, Backend, Credentials};
+use crate::config::Config;
+use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
+use crate::signing::SecretKey;
+use crate::status::{InFlightUpload, TargetState};
+use crate::upload::{
+    self, retry, Engine, Observer, PathOutcome, PathReport, PresentCache, RootOutcome, Settings,
+};
+
+use super::{EngineStatus, Shared};
+
+/// How many queued roots one batch takes at most.
+const BATCH_LIMIT: usize = 256;
+/// How often a target paused for authentication is asked again.
+pub const AUTH_PROBE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often `status` sees fresh in-flight progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The queue's present-cache, seen through the engine's trait.
+struct QueuePresence {
+    queue: Arc<dyn Queue>,
+    ttl_ms: u64,
+}
+
+impl PresentCache for QueuePresence {
+    fn is_known_present(&self, hash_part: &str) -> bool {
+        self.queue
+            .is_known_present(hash_part, queue::now_ms())
+            .unwrap_or(false)
+    }
+
+    fn remember_present(&self, hash_parts: &[&str]) {
+        let until = queue::now_ms().saturating_add(self.ttl_ms);
+        if let Err(e) = self.queue.remember_present(hash_parts, until) {
+            tracing::warn!("cannot remember present paths: {e}");
+        }
+    }
+}
+
+/// Logs every finished path and records the ones that need no retry in the queue's history.
+struct DaemonObserver {
+    queue: Arc<dyn Queue>,
+}
+
+impl Observer for DaemonObserver {
+    fn path_finished(&self, report: &PathReport) {
+        upload::log_report(report);
+        let outcome = match report.outcome {
+            PathOutcome::Uploaded => Outcome::Uploaded,
+            PathOutcome::AlreadyPresent => Outcome::AlreadyPresent,
+            PathOutcome::SkippedUpstream => Outcome::SkippedUpstream,
+            PathOutcome::Excluded => Outcome::Excluded,
+            // Failures are recorded once the scheduler decides between retry and parking.
+            PathOutcome::Failed(_) => return,
+        };
+        record(&*self.queue, report, outcome, None);
+    }
+}
+
+fn record(queue: &dyn Queue, report: &PathReport, outcome: Outcome, reason: Option<String>) {
+    let uploaded = outcome == Outcome::Uploaded;
+    let record = HistoryRecord {
+        path: report.path.clone(),
+        outcome,
+        nar_size: uploaded.then_some(report.nar_size),
+        file_size: report.file_size,
+        duration_ms: report.duration_ms.unwrap_or(0),
+        reason,
+        finished_at_ms: queue::now_ms(),
+    };
+    if let Err(e) = queue.record_finished(&record) {
+        tracing::warn!(store_path = %report.path, "cannot record history: {e}");
+    }
+}
+
+/// Why the scheduler cannot build its engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The token could not be read.
+    #[error(transparent)]
+    Credentials(#[from] crate::backend::credentials::Error),
+    /// The signing key could not be read.
+    #[error(transparent)]
+    Key(#[from] crate::signing::Error),
+    /// The target is unusable.
+    #[error(transparent)]
+    Backend(#[from] crate::backend::Error),
+    /// The local store cannot be read.
+    #[error(transparent)]
+    Store(#[from] crate::pathinfo::Error),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+}
+
+/// The engine and the pieces it was built from.
+struct Built {
+    config: Arc<Config>,
+    engine: Arc<Engine<AnyBackend>>,
+    credentials: Credentials,
+}
+
+fn token_env_var(config: &Config) -> &'static str {
+    if config.target.url.starts_with("cachix://") {
+        "CACHIX_AUTH_TOKEN"
+    } else {
+        "NIXPUSH_AUTH_TOKEN"
+    }
+}
+
+/// Loads the signing key named by the configuration, if any.
+pub fn load_signing_key(config: &Config) -> Result<Option<SecretKey>, crate::signing::Error> {
+    config
+        .target
+        .signing_key_file
+        .as_deref()
+        .map(SecretKey::load)
+        .transpose()
+}
+
+fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
+    let credentials = Credentials::load(
+        config.target.auth_token_file.as_deref(),
+        token_env_var(&config),
+    )?;
+    let backend = AnyBackend::from_config(&config, credentials.clone())?;
+    let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
+    let engine = Engine::new(
+        Arc::new(backend),
+        Arc::new(store),
+        Settings::from_config(&config)?,
+        load_signing_key(&config)?,
+        Arc::new(QueuePresence {
+            queue: Arc::clone(&shared.queue),
+            ttl_ms: config.present_ttl_secs.saturating_mul(1000),
+        }),
+        Arc::new(DaemonObserver {
+            queue: Arc::clone(&shared.queue),
+        }),
+    )?;
+    Ok(Built {
+        config,
+        engine: Arc::new(engine),
+        credentials,
+    })
+}
+
+fn set_status(shared: &Shared, state: TargetState, message: impl Into<String>) {
+    let message = message.into();
+    shared.engine.send_modify(|s| {
+        s.state = state;
+        s.message = message;
+    });
+}
+
+/// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
+pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: Arc<Notify>) {
+    let policy = retry::Policy::default();
+    let mut built: Option<Built> = None;
+    let mut paused = false;
+    while !stop.is_cancelled() {
+        let config = shared.config();
+        // (Re)build on start and after a configuration reload.
+        if built
+            .as_ref()
+            .is_none_or(|b| !Arc::ptr_eq(&b.config, &config))
+        {
+            match build(&shared, Arc::clone(&config)) {
+                Ok(b) => {
+                    built = Some(b);
+                    paused = false;
+                }
+                Err(e) => {
+                    tracing::error!("cannot start uploads: {e}");
+                    set_status(&shared, TargetState::Paused, e.to_string());
+                    built = None;
+                    wait_for_change(&shared, &stop, &secrets_changed, AUTH_PROBE_INTERVAL).await;
+                    continue;
+                }
+            }
+        }
+        let Some(current) = built.as_ref() else {
+            continue;
+        };
+        let engine = Arc::clone(&current.engine);
+
+        if paused {
+            wait_for_change(&shared, &stop, &secrets_changed, AUTH_PROBE_INTERVAL).await;
+            if stop.is_cancelled() {
+                break;
+            }
+            reload_secrets(current);
+        }
+        // Ready the target (nix-cache-info, cache info); this doubles as the auth probe while paused.
+        match engine.backend().prepare().await {
+            Ok(_) => {
+                if paused {
+                    tracing::info!("target accepts the credentials again; resuming uploads");
+                }
+                paused = false;
+            }
+            Err(e) if e.is_auth() => {
+                if !paused {
+                    tracing::error!(
+                        "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
+                    );
+                }
+                paused = true;
+                set_status(&shared, TargetState::Paused, format!("paused: {e}"));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("target not ready: {e}");
+                set_status(&shared, TargetState::Unreachable, e.to_string());
+                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                continue;
+            }
+        }
+
+        let due = match shared.queue.due(queue::now_ms(), BATCH_LIMIT) {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::error!("cannot read the queue: {e}");
+                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        if due.is_empty() {
+            set_status(&shared, TargetState::Idle, "queue empty");
+            let wait = shared
+                .queue
+                .next_due_at()
+                .map(|at| Duration::from_millis(at.saturating_sub(queue::now_ms())))
+                .unwrap_or(Duration::from_secs(3600));
+            wait_for_change(&shared, &stop, &secrets_changed, wait).await;
+            continue;
+        }
+        set_status(&shared, TargetState::Ok, "uploading");
+        let batch_paused = run_batch(&shared, &engine, due, &config, &policy, &stop).await;
+        if batch_paused {
+            paused = true;
+        }
+    }
+}
+
+/// Re-reads the token and the signing key after a change. Errors keep the old values and are logged, without the
+/// secrets themselves.
+fn reload_secrets(built: &Built) {
+    match built.credentials.reload() {
+        Ok(true) => tracing::info!("auth token reloaded"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("keeping the previous auth token: {e}"),
+    }
+    match load_signing_key(&built.config) {
+        Ok(key) => built.engine.set_signing_key(key),
+        Err(e) => tracing::warn!("keeping the previous signing key: {e}"),
+    }
+}
+
+/// Waits until work arrives, secrets change, `timeout` passes, or shutdown.
+async fn wait_for_change(
+    shared: &Shared,
+    stop: &CancellationToken,
+    secrets_changed: &Notify,
+    timeout: Duration,
+) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = shared.work_available.notified() => {}
+        _ = secrets_changed.notified() => {}
+        _ = tokio::time::sleep(timeout) => {}
+    }
+}
+
+/// Uploads one batch and writes every root's outcome back. Returns whether the target must pause.
+async fn run_batch(
+    shared: &Arc<Shared>,
+    engine: &Arc<Engine<AnyBackend>>,
+    due: Vec<Entry>,
+    config: &Config,
+    policy: &retry::Policy,
+    stop: &CancellationToken,
+) -> bool {
+    let mut entries = due;
+    for entry in &mut entries {
+        entry.state = State::Uploading;
+        entry.updated_at_ms = queue::now_ms();
+        if let Err(e) = shared.queue.set(entry) {
+            tracing::error!(store_path = %entry.path, "cannot mark uploading: {e}");
+        }
+    }
+    let roots: Vec<_> = entries.iter().map(|e| e.path.clone()).collect();
+    let progress = tokio::spawn(report_progress(
+        Arc::clone(shared),
+        Arc::clone(engine),
+        stop.child_token(),
+    ));
+    let batch_stop = stop.child_token();
+    let report = engine.push(&roots, &batch_stop).await;
+    progress.abort();
+    shared.engine.send_modify(|s| s.in_flight.clear());
+
+    let now = queue::now_ms();
+    let mut pause = report.auth_failure.is_some();
+    for (root, outcome) in report.roots {
+        let Some(mut entry) = entries.iter().find(|e| e.path == root).cloned() else {
+            continue;
+        };
+        entry.updated_at_ms = now;
+        let result = match outcome {
+            RootOutcome::Done => {
+                tracing::debug!(store_path = %root, "closure complete");
+                shared.queue.remove(&root).map(|_| ())
+            }
+            RootOutcome::Gone => {
+                let reason = "garbage-collected before upload".to_owned();
+                tracing::info!(store_path = %root, "skipped {root}: {reason}");
+                let gone = PathReport {
+                    path: root.clone(),
+                    outcome: PathOutcome::Failed(reason.clone()),
+                    nar_size: 0,
+                    file_size: None,
+                    duration_ms: None,
+                };
+                record(&*shared.queue, &gone, Outcome::SkippedGone, Some(reason));
+                shared.queue.remove(&root).map(|_| ())
+            }
+            RootOutcome::Failed(error) => {
+                entry.last_error = Some(error.to_string());
+                if matches!(*error, upload::Error::Cancelled) || error.is_auth() {
+                    // Not the path's fault: back to the queue without spending an attempt.
+                    pause |= error.is_auth();
+                    entry.state = State::Queued;
+                } else {
+                    entry.attempts += 1;
+                    if !error.is_retryable() || entry.attempts >= config.target.max_attempts {
+                        entry.state = State::Failed;
+                        tracing::error!(
+                            store_path = %root,
+                            attempt = entry.attempts,
+                            "giving up on {root} after {} attempt(s): {error}",
+                            entry.attempts
+                        );
+                        let failed = PathReport {
+                            path: root.clone(),
+                            outcome: PathOutcome::Failed(error.to_string()),
+                            nar_size: 0,
+                            file_size: None,
+                            duration_ms: None,
+                        };
+                        record(
+                            &*shared.queue,
+                            &failed,
+                            Outcome::Failed,
+                            Some(error.to_string()),
+                        );
+                    } else {
+                        let delay =
+                            policy.delay(entry.attempts, error.retry_after(), rand::random());
+                        entry.state = State::Queued;
+                        entry.next_attempt_at_ms = now + delay.as_millis() as u64;
+                        tracing::warn!(
+                            store_path = %root,
+                            attempt = entry.attempts,
+                            "upload of {root} failed (attempt {}/{}), retrying in {:.1} s: {error}",
+                            entry.attempts,
+                            config.target.max_attempts,
+                            delay.as_secs_f64()
+                        );
+                    }
+                }
+                shared.queue.set(&entry)
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(store_path = %root, "cannot update the queue: {e}");
+        }
+    }
+    if pause {
+        if let Some(e) = &report.auth_failure {
+            tracing::error!(
+                "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
+            );
+            set_status(shared, TargetState::Paused, format!("paused: {e}"));
+        }
+    }
+    let queue = Arc::clone(&shared.queue);
+    match tokio::task::spawn_blocking(move || queue.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("cannot flush the queue: {e}"),
+        Err(e) => tracing::error!("queue flush task failed: {e}"),
+    }
+    pause
+}
+
+/// Copies the engine's in-flight view into the status every [`PROGRESS_INTERVAL`].
+async fn report_progress(
+    shared: Arc<Shared>,
+    engine: Arc<Engine<AnyBackend>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let now_secs = queue::now_ms() / 1000;
+        let in_flight: Vec<InFlightUpload> = engine
+            .in_flight()
+            .into_iter()
+            .map(|f| InFlightUpload {
+                path: f.path,
+                started_at: now_secs.saturating_sub(f.elapsed_ms / 1000),
+                nar_bytes_done: f.nar_done,
+                nar_size: Some(f.nar_size),
+            })
+            .collect();
+        shared
+            .engine
+            .send_modify(|s: &mut EngineStatus| s.in_flight = in_flight);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
+        }
+    }
+}

@@ -1,0 +1,641 @@
+//! A validating NAR parser: checks a stream against the grammar in [`super`], hashing it as it goes, and can
+//! restore it to disk.
+//!
+//! Only canonical NARs (what `nix-store --dump` writes) are accepted: `executable` before `contents`, entries
+//! sorted by raw bytes with no duplicates, names that are single path components (not empty, `.`, `..`, no `/`
+//! or NUL, at most 255 bytes), non-empty symlink targets of at most 4096 bytes, zero padding, and nothing after
+//! the final `)`. File contents are streamed through a fixed buffer and nesting is tracked with an explicit stack
+//! (capped at [`MAX_DEPTH`]), so memory stays bounded and hostile input cannot overflow the call stack.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use super::{padding_len, Error, MAGIC, MAX_NAME_LEN, MAX_TARGET_LEN};
+use crate::hash::{HashingReader, Sha256Hash};
+
+/// Deepest directory nesting accepted. Far beyond anything a real store path holds (Linux cannot even name a path
+/// that deep with `PATH_MAX` = 4096), low enough to bound memory.
+pub const MAX_DEPTH: usize = 2048;
+
+/// Longest framing token (`directory`, `executable`, …) plus slack for a readable error.
+const MAX_TOKEN_LEN: usize = 16;
+const COPY_BUFFER_BYTES: usize = 128 * 1024;
+
+/// What a valid NAR contained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarStats {
+    /// Total size in bytes (the narinfo `NarSize`).
+    pub nar_size: u64,
+    /// SHA-256 of the whole stream (the narinfo `NarHash`).
+    pub nar_hash: Sha256Hash,
+    /// Regular files, executable or not.
+    pub regular_files: u64,
+    /// Regular files with the executable marker.
+    pub executables: u64,
+    /// Symlinks.
+    pub symlinks: u64,
+    /// Directories, including the root if it is one.
+    pub directories: u64,
+    /// Sum of all file contents.
+    pub contents_bytes: u64,
+}
+
+/// Parses and validates a whole NAR from `r`, reading to the end to make sure nothing follows it.
+pub fn validate(r: &mut dyn Read) -> Result<NarStats, Error> {
+    parse(r, &mut NoSink)
+}
+
+/// Unpacks the NAR from `r` at `dest`, which must not exist yet. Executable files get mode 0777 and others 0666,
+/// both minus the umask, as `nix-store --restore` does. On error, whatever was created so far is left in place.
+pub fn restore(r: &mut dyn Read, dest: &Path) -> Result<(), Error> {
+    parse(
+        r,
+        &mut RestoreSink {
+            dest: dest.to_owned(),
+            file: None,
+        },
+    )
+    .map(|_| ())
+}
+
+/// Receives the tree as it is parsed. `path` is the entry's components below the root (empty for the root).
+trait Sink {
+    fn directory(&mut self, path: &[Vec<u8>]) -> Result<(), Error>;
+    fn begin_file(&mut self, path: &[Vec<u8>], executable: bool) -> Result<(), Error>;
+    fn file_data(&mut self, data: &[u8]) -> Result<(), Error>;
+    fn end_file(&mut self) -> Result<(), Error>;
+    fn symlink(&mut self, path: &[Vec<u8>], target: &[u8]) -> Result<(), Error>;
+}
+
+struct NoSink;
+
+impl Sink for NoSink {
+    fn directory(&mut self, _: &[Vec<u8>]) -> Result<(), Error> {
+        Ok(())
+    }
+    fn begin_file(&mut self, _: &[Vec<u8>], _: bool) -> Result<(), Error> {
+        Ok(())
+    }
+    fn file_data(&mut self, _: &[u8]) -> Result<(), Error> {
+        Ok(())
+    }
+    fn end_file(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    fn symlink(&mut self, _: &[Vec<u8>], _: &[u8]) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+struct RestoreSink {
+    dest: PathBuf,
+    file: Option<(PathBuf, File)>,
+}
+
+impl RestoreSink {
+    fn full_path(&self, path: &[Vec<u8>]) -> PathBuf {
+        let mut full = self.dest.clone();
+        for component in path {
+            full.push(OsStr::from_bytes(component));
+        }
+        full
+    }
+}
+
+fn restore_error(path: PathBuf) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Restore { path, source }
+}
+
+impl Sink for RestoreSink {
+    fn directory(&mut self, path: &[Vec<u8>]) -> Result<(), Error> {
+        let full = self.full_path(path);
+        std::fs::create_dir(&full).map_err(restore_error(full))
+    }
+
+    fn begin_file(&mut self, path: &[Vec<u8>], executable: bool) -> Result<(), Error> {
+        let full = self.full_path(path);
+        // create_new: never write through an existing file or symlink.
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(if executable { 0o777 } else { 0o666 })
+            .open(&full)
+            .map_err(restore_error(full.clone()))?;
+        self.file = Some((full, file));
+        Ok(())
+    }
+
+    fn file_data(&mut self, data: &[u8]) -> Result<(), Error> {
+        if let Some((path, file)) = &mut self.file {
+            file.write_all(data).map_err(restore_error(path.clone()))?;
+        }
+        Ok(())
+    }
+
+    fn end_file(&mut self) -> Result<(), Error> {
+        self.file = None;
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &[Vec<u8>], target: &[u8]) -> Result<(), Error> {
+        let full = self.full_path(path);
+        std::os::unix::fs::symlink(OsStr::from_bytes(target), &full).map_err(restore_error(full))
+    }
+}
+
+struct Parser<'r> {
+    input: HashingReader<BufReader<&'r mut dyn Read>>,
+    buf: Vec<u8>,
+    stats: NarStats,
+}
+
+fn parse(r: &mut dyn Read, sink: &mut dyn Sink) -> Result<NarStats, Error> {
+    let mut p = Parser {
+        input: HashingReader::new(BufReader::with_capacity(COPY_BUFFER_BYTES, r)),
+        buf: vec![0u8; COPY_BUFFER_BYTES],
+        stats: NarStats {
+            nar_size: 0,
+            nar_hash: Sha256Hash([0; 32]),
+            regular_files: 0,
+            executables: 0,
+            symlinks: 0,
+            directories: 0,
+            contents_bytes: 0,
+        },
+    };
+    p.expect(MAGIC.as_bytes())?;
+    // The last entry name seen in each open directory; the names on the stack form the current path.
+    let mut dirs: Vec<Vec<u8>> = Vec::new();
+    p.node(&mut dirs, sink)?;
+    while !dirs.is_empty() {
+        let at = p.offset();
+        match p
+            .read_string(MAX_TOKEN_LEN, "\"entry\" or \")\"")?
+            .as_slice()
+        {
+            b")" => {
+                dirs.pop();
+                if !dirs.is_empty() {
+                    p.expect(b")")?;
+                }
+            }
+            b"entry" => {
+                p.expect(b"(")?;
+                p.expect(b"name")?;
+                let at_name = p.offset();
+                let name = p.read_string(MAX_NAME_LEN, "an entry name")?;
+                check_name(&name).map_err(|reason| malformed(at_name, reason))?;
+                let previous = dirs
+                    .last_mut()
+                    .ok_or_else(|| malformed(at, "entry outside a directory"))?;
+                if !previous.is_empty() && name.as_slice() <= previous.as_slice() {
+                    let reason = if name == *previous {
+                        format!("duplicate entry name {:?}", String::from_utf8_lossy(&name))
+                    } else {
+                        format!(
+                            "entry {:?} is not sorted after {:?}",
+                            String::from_utf8_lossy(&name),
+                            String::from_utf8_lossy(previous)
+                        )
+                    };
+                    return Err(malformed(at_name, reason));
+                }
+                *previous = name;
+                p.expect(b"node")?;
+                if !p.node(&mut dirs, sink)? {
+                    p.expect(b")")?;
+                }
+            }
+            other => {
+                return Err(malformed(
+                    at,
+                    format!(
+                        "expected \"entry\" or \")\" in a directory, found {:?}",
+                        String::from_utf8_lossy(other)
+                    ),
+                ))
+            }
+        }
+    }
+    let at_end = p.offset();
+    if p.read_some(&mut [0u8; 1])? != 0 {
+        return Err(malformed(at_end, "trailing data after the end of the NAR"));
+    }
+    let Parser {
+        input, mut stats, ..
+    } = p;
+    let (_, hash, size) = input.finish();
+    stats.nar_hash = hash;
+    stats.nar_size = size;
+    Ok(stats)
+}
+
+fn malformed(offset: u64, reason: impl Into<String>) -> Error {
+    Error::Malformed {
+        offset,
+        reason: reason.into(),
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<(), String> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(format!(
+            "invalid file name {:?}",
+            String::from_utf8_lossy(name)
+        ));
+    }
+    Ok(())
+}
+
+impl Parser<'_> {
+    fn offset(&self) -> u64 {
+        self.input.count()
+    }
+
+    /// Parses one node. A file or symlink is consumed completely and `false` returned; for a directory only the
+    /// header is consumed, a frame is pushed on `dirs` and `true` returned.
+    fn node(&mut self, dirs: &mut Vec<Vec<u8>>, sink: &mut dyn Sink) -> Result<bool, Error> {
+        self.expect(b"(")?;
+        self.expect(b"type")?;
+        let at = self.offset();
+        match self.read_string(MAX_TOKEN_LEN, "a node type")?.as_slice() {
+            b"regular" => {
+                let at_field = self.offset();
+                let mut field =
+                    self.read_string(MAX_TOKEN_LEN, "\"executable\" or \"contents\"")?;
+                let executable = field == b"executable";
+                if executable {
+                    self.expect(b"")?;
+                    field = self.read_string(MAX_TOKEN_LEN, "\"contents\"")?;
+                }
+                if field != b"contents" {
+                    return Err(malformed(
+                        at_field,
+                        format!(
+                            "expected \"executable\" or \"contents\", found {:?}",
+                            String::from_utf8_lossy(&field)
+                        ),
+                    ));
+                }
+                sink.begin_file(dirs, executable)?;
+                let size = self.read_u64()?;
+                let mut remaining = size;
+                while remaining > 0 {
+                    let want = usize::try_from(remaining)
+                        .map_or(self.buf.len(), |r| r.min(self.buf.len()));
+                    let mut chunk = std::mem::take(&mut self.buf);
+                    let filled = self.read_exact(&mut chunk[..want]);
+                    let result = filled.and_then(|()| sink.file_data(&chunk[..want]));
+                    self.buf = chunk;
+                    result?;
+                    remaining -= want as u64;
+                }
+                self.padding(size)?;
+                sink.end_file()?;
+                self.expect(b")")?;
+                self.stats.regular_files += 1;
+                self.stats.executables += u64::from(executable);
+                self.stats.contents_bytes += size;
+                Ok(false)
+            }
+            b"symlink" => {
+                self.expect(b"target")?;
+                let at_target = self.offset();
+                let target = self.read_string(MAX_TARGET_LEN, "a symlink target")?;
+                if target.is_empty() || target.contains(&0) {
+                    return Err(malformed(
+                        at_target,
+                        "symlink target is empty or contains NUL",
+                    ));
+                }
+                sink.symlink(dirs, &target)?;
+                self.expect(b")")?;
+                self.stats.symlinks += 1;
+                Ok(false)
+            }
+            b"directory" => {
+                if dirs.len() >= MAX_DEPTH {
+                    return Err(malformed(
+                        at,
+                        format!("directories nested deeper than {MAX_DEPTH} levels"),
+                    ));
+                }
+                sink.directory(dirs)?;
+                dirs.push(Vec::new());
+                self.stats.directories += 1;
+                Ok(true)
+            }
+            other => Err(malformed(
+                at,
+                format!("unknown node type {:?}", String::from_utf8_lossy(other)),
+            )),
+        }
+    }
+
+    /// Reads one string and checks it equals `token`.
+    fn expect(&mut self, token: &[u8]) -> Result<(), Error> {
+        let at = self.offset();
+        let what = format!("{:?}", String::from_utf8_lossy(token));
+        let found = self.read_string(MAX_TOKEN_LEN.max(token.len()), &what)?;
+        if found != token {
+            return Err(malformed(
+                at,
+                format!(
+                    "expected {what}, found {:?}",
+                    String::from_utf8_lossy(&found)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads a length-prefixed string of at most `max` bytes, with its padding.
+    fn read_string(&mut self, max: usize, what: &str) -> Result<Vec<u8>, Error> {
+        let at = self.offset();
+        let len = self.read_u64()?;
+        if len > max as u64 {
+            return Err(malformed(
+                at,
+                format!("expected {what}, found a {len}-byte string (limit {max})"),
+            ));
+        }
+        // len <= max, which is a usize.
+        let mut s = vec![0u8; len as usize];
+        self.read_exact(&mut s)?;
+        self.padding(len)?;
+        Ok(s)
+    }
+
+    fn read_u64(&mut self) -> Result<u64, Error> {
+        let mut b = [0u8; 8];
+        self.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn padding(&mut self, len: u64) -> Result<(), Error> {
+        let at = self.offset();
+        let mut pad = [0u8; 8];
+        let pad = &mut pad[..padding_len(len)];
+        self.read_exact(pad)?;
+        if pad.iter().any(|&b| b != 0) {
+            return Err(malformed(at, "non-zero padding"));
+        }
+        Ok(())
+    }
+
+    fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), Error> {
+        while !buf.is_empty() {
+            let n = self.read_some(buf)?;
+            if n == 0 {
+                return Err(Error::Truncated {
+                    offset: self.offset(),
+                });
+            }
+            buf = &mut buf[n..];
+        }
+        Ok(())
+    }
+
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
+        loop {
+            match self.input.read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Error::Read {
+                        offset: self.offset(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VECTORS: &[&str] = &[
+        "regular.nar",
+        "executable.nar",
+        "empty.nar",
+        "symlink.nar",
+        "emptydir.nar",
+        "tree.nar",
+        "padding.nar",
+        "dep.nar",
+        "top.nar",
+        "top-doc.nar",
+        "added.nar",
+    ];
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/vectors")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    fn s(bytes: &[u8]) -> Vec<u8> {
+        let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(bytes);
+        out.resize(out.len() + padding_len(bytes.len() as u64), 0);
+        out
+    }
+
+    fn nar(tokens: &[&[u8]]) -> Vec<u8> {
+        tokens.iter().flat_map(|t| s(t)).collect()
+    }
+
+    fn dir_with(names: &[&[u8]]) -> Vec<u8> {
+        let mut tokens: Vec<&[u8]> = vec![b"nix-archive-1", b"(", b"type", b"directory"];
+        for name in names {
+            tokens.extend_from_slice(&[
+                b"entry",
+                b"(",
+                b"name",
+                name,
+                b"node",
+                b"(",
+                b"type",
+                b"regular",
+                b"contents",
+                b"",
+                b")",
+                b")",
+            ]);
+        }
+        tokens.push(b")");
+        nar(&tokens)
+    }
+
+    fn error_of(bytes: &[u8]) -> String {
+        validate(&mut &bytes[..]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn vectors_validate_with_correct_hash() {
+        let json: serde_json::Value = serde_json::from_slice(&fixture("vectors.json")).unwrap();
+        for path in json["paths"].as_array().unwrap() {
+            let bytes = fixture(path["nar_file"].as_str().unwrap());
+            let stats = validate(&mut &bytes[..]).unwrap();
+            assert_eq!(stats.nar_size, path["nar_size"].as_u64().unwrap());
+            assert_eq!(
+                stats.nar_hash.to_string(),
+                path["nar_hash"].as_str().unwrap()
+            );
+        }
+        assert_eq!(VECTORS.len(), json["paths"].as_array().unwrap().len());
+        let tree = validate(&mut &fixture("tree.nar")[..]).unwrap();
+        assert_eq!(tree.symlinks, 3);
+        assert_eq!(tree.executables, 1);
+    }
+
+    #[test]
+    fn restore_then_dump_round_trips() {
+        for name in VECTORS {
+            let bytes = fixture(name);
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("out");
+            restore(&mut &bytes[..], &dest).unwrap();
+            let mut again = Vec::new();
+            super::super::dump(&dest, &mut again).unwrap();
+            assert_eq!(again, bytes, "{name}");
+        }
+    }
+
+    #[test]
+    fn rejects_hostile_names() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/", b"a\0b"] {
+            let msg = error_of(&dir_with(&[bad]));
+            assert!(msg.contains("invalid file name"), "{msg}");
+        }
+        let long = vec![b'x'; 256];
+        assert!(error_of(&dir_with(&[&long])).contains("limit 255"));
+        assert!(validate(&mut &dir_with(&[&vec![b'x'; 255]])[..]).is_ok());
+    }
+
+    #[test]
+    fn rejects_unsorted_and_duplicate_entries() {
+        assert!(error_of(&dir_with(&[b"b", b"a"])).contains("not sorted"));
+        assert!(error_of(&dir_with(&[b"a", b"a"])).contains("duplicate"));
+        assert!(validate(&mut &dir_with(&[b"B", b"a", b"a-b", b"a.b", b"\xff"])[..]).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_framing() {
+        let good = fixture("regular.nar");
+        // Non-zero padding after "hello\n" (at 0x66).
+        let mut bad = good.clone();
+        bad[0x66] = 1;
+        assert!(error_of(&bad).contains("non-zero padding"));
+        // Truncation anywhere.
+        for cut in [0, 1, 8, 20, 100, good.len() - 1] {
+            let msg = error_of(&good[..cut]);
+            assert!(msg.contains("truncated"), "{cut}: {msg}");
+        }
+        // Trailing garbage.
+        let mut long = good.clone();
+        long.extend_from_slice(&[0; 8]);
+        assert!(error_of(&long).contains("trailing data"));
+        // Wrong magic, unknown type, absurd lengths.
+        assert!(error_of(&nar(&[b"nix-archive-2"])).contains("nix-archive-1"));
+        assert!(
+            error_of(&nar(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"]))
+                .contains("unknown node type")
+        );
+        let mut absurd = s(b"nix-archive-1");
+        absurd.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(error_of(&absurd).contains("18446744073709551615-byte"));
+        let target = vec![b'x'; 4097];
+        assert!(error_of(&nar(&[
+            b"nix-archive-1",
+            b"(",
+            b"type",
+            b"symlink",
+            b"target",
+            &target,
+            b")"
+        ]))
+        .contains("limit 4096"));
+        // Non-canonical field order.
+        assert!(error_of(&nar(&[
+            b"nix-archive-1",
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+            b"",
+            b"executable",
+            b"",
+            b")"
+        ]))
+        .contains("expected \")\""));
+    }
+
+    #[test]
+    fn deep_nesting_is_capped() {
+        let mut bytes = s(b"nix-archive-1");
+        for _ in 0..=MAX_DEPTH {
+            for t in [
+                &b"("[..],
+                b"type",
+                b"directory",
+                b"entry",
+                b"(",
+                b"name",
+                b"d",
+                b"node",
+            ] {
+                bytes.extend(s(t));
+            }
+        }
+        assert!(error_of(&bytes).contains("nested deeper"));
+    }
+
+    #[test]
+    fn restore_refuses_existing_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = restore(&mut &fixture("regular.nar")[..], dir.path()).unwrap_err();
+        assert!(matches!(err, Error::Restore { .. }), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Mutated vectors never panic; whatever still validates must hash consistently.
+        #[test]
+        fn mutated_nars_never_panic(
+            which in 0..VECTORS.len(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let mut bytes = fixture(VECTORS[which]);
+            for (at, value) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            if let Ok(stats) = validate(&mut &bytes[..]) {
+                prop_assert_eq!(stats.nar_size, bytes.len() as u64);
+                prop_assert_eq!(stats.nar_hash, Sha256Hash::of(&bytes));
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = validate(&mut &bytes[..]);
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! One store path to one compressed NAR file, streamed: NAR → SHA-256 → compressor → SHA-256 → file.
+//!
+//! Nothing is held whole in memory: the NAR writer streams file contents through fixed buffers, and the
+//! compressed bytes go straight to a temporary file (in the backend's staging directory when it has one, so a
+//! `file://` cache renames instead of copying). The file name of a NAR in a cache depends on the hash of the
+//! compressed bytes, known only at the end, which is why the bytes land in a file rather than going out directly.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::Compression;
+use crate::hash::{HashingWriter, Sha256Hash};
+use crate::nar;
+use crate::store_path::StorePath;
+
+/// Prefix of temporary NAR files; backends clean up stale ones with it.
+pub const TEMP_PREFIX: &str = ".nixpush-tmp-";
+
+/// Why a NAR could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Serialising the store path failed (unreadable entry, unsupported file type, vanished file).
+    #[error("cannot serialise {path}: {source}")]
+    Nar {
+        /// The store path.
+        path: StorePath,
+        /// What went wrong.
+        source: Box<nar::Error>,
+    },
+    /// Writing the temporary file failed (disk full, read-only).
+    #[error("cannot write temporary NAR file {file}: {source}")]
+    Temp {
+        /// The temporary file.
+        file: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+}
+
+/// A compressed NAR in a temporary file, removed on drop unless [`PreparedNar::keep`] is called.
+#[derive(Debug)]
+pub struct PreparedNar {
+    /// The temporary file.
+    pub file: PathBuf,
+    /// SHA-256 of the uncompressed NAR (`NarHash`).
+    pub nar_hash: Sha256Hash,
+    /// Uncompressed NAR size (`NarSize`).
+    pub nar_size: u64,
+    /// SHA-256 of the file (`FileHash`).
+    pub file_hash: Sha256Hash,
+    /// Size of the file (`FileSize`).
+    pub file_size: u64,
+    keep: bool,
+}
+
+impl PreparedNar {
+    /// Forgets the file without deleting it (a backend renamed it into place).
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for PreparedNar {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.file);
+        }
+    }
+}
+
+/// Streams `path` as a compressed NAR into a new temporary file in `dir`. `progress` counts uncompressed NAR bytes
+/// as they are produced. Blocking: run it on a blocking thread.
+pub fn prepare(
+    path: &StorePath,
+    compression: Compression,
+    level: i32,
+    dir: &Path,
+    progress: &Arc<AtomicU64>,
+) -> Result<PreparedNar, Error> {
+    let file_path = dir.join(format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>()));
+    let temp_error = |source| Error::Temp {
+        file: file_path.clone(),
+        source,
+    };
+    let file = File::create(&file_path).map_err(temp_error)?;
+    // From here on, dropping `guard` removes the file on any error.
+    let mut guard = PreparedNar {
+        file: file_path.clone(),
+        nar_hash: Sha256Hash([0; 32]),
+        nar_size: 0,
+        file_hash: Sha256Hash([0; 32]),
+        file_size: 0,
+        keep: false,
+    };
+    let file_hasher = HashingWriter::new(BufWriter::with_capacity(256 * 1024, file));
+    let compressor = Compressor::new(compression, level, file_hasher).map_err(temp_error)?;
+    let mut nar_hasher = HashingWriter::new(Counting {
+        inner: compressor,
+        count: Arc::clone(progress),
+    });
+    nar::dump(path.as_path(), &mut nar_hasher).map_err(|source| Error::Nar {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
+    let (counting, nar_hash, nar_size) = nar_hasher.finish();
+    let file_hasher = counting.inner.finish().map_err(temp_error)?;
+    let (buffered, file_hash, file_size) = file_hasher.finish();
+    let file = buffered
+        .into_inner()
+        .map_err(|e| temp_error(e.into_error()))?;
+    file.sync_data().map_err(temp_error)?;
+    guard.nar_hash = nar_hash;
+    guard.nar_size = nar_size;
+    guard.file_hash = file_hash;
+    guard.file_size = file_size;
+    Ok(guard)
+}
+
+/// Counts bytes written through it into a shared counter, for progress reports.
+struct Counting<W> {
+    inner: W,
+    count: Arc<AtomicU64>,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The configured compressor as one `Write`.
+enum Compressor<W: Write> {
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Xz(xz2::write::XzEncoder<W>),
+    None(W),
+}
+
+impl<W: Write> Compressor<W> {
+    fn new(compression: Compression, level: i32, inner: W) -> io::Result<Compressor<W>> {
+        Ok(match compression {
+            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(inner, level)?),
+            Compression::Xz => {
+                Compressor::Xz(xz2::write::XzEncoder::new(inner, level.clamp(0, 9) as u32))
+            }
+            Compression::None => Compressor::None(inner),
+        })
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Compressor::Zstd(encoder) => encoder.finish(),
+            Compressor::Xz(encoder) => encoder.finish(),
+            Compressor::None(mut inner) => {
+                inner.flush()?;
+                Ok(inner)
+            }
+        }
+    }
+}
+
+impl<W: Write> Write for Compressor<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressor::Zstd(e) => e.write(buf),
+            Compressor::Xz(e) => e.write(buf),
+            Compressor::None(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressor::Zstd(e) => e.flush(),
+            Compressor::Xz(e) => e.flush(),
+            Compressor::None(w) => w.flush(),
+        }
+    }
+}

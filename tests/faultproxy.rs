@@ -1,0 +1,171 @@
+//! A loopback HTTP proxy that fails a share of requests on purpose: 500, 429 with Retry-After, a connection reset
+//! in the middle of the request body, or a stall past the client's timeout. Everything else is forwarded to the
+//! upstream server. Every connection carries exactly one request (`Connection: close`), which keeps the proxy
+//! simple and makes each fault hit exactly one request.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One kind of injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `500 Internal Server Error`.
+    ServerError,
+    /// `429 Too Many Requests` with `Retry-After: 1`.
+    TooManyRequests,
+    /// Read half of the request body, then close the connection without answering.
+    ResetMidBody,
+    /// Read the request, then say nothing for `stall` before closing.
+    Stall,
+}
+
+/// Counters of what the proxy did.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests seen.
+    pub requests: AtomicU64,
+    /// Requests failed on purpose.
+    pub faults: AtomicU64,
+    /// Requests forwarded.
+    pub forwarded: AtomicU64,
+}
+
+/// The running proxy; stops accepting on drop.
+pub struct FaultProxy {
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    /// What happened so far.
+    pub stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Forwards to `127.0.0.1:upstream_port`, failing each request with probability `rate` (0.0–1.0) using the
+    /// faults in `faults` in turn. `seed` makes the sequence reproducible.
+    pub fn start(
+        upstream_port: u16,
+        rate: f64,
+        faults: &[Fault],
+        stall: Duration,
+        seed: u64,
+    ) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stats = Arc::new(Stats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let rng = Arc::new(Mutex::new(seed | 1));
+        let faults = faults.to_vec();
+        let (stats2, stop2) = (Arc::clone(&stats), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let n = stats2.requests.fetch_add(1, Ordering::SeqCst);
+                let roll = next_unit(&rng);
+                let fault = (roll < rate && !faults.is_empty())
+                    .then(|| faults[(n as usize) % faults.len()]);
+                let stats = Arc::clone(&stats2);
+                std::thread::spawn(move || {
+                    let _ = handle(stream, upstream_port, fault, stall, &stats);
+                });
+            }
+        });
+        FaultProxy { port, stats, stop }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// xorshift64: deterministic, dependency-free randomness for fault decisions.
+fn next_unit(state: &Mutex<u64>) -> f64 {
+    let mut s = state.lock().unwrap();
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    (*s >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn handle(
+    client: TcpStream,
+    upstream_port: u16,
+    fault: Option<Fault>,
+    stall: Duration,
+    stats: &Stats,
+) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut head = Vec::new();
+    let mut content_length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            content_length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("connection:") {
+            continue;
+        }
+        if line == "\r\n" {
+            head.extend_from_slice(b"Connection: close\r\n\r\n");
+            break;
+        }
+        head.extend_from_slice(line.as_bytes());
+    }
+    let mut client = client;
+    match fault {
+        Some(Fault::ResetMidBody) => {
+            stats.faults.fetch_add(1, Ordering::SeqCst);
+            let mut half = vec![0u8; content_length / 2];
+            let _ = reader.read_exact(&mut half);
+            // Close with unread data pending, which makes the kernel send a reset.
+            let _ = client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        Some(other) => {
+            let mut body = vec![0u8; content_length];
+            reader.read_exact(&mut body)?;
+            stats.faults.fetch_add(1, Ordering::SeqCst);
+            match other {
+                Fault::ServerError => client.write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops\n",
+                )?,
+                Fault::TooManyRequests => client.write_all(
+                    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )?,
+                Fault::Stall => std::thread::sleep(stall),
+                Fault::ResetMidBody => {}
+            }
+            return Ok(());
+        }
+        None => {}
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
+    upstream.write_all(&head)?;
+    upstream.write_all(&body)?;
+    let mut response = Vec::new();
+    upstream.read_to_end(&mut response)?;
+    client.write_all(&response)?;
+    stats.forwarded.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}

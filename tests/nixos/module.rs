@@ -1,0 +1,327 @@
+//! The module evaluated: units, nix.settings, config, refusals, and the NixOS example.
+
+use std::path::Path;
+
+use nixpush::config::Config;
+use serde_json::{json, Value};
+
+use super::{
+    default_file_target, enabled, eval_module, eval_module_with, fake_package, repo, strings,
+};
+
+#[test]
+fn module_renders_a_hardened_socket_activated_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let pkg = package.to_str().unwrap();
+    let eval = eval_module(&package, &default_file_target()).unwrap();
+
+    let service = &eval["service"]["serviceConfig"];
+    assert_eq!(service["ExecStart"], format!("{pkg}/bin/nixpush daemon"));
+    assert_eq!(service["Type"], "notify");
+    assert_eq!(service["WatchdogSec"], "30s");
+    assert_eq!(service["ExecReload"], "/usr/bin/kill -HUP $MAINPID");
+    assert_eq!(service["User"], "nixpush");
+    assert_eq!(service["StateDirectory"], "nixpush");
+    assert_eq!(service["RuntimeDirectory"], "nixpush");
+    assert_eq!(service["RuntimeDirectoryPreserve"], "yes");
+    for (key, value) in [
+        ("ProtectSystem", json!("strict")),
+        ("ProtectHome", json!(true)),
+        ("PrivateTmp", json!(true)),
+        ("NoNewPrivileges", json!(true)),
+        ("CapabilityBoundingSet", json!("")),
+        (
+            "RestrictAddressFamilies",
+            json!(["AF_UNIX", "AF_INET", "AF_INET6"]),
+        ),
+        ("SystemCallFilter", json!(["@system-service"])),
+    ] {
+        assert_eq!(service[key], value, "{key}");
+    }
+    // Both would break the hook: a user namespace hides uid 0 from SO_PEERCRED, DynamicUser moves the spool.
+    assert!(service["PrivateUsers"].is_null() && service["DynamicUser"].is_null());
+    assert_eq!(
+        strings(&service["LoadCredential"]),
+        ["signing-key:/run/secrets/nixpush-signing-key"]
+    );
+    assert_eq!(strings(&service["ReadWritePaths"]), ["/var/cache/nixpush"]);
+    assert_eq!(strings(&eval["service"]["requires"]), ["nixpush.socket"]);
+    assert_eq!(strings(&eval["service"]["wantedBy"]), ["multi-user.target"]);
+    assert_eq!(
+        strings(&eval["service"]["reloadTriggers"]),
+        [eval["configFile"]["path"].as_str().unwrap()]
+    );
+
+    let socket = &eval["socket"];
+    assert_eq!(
+        strings(&socket["listenStreams"]),
+        ["/run/nixpush/nixpush.sock"]
+    );
+    assert_eq!(socket["socketConfig"]["SocketMode"], "0666");
+    assert_eq!(strings(&socket["wantedBy"]), ["sockets.target"]);
+
+    assert_eq!(
+        eval["nixSettings"],
+        json!({ "post-build-hook": format!("{pkg}/bin/nixpush-hook") })
+    );
+    assert_eq!(eval["nixDaemonEnvironment"], json!({}));
+    assert_eq!(strings(&eval["systemPackages"]), [pkg]);
+    assert_eq!(
+        eval["users"]["users"]["nixpush"]["isSystemUser"],
+        json!(true)
+    );
+    let tmpfiles = strings(&eval["tmpfiles"]);
+    assert!(tmpfiles.contains(&"d /var/lib/nixpush/spool 1733 nixpush nixpush - -"));
+    assert!(tmpfiles.contains(&"d /var/cache/nixpush 0755 nixpush nixpush - -"));
+}
+
+#[test]
+fn module_writes_a_config_nixpush_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let mut services = default_file_target();
+    services["settings"]["client_timeout_ms"] = json!(500);
+    services["settings"]["target"]["workers"] = json!(3);
+    services["allowedUsers"] = json!(["alice"]);
+    let eval = eval_module(&package, &services).unwrap();
+    let text = eval["configFile"]["text"].as_str().unwrap();
+
+    let config =
+        Config::parse(text, Path::new("module.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(config.target.url, "file:///var/cache/nixpush");
+    assert_eq!(
+        config.target.signing_key_file.as_deref(),
+        Some(Path::new("/run/credentials/nixpush.service/signing-key"))
+    );
+    assert_eq!(config.target.auth_token_file, None);
+    assert_eq!(config.target.workers, Some(3));
+    assert_eq!(config.client_timeout_ms, 500, "freeform keys pass through");
+    assert_eq!(config.allowed_users, ["alice"]);
+    assert_eq!(config.socket, Path::new("/run/nixpush/nixpush.sock"));
+    assert_eq!(config.state_dir, Path::new("/var/lib/nixpush"));
+    assert_eq!(config.upstream, ["https://cache.nixos.org"]);
+
+    // The build-time check runs nixpush check-config on the generated file.
+    let script = eval["configFile"]["checkScript"].as_str().unwrap();
+    assert!(
+        script.contains(&format!(
+            "{}/bin/nixpush check-config \"$raw\"",
+            package.display()
+        )),
+        "{script}"
+    );
+    services["checkConfig"] = json!(false);
+    let unchecked = eval_module(&package, &services).unwrap();
+    assert!(unchecked["configFile"]["checkScript"].is_null());
+    assert_eq!(unchecked["configFile"]["text"], eval["configFile"]["text"]);
+}
+
+#[test]
+fn module_hands_secrets_over_and_trusts_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let key = "mycache.cachix.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+    let eval = eval_module(
+        &package,
+        &enabled(
+            json!({ "target": { "url": "cachix://mycache" } }),
+            json!({
+                "authTokenFile": "/run/secrets/cachix-token",
+                "signingKeyFile": "/run/secrets/cachix-key",
+                "environmentFile": "/run/secrets/nixpush.env",
+                "addToSubstituters": true,
+                "publicKey": key,
+            }),
+        ),
+    )
+    .unwrap();
+    let service = &eval["service"]["serviceConfig"];
+    assert_eq!(
+        strings(&service["LoadCredential"]),
+        [
+            "signing-key:/run/secrets/cachix-key",
+            "auth-token:/run/secrets/cachix-token"
+        ]
+    );
+    assert_eq!(
+        strings(&service["EnvironmentFile"]),
+        ["/run/secrets/nixpush.env"]
+    );
+    assert_eq!(strings(&service["ReadWritePaths"]), Vec::<&str>::new());
+    let text = eval["configFile"]["text"].as_str().unwrap();
+    assert!(!text.contains("/run/secrets"), "{text}");
+    let config = Config::parse(text, Path::new("module.toml")).unwrap();
+    assert_eq!(
+        config.target.auth_token_file.as_deref(),
+        Some(Path::new("/run/credentials/nixpush.service/auth-token"))
+    );
+    assert_eq!(
+        strings(&eval["nixSettings"]["substituters"]),
+        ["https://mycache.cachix.org"]
+    );
+    assert_eq!(strings(&eval["nixSettings"]["trusted-public-keys"]), [key]);
+
+    // Any other target is read from its own URL unless substituterUrl says otherwise.
+    let http = |extra: Value| {
+        let mut rest = json!({ "addToSubstituters": true, "publicKey": key });
+        for (k, v) in extra.as_object().unwrap() {
+            rest[k] = v.clone();
+        }
+        eval_module(
+            &package,
+            &enabled(
+                json!({ "target": { "url": "https://cache.example.org/nix" } }),
+                rest,
+            ),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        strings(&http(json!({}))["nixSettings"]["substituters"]),
+        ["https://cache.example.org/nix"]
+    );
+    assert_eq!(
+        strings(
+            &http(json!({ "substituterUrl": "https://read.example.org" }))["nixSettings"]
+                ["substituters"]
+        ),
+        ["https://read.example.org"]
+    );
+}
+
+#[test]
+fn module_hook_and_substituters_follow_their_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let mut services = default_file_target();
+    services["hook"] = json!({ "enable": false });
+    let eval = eval_module(&package, &services).unwrap();
+    assert_eq!(eval["nixSettings"], json!({}));
+
+    let disabled = eval_module(&package, &json!({ "enable": false })).unwrap();
+    assert_eq!(disabled, json!({}), "a disabled module renders nothing");
+}
+
+#[test]
+fn module_tells_nix_daemon_about_a_moved_socket_and_state_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let eval = eval_module(
+        &package,
+        &enabled(
+            json!({
+                "socket": "/run/nixpush-alt/hook.sock",
+                "state_dir": "/srv/nixpush",
+                "socket_mode": "0660",
+                "socket_group": "nixbld",
+                "target": { "url": "file:///srv/cache" },
+            }),
+            json!({}),
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        eval["nixDaemonEnvironment"],
+        json!({ "NIXPUSH_SOCKET": "/run/nixpush-alt/hook.sock", "NIXPUSH_SPOOL": "/srv/nixpush/spool" })
+    );
+    assert_eq!(
+        strings(&eval["socket"]["listenStreams"]),
+        ["/run/nixpush-alt/hook.sock"]
+    );
+    assert_eq!(
+        eval["socket"]["socketConfig"],
+        json!({ "SocketMode": "0660", "SocketGroup": "nixbld" })
+    );
+    let service = &eval["service"]["serviceConfig"];
+    assert!(service["StateDirectory"].is_null());
+    assert_eq!(
+        strings(&service["ReadWritePaths"]),
+        ["/srv/cache", "/srv/nixpush"]
+    );
+    assert!(strings(&eval["tmpfiles"]).contains(&"d /srv/nixpush/spool 1733 nixpush nixpush - -"));
+}
+
+#[test]
+fn module_refuses_settings_that_cannot_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let file = json!({ "target": { "url": "file:///c" } });
+    for (services, expected) in [
+        (
+            enabled(file.clone(), json!({ "addToSubstituters": true })),
+            "services.nixpush.addToSubstituters needs services.nixpush.publicKey",
+        ),
+        (
+            enabled(
+                file.clone(),
+                json!({ "signingKeyFile": "/nix/store/00000000000000000000000000000000-key" }),
+            ),
+            "services.nixpush.signingKeyFile must be an absolute path outside the Nix store",
+        ),
+        (
+            enabled(file.clone(), json!({ "authTokenFile": "token" })),
+            "services.nixpush.authTokenFile must be an absolute path",
+        ),
+        (
+            enabled(
+                json!({ "target": { "url": "file:///c", "signing_key_file": "/k" } }),
+                json!({ "signingKeyFile": "/run/secrets/k" }),
+            ),
+            "either services.nixpush.signingKeyFile or settings.target.signing_key_file",
+        ),
+        (
+            enabled(json!({ "target": { "url": "ftp://c" } }), json!({})),
+            "services.nixpush.settings.target.url' is not of type",
+        ),
+        (
+            enabled(
+                json!({ "target": { "url": "file:///c", "compression": "gzip" } }),
+                json!({}),
+            ),
+            "services.nixpush.settings.target.compression' is not of type",
+        ),
+        (
+            enabled(json!({}), json!({})),
+            "services.nixpush.settings.target.url' is used but not defined",
+        ),
+        (
+            enabled(file.clone(), json!({ "signingKey": "/k" })),
+            "services.nixpush.signingKey' does not exist",
+        ),
+    ] {
+        let err = eval_module(&package, &services).expect_err(&services.to_string());
+        assert!(
+            err.contains(expected),
+            "{services}\nwanted {expected:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn example_nixos_configuration_evaluates_against_the_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let example = repo().join("examples/nixos/nixpush.nix");
+    let eval = eval_module_with(&package, "exampleModule", example.to_str().unwrap()).unwrap();
+    assert_eq!(
+        strings(&eval["service"]["serviceConfig"]["LoadCredential"]),
+        [
+            "signing-key:/run/secrets/cachix-signing-key",
+            "auth-token:/run/secrets/cachix-token"
+        ]
+    );
+    assert_eq!(
+        strings(&eval["nixSettings"]["substituters"]),
+        ["https://mycache.cachix.org"]
+    );
+    // Credentials are copied at start, so a rotated secret must restart the service.
+    for (secret, units) in eval["sopsRestartUnits"].as_object().unwrap() {
+        assert_eq!(strings(units), ["nixpush.service"], "{secret}");
+    }
+    Config::parse(
+        eval["configFile"]["text"].as_str().unwrap(),
+        Path::new("example.toml"),
+    )
+    .unwrap();
+}

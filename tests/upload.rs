@@ -1,0 +1,289 @@
+//! The upload engine against real Nix paths, a real `file://` cache and real nginx, checked by real `nix copy`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use nixpush::backend::{AnyBackend, Credentials};
+use nixpush::config::Config;
+use nixpush::narinfo::NarInfo;
+use nixpush::pathinfo::LocalStore;
+use nixpush::signing::{PublicKey, SecretKey};
+use nixpush::store_path::StorePath;
+use nixpush::upload::{
+    Engine, LogObserver, MemoryPresentCache, PathOutcome, RootOutcome, Settings,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::nginx::Nginx;
+
+const BUILD_OPTIONS: [&str; 6] = [
+    "--option",
+    "build-users-group",
+    "",
+    "--option",
+    "sandbox",
+    "false",
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors")
+}
+
+/// Realises `vectors.nix` (instant once built) and returns the `vec-top` output.
+fn vec_top() -> StorePath {
+    let out = Command::new("nix-build")
+        .arg(fixtures().join("vectors.nix"))
+        .args(BUILD_OPTIONS)
+        .args(["--option", "substituters", "", "--no-out-link", "-A", "top"])
+        .output()
+        .expect("nix-build runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.ends_with("-vec-top"))
+        .expect("vec-top output");
+    StorePath::parse(line, "/nix/store").unwrap()
+}
+
+fn test_key() -> SecretKey {
+    SecretKey::load(&fixtures().join("test-key.sec")).unwrap()
+}
+
+fn config_for(url: &str, state: &Path) -> Config {
+    let text = format!(
+        "state_dir = {state:?}\nupstream = []\n[target]\nurl = {url:?}\nworkers = 2\n",
+        state = state.display().to_string()
+    );
+    Config::parse(&text, Path::new("test.toml")).unwrap()
+}
+
+fn engine(config: &Config) -> Engine<AnyBackend> {
+    let backend = AnyBackend::from_config(config, Credentials::none()).unwrap();
+    let store = LocalStore::open(config.store_dir_str(), &config.nix_db).unwrap();
+    Engine::new(
+        Arc::new(backend),
+        Arc::new(store),
+        Settings::from_config(config).unwrap(),
+        Some(test_key()),
+        Arc::new(MemoryPresentCache::default()),
+        Arc::new(LogObserver),
+    )
+    .unwrap()
+}
+
+/// Real Nix substitutes `path` from `cache` into a fresh store root, trusting `public_key`.
+pub fn nix_copy_from(cache: &str, path: &StorePath, public_key: &str) -> std::process::Output {
+    let root = tempfile::tempdir().unwrap();
+    Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command", "copy"])
+        .args(["--from", cache, "--to"])
+        .arg(root.path())
+        .args(["--option", "trusted-public-keys", public_key])
+        .args(["--option", "narinfo-cache-negative-ttl", "0"])
+        .args(["--option", "narinfo-cache-positive-ttl", "0"])
+        .arg(path.as_str())
+        .output()
+        .expect("nix copy runs")
+}
+
+fn wrong_key() -> String {
+    nixpush::signing::generate("nixpush-test-1")
+        .public_key()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_fills_a_file_cache_that_nix_accepts() {
+    let top = vec_top();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let config = config_for(&url, &dir.path().join("state"));
+    let engine = engine(&config);
+    nixpush::backend::Backend::prepare(engine.backend().as_ref())
+        .await
+        .unwrap();
+
+    let report = engine
+        .push(std::slice::from_ref(&top), &CancellationToken::new())
+        .await;
+    assert!(
+        matches!(report.roots[..], [(_, RootOutcome::Done)]),
+        "{report:?}"
+    );
+    let uploaded: Vec<&str> = report
+        .paths
+        .iter()
+        .filter(|p| p.outcome == PathOutcome::Uploaded)
+        .map(|p| p.path.name())
+        .collect();
+    assert_eq!(uploaded.len(), 2, "vec-dep and vec-top: {uploaded:?}");
+    // References go first.
+    assert_eq!(uploaded, ["vec-dep", "vec-top"]);
+
+    let public =
+        PublicKey::parse(&std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap())
+            .unwrap();
+    for report in &report.paths {
+        let text =
+            std::fs::read_to_string(cache.join(format!("{}.narinfo", report.path.hash_part())))
+                .unwrap();
+        let info = NarInfo::parse(&text, "/nix/store").unwrap();
+        assert!(info.verify(&public), "signature of {}", report.path);
+        assert!(cache.join(&info.url).exists(), "NAR of {}", report.path);
+        assert_eq!(info.compression, "zstd");
+    }
+    assert_eq!(
+        std::fs::read_to_string(cache.join("nix-cache-info")).unwrap(),
+        "StoreDir: /nix/store\n"
+    );
+
+    let ok = nix_copy_from(&url, &top, &public.to_string());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = nix_copy_from(&url, &top, &wrong_key());
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("lacks a valid signature"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // A second push finds everything present and uploads nothing.
+    let again = engine
+        .push(std::slice::from_ref(&top), &CancellationToken::new())
+        .await;
+    assert!(
+        again
+            .paths
+            .iter()
+            .all(|p| p.outcome == PathOutcome::AlreadyPresent),
+        "{again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_fills_nginx_over_http_put() {
+    let top = vec_top();
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("www");
+    std::fs::create_dir_all(served.join("cache")).unwrap();
+    let nginx = Nginx::start(&served, "");
+    let url = format!("{}/cache", nginx.url());
+    let config = config_for(&url, &dir.path().join("state"));
+    let engine = engine(&config);
+    nixpush::backend::Backend::prepare(engine.backend().as_ref())
+        .await
+        .unwrap();
+    let report = engine
+        .push(std::slice::from_ref(&top), &CancellationToken::new())
+        .await;
+    assert!(
+        matches!(report.roots[..], [(_, RootOutcome::Done)]),
+        "{report:?}"
+    );
+
+    // NAR before narinfo, dependency before dependant, as nginx saw it.
+    let log = nginx.access_log();
+    let puts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"PUT "))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    let position = |needle: &str| puts.iter().position(|l| l.contains(needle)).unwrap();
+    let dep_info = position(&format!("{}.narinfo", "8pjibnycdlc071yls0gkbsb7l2ffmlgg"));
+    let top_info = position(&format!("{}.narinfo", top.hash_part()));
+    assert!(dep_info < top_info, "{puts:?}");
+    assert!(
+        puts[..dep_info].iter().any(|l| l.contains("/nar/")),
+        "{puts:?}"
+    );
+
+    let public = std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap();
+    let ok = nix_copy_from(&url, &top, &public);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = nix_copy_from(&url, &top, &wrong_key());
+    assert!(!bad.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_survives_a_faulty_wire() {
+    use crate::faultproxy::{Fault, FaultProxy};
+    use std::sync::atomic::Ordering;
+    let top = vec_top();
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("www");
+    std::fs::create_dir_all(served.join("cache")).unwrap();
+    let nginx = Nginx::start(&served, "");
+    let faults = [
+        Fault::ServerError,
+        Fault::TooManyRequests,
+        Fault::ResetMidBody,
+        Fault::Stall,
+    ];
+    let proxy = FaultProxy::start(
+        nginx.port,
+        0.3,
+        &faults,
+        std::time::Duration::from_secs(3),
+        7,
+    );
+    let url = format!("{}/cache", proxy.url());
+    let mut config = config_for(&url, &dir.path().join("state"));
+    config.target.timeout_secs = 1;
+    let engine = engine(&config);
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds <= 20, "still failing after 20 rounds");
+        if nixpush::backend::Backend::prepare(engine.backend().as_ref())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let report = engine
+            .push(std::slice::from_ref(&top), &CancellationToken::new())
+            .await;
+        // Whatever the faults, a published narinfo always has its NAR.
+        for entry in std::fs::read_dir(served.join("cache")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "narinfo") {
+                let info =
+                    NarInfo::parse(&std::fs::read_to_string(&path).unwrap(), "/nix/store").unwrap();
+                assert!(
+                    served.join("cache").join(&info.url).exists(),
+                    "{} has no NAR",
+                    path.display()
+                );
+            }
+        }
+        if matches!(report.roots[..], [(_, RootOutcome::Done)]) {
+            break;
+        }
+    }
+    assert!(
+        proxy.stats.faults.load(Ordering::SeqCst) > 0,
+        "the proxy injected no fault"
+    );
+    let public = std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap();
+    let ok = nix_copy_from(&format!("{}/cache", nginx.url()), &top, &public);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
