@@ -383,3 +383,64 @@ async fn bare_base64_signing_key_without_token() {
     let (ok, err) = nix_copy_from(&format!("{}/keyonly", server.base()), &public, &paths);
     assert!(ok, "nix copy failed: {err}");
 }
+
+#[tokio::test]
+async fn nixpush_push_lands_a_closure_through_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, public) = nix_key(dir.path(), "nixpush-cachix-cli-1");
+    let server = CachixServer::start(json!({"caches": [{
+        "name": "cli", "signing": "self-signed", "public_keys": [public.trim()],
+        "tokens": {TOKEN: "write"}}]}));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let paths = build_paths(dir.path(), "cxcli", 300_000);
+    server
+        .faults(json!([
+            {"route": "cache_info", "action": "status", "status": 502, "problem_retry_after": 1},
+            {"route": "narinfo_bulk", "action": "status", "status": 503},
+            {"route": "create", "action": "status", "status": 429, "retry_after": "1"},
+            {"route": "presign", "action": "expired_presign"},
+            {"route": "presign", "action": "status", "status": 500},
+            {"route": "put_part", "action": "reset_after_bytes", "bytes": 100},
+            {"route": "complete", "action": "reset_before_response"},
+        ]))
+        .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .arg("push")
+        .arg("--target")
+        .arg(format!("cachix://cli?api={}", server.base()))
+        .arg("--auth-token-file")
+        .arg(&token_file)
+        .arg("--signing-key-file")
+        .arg(&sec)
+        .args(["--no-upstream", "--json"])
+        .arg(&paths[1])
+        .arg(&paths[2])
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains(TOKEN) && !stderr.contains(TOKEN));
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["uploaded"], 3, "{summary}");
+    let mut stored = server.stored("cli").await;
+    stored.sort();
+    let mut expected = paths.clone();
+    expected.sort();
+    assert_eq!(stored, expected);
+    let state = server.control(reqwest::Method::GET, "state", None).await;
+    assert!(
+        state["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["count"] == 0),
+        "{state}"
+    );
+    let (ok, err) = nix_copy_from(&format!("{}/cli", server.base()), &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+}

@@ -186,3 +186,38 @@ async fn a_missing_bucket_is_a_clear_error() {
     assert!(matches!(err, Error::Status { code: 404, .. }), "{err}");
     assert!(!err.to_string().contains("s3cr3t"), "{err}");
 }
+
+#[test]
+fn nixpush_push_fills_a_bucket_nix_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    let (sec, public) = nix_key(dir.path(), "nixpush-s3-cli-1");
+    let paths = build_paths(dir.path(), "s3cli", 6 * 1024 * 1024);
+    let out = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .arg("push")
+        .arg("--target")
+        .arg(format!(
+            "s3://{BUCKET}?endpoint={}&region=us-east-1",
+            server.base()
+        ))
+        .arg("--signing-key-file")
+        .arg(&sec)
+        .args(["--no-upstream", "--json"])
+        .arg(&paths[1])
+        .arg(&paths[2])
+        .env("AWS_ACCESS_KEY_ID", "AKCLI")
+        .env("AWS_SECRET_ACCESS_KEY", "cli-s3cr3t")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("cli-s3cr3t") && !stderr.contains("cli-s3cr3t"));
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["uploaded"], 3, "{summary}");
+    let (ok, err) = nix_copy_from(&format!("{}/{BUCKET}", server.base()), &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+}
