@@ -433,8 +433,12 @@ impl CachixBackend {
         upload: &Multipart,
         file: &Path,
         (number, offset, length): (u32, u64, u64),
+        md5: Option<String>,
     ) -> Result<Option<String>, Error> {
-        let md5 = part_md5(file, offset, length).await?;
+        let md5 = match md5 {
+            Some(md5) => md5,
+            None => part_md5(file, offset, length).await?,
+        };
         let mut retries = Retries::default();
         let mut refusals = 0;
         loop {
@@ -572,12 +576,17 @@ impl CachixBackend {
         upload: &Multipart,
         nar: &NarFile<'_>,
         info: &NarInfoCreate,
+        first_md5: String,
     ) -> Result<(), Error> {
         let ranges = part_ranges(nar.size, part_size_for(nar.size, self.part_size));
+        let mut first_md5 = Some(first_md5);
         let mut etags: Vec<(u32, Option<String>)> = stream::iter(ranges)
-            .map(|range| async move {
-                let etag = self.upload_part(upload, nar.path, range).await?;
-                Ok::<_, Error>((range.0, etag))
+            .map(|range| {
+                let md5 = if range.0 == 1 { first_md5.take() } else { None };
+                async move {
+                    let etag = self.upload_part(upload, nar.path, range, md5).await?;
+                    Ok::<_, Error>((range.0, etag))
+                }
             })
             .buffer_unordered(PARALLEL_PARTS)
             .try_collect()
@@ -681,8 +690,23 @@ impl Backend for CachixBackend {
             }
         };
         let info = NarInfoCreate::new(narinfo, &nar, self.cachix_sig(narinfo)?);
-        let upload = self.create(compression).await?;
-        let result = self.send_parts_and_complete(&upload, &nar, &info).await;
+        // The first part's checksum is computed while the upload is being created.
+        let first = part_ranges(nar.size, part_size_for(nar.size, self.part_size))[0];
+        let (upload, first_md5) = tokio::join!(
+            self.create(compression),
+            part_md5(nar.path, first.1, first.2)
+        );
+        let upload = upload?;
+        let first_md5 = match first_md5 {
+            Ok(md5) => md5,
+            Err(e) => {
+                self.abort(&upload).await;
+                return Err(e);
+            }
+        };
+        let result = self
+            .send_parts_and_complete(&upload, &nar, &info, first_md5)
+            .await;
         if result.is_err() {
             self.abort(&upload).await;
         }

@@ -73,6 +73,7 @@ import binascii
 import email.utils
 import hashlib
 import hmac
+import io
 import json
 import lzma
 import os
@@ -912,39 +913,34 @@ class Handler(BaseHTTPRequestHandler):
         nar_name = f"nar/{file_hash}{ext}"
         fd, tmp = tempfile.mkstemp(dir=os.path.join(cache.dir, "nar"), prefix=".tmp-")
         try:
-            file_digest, nar_digest = hashlib.sha256(), hashlib.sha256()
-            got_file_size = got_nar_size = 0
-            checker = nixfmt.NarChecker() if cache.conf["check_nar"] else None
-            decomp = Decompressor(upload.compression)
             with os.fdopen(fd, "wb") as out:
-                for path in part_files:
-                    with open(path, "rb") as f:
-                        while True:
-                            chunk = f.read(CHUNK)
-                            if not chunk:
-                                break
-                            file_digest.update(chunk)
-                            got_file_size += len(chunk)
-                            out.write(chunk)
-                            nar = decomp.feed(chunk)
-                            nar_digest.update(nar)
-                            got_nar_size += len(nar)
-                            if checker is not None:
-                                checker.feed(nar)
-                decomp.finish()
-                if checker is not None:
-                    checker.finish()
-            if got_file_size != file_size:
-                raise HttpError(400, f"cFileSize is {file_size} but {got_file_size} bytes were uploaded")
-            if file_digest.hexdigest() != file_hash:
-                raise HttpError(400, f"cFileHash is {file_hash} but the uploaded bytes hash to {file_digest.hexdigest()}")
-            if got_nar_size != nar_size:
-                raise HttpError(400, f"cNarSize is {nar_size} but the NAR has {got_nar_size} bytes")
-            actual = "sha256:" + nixfmt.b32encode(nar_digest.digest())
+                # One part is already the whole file: hash it in place and move it, rather than copy it.
+                single = len(part_files) == 1
+                uploaded = TeeParts(part_files, None if single else out)
+                nar = HashingReader(decompressing(upload.compression, uploaded))
+                buffered = io.BufferedReader(nar, buffer_size=CHUNK)
+                if cache.conf["check_nar"]:
+                    nixfmt.check_nar(buffered, CHUNK)
+                while buffered.read(CHUNK):
+                    pass
+                # The decompressor may stop at the end of the last frame; the file hash covers every byte.
+                while uploaded.read(CHUNK):
+                    pass
+            if uploaded.size != file_size:
+                raise HttpError(400, f"cFileSize is {file_size} but {uploaded.size} bytes were uploaded")
+            if uploaded.digest.hexdigest() != file_hash:
+                raise HttpError(
+                    400, f"cFileHash is {file_hash} but the uploaded bytes hash to {uploaded.digest.hexdigest()}"
+                )
+            if nar.size != nar_size:
+                raise HttpError(400, f"cNarSize is {nar_size} but the NAR has {nar.size} bytes")
+            actual = "sha256:" + nixfmt.b32encode(nar.digest.digest())
             if actual != nar_hash:
                 raise HttpError(400, f"cNarHash is {nar_hash} but the NAR hashes to {actual}")
+            if single:
+                os.replace(part_files[0], tmp)
             os.rename(tmp, os.path.join(cache.dir, nar_name))
-        except (nixfmt.NarError, DecompressError) as e:
+        except (nixfmt.NarError, zstandard.ZstdError, lzma.LZMAError, EOFError) as e:
             raise HttpError(400, f"the uploaded file is not a valid {compression_name} NAR: {e}")
         finally:
             if os.path.exists(tmp):
@@ -1124,39 +1120,61 @@ class Handler(BaseHTTPRequestHandler):
         return {"caches": out, "faults": faults}
 
 
-class DecompressError(ValueError):
-    pass
+class TeeParts(io.RawIOBase):
+    """The uploaded file: the part files in order, hashed, counted and copied to `out` as they are read."""
+
+    def __init__(self, paths, out):
+        self.paths = list(paths)
+        self.current = None
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while True:
+            if self.current is None:
+                if not self.paths:
+                    return 0
+                self.current = open(self.paths.pop(0), "rb")
+            n = self.current.readinto(buffer)
+            if n:
+                view = memoryview(buffer)[:n]
+                self.digest.update(view)
+                if self.out is not None:
+                    self.out.write(view)
+                self.size += n
+                return n
+            self.current.close()
+            self.current = None
 
 
-class Decompressor:
-    """Incremental zstd/xz decompression that accepts concatenated frames/streams and rejects truncation."""
+class HashingReader(io.RawIOBase):
+    """Hashes and counts what is read through it (the decompressed NAR)."""
 
-    def __init__(self, compression):
-        self.compression = compression
-        self.obj = self.new()
-        self.seen_input = False
+    def __init__(self, inner):
+        self.inner = inner
+        self.digest = hashlib.sha256()
+        self.size = 0
 
-    def new(self):
-        if self.compression == "zst":
-            return zstandard.ZstdDecompressor().decompressobj()
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    def readable(self):
+        return True
 
-    def feed(self, data):
-        out = []
-        try:
-            while data:
-                self.seen_input = True
-                if self.obj.eof:
-                    self.obj = self.new()
-                out.append(self.obj.decompress(data))
-                data = self.obj.unused_data if self.obj.eof else b""
-        except (zstandard.ZstdError, lzma.LZMAError) as e:
-            raise DecompressError(str(e))
-        return b"".join(out)
+    def readinto(self, buffer):
+        n = self.inner.readinto(buffer)
+        if n:
+            self.digest.update(memoryview(buffer)[:n])
+            self.size += n
+        return n
 
-    def finish(self):
-        if not self.seen_input or not self.obj.eof:
-            raise DecompressError("compressed stream ends early")
+
+def decompressing(compression, raw):
+    """A reader of the decompressed bytes; accepts concatenated zstd frames / xz streams."""
+    if compression == "zst":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True)
+    return lzma.LZMAFile(raw)
 
 
 class Server(ThreadingHTTPServer):

@@ -1,5 +1,5 @@
 """Nix formats shared by the test servers and their self-tests: Nix base32, narinfo text, fingerprints,
-signing keys in Nix's `name:base64` form, and a streaming NAR checker.
+signing keys in Nix's `name:base64` form, and a NAR checker.
 
 Nix base32 (not RFC 4648): alphabet `0123456789abcdfghijklmnpqrsvwxyz`, the bytes read as one little-endian
 integer and written most significant digit first, `ceil(n*8/5)` digits. sha256 of empty input ->
@@ -104,127 +104,87 @@ class NarError(ValueError):
     pass
 
 
-class NarChecker:
-    """Push-based NAR grammar checker (nix-formats.md section 3): feed() decompressed chunks, then finish().
-    File contents are skipped, never buffered, so memory stays small for any NAR size."""
+def check_nar(reader, chunk=1 << 20):
+    """Checks that `reader` (anything with read(n), ideally buffered) yields exactly one well-formed NAR
+    (nix-formats.md section 3): grammar, zero padding, entry names valid and strictly sorted. File contents are
+    read in chunks and dropped, so memory stays small for any NAR size."""
 
-    def __init__(self):
-        self._buf = bytearray()
-        self._skip = 0
-        self._done = False
-        self._gen = self._archive()
-        self._req = next(self._gen)
-        self._apply_request()
-
-    def _apply_request(self):
-        kind, n = self._req
-        if kind == "skip":
-            self._skip = n
-
-    def _advance(self, value):
-        try:
-            self._req = self._gen.send(value)
-        except StopIteration:
-            self._done = True
-            return
-        self._apply_request()
-
-    def feed(self, data: bytes):
-        mv = memoryview(data)
-        pos = 0
-        while pos < len(mv):
-            if self._done:
-                raise NarError("trailing bytes after the end of the NAR")
-            kind, n = self._req
-            if kind == "skip":
-                take = min(self._skip, len(mv) - pos)
-                self._skip -= take
-                pos += take
-                if self._skip == 0:
-                    self._advance(None)
-                continue
-            take = min(n - len(self._buf), len(mv) - pos)
-            self._buf += mv[pos : pos + take]
-            pos += take
-            if len(self._buf) == n:
-                value = bytes(self._buf)
-                self._buf.clear()
-                self._advance(value)
-
-    def finish(self):
-        if not self._done:
+    def read_exact(n):
+        data = reader.read(n)
+        if len(data) != n:
             raise NarError("NAR ends early")
-
-    # The grammar, as generators that yield ("read", n) or ("skip", n) requests.
-    def _read(self, n):
-        if n == 0:
-            return b""
-        return (yield ("read", n))
-
-    def _padding(self, n):
-        pad = (-n) % 8
-        if pad:
-            p = yield from self._read(pad)
-            if any(p):
-                raise NarError("non-zero padding")
-
-    def _str(self, limit=4096):
-        n = int.from_bytes((yield from self._read(8)), "little")
-        if n > limit:
-            raise NarError(f"string of {n} bytes where at most {limit} were expected")
-        data = yield from self._read(n)
-        yield from self._padding(n)
         return data
 
-    def _expect(self, token: bytes):
-        got = yield from self._str(len(token))
+    def padding(n):
+        pad = (-n) % 8
+        if pad and any(read_exact(pad)):
+            raise NarError("non-zero padding")
+
+    def string(limit=4096):
+        n = int.from_bytes(read_exact(8), "little")
+        if n > limit:
+            raise NarError(f"string of {n} bytes where at most {limit} were expected")
+        data = read_exact(n) if n else b""
+        padding(n)
+        return data
+
+    def expect(token):
+        got = string(len(token))
         if got != token:
             raise NarError(f"expected {token!r}, got {got!r}")
 
-    def _archive(self):
-        yield from self._expect(b"nix-archive-1")
-        yield from self._node(0)
+    def contents():
+        n = int.from_bytes(read_exact(8), "little")
+        left = n
+        while left:
+            data = reader.read(min(left, chunk))
+            if not data:
+                raise NarError("NAR ends early")
+            left -= len(data)
+        padding(n)
 
-    def _node(self, depth):
+    def node(depth):
         if depth > 256:
             raise NarError("directories nested too deeply")
-        yield from self._expect(b"(")
-        yield from self._expect(b"type")
-        kind = yield from self._str(16)
+        expect(b"(")
+        expect(b"type")
+        kind = string(16)
         if kind == b"regular":
-            tag = yield from self._str(16)
+            tag = string(16)
             if tag == b"executable":
-                yield from self._expect(b"")
-                tag = yield from self._str(16)
+                expect(b"")
+                tag = string(16)
             if tag != b"contents":
                 raise NarError(f"expected 'contents', got {tag!r}")
-            n = int.from_bytes((yield from self._read(8)), "little")
-            if n:
-                yield ("skip", n)
-            yield from self._padding(n)
-            yield from self._expect(b")")
+            contents()
+            expect(b")")
         elif kind == b"symlink":
-            yield from self._expect(b"target")
-            yield from self._str(4096)
-            yield from self._expect(b")")
+            expect(b"target")
+            string(4096)
+            expect(b")")
         elif kind == b"directory":
             prev = None
             while True:
-                tag = yield from self._str(16)
+                tag = string(16)
                 if tag == b")":
                     break
                 if tag != b"entry":
                     raise NarError(f"expected 'entry' or ')', got {tag!r}")
-                yield from self._expect(b"(")
-                yield from self._expect(b"name")
-                name = yield from self._str(255)
+                expect(b"(")
+                expect(b"name")
+                name = string(255)
                 if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
                     raise NarError(f"invalid file name {name!r}")
                 if prev is not None and name <= prev:
                     raise NarError(f"entry {name!r} is not after {prev!r}")
                 prev = name
-                yield from self._expect(b"node")
-                yield from self._node(depth + 1)
-                yield from self._expect(b")")
+                expect(b"node")
+                node(depth + 1)
+                expect(b")")
         else:
             raise NarError(f"unknown node type {kind!r}")
+
+    expect(b"nix-archive-1")
+    node(0)
+    if reader.read(1):
+        raise NarError("trailing bytes after the end of the NAR")
