@@ -337,6 +337,7 @@ fn shortened(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const STORE: &str = "/nix/store";
     const TOP: &str = include_str!(
@@ -446,6 +447,71 @@ mod tests {
         let info = NarInfo::parse(&text, STORE).unwrap();
         assert_eq!(info.deriver, None);
         assert_eq!(info.compression, "bzip2");
+    }
+
+    fn arb_store_path() -> impl Strategy<Value = StorePath> {
+        ("[0-9a-df-np-sv-z]{32}", "[a-zA-Z0-9+._?=-]{0,20}")
+            .prop_map(|(h, n)| StorePath::parse(&format!("/nix/store/{h}-x{n}"), STORE).unwrap())
+    }
+
+    fn arb_narinfo() -> impl Strategy<Value = NarInfo> {
+        (
+            (
+                arb_store_path(),
+                "nar/[a-z0-9.]{1,20}",
+                "zstd|xz|none|bzip2",
+            ),
+            (
+                any::<Option<[u8; 32]>>(),
+                any::<Option<u64>>(),
+                any::<[u8; 32]>(),
+                1..u64::MAX,
+            ),
+            (
+                proptest::collection::vec(arb_store_path(), 0..4),
+                proptest::option::of(arb_store_path()),
+                proptest::collection::vec("[a-z0-9.-]{1,10}:[A-Za-z0-9+/=]{4,20}", 0..3),
+                proptest::option::of("(fixed:r:sha256|text:sha256):[0-9a-z]{52}"),
+            ),
+        )
+            .prop_map(
+                |(
+                    (store_path, url, compression),
+                    (fh, fs, nh, ns),
+                    (mut references, deriver, mut sigs, ca),
+                )| {
+                    references.sort();
+                    references.dedup();
+                    sigs.sort();
+                    sigs.dedup();
+                    NarInfo {
+                        store_path,
+                        url,
+                        compression,
+                        file_hash: fh.map(Sha256Hash),
+                        file_size: fs,
+                        nar_hash: Sha256Hash(nh),
+                        nar_size: ns,
+                        references,
+                        deriver,
+                        sigs,
+                        ca,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn render_parse_round_trips(info in arb_narinfo()) {
+            let text = info.render();
+            prop_assert_eq!(NarInfo::parse(&text, STORE).unwrap(), info);
+        }
+
+        #[test]
+        fn parse_never_panics(text in "(StorePath|URL|NarHash|NarSize|References|Sig|CA|x)(: |:)?\\PC{0,40}\n?") {
+            let _ = NarInfo::parse(&text, STORE);
+        }
     }
 
     #[test]

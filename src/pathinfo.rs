@@ -13,20 +13,22 @@
 //! When the database cannot be read (nixpush not running as root), it falls back to asking Nix:
 //! `nix path-info --json [--recursive]`, with substitution off so a missing path never triggers a download.
 //!
-//! Why SQLite first, measured with `benches/closure_info.sh` (2 shared cores, Nix 2.8, a closure of 3,000 paths
-//! with 9,000 references): the whole closure, topologically sorted, takes about 50 ms from SQLite (two recursive
-//! queries in one read transaction) against about 240 ms for `nix path-info --json --recursive` alone and 350 ms
-//! for the fallback that runs it and parses its JSON. One `nix-store --query` process per path (about 30 ms
-//! each) would take over a minute. Speaking the daemon protocol would also work without root, but costs a protocol implementation for a
-//! fallback that `nix path-info` already covers.
+//! Why SQLite first, measured with `benches/closure_info.sh` on a closure of 3,000 paths with 8,990 references
+//! (Nix 2.8, 2 cores shared with other builds, so expect some noise): `closure()` took 45–115 ms from SQLite (two
+//! recursive queries in one read transaction, then the sort), and a whole process printing the result 50–170 ms
+//! (mean 100 ms). `nix path-info --json --recursive` alone took 260–340 ms (mean 313 ms), and the fallback that
+//! runs it and parses its JSON 290–780 ms (mean 400 ms). One `nix-store --query` process per path (35–100 ms
+//! each here) would take minutes. Speaking the daemon protocol would also work without root, but costs a
+//! protocol implementation for a fallback that `nix path-info` already covers.
+
+mod nix_command;
+mod sqlite;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension as _};
-use serde::Deserialize;
+use rusqlite::Connection;
 
 use crate::derivation;
 use crate::hash::Sha256Hash;
@@ -169,9 +171,6 @@ enum Source {
     NixCommand,
 }
 
-/// How long to wait when Nix holds a write lock on the database.
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl LocalStore {
     /// Opens the store: the database at `db_path` read-only when it is readable, else the `nix` command.
     pub fn open(store_dir: &str, db_path: &Path) -> Result<LocalStore, Error> {
@@ -190,29 +189,7 @@ impl LocalStore {
 
     /// Opens the database read-only and checks it has the tables and columns used here. No fallback.
     pub fn open_sqlite(store_dir: &str, db_path: &Path) -> Result<LocalStore, Error> {
-        let open_error = |source| Error::Open {
-            db: db_path.display().to_string(),
-            source,
-        };
-        let uri = format!("file:{}?mode=ro", uri_escape(&db_path.to_string_lossy()));
-        let conn = Connection::open_with_flags(
-            uri,
-            OpenFlags::SQLITE_OPEN_READ_ONLY
-                | OpenFlags::SQLITE_OPEN_URI
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(open_error)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
-        // Opening is lazy: these fail now if the file is unreadable or the schema is not what we expect.
-        for probe in [
-            "SELECT id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths LIMIT 1",
-            "SELECT referrer, reference FROM Refs LIMIT 1",
-            "SELECT drv, id, path FROM DerivationOutputs LIMIT 1",
-        ] {
-            conn.prepare(probe)
-                .and_then(|mut s| s.exists([]).map(|_| ()))
-                .map_err(open_error)?;
-        }
+        let conn = sqlite::open(db_path)?;
         Ok(LocalStore {
             store_dir: store_dir.trim_end_matches('/').to_owned(),
             source: Source::Sqlite(Mutex::new(conn)),
@@ -237,24 +214,23 @@ impl LocalStore {
         match &self.source {
             Source::Sqlite(conn) => {
                 let conn = lock(conn);
-                sql_query(&conn, &self.store_dir, path.as_str())
+                sqlite::query(&conn, &self.store_dir, path.as_str())
             }
-            Source::NixCommand => Ok(self
-                .nix_path_info(std::slice::from_ref(path), false)?
-                .into_iter()
-                .find(|(p, _)| p == path.as_str())
-                .and_then(|(_, info)| info)),
+            Source::NixCommand => {
+                Ok(
+                    nix_command::path_info(&self.store_dir, std::slice::from_ref(path), false)?
+                        .into_iter()
+                        .find(|(p, _)| p == path.as_str())
+                        .and_then(|(_, info)| info),
+                )
+            }
         }
     }
 
     /// Whether `path` is valid (registered and not garbage-collected).
     pub fn is_valid(&self, path: &StorePath) -> Result<bool, Error> {
         match &self.source {
-            Source::Sqlite(conn) => {
-                let conn = lock(conn);
-                let mut stmt = conn.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?1")?;
-                Ok(stmt.exists([path.as_str()])?)
-            }
+            Source::Sqlite(conn) => sqlite::is_valid(&lock(conn), path),
             Source::NixCommand => Ok(self.query(path)?.is_some()),
         }
     }
@@ -269,11 +245,11 @@ impl LocalStore {
                 let mut conn = lock(conn);
                 // One read transaction: a consistent snapshot even while Nix registers new paths.
                 let tx = conn.transaction()?;
-                let infos = sql_closure(&tx, &self.store_dir, roots)?;
+                let infos = sqlite::closure(&tx, &self.store_dir, roots)?;
                 tx.finish()?;
                 infos
             }
-            Source::NixCommand => self.nix_closure(roots)?,
+            Source::NixCommand => nix_command::closure(&self.store_dir, roots)?,
         };
         topo_sort(infos)
     }
@@ -282,14 +258,7 @@ impl LocalStore {
     /// derivation is registered there, else from the `.drv` file itself. The outputs need not be valid (yet).
     pub fn derivation_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, Error> {
         if let Source::Sqlite(conn) = &self.source {
-            let conn = lock(conn);
-            let mut stmt = conn.prepare_cached(
-                "SELECT o.path FROM DerivationOutputs o JOIN ValidPaths v ON v.id = o.drv \
-                 WHERE v.path = ?1 ORDER BY o.id",
-            )?;
-            let paths = stmt
-                .query_map([drv.as_str()], |row| row.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
+            let paths = sqlite::derivation_outputs(&lock(conn), drv)?;
             if !paths.is_empty() {
                 return paths
                     .iter()
@@ -299,88 +268,12 @@ impl LocalStore {
         }
         Ok(derivation::read(drv.as_path())?.output_paths(&self.store_dir)?)
     }
-
-    fn nix_closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
-        if roots.is_empty() {
-            return Ok(Vec::new());
-        }
-        // `--recursive` fails as a whole on an invalid root; find out which one first.
-        let listed = self.nix_path_info(roots, false)?;
-        for root in roots {
-            if !listed
-                .iter()
-                .any(|(p, info)| p == root.as_str() && info.is_some())
-            {
-                return Err(Error::NotValid(root.clone()));
-            }
-        }
-        Ok(self
-            .nix_path_info(roots, true)?
-            .into_iter()
-            .filter_map(|(_, info)| info)
-            .collect())
-    }
-
-    /// Runs `nix path-info --json`: each path it lists (sorted, not in argument order), with `None` for an
-    /// invalid one.
-    fn nix_path_info(
-        &self,
-        paths: &[StorePath],
-        recursive: bool,
-    ) -> Result<Vec<(String, Option<PathInfo>)>, Error> {
-        let mut cmd = Command::new("nix");
-        cmd.args([
-            "--extra-experimental-features",
-            "nix-command",
-            "path-info",
-            "--json",
-            // Never try to download a path that is missing: report it as invalid.
-            "--option",
-            "substitute",
-            "false",
-        ]);
-        if recursive {
-            cmd.arg("--recursive");
-        }
-        cmd.args(paths.iter().map(StorePath::as_str));
-        let command = format!(
-            "nix path-info --json{} {}",
-            if recursive { " --recursive" } else { "" },
-            paths.first().map(StorePath::as_str).unwrap_or_default()
-        ) + if paths.len() > 1 { " …" } else { "" };
-        let output = cmd.output().map_err(|e| Error::Command {
-            command: command.clone(),
-            reason: e.to_string(),
-        })?;
-        if !output.status.success() {
-            return Err(Error::Command {
-                command,
-                reason: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            });
-        }
-        let entries: Vec<CliPathInfo> =
-            serde_json::from_slice(&output.stdout).map_err(|e| Error::Command {
-                command: command.clone(),
-                reason: format!("unexpected JSON: {e}"),
-            })?;
-        entries
-            .into_iter()
-            .map(|e| Ok((e.path.clone(), e.into_path_info(&self.store_dir)?)))
-            .collect()
-    }
 }
 
 fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     // A panic while holding the lock cannot leave a read-only connection inconsistent, so recover the guard.
     conn.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Escapes the characters that would end or alter an SQLite URI's path.
-fn uri_escape(path: &str) -> String {
-    path.replace('%', "%25")
-        .replace('?', "%3f")
-        .replace('#', "%23")
 }
 
 fn parse_path(
@@ -402,152 +295,6 @@ fn parse_hash(owner: &str, field: &'static str, value: &str) -> Result<Sha256Has
         field,
         reason: e.to_string(),
     })
-}
-
-struct Row {
-    id: i64,
-    hash: String,
-    registration_time: i64,
-    deriver: Option<String>,
-    nar_size: Option<i64>,
-    ultimate: Option<i64>,
-    sigs: Option<String>,
-    ca: Option<String>,
-}
-
-fn sql_query(conn: &Connection, store_dir: &str, path: &str) -> Result<Option<PathInfo>, Error> {
-    let mut info_stmt = conn.prepare_cached(
-        "SELECT id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca \
-         FROM ValidPaths WHERE path = ?1",
-    )?;
-    let row = info_stmt
-        .query_row([path], |r| {
-            Ok(Row {
-                id: r.get(0)?,
-                hash: r.get(1)?,
-                registration_time: r.get(2)?,
-                deriver: r.get(3)?,
-                nar_size: r.get(4)?,
-                ultimate: r.get(5)?,
-                sigs: r.get(6)?,
-                ca: r.get(7)?,
-            })
-        })
-        .optional()?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let mut refs_stmt = conn.prepare_cached(
-        "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?1",
-    )?;
-    let mut references = refs_stmt
-        .query_map([row.id], |r| r.get::<_, String>(0))?
-        .map(|p| parse_path(store_dir, path, "Refs", &p?))
-        .collect::<Result<Vec<_>, Error>>()?;
-    references.sort();
-    Ok(Some(path_info(store_dir, path, row, references)?))
-}
-
-/// Builds a [`PathInfo`] from a `ValidPaths` row.
-fn path_info(
-    store_dir: &str,
-    path: &str,
-    row: Row,
-    references: Vec<StorePath>,
-) -> Result<PathInfo, Error> {
-    let nar_size = row.nar_size.ok_or_else(|| Error::BadRecord {
-        path: path.to_owned(),
-        field: "narSize",
-        reason: "NULL".to_owned(),
-    })?;
-    Ok(PathInfo {
-        path: parse_path(store_dir, path, "path", path)?,
-        nar_hash: parse_hash(path, "hash", &row.hash)?,
-        nar_size: u64::try_from(nar_size).map_err(|_| Error::BadRecord {
-            path: path.to_owned(),
-            field: "narSize",
-            reason: format!("negative: {nar_size}"),
-        })?,
-        references,
-        deriver: row
-            .deriver
-            .filter(|d| !d.is_empty())
-            .map(|d| parse_path(store_dir, path, "deriver", &d))
-            .transpose()?,
-        sigs: row
-            .sigs
-            .map(|s| s.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default(),
-        ca: row.ca.filter(|c| !c.is_empty()),
-        registration_time: row.registration_time,
-        ultimate: row.ultimate.unwrap_or(0) != 0,
-    })
-}
-
-fn sql_closure(
-    conn: &Connection,
-    store_dir: &str,
-    roots: &[StorePath],
-) -> Result<Vec<PathInfo>, Error> {
-    let mut root_ids = Vec::with_capacity(roots.len());
-    {
-        let mut stmt = conn.prepare_cached("SELECT id FROM ValidPaths WHERE path = ?1")?;
-        for root in roots {
-            let id: Option<i64> = stmt.query_row([root.as_str()], |r| r.get(0)).optional()?;
-            root_ids.push(id.ok_or_else(|| Error::NotValid(root.clone()))?);
-        }
-    }
-    if root_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Two recursive queries instead of two per path: the closure's rows, then its references by id.
-    let roots_json = serde_json::Value::from(root_ids).to_string();
-    const CLOSURE: &str = "WITH RECURSIVE c(id) AS (SELECT value FROM json_each(?1) \
-                           UNION SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id) ";
-    let mut rows_stmt = conn.prepare(&format!(
-        "{CLOSURE} SELECT v.id, v.path, v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, \
-         v.sigs, v.ca FROM c JOIN ValidPaths v ON v.id = c.id"
-    ))?;
-    let mut by_id: HashMap<i64, PathInfo> = HashMap::new();
-    let mut rows = rows_stmt.query([&roots_json])?;
-    while let Some(r) = rows.next()? {
-        let path: String = r.get(1)?;
-        let row = Row {
-            id: r.get(0)?,
-            hash: r.get(2)?,
-            registration_time: r.get(3)?,
-            deriver: r.get(4)?,
-            nar_size: r.get(5)?,
-            ultimate: r.get(6)?,
-            sigs: r.get(7)?,
-            ca: r.get(8)?,
-        };
-        by_id.insert(row.id, path_info(store_dir, &path, row, Vec::new())?);
-    }
-    let mut refs_stmt = conn.prepare(&format!(
-        "{CLOSURE} SELECT r.referrer, r.reference FROM c JOIN Refs r ON r.referrer = c.id"
-    ))?;
-    let edges = refs_stmt
-        .query_map([&roots_json], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (referrer, reference) in edges {
-        // Both ends are in the closure by construction of the query.
-        let Some(target) = by_id.get(&reference).map(|i| i.path.clone()) else {
-            continue;
-        };
-        if let Some(info) = by_id.get_mut(&referrer) {
-            info.references.push(target);
-        }
-    }
-    Ok(by_id
-        .into_values()
-        .map(|mut info| {
-            info.references.sort();
-            info
-        })
-        .collect())
 }
 
 /// Kahn's algorithm, always taking the smallest ready path.
@@ -591,70 +338,6 @@ fn topo_sort(mut infos: Vec<PathInfo>) -> Result<Vec<PathInfo>, Error> {
     }
     let mut slots: Vec<Option<PathInfo>> = infos.into_iter().map(Some).collect();
     Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
-}
-
-/// One element of `nix path-info --json` (Nix 2.8).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CliPathInfo {
-    path: String,
-    #[serde(default = "default_true")]
-    valid: bool,
-    nar_hash: Option<String>,
-    nar_size: Option<u64>,
-    #[serde(default)]
-    references: Vec<String>,
-    deriver: Option<String>,
-    #[serde(default)]
-    registration_time: i64,
-    #[serde(default)]
-    ultimate: bool,
-    #[serde(default)]
-    signatures: Vec<String>,
-    ca: Option<String>,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl CliPathInfo {
-    fn into_path_info(self, store_dir: &str) -> Result<Option<PathInfo>, Error> {
-        if !self.valid {
-            return Ok(None);
-        }
-        let owner = self.path.as_str();
-        let missing = |field| Error::BadRecord {
-            path: owner.to_owned(),
-            field,
-            reason: "missing".to_owned(),
-        };
-        let mut references = self
-            .references
-            .iter()
-            .map(|r| parse_path(store_dir, owner, "references", r))
-            .collect::<Result<Vec<_>, _>>()?;
-        references.sort();
-        Ok(Some(PathInfo {
-            path: parse_path(store_dir, owner, "path", owner)?,
-            nar_hash: parse_hash(
-                owner,
-                "narHash",
-                self.nar_hash.as_deref().ok_or_else(|| missing("narHash"))?,
-            )?,
-            nar_size: self.nar_size.ok_or_else(|| missing("narSize"))?,
-            references,
-            deriver: self
-                .deriver
-                .as_deref()
-                .map(|d| parse_path(store_dir, owner, "deriver", d))
-                .transpose()?,
-            sigs: self.signatures,
-            ca: self.ca,
-            registration_time: self.registration_time,
-            ultimate: self.ultimate,
-        }))
-    }
 }
 
 #[cfg(test)]
@@ -708,25 +391,6 @@ mod tests {
         let b = sp("0000000000000000000000000000000b-b");
         let infos = vec![info(&a, &[&b]), info(&b, &[&a])];
         assert!(matches!(topo_sort(infos), Err(Error::Cycle(p)) if p == a));
-    }
-
-    #[test]
-    fn cli_json_is_understood() {
-        let json = r#"[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","narHash":"sha256-zzETFRezYM6wNACtur7sjSVJczygJMGi3LPN8lTPNrY=","narSize":400,"references":["/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","/nix/store/8pjibnycdlc071yls0gkbsb7l2ffmlgg-vec-dep"],"deriver":"/nix/store/n5yfvnmayipw3yksgvfs2vkkkq50fl4k-vec-top.drv","registrationTime":1795708037,"ultimate":true},
-                       {"path":"/nix/store/00000000000000000000000000000000-nope","valid":false}]"#;
-        let entries: Vec<CliPathInfo> = serde_json::from_str(json).unwrap();
-        let infos: Vec<_> = entries
-            .into_iter()
-            .map(|e| e.into_path_info("/nix/store").unwrap())
-            .collect();
-        let top = infos[0].as_ref().unwrap();
-        assert_eq!(
-            top.nar_hash.to_string(),
-            "sha256:1dinrxag5kdkvjic29507irlj9cdxjzbmb806jqcwq5k2wai6cfg"
-        );
-        assert_eq!(top.references[0].name(), "vec-dep");
-        assert!(top.ultimate && top.sigs.is_empty() && top.ca.is_none());
-        assert!(infos[1].is_none());
     }
 
     #[test]

@@ -432,6 +432,43 @@ mod tests {
     }
 
     #[test]
+    fn exposed_key_file_warns_naming_file_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exposed.sec");
+        std::fs::write(&path, SEC).unwrap();
+        for (mode, warns) in [(0o640, true), (0o604, true), (0o600, false), (0o400, false)] {
+            let capture = Capture::default();
+            let writer = capture.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            tracing::subscriber::with_default(subscriber, || {
+                SecretKey::load(&path).unwrap();
+            });
+            let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(log.contains("exposed.sec"), warns, "mode {mode:o}: {log}");
+            assert!(!log.contains(&SEC[20..40]), "{log}");
+        }
+    }
+
+    #[test]
     fn public_key_errors() {
         for bad in [
             "",

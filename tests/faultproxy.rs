@@ -40,6 +40,8 @@ pub struct FaultProxy {
     /// What happened so far.
     pub stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
+    rate: Arc<AtomicU64>,
+    only: Arc<Mutex<Option<String>>>,
 }
 
 impl FaultProxy {
@@ -58,24 +60,46 @@ impl FaultProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let rng = Arc::new(Mutex::new(seed | 1));
         let faults = faults.to_vec();
-        let (stats2, stop2) = (Arc::clone(&stats), Arc::clone(&stop));
+        let rate = Arc::new(AtomicU64::new(rate.to_bits()));
+        let only: Arc<Mutex<Option<String>>> = Arc::default();
+        let decide = Decide {
+            rng,
+            faults: faults.to_vec(),
+            rate: Arc::clone(&rate),
+            only: Arc::clone(&only),
+            stats: Arc::clone(&stats),
+        };
+        let decide = Arc::new(decide);
+        let stop2 = Arc::clone(&stop);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
-                let n = stats2.requests.fetch_add(1, Ordering::SeqCst);
-                let roll = next_unit(&rng);
-                let fault = (roll < rate && !faults.is_empty())
-                    .then(|| faults[(n as usize) % faults.len()]);
-                let stats = Arc::clone(&stats2);
+                let decide = Arc::clone(&decide);
                 std::thread::spawn(move || {
-                    let _ = handle(stream, upstream_port, fault, stall, &stats);
+                    let _ = handle(stream, upstream_port, &decide, stall);
                 });
             }
         });
-        FaultProxy { port, stats, stop }
+        FaultProxy {
+            port,
+            stats,
+            stop,
+            rate,
+            only,
+        }
+    }
+
+    /// Limits faults to requests whose request line contains `needle` (e.g. `"PUT /cache/nar/"`).
+    pub fn only_matching(&self, needle: &str) {
+        *self.only.lock().unwrap() = Some(needle.to_owned());
+    }
+
+    /// Changes the share of requests that fail from now on.
+    pub fn set_rate(&self, rate: f64) {
+        self.rate.store(rate.to_bits(), Ordering::SeqCst);
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -92,6 +116,29 @@ impl Drop for FaultProxy {
     }
 }
 
+/// What decides whether a request fails, and how.
+struct Decide {
+    rng: Arc<Mutex<u64>>,
+    faults: Vec<Fault>,
+    rate: Arc<AtomicU64>,
+    only: Arc<Mutex<Option<String>>>,
+    stats: Arc<Stats>,
+}
+
+impl Decide {
+    fn fault_for(&self, request_line: &str) -> Option<Fault> {
+        let n = self.stats.requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(needle) = self.only.lock().unwrap().as_deref() {
+            if !request_line.contains(needle) {
+                return None;
+            }
+        }
+        let rate = f64::from_bits(self.rate.load(Ordering::SeqCst));
+        (next_unit(&self.rng) < rate && !self.faults.is_empty())
+            .then(|| self.faults[(n as usize) % self.faults.len()])
+    }
+}
+
 /// xorshift64: deterministic, dependency-free randomness for fault decisions.
 fn next_unit(state: &Mutex<u64>) -> f64 {
     let mut s = state.lock().unwrap();
@@ -104,10 +151,10 @@ fn next_unit(state: &Mutex<u64>) -> f64 {
 fn handle(
     client: TcpStream,
     upstream_port: u16,
-    fault: Option<Fault>,
+    decide: &Decide,
     stall: Duration,
-    stats: &Stats,
 ) -> std::io::Result<()> {
+    let stats = &*decide.stats;
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(client.try_clone()?);
     let mut head = Vec::new();
@@ -130,6 +177,12 @@ fn handle(
         }
         head.extend_from_slice(line.as_bytes());
     }
+    let request_line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let fault = decide.fault_for(&request_line);
     let mut client = client;
     match fault {
         Some(Fault::ResetMidBody) => {

@@ -1,7 +1,7 @@
 //! A real nginx on 127.0.0.1 serving a directory with WebDAV PUT, started and stopped by a test.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,8 +10,6 @@ pub struct Nginx {
     child: Child,
     /// The port it listens on.
     pub port: u16,
-    /// The directory it serves and writes into.
-    pub root: PathBuf,
     _prefix: tempfile::TempDir,
 }
 
@@ -69,7 +67,6 @@ http {{
         let nginx = Nginx {
             child,
             port,
-            root: root.to_owned(),
             _prefix: prefix,
         };
         let deadline = Instant::now() + Duration::from_secs(10);

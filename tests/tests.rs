@@ -1,7 +1,9 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
 
 mod cachix;
+mod daemon_upload;
 mod faultproxy;
+mod formats;
 mod nginx;
 mod nixos;
 mod remote;

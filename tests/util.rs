@@ -75,13 +75,29 @@ impl TestEnv {
 
     /// Rewrites the configuration file with `extra` keys.
     pub fn write_config(&self, extra: &str) {
+        let target = format!("url = \"file://{}/cache\"", self.dir.path().display());
+        self.write_config_with(extra, &target);
+    }
+
+    /// Rewrites the configuration file with `extra` top-level keys and `target` as the body of `[target]`.
+    /// Upstream caches are off unless `extra` names some: no test traffic leaves 127.0.0.1.
+    pub fn write_config_with(&self, extra: &str, target: &str) {
+        let upstream = if extra.contains("upstream") {
+            ""
+        } else {
+            "upstream = []\n"
+        };
         let text = format!(
-            "socket = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[target]\nurl = \"file://{}/cache\"\n",
+            "socket = \"{}\"\nstate_dir = \"{}\"\n{upstream}{extra}\n[target]\n{target}\n",
             self.socket.display(),
             self.state_dir.display(),
-            self.dir.path().display(),
         );
         fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// The default `file://` target's directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
     }
 
     /// `nixpush --config … ARGS`.
@@ -131,6 +147,7 @@ pub struct TestDaemon {
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
+    hold: bool,
 }
 
 impl TestDaemon {
@@ -139,13 +156,23 @@ impl TestDaemon {
         TestDaemon::start_in(TestEnv::new())
     }
 
-    /// Starts a daemon in `env` and waits for `READY=1`.
+    /// Starts a daemon with `--hold` in `env` and waits for `READY=1`.
     pub fn start_in(env: TestEnv) -> TestDaemon {
+        TestDaemon::launch(env, true)
+    }
+
+    /// Starts a daemon that uploads (no `--hold`) in `env` and waits for `READY=1`.
+    pub fn start_uploading(env: TestEnv) -> TestDaemon {
+        TestDaemon::launch(env, false)
+    }
+
+    fn launch(env: TestEnv, hold: bool) -> TestDaemon {
         let mut daemon = TestDaemon {
             log: env.dir.path().join("daemon.log"),
             env,
             child: None,
             starts: 0,
+            hold,
         };
         daemon.spawn();
         daemon
@@ -170,7 +197,8 @@ impl TestDaemon {
         let child = Command::new(NIXPUSH)
             .arg("--config")
             .arg(&self.env.config_path)
-            .args(["daemon", "--hold"])
+            .arg("daemon")
+            .args(self.hold.then_some("--hold"))
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "debug")
             .env_remove("LISTEN_FDS")
@@ -266,6 +294,27 @@ impl TestDaemon {
             .iter()
             .map(|e| e["path"].as_str().unwrap().to_owned())
             .collect()
+    }
+
+    /// Waits until the queue is empty and nothing is in flight, or fails with the daemon's log.
+    pub fn wait_drained(&self) -> Value {
+        let started = Instant::now();
+        loop {
+            let last = self.status();
+            if last["queued"] == 0
+                && last["in_flight"] == 0
+                && last["failed"] == 0
+                && last["spooled"] == 0
+            {
+                return last;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "queue not drained within {DEADLINE:?}: {last}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until every path in `paths` is queued, or fails with the daemon's log.

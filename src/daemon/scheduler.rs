@@ -60,7 +60,9 @@ impl Observer for DaemonObserver {
         upload::log_report(report);
         let outcome = match report.outcome {
             PathOutcome::Uploaded => Outcome::Uploaded,
-            PathOutcome::AlreadyPresent => Outcome::AlreadyPresent,
+            // Every rebuild's closure is mostly paths the cache already has; listing them would bury the
+            // uploads in `status`.
+            PathOutcome::AlreadyPresent => return,
             PathOutcome::SkippedUpstream => Outcome::SkippedUpstream,
             PathOutcome::Excluded => Outcome::Excluded,
             // Failures are recorded once the scheduler decides between retry and parking.
