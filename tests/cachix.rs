@@ -444,3 +444,64 @@ async fn nixpush_push_lands_a_closure_through_faults() {
     let (ok, err) = nix_copy_from(&format!("{}/cli", server.base()), &public, &paths);
     assert!(ok, "nix copy failed: {err}");
 }
+
+#[tokio::test]
+async fn hook_builds_reach_cachix_through_faults_and_nix_substitutes() {
+    use crate::util::{nix_build_with_hook, TestDaemon, TestEnv};
+
+    let env = TestEnv::new();
+    let (sec, public) = nix_key(env.dir.path(), "nixpush-cachix-e2e-1");
+    let (_, other) = nix_key(env.dir.path(), "other-1");
+    let server = CachixServer::start(json!({"caches": [{
+        "name": "e2e", "signing": "self-signed", "public_keys": [public.trim()],
+        "tokens": {TOKEN: "write"}}]}));
+    let token_file = env.dir.path().join("cachix-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"cachix://e2e\"\ncachix_api = \"{}\"\nauth_token_file = \"{}\"\nsigning_key_file = \"{}\"",
+            server.base(),
+            token_file.display(),
+            sec.display()
+        ),
+    );
+    server
+        .faults(json!([
+            {"route": "narinfo_bulk", "action": "status", "status": 502, "problem_retry_after": 1},
+            {"route": "create", "action": "status", "status": 429, "retry_after": "1"},
+            {"route": "presign", "action": "expired_presign"},
+            {"route": "put_part", "action": "reset_after_bytes", "bytes": 64},
+            {"route": "put_part", "action": "status", "status": 500, "probability": 0.3, "count": 4},
+            {"route": "complete", "action": "status", "status": 503},
+            {"route": "complete", "action": "reset_before_response"},
+        ]))
+        .await;
+    let daemon = TestDaemon::start_uploading(env);
+    let build = nix_build_with_hook(&daemon.env);
+    assert!(build.output.status.success(), "{}", build.stderr());
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    let stored = server.stored("e2e").await;
+    for output in &build.outputs {
+        assert!(
+            stored.contains(output),
+            "{output} not pushed:\n{}",
+            daemon.log()
+        );
+    }
+    assert!(!daemon.log().contains(TOKEN));
+    let state = server.control(reqwest::Method::GET, "state", None).await;
+    let untriggered: Vec<_> = state["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["count"] != 0 && f.get("probability") == Some(&json!(1.0)))
+        .collect();
+    assert!(untriggered.is_empty(), "{untriggered:?}");
+    let url = format!("{}/e2e", server.base());
+    let (ok, err) = nix_copy_from(&url, &public, &build.outputs);
+    assert!(ok, "nix copy failed: {err}");
+    let (ok, err) = nix_copy_from(&url, &other, &build.outputs);
+    assert!(!ok && err.contains("lacks a valid signature"), "{err}");
+}

@@ -221,3 +221,34 @@ fn nixpush_push_fills_a_bucket_nix_reads() {
     let (ok, err) = nix_copy_from(&format!("{}/{BUCKET}", server.base()), &public, &paths);
     assert!(ok, "nix copy failed: {err}");
 }
+
+#[tokio::test]
+async fn hook_builds_reach_the_bucket_and_nix_substitutes() {
+    use crate::util::{nix_build_with_hook, TestDaemon, TestEnv};
+
+    let env = TestEnv::new();
+    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    let (sec, public) = nix_key(env.dir.path(), "nixpush-s3-e2e-1");
+    // The daemon inherits AWS_SHARED_CREDENTIALS_FILE and reads the [nixpush] profile.
+    shared_credentials_file();
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"s3://{BUCKET}?endpoint={}&profile=nixpush\"\nsigning_key_file = \"{}\"",
+            server.base(),
+            sec.display()
+        ),
+    );
+    let daemon = TestDaemon::start_uploading(env);
+    let build = nix_build_with_hook(&daemon.env);
+    assert!(build.output.status.success(), "{}", build.stderr());
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}\n{}", daemon.log());
+    assert!(!daemon.log().contains("s3cr3t"));
+    let (ok, err) = nix_copy_from(
+        &format!("{}/{BUCKET}", server.base()),
+        &public,
+        &build.outputs,
+    );
+    assert!(ok, "nix copy failed: {err}");
+}
