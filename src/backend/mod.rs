@@ -4,9 +4,12 @@
 //! narinfo that describes it. A backend stores the NAR first and the narinfo last, so a reader never sees a
 //! narinfo whose NAR is missing. Only the modules below this one speak HTTP, S3 or Cachix.
 
+pub mod cachix;
 pub mod credentials;
 pub mod file;
 pub mod http;
+pub mod parts;
+pub mod s3;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -244,6 +247,10 @@ pub enum AnyBackend {
     File(file::FileBackend),
     /// `http://…`, `https://…`
     Http(http::HttpBackend),
+    /// `cachix://name`
+    Cachix(cachix::CachixBackend),
+    /// `s3://bucket?…`
+    S3(s3::S3Backend),
 }
 
 impl AnyBackend {
@@ -258,6 +265,12 @@ impl AnyBackend {
                 config,
                 credentials,
             )?)),
+            "cachix" => Ok(AnyBackend::Cachix(cachix::CachixBackend::new(
+                url,
+                config,
+                credentials,
+            )?)),
+            "s3" => Ok(AnyBackend::S3(s3::S3Backend::new(url, config)?)),
             other => Err(Error::Config(format!(
                 "the {other}:// backend is not available in this build of nixpush"
             ))),
@@ -275,6 +288,8 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::File(b) => b.prepare().await,
             AnyBackend::Http(b) => b.prepare().await,
+            AnyBackend::Cachix(b) => b.prepare().await,
+            AnyBackend::S3(b) => b.prepare().await,
         }
     }
 
@@ -282,6 +297,8 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::File(b) => b.missing(paths).await,
             AnyBackend::Http(b) => b.missing(paths).await,
+            AnyBackend::Cachix(b) => b.missing(paths).await,
+            AnyBackend::S3(b) => b.missing(paths).await,
         }
     }
 
@@ -289,6 +306,8 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::File(b) => b.upload(narinfo, nar).await,
             AnyBackend::Http(b) => b.upload(narinfo, nar).await,
+            AnyBackend::Cachix(b) => b.upload(narinfo, nar).await,
+            AnyBackend::S3(b) => b.upload(narinfo, nar).await,
         }
     }
 
@@ -296,6 +315,8 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::File(b) => b.staging_dir(),
             AnyBackend::Http(b) => b.staging_dir(),
+            AnyBackend::Cachix(b) => b.staging_dir(),
+            AnyBackend::S3(b) => b.staging_dir(),
         }
     }
 }

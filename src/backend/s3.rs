@@ -1,0 +1,673 @@
+//! `s3://bucket?region=…&endpoint=…&addressing=path|virtual&profile=…`: an S3 bucket laid out exactly like Nix's
+//! own S3 binary cache store, written with SigV4-presigned requests (rusty-s3) sent by reqwest.
+//!
+//! ```text
+//! nix-cache-info                          text/x-nix-cache-info, written by prepare when absent
+//! <hash>.narinfo                          text/x-nix-narinfo; HEAD 200 = present, 404 (or 403) = missing
+//! nar/<filehash>.nar.zst                  application/x-nix-nar; one PUT, or a multipart upload above part_size
+//! ```
+//!
+//! The NAR lands before its narinfo, so a reader never sees a narinfo without its NAR. With a custom `endpoint`
+//! addressing is path-style (`http://host:port/bucket/key`), as Nix's store does; otherwise
+//! `https://bucket.s3.<region>.amazonaws.com/key`. Credentials: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+//! `AWS_SESSION_TOKEN`, else the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`,
+//! profile from `profile=`, `AWS_PROFILE` or `default`); an explicit `profile=` always uses the file. They are
+//! read again on every `prepare`, so rotated keys take effect after an authentication pause.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use reqwest::{RequestBuilder, StatusCode};
+use rusty_s3::actions::CreateMultipartUpload;
+use rusty_s3::{Bucket, S3Action, UrlStyle};
+
+use crate::config::{redact_url, Config};
+use crate::narinfo::NarInfo;
+use crate::secret::Secret;
+use crate::store_path::StorePath;
+
+use super::http::{send, small_body, status_error, transport_error};
+use super::parts::{file_range_body, part_ranges, part_size_for, PARALLEL_PARTS};
+use super::{with_retries, Backend, Error, NarFile, TargetInfo};
+
+/// How long a presigned request stays valid; requests are signed right before they are sent.
+const PRESIGN_FOR: Duration = Duration::from_secs(3600);
+/// How many HEAD requests run at once when asking which paths are missing.
+const PARALLEL_HEADS: usize = 16;
+
+/// Where the AWS credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CredentialSource {
+    /// `profile=` from the URL.
+    profile: Option<String>,
+}
+
+/// An S3 (or S3-compatible) bucket.
+#[derive(Debug)]
+pub struct S3Backend {
+    url: String,
+    bucket: Bucket,
+    source: CredentialSource,
+    credentials: RwLock<Option<Arc<rusty_s3::Credentials>>>,
+    client: reqwest::Client,
+    part_size: u64,
+    store_dir: String,
+}
+
+/// The pieces of an `s3://` URL.
+#[derive(Debug, PartialEq, Eq)]
+struct S3Url {
+    bucket: String,
+    region: String,
+    endpoint: url::Url,
+    /// Virtual-host style (`bucket.host`) rather than path style (`host/bucket`).
+    virtual_host: bool,
+    profile: Option<String>,
+}
+
+fn parse_url(url: &str) -> Result<S3Url, Error> {
+    let invalid = |problem: String| Error::Config(format!("{}: {problem}", redact_url(url)));
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| invalid("not an s3:// URL".into()))?;
+    let (bucket, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let bucket = bucket.trim_end_matches('/');
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !valid_bucket {
+        return Err(invalid(format!(
+            "{bucket:?} is not a bucket name (3-63 lowercase letters, digits, dots, dashes)"
+        )));
+    }
+    let (mut region, mut endpoint, mut addressing, mut profile, mut scheme) =
+        ("us-east-1".to_owned(), None, None, None, "https".to_owned());
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        let value = value.into_owned();
+        match key.as_ref() {
+            "region" => region = value,
+            "endpoint" => endpoint = Some(value),
+            "addressing" => addressing = Some(value),
+            "profile" => profile = Some(value),
+            "scheme" => scheme = value,
+            other => {
+                return Err(invalid(format!(
+                    "unknown parameter {other:?} (accepted: region, endpoint, scheme, addressing, profile)"
+                )))
+            }
+        }
+    }
+    let virtual_host = match addressing.as_deref() {
+        Some("path") => false,
+        Some("virtual") => true,
+        // Nix's S3 store: virtual-host style on AWS, path style with a custom endpoint.
+        None => endpoint.is_none(),
+        Some(other) => return Err(invalid(format!("addressing={other} (use path or virtual)"))),
+    };
+    let endpoint = match endpoint {
+        Some(e) if e.contains("://") => e,
+        Some(e) => format!("{scheme}://{e}"),
+        None => format!("https://s3.{region}.amazonaws.com"),
+    };
+    let endpoint =
+        url::Url::parse(&endpoint).map_err(|e| invalid(format!("endpoint {endpoint:?}: {e}")))?;
+    if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
+        return Err(invalid(format!(
+            "endpoint {endpoint} must be an http(s) URL with a host"
+        )));
+    }
+    Ok(S3Url {
+        bucket: bucket.to_owned(),
+        region,
+        endpoint,
+        virtual_host,
+        profile,
+    })
+}
+
+/// For virtual-host addressing against `localhost`: the bucket's host name (`bucket.localhost`) and port. RFC 6761
+/// reserves `*.localhost` for loopback, but glibc does not resolve it, so the client is told directly.
+fn loopback_bucket_host(url: &S3Url) -> Option<(String, u16)> {
+    let host = url.endpoint.host_str()?;
+    (url.virtual_host && host == "localhost").then(|| {
+        (
+            format!("{}.{host}", url.bucket),
+            url.endpoint.port_or_known_default().unwrap_or(80),
+        )
+    })
+}
+
+/// The backend client, with `host` resolving to 127.0.0.1.
+fn loopback_client(host: &str, port: u16, timeout: Duration) -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .user_agent(concat!("nixpush/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(timeout.min(Duration::from_secs(30)))
+        .read_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(host, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
+}
+
+/// Keys from the process environment, or from a profile of the shared credentials file.
+fn load_credentials(source: &CredentialSource) -> Result<rusty_s3::Credentials, Error> {
+    load_credentials_with(source, &|name| std::env::var(name).ok())
+}
+
+/// [`load_credentials`] with environment lookups through `getenv`.
+fn load_credentials_with(
+    source: &CredentialSource,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<rusty_s3::Credentials, Error> {
+    let env = |name| getenv(name).filter(|v: &String| !v.is_empty());
+    if source.profile.is_none() {
+        if let (Some(key), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
+        {
+            return Ok(match env("AWS_SESSION_TOKEN") {
+                Some(token) => rusty_s3::Credentials::new_with_token(key, secret, token),
+                None => rusty_s3::Credentials::new(key, secret),
+            });
+        }
+    }
+    let file = match env("AWS_SHARED_CREDENTIALS_FILE") {
+        Some(file) => PathBuf::from(file),
+        None => PathBuf::from(env("HOME").unwrap_or_default()).join(".aws/credentials"),
+    };
+    let profile = source
+        .profile
+        .clone()
+        .or_else(|| env("AWS_PROFILE"))
+        .unwrap_or_else(|| "default".to_owned());
+    let text = match std::fs::read_to_string(&file) {
+        Ok(text) => Secret::new(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Config(format!(
+                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or create {} with a \
+                 [{profile}] profile",
+                file.display()
+            )))
+        }
+        Err(e) => return Err(Error::io(&file, e)),
+    };
+    let values = profile_values(text.expose(), &profile);
+    let get = |key: &str| {
+        values
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    match (get("aws_access_key_id"), get("aws_secret_access_key")) {
+        (Some(key), Some(secret)) => Ok(match get("aws_session_token") {
+            Some(token) => rusty_s3::Credentials::new_with_token(key, secret, token),
+            None => rusty_s3::Credentials::new(key, secret),
+        }),
+        _ => Err(Error::Config(format!(
+            "{}: profile [{profile}] has no aws_access_key_id and aws_secret_access_key",
+            file.display()
+        ))),
+    }
+}
+
+/// `key = value` pairs of one `[profile]` section of an INI credentials file.
+fn profile_values(text: &str, profile: &str) -> Vec<(String, String)> {
+    let mut in_profile = false;
+    let mut values = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_profile = section.trim() == profile;
+            continue;
+        }
+        if in_profile {
+            if let Some((key, value)) = line.split_once('=') {
+                values.push((key.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            }
+        }
+    }
+    values
+}
+
+impl S3Backend {
+    /// A backend for `url`; fails when the URL is malformed or no credentials are found.
+    pub fn new(url: &str, config: &Config) -> Result<S3Backend, Error> {
+        let profile = parse_url(url)?.profile;
+        let credentials = load_credentials(&CredentialSource { profile })?;
+        S3Backend::with_credentials(url, config, credentials)
+    }
+
+    fn with_credentials(
+        url: &str,
+        config: &Config,
+        credentials: rusty_s3::Credentials,
+    ) -> Result<S3Backend, Error> {
+        let parsed = parse_url(url)?;
+        let style = if parsed.virtual_host {
+            UrlStyle::VirtualHost
+        } else {
+            UrlStyle::Path
+        };
+        let timeout = Duration::from_secs(config.target.timeout_secs);
+        let client = match loopback_bucket_host(&parsed) {
+            Some((host, port)) => loopback_client(&host, port, timeout)?,
+            None => super::http::client(timeout)?,
+        };
+        let bucket = Bucket::new(parsed.endpoint, style, parsed.bucket, parsed.region)
+            .map_err(|e| Error::Config(format!("{}: {e}", redact_url(url))))?;
+        let source = CredentialSource {
+            profile: parsed.profile,
+        };
+        Ok(S3Backend {
+            url: redact_url(url),
+            bucket,
+            source,
+            credentials: RwLock::new(Some(Arc::new(credentials))),
+            client,
+            part_size: config.target.part_size,
+            store_dir: config.store_dir_str().to_owned(),
+        })
+    }
+
+    /// The URL of `key` without a signature (where an anonymous HTTP reader finds it).
+    pub fn object_url(&self, key: &str) -> Result<url::Url, Error> {
+        self.bucket
+            .object_url(key)
+            .map_err(|e| Error::Config(format!("object key {key:?}: {e}")))
+    }
+
+    fn credentials(&self) -> Option<Arc<rusty_s3::Credentials>> {
+        match self.credentials.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Sends a presigned request; the error message shows the URL without its signature.
+    async fn send(
+        &self,
+        method: &str,
+        url: &url::Url,
+        build: impl FnOnce(&reqwest::Client, &str) -> RequestBuilder,
+    ) -> Result<(reqwest::Response, String), Error> {
+        let shown = without_query(url);
+        let response = send(build(&self.client, url.as_str()), method, &shown).await?;
+        Ok((response, shown))
+    }
+
+    /// Whether `key` exists.
+    async fn exists(&self, key: &str) -> Result<bool, Error> {
+        with_retries(|| async {
+            let creds = self.credentials();
+            let url = self
+                .bucket
+                .head_object(creds.as_deref(), key)
+                .sign(PRESIGN_FOR);
+            let (response, shown) = self.send("HEAD", &url, |c, u| c.head(u)).await?;
+            match response.status() {
+                s if s.is_success() => Ok(true),
+                // Without s3:ListBucket, S3 answers 403 for a key that does not exist.
+                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(false),
+                _ => Err(status_error("HEAD", &shown, response).await),
+            }
+        })
+        .await
+    }
+
+    async fn put_bytes(&self, key: &str, content_type: &str, bytes: Vec<u8>) -> Result<(), Error> {
+        with_retries(|| async {
+            let creds = self.credentials();
+            let url = self
+                .bucket
+                .put_object(creds.as_deref(), key)
+                .sign(PRESIGN_FOR);
+            let (response, shown) = self
+                .send("PUT", &url, |c, u| {
+                    c.put(u)
+                        .header(CONTENT_TYPE, content_type)
+                        .header(CONTENT_LENGTH, bytes.len())
+                        .body(bytes.clone())
+                })
+                .await?;
+            expect_success("PUT", &shown, response).await.map(drop)
+        })
+        .await
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        content_type: &str,
+        nar: &NarFile<'_>,
+    ) -> Result<(), Error> {
+        if nar.size > self.part_size {
+            return self.put_multipart(key, content_type, nar).await;
+        }
+        with_retries(|| async {
+            let creds = self.credentials();
+            let url = self
+                .bucket
+                .put_object(creds.as_deref(), key)
+                .sign(PRESIGN_FOR);
+            let body = file_range_body(nar.path, 0, nar.size).await?;
+            let (response, shown) = self
+                .send("PUT", &url, |c, u| {
+                    c.put(u)
+                        .header(CONTENT_TYPE, content_type)
+                        .header(CONTENT_LENGTH, nar.size)
+                        .body(body)
+                })
+                .await?;
+            expect_success("PUT", &shown, response).await.map(drop)
+        })
+        .await
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        content_type: &str,
+        nar: &NarFile<'_>,
+    ) -> Result<(), Error> {
+        let upload_id = with_retries(|| async {
+            let creds = self.credentials();
+            let url = self
+                .bucket
+                .create_multipart_upload(creds.as_deref(), key)
+                .sign(PRESIGN_FOR);
+            let (response, shown) = self
+                .send("POST", &url, |c, u| {
+                    c.post(u)
+                        .header(CONTENT_TYPE, content_type)
+                        .header(CONTENT_LENGTH, 0)
+                })
+                .await?;
+            let response = expect_success("POST", &shown, response).await?;
+            let text = small_body(response)
+                .await
+                .map_err(|e| transport_error("POST", &shown, &e))?;
+            CreateMultipartUpload::parse_response(&text)
+                .map(|r| r.upload_id().to_owned())
+                .map_err(|e| Error::Protocol {
+                    url: shown.clone(),
+                    message: format!("cannot read the multipart upload id ({e})"),
+                })
+        })
+        .await?;
+        let result = self.send_parts(key, &upload_id, nar).await;
+        if result.is_err() {
+            self.abort(key, &upload_id).await;
+        }
+        result
+    }
+
+    async fn send_parts(&self, key: &str, upload_id: &str, nar: &NarFile<'_>) -> Result<(), Error> {
+        let ranges = part_ranges(nar.size, part_size_for(nar.size, self.part_size));
+        let mut etags: Vec<(u32, String)> = stream::iter(ranges)
+            .map(|range| async move {
+                let etag = self.upload_part(key, upload_id, nar, range).await?;
+                Ok::<_, Error>((range.0, etag))
+            })
+            .buffer_unordered(PARALLEL_PARTS)
+            .try_collect()
+            .await?;
+        etags.sort_unstable_by_key(|(number, _)| *number);
+        with_retries(|| async {
+            let creds = self.credentials();
+            let action = self.bucket.complete_multipart_upload(
+                creds.as_deref(),
+                key,
+                upload_id,
+                etags.iter().map(|(_, etag)| etag.as_str()),
+            );
+            let url = action.sign(PRESIGN_FOR);
+            let body = action.body();
+            let (response, shown) = self
+                .send("POST", &url, |c, u| {
+                    c.post(u)
+                        .header(CONTENT_LENGTH, body.len())
+                        .header(CONTENT_TYPE, "application/xml")
+                        .body(body)
+                })
+                .await?;
+            let response = expect_success("POST", &shown, response).await?;
+            // S3 may answer 200 and put the failure in the body.
+            let text = small_body(response)
+                .await
+                .map_err(|e| transport_error("POST", &shown, &e))?;
+            if text.contains("<Error>") {
+                return Err(Error::Status {
+                    method: "POST".into(),
+                    url: shown,
+                    code: 500,
+                    retry_after: None,
+                    detail: text.chars().filter(|c| !c.is_control()).take(200).collect(),
+                });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        nar: &NarFile<'_>,
+        (number, offset, length): (u32, u64, u64),
+    ) -> Result<String, Error> {
+        let part = u16::try_from(number).map_err(|_| {
+            Error::Config(format!("part {number} is beyond S3's 10,000-part limit"))
+        })?;
+        with_retries(|| async {
+            let creds = self.credentials();
+            let url = self
+                .bucket
+                .upload_part(creds.as_deref(), key, part, upload_id)
+                .sign(PRESIGN_FOR);
+            let body = file_range_body(nar.path, offset, length).await?;
+            let (response, shown) = self
+                .send("PUT", &url, |c, u| {
+                    c.put(u).header(CONTENT_LENGTH, length).body(body)
+                })
+                .await?;
+            let response = expect_success("PUT", &shown, response).await?;
+            response
+                .headers()
+                .get(ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .ok_or_else(|| Error::Protocol {
+                    url: shown,
+                    message: format!("part {number} was stored without an ETag"),
+                })
+        })
+        .await
+    }
+
+    async fn abort(&self, key: &str, upload_id: &str) {
+        let creds = self.credentials();
+        let url = self
+            .bucket
+            .abort_multipart_upload(creds.as_deref(), key, upload_id)
+            .sign(PRESIGN_FOR);
+        let result = async {
+            let (response, shown) = self.send("DELETE", &url, |c, u| c.delete(u)).await?;
+            expect_success("DELETE", &shown, response).await.map(drop)
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!("aborting the multipart upload of {key} failed (ignored): {e}");
+        }
+    }
+}
+
+impl Backend for S3Backend {
+    async fn prepare(&self) -> Result<TargetInfo, Error> {
+        let credentials = load_credentials(&self.source)?;
+        if let Ok(mut guard) = self.credentials.write() {
+            *guard = Some(Arc::new(credentials));
+        }
+        if !self.exists("nix-cache-info").await? {
+            let text = format!("StoreDir: {}\n", self.store_dir);
+            self.put_bytes("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
+                .await?;
+        }
+        Ok(TargetInfo {
+            read_url: Some(self.url.clone()),
+            ..TargetInfo::default()
+        })
+    }
+
+    async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, Error> {
+        let answers: Vec<(StorePath, bool)> = stream::iter(paths.iter().cloned())
+            .map(|path| async move {
+                let present = self
+                    .exists(&format!("{}.narinfo", path.hash_part()))
+                    .await?;
+                Ok::<_, Error>((path, present))
+            })
+            .buffered(PARALLEL_HEADS)
+            .try_collect()
+            .await?;
+        Ok(answers
+            .into_iter()
+            .filter(|(_, present)| !present)
+            .map(|(path, _)| path)
+            .collect())
+    }
+
+    async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+        // As Nix does: a NAR already there (same file hash, same bytes) is not sent again.
+        if !self.exists(&narinfo.url).await? {
+            self.put_file(&narinfo.url, "application/x-nix-nar", &nar)
+                .await?;
+        }
+        self.put_bytes(
+            &format!("{}.narinfo", narinfo.store_path.hash_part()),
+            "text/x-nix-narinfo",
+            narinfo.render().into_bytes(),
+        )
+        .await
+    }
+}
+
+async fn expect_success(
+    method: &str,
+    shown: &str,
+    response: reqwest::Response,
+) -> Result<reqwest::Response, Error> {
+    if response.status().is_success() {
+        Ok(response)
+    } else {
+        Err(status_error(method, shown, response).await)
+    }
+}
+
+/// A presigned URL without its query (which holds the signature and credentials).
+fn without_query(url: &url::Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_forms() {
+        let u = parse_url("s3://my-bucket?region=eu-west-1").unwrap();
+        assert_eq!(u.endpoint.as_str(), "https://s3.eu-west-1.amazonaws.com/");
+        assert_eq!((u.virtual_host, u.region.as_str()), (true, "eu-west-1"));
+        let u = parse_url("s3://cache?endpoint=http://127.0.0.1:9000&profile=ci").unwrap();
+        assert!(!u.virtual_host);
+        assert_eq!(u.profile.as_deref(), Some("ci"));
+        let u =
+            parse_url("s3://cache?endpoint=minio.lan:9000&scheme=http&addressing=virtual").unwrap();
+        assert_eq!(u.endpoint.as_str(), "http://minio.lan:9000/");
+        assert!(u.virtual_host);
+        for bad in [
+            "s3://",
+            "s3://Bucket",
+            "s3://b",
+            "s3://bucket?compression=xz",
+            "s3://bucket?addressing=x",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn object_urls_by_style() {
+        let config = Config::default();
+        let creds = || rusty_s3::Credentials::new("test", "test");
+        let path = S3Backend::with_credentials(
+            "s3://cache?endpoint=http://127.0.0.1:9000",
+            &config,
+            creds(),
+        )
+        .unwrap();
+        assert_eq!(
+            path.object_url("nar/x.nar.zst").unwrap().as_str(),
+            "http://127.0.0.1:9000/cache/nar/x.nar.zst"
+        );
+        let virt =
+            S3Backend::with_credentials("s3://cache?region=eu-west-1", &config, creds()).unwrap();
+        assert_eq!(
+            virt.object_url("abc.narinfo").unwrap().as_str(),
+            "https://cache.s3.eu-west-1.amazonaws.com/abc.narinfo"
+        );
+    }
+
+    #[test]
+    fn credentials_file_profiles() {
+        let text = "# keys\n[default]\naws_access_key_id = AKDEFAULT\naws_secret_access_key=sdefault\n\n\
+                    [ci]\n AWS_ACCESS_KEY_ID = AKCI \naws_secret_access_key = sci\naws_session_token = tci\n";
+        assert_eq!(
+            profile_values(text, "ci"),
+            vec![
+                ("aws_access_key_id".to_owned(), "AKCI".to_owned()),
+                ("aws_secret_access_key".to_owned(), "sci".to_owned()),
+                ("aws_session_token".to_owned(), "tci".to_owned()),
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("credentials");
+        std::fs::write(&file, text).unwrap();
+        let file = file.to_str().unwrap().to_owned();
+        let env = |name: &str| match name {
+            "AWS_SHARED_CREDENTIALS_FILE" => Some(file.clone()),
+            "AWS_ACCESS_KEY_ID" => Some("AKENV".to_owned()),
+            "AWS_SECRET_ACCESS_KEY" => Some("senv".to_owned()),
+            "AWS_PROFILE" => Some("ci".to_owned()),
+            _ => None,
+        };
+        let source = |profile: Option<&str>| CredentialSource {
+            profile: profile.map(str::to_owned),
+        };
+        // Environment keys win unless the URL names a profile.
+        let creds = load_credentials_with(&source(None), &env).unwrap();
+        assert_eq!((creds.key(), creds.token()), ("AKENV", None));
+        let creds = load_credentials_with(&source(Some("ci")), &env).unwrap();
+        assert_eq!((creds.key(), creds.token()), ("AKCI", Some("tci")));
+        let creds = load_credentials_with(&source(Some("default")), &env).unwrap();
+        assert_eq!(creds.key(), "AKDEFAULT");
+        let only_file = |name: &str| (name == "AWS_SHARED_CREDENTIALS_FILE").then(|| file.clone());
+        assert_eq!(
+            load_credentials_with(&source(None), &only_file)
+                .unwrap()
+                .key(),
+            "AKDEFAULT"
+        );
+        let err = load_credentials_with(&source(Some("nope")), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[nope]") && !err.contains("sci"), "{err}");
+    }
+}

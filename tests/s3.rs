@@ -1,0 +1,254 @@
+//! The S3 backend against a real S3 server (moto, `tests/servers/s3_server.py`) on 127.0.0.1, read back by real
+//! Nix through the bucket's HTTP endpoint.
+
+use std::process::Command;
+
+use nixpush::backend::s3::S3Backend;
+use nixpush::backend::{Backend, Error};
+use nixpush::config::{Compression, Config};
+use nixpush::signing::SecretKey;
+use nixpush::store_path::StorePath;
+
+use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, Prepared, PyServer};
+
+const BUCKET: &str = "nixpush-test";
+
+fn config(url: &str, part_size: u64) -> Config {
+    let mut config = Config::default();
+    config.target.url = url.to_owned();
+    config.target.part_size = part_size;
+    config
+}
+
+/// moto accepts any keys; the backend must still find some: here a `[nixpush]` profile in a credentials file.
+fn backend(server: &PyServer, part_size: u64) -> S3Backend {
+    shared_credentials_file();
+    let url = format!(
+        "s3://{BUCKET}?endpoint={}&region=us-east-1&profile=nixpush",
+        server.base()
+    );
+    S3Backend::new(&url, &config(&url, part_size)).unwrap()
+}
+
+/// Points `AWS_SHARED_CREDENTIALS_FILE` at a file with a `[nixpush]` profile, once per test process (before any
+/// S3 backend reads it; the value never changes afterwards).
+fn shared_credentials_file() {
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let file = std::env::temp_dir().join(format!(
+            "nixpush-test-aws-credentials-{}",
+            std::process::id()
+        ));
+        std::fs::write(
+            &file,
+            "[nixpush]\naws_access_key_id = AKTEST\naws_secret_access_key = s3cr3t\n",
+        )
+        .unwrap();
+        std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &file);
+        file
+    });
+}
+
+async fn get(url: &str) -> (u16, String, Vec<u8>) {
+    let response = reqwest::get(url).await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (
+        status,
+        content_type,
+        response.bytes().await.unwrap().to_vec(),
+    )
+}
+
+#[test]
+fn server_selftest_against_real_nix() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers/s3_selftest.py");
+    let out = Command::new("python3").arg(script).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[tokio::test]
+async fn bucket_written_like_nix_and_substituted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    // 5 MiB parts: the 12 MiB path goes up as a three-part multipart upload.
+    let backend = backend(&server, 5 * 1024 * 1024);
+    let (sec, public) = nix_key(dir.path(), "nixpush-s3-test-1");
+    let (_, other) = nix_key(dir.path(), "other-1");
+    let key = SecretKey::load(&sec).unwrap();
+
+    backend.prepare().await.unwrap();
+    let bucket_url = format!("{}/{BUCKET}", server.base());
+    let (status, content_type, body) = get(&format!("{bucket_url}/nix-cache-info")).await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "text/x-nix-cache-info")
+    );
+    assert_eq!(body, b"StoreDir: /nix/store\n");
+
+    let paths = build_paths(dir.path(), "s3be", 12 * 1024 * 1024);
+    let prepared: Vec<Prepared> = paths
+        .iter()
+        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
+        .collect();
+    let all: Vec<StorePath> = paths
+        .iter()
+        .map(|p| StorePath::parse(p, "/nix/store").unwrap())
+        .collect();
+    assert_eq!(backend.missing(&all).await.unwrap(), all);
+    for p in &prepared {
+        backend.upload(&p.narinfo, p.nar()).await.unwrap();
+    }
+    assert!(backend.missing(&all).await.unwrap().is_empty());
+
+    // Every object is where Nix's S3 store puts it, with its content type and exact bytes.
+    for p in &prepared {
+        let narinfo_url = format!("{bucket_url}/{}.narinfo", p.narinfo.store_path.hash_part());
+        let (status, content_type, body) = get(&narinfo_url).await;
+        assert_eq!((status, content_type.as_str()), (200, "text/x-nix-narinfo"));
+        assert_eq!(String::from_utf8(body).unwrap(), p.narinfo.render());
+        let (status, content_type, body) = get(&format!("{bucket_url}/{}", p.narinfo.url)).await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (200, "application/x-nix-nar")
+        );
+        assert_eq!(body, std::fs::read(p.file.path()).unwrap());
+    }
+
+    // The big NAR went up in parts: S3 gives a multipart object the ETag `"<md5 of md5s>-<parts>"`.
+    let big = prepared.iter().max_by_key(|p| p.size).unwrap();
+    let head = reqwest::Client::new()
+        .head(format!("{bucket_url}/{}", big.narinfo.url))
+        .send()
+        .await
+        .unwrap();
+    let etag = head.headers()[reqwest::header::ETAG]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(etag.trim_matches('"').ends_with("-3"), "{etag}");
+
+    let (ok, err) = nix_copy_from(&bucket_url, &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+    let (ok, err) = nix_copy_from(&bucket_url, &other, &paths);
+    assert!(!ok && err.contains("lacks a valid signature"), "{err}");
+
+    // Pushing again is harmless.
+    for p in &prepared {
+        backend.upload(&p.narinfo, p.nar()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn virtual_host_addressing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    shared_credentials_file();
+    let url = format!(
+        "s3://{BUCKET}?endpoint=http://localhost:{}&addressing=virtual&profile=nixpush",
+        server.port
+    );
+    let backend = S3Backend::new(&url, &config(&url, 5 * 1024 * 1024)).unwrap();
+    assert_eq!(
+        backend.object_url("x.narinfo").unwrap().as_str(),
+        format!("http://{BUCKET}.localhost:{}/x.narinfo", server.port)
+    );
+    backend.prepare().await.unwrap();
+    let paths = build_paths(dir.path(), "s3vh", 1_000);
+    let (sec, public) = nix_key(dir.path(), "nixpush-s3-vh-1");
+    let key = SecretKey::load(&sec).unwrap();
+    for path in &paths {
+        let p = prepare(path, Compression::Zstd, Some(&key));
+        backend.upload(&p.narinfo, p.nar()).await.unwrap();
+    }
+    let bucket_url = format!("{}/{BUCKET}", server.base());
+    let (ok, err) = nix_copy_from(&bucket_url, &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+}
+
+#[tokio::test]
+async fn a_missing_bucket_is_a_clear_error() {
+    let server = PyServer::start("s3_server.py", &[]);
+    let err = backend(&server, 5 * 1024 * 1024)
+        .prepare()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Status { code: 404, .. }), "{err}");
+    assert!(!err.to_string().contains("s3cr3t"), "{err}");
+}
+
+#[test]
+fn nixpush_push_fills_a_bucket_nix_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    let (sec, public) = nix_key(dir.path(), "nixpush-s3-cli-1");
+    let paths = build_paths(dir.path(), "s3cli", 6 * 1024 * 1024);
+    let out = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .arg("push")
+        .arg("--target")
+        .arg(format!(
+            "s3://{BUCKET}?endpoint={}&region=us-east-1",
+            server.base()
+        ))
+        .arg("--signing-key-file")
+        .arg(&sec)
+        .args(["--no-upstream", "--json"])
+        .arg(&paths[1])
+        .arg(&paths[2])
+        .env("AWS_ACCESS_KEY_ID", "AKCLI")
+        .env("AWS_SECRET_ACCESS_KEY", "cli-s3cr3t")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("cli-s3cr3t") && !stderr.contains("cli-s3cr3t"));
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["uploaded"], 3, "{summary}");
+    let (ok, err) = nix_copy_from(&format!("{}/{BUCKET}", server.base()), &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+}
+
+#[tokio::test]
+async fn hook_builds_reach_the_bucket_and_nix_substitutes() {
+    use crate::util::{nix_build_with_hook, TestDaemon, TestEnv};
+
+    let env = TestEnv::new();
+    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    let (sec, public) = nix_key(env.dir.path(), "nixpush-s3-e2e-1");
+    // The daemon inherits AWS_SHARED_CREDENTIALS_FILE and reads the [nixpush] profile.
+    shared_credentials_file();
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"s3://{BUCKET}?endpoint={}&profile=nixpush\"\nsigning_key_file = \"{}\"",
+            server.base(),
+            sec.display()
+        ),
+    );
+    let daemon = TestDaemon::start_uploading(env);
+    let build = nix_build_with_hook(&daemon.env);
+    assert!(build.output.status.success(), "{}", build.stderr());
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}\n{}", daemon.log());
+    assert!(!daemon.log().contains("s3cr3t"));
+    let (ok, err) = nix_copy_from(
+        &format!("{}/{BUCKET}", server.base()),
+        &public,
+        &build.outputs,
+    );
+    assert!(ok, "nix copy failed: {err}");
+}
