@@ -152,6 +152,9 @@ impl<W: Write> Compressor<W> {
                 // One compression thread per NAR: this thread walks, reads and hashes while zstd compresses,
                 // the way `nix-store --dump | zstd` splits the work between two processes.
                 encoder.multithread(1)?;
+                // Small jobs keep the compression thread's buffers to a few MiB (the default, four windows,
+                // tripled the daemon's peak memory for no measurable gain at level 3).
+                encoder.set_parameter(zstd::stream::raw::CParameter::JobSize(1 << 20))?;
                 Compressor::Zstd(encoder)
             }
             Compression::Xz => {
