@@ -18,8 +18,7 @@
 /// The 32 symbols, value 0 first.
 pub const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
-/// Longest input quoted back in an error message, so a hostile multi-megabyte "hash" cannot flood a log.
-const MAX_QUOTED: usize = 128;
+use crate::excerpt::excerpt;
 
 /// Why a string is not the Nix base32 encoding of the expected number of bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,7 +78,7 @@ pub fn decode(s: &str, len: usize) -> Result<Vec<u8>, Error> {
     let expected = encoded_len(len);
     if s.len() != expected {
         return Err(Error::Length {
-            input: quoted(s),
+            input: excerpt(s),
             actual: s.chars().count(),
             expected,
         });
@@ -87,7 +86,7 @@ pub fn decode(s: &str, len: usize) -> Result<Vec<u8>, Error> {
     let mut out = vec![0u8; len];
     for (p, c) in s.bytes().enumerate() {
         let digit = digit_value(c).ok_or_else(|| Error::Character {
-            input: quoted(s),
+            input: excerpt(s),
             bad: s[p..].chars().next().unwrap_or('?'),
         })?;
         let bit = (expected - 1 - p) * 5;
@@ -100,7 +99,7 @@ pub fn decode(s: &str, len: usize) -> Result<Vec<u8>, Error> {
             Some(next) => *next |= high,
             None if high != 0 => {
                 return Err(Error::Overflow {
-                    input: quoted(s),
+                    input: excerpt(s),
                     bytes: len,
                 })
             }
@@ -118,17 +117,6 @@ pub fn is_valid_chars(s: &str) -> bool {
 fn digit_value(c: u8) -> Option<u8> {
     // Position in a 32-entry table, so the result always fits in a u8.
     ALPHABET.iter().position(|&a| a == c).map(|v| v as u8)
-}
-
-fn quoted(s: &str) -> String {
-    if s.len() <= MAX_QUOTED {
-        return s.to_owned();
-    }
-    let mut end = MAX_QUOTED;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use crate::base32;
+use crate::excerpt::excerpt;
 
 /// Why a string is not a SHA-256 hash.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,14 +80,14 @@ impl Sha256Hash {
     /// Parses `sha256:<base32 or hex>`, `sha256-<base64>` (SRI), or a bare base32 or hex digest.
     pub fn parse(s: &str) -> Result<Sha256Hash, Error> {
         let invalid = |reason: &str| Error::Invalid {
-            input: shortened(s),
+            input: excerpt(s),
             reason: reason.to_owned(),
         };
         if let Some((algo, rest)) = s.split_once(':') {
             if algo != "sha256" {
                 return Err(Error::UnsupportedType {
-                    algo: shortened(algo),
-                    input: shortened(s),
+                    algo: excerpt(algo),
+                    input: excerpt(s),
                 });
             }
             return Sha256Hash::parse_digest(rest).ok_or_else(|| {
@@ -96,8 +97,8 @@ impl Sha256Hash {
         if let Some((algo, rest)) = s.split_once('-') {
             if algo != "sha256" {
                 return Err(Error::UnsupportedType {
-                    algo: shortened(algo),
-                    input: shortened(s),
+                    algo: excerpt(algo),
+                    input: excerpt(s),
                 });
             }
             let bytes = base64::engine::general_purpose::STANDARD
@@ -135,18 +136,6 @@ impl fmt::Debug for Sha256Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Sha256Hash({self})")
     }
-}
-
-fn shortened(s: &str) -> String {
-    const MAX: usize = 128;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// Passes writes through to `inner`, hashing and counting the bytes that `inner` accepted.

@@ -31,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod derivation;
+mod excerpt;
 pub mod hash;
 pub mod hook;
 pub mod logging;

@@ -23,6 +23,7 @@
 //! values and has no `CA` field.
 
 use crate::config::Compression;
+use crate::excerpt::excerpt;
 use crate::hash::Sha256Hash;
 use crate::signing::{PublicKey, SecretKey};
 use crate::store_path::StorePath;
@@ -171,7 +172,7 @@ impl NarInfo {
             rest = after;
             let (key, value) = line.split_once(": ").ok_or_else(|| Error::Syntax {
                 line: line_no,
-                reason: format!("expected \"Key: value\", got {:?}", shortened(line)),
+                reason: format!("expected \"Key: value\", got {:?}", excerpt(line)),
             })?;
             let field = |field: &'static str, reason: String| Error::Field {
                 line: line_no,
@@ -191,14 +192,11 @@ impl NarInfo {
             };
             let number_field = |name: &'static str, value: &str| {
                 if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(field(
-                        name,
-                        format!("{:?} is not a number", shortened(value)),
-                    ));
+                    return Err(field(name, format!("{:?} is not a number", excerpt(value))));
                 }
                 value
                     .parse::<u64>()
-                    .map_err(|e| field(name, format!("{:?}: {e}", shortened(value))))
+                    .map_err(|e| field(name, format!("{:?}: {e}", excerpt(value))))
             };
             macro_rules! once {
                 ($slot:ident, $name:literal, $value:expr) => {{
@@ -260,7 +258,7 @@ impl NarInfo {
                         _ => {
                             return Err(field(
                                 "Sig",
-                                format!("{:?} is not NAME:BASE64", shortened(value)),
+                                format!("{:?} is not NAME:BASE64", excerpt(value)),
                             ))
                         }
                     }
@@ -270,7 +268,7 @@ impl NarInfo {
                     if !(value.starts_with("fixed:") || value.starts_with("text:")) {
                         return Err(field(
                             "CA",
-                            format!("{:?} is not fixed:… or text:…", shortened(value)),
+                            format!("{:?} is not fixed:… or text:…", excerpt(value)),
                         ));
                     }
                     once!(ca, "CA", value.to_owned())
@@ -320,18 +318,6 @@ impl NarInfo {
 
 fn sig_key_name(sig: &str) -> Option<&str> {
     sig.split_once(':').map(|(name, _)| name)
-}
-
-fn shortened(s: &str) -> String {
-    const MAX: usize = 128;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 
+use crate::excerpt::excerpt;
 use crate::secret::Secret;
 
 /// Standard alphabet; encodes with `=` padding as Nix does, decodes with or without it (people trim keys).
@@ -191,7 +192,7 @@ impl PublicKey {
     pub fn parse(text: &str) -> Result<PublicKey, Error> {
         let text = text.trim();
         let invalid = |reason: &str| Error::InvalidPublicKey {
-            key: shortened(text),
+            key: excerpt(text),
             reason: reason.to_owned(),
         };
         let (name, b64) = text
@@ -315,18 +316,6 @@ fn in_file(e: Error, path: &Path) -> Error {
         },
         other => other,
     }
-}
-
-fn shortened(s: &str) -> String {
-    const MAX: usize = 128;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]
