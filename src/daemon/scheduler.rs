@@ -191,7 +191,6 @@ fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) 
 
 /// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: Arc<Notify>) {
-    let policy = retry::Policy::default();
     let mut built: Option<Built> = None;
     let mut paused = false;
     // Set when a wait ended because a secret file changed.
@@ -294,6 +293,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             continue;
         }
         set_status(&shared, TargetState::Ok, "uploading");
+        let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));
         let batch_paused = run_batch(&shared, &engine, due, &config, &policy, &stop).await;
         if batch_paused {
             paused = true;
