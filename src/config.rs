@@ -150,6 +150,9 @@ pub struct Target {
     pub workers: Option<usize>,
     /// Attempts before a path is parked as failed.
     pub max_attempts: u32,
+    /// Delay scale of a path's first retry, in milliseconds; each later retry may wait twice as long, up to five
+    /// minutes (full jitter, see `upload::retry`). Lower it only for a local target or in tests.
+    pub retry_base_ms: u64,
     /// Cachix API base for `cachix://` targets.
     pub cachix_api: String,
     /// Multipart part size in bytes (Cachix, S3).
@@ -188,6 +191,7 @@ impl Default for Target {
             auth_token_file: None,
             workers: None,
             max_attempts: 10,
+            retry_base_ms: 1000,
             cachix_api: DEFAULT_CACHIX_API.to_owned(),
             part_size: 32 * 1024 * 1024,
             timeout_secs: 60,
@@ -207,6 +211,7 @@ impl fmt::Debug for Target {
             .field("auth_token_file", &self.auth_token_file)
             .field("workers", &self.workers)
             .field("max_attempts", &self.max_attempts)
+            .field("retry_base_ms", &self.retry_base_ms)
             .field("cachix_api", &self.cachix_api)
             .field("part_size", &self.part_size)
             .field("timeout_secs", &self.timeout_secs)
@@ -263,6 +268,9 @@ impl Config {
         }
         if self.target.max_attempts == 0 {
             return Err(invalid("target.max_attempts", "must be greater than 0"));
+        }
+        if self.target.retry_base_ms == 0 {
+            return Err(invalid("target.retry_base_ms", "must be greater than 0"));
         }
         if let Some(level) = self.target.compression_level {
             let range = match self.target.compression {

@@ -445,6 +445,87 @@ async fn nixpush_push_lands_a_closure_through_faults() {
     assert!(ok, "nix copy failed: {err}");
 }
 
+/// Runs `nixpush push` of `paths` to cache `cache` on `server` with the write token; returns the JSON summary.
+fn push_cli(
+    server: &CachixServer,
+    cache: &str,
+    dir: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+    paths: &[String],
+) -> (serde_json::Value, String) {
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .arg("push")
+        .arg("--target")
+        .arg(format!("cachix://{cache}?api={}", server.base()))
+        .arg("--auth-token-file")
+        .arg(&token_file)
+        .args(extra)
+        .args(["--no-upstream", "--json"])
+        .args(paths)
+        .env_remove("CACHIX_SIGNING_KEY")
+        .envs(env.iter().copied())
+        .env("TMPDIR", dir)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (serde_json::from_str(&stdout).unwrap(), stderr)
+}
+
+#[tokio::test]
+async fn push_signs_with_cachix_signing_key_or_a_bare_key_file() {
+    // What `cachix generate-keypair` hands out: the bare base64 secret, named by the cache.
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, public) = nix_key(dir.path(), "barekey.cachix.org-1");
+    let nix_form = std::fs::read_to_string(&sec).unwrap();
+    let bare = nix_form.split_once(':').unwrap().1.trim().to_owned();
+    let server = CachixServer::start(json!({"caches": [{
+        "name": "barekey", "signing": "self-signed", "public_keys": [public.trim()],
+        "tokens": {TOKEN: "write"}}]}));
+
+    // 1. CACHIX_SIGNING_KEY in the environment, no key file.
+    let from_env = build_paths(dir.path(), "cxenv", 2_000);
+    let (summary, stderr) = push_cli(
+        &server,
+        "barekey",
+        dir.path(),
+        &[],
+        &[("CACHIX_SIGNING_KEY", &bare)],
+        &from_env,
+    );
+    assert_eq!(summary["uploaded"], from_env.len(), "{summary}");
+    assert!(!stderr.contains(&bare), "{stderr}");
+
+    // 2. The same bare base64 in a signing_key_file.
+    let bare_file = dir.path().join("cachix-signing-key");
+    std::fs::write(&bare_file, &bare).unwrap();
+    let from_file = build_paths(dir.path(), "cxbarefile", 2_000);
+    let (summary, stderr) = push_cli(
+        &server,
+        "barekey",
+        dir.path(),
+        &["--signing-key-file".as_ref(), bare_file.as_os_str()],
+        &[],
+        &from_file,
+    );
+    assert_eq!(summary["uploaded"], from_file.len(), "{summary}");
+    assert!(!stderr.contains(&bare), "{stderr}");
+
+    let all: Vec<String> = from_env.iter().chain(&from_file).cloned().collect();
+    let (ok, err) = nix_copy_from(&format!("{}/barekey", server.base()), &public, &all);
+    assert!(ok, "nix copy failed: {err}");
+    // Without the signatures made by that key, Nix refuses.
+    let (_, other) = nix_key(dir.path(), "barekey.cachix.org-2");
+    let (ok, _) = nix_copy_from(&format!("{}/barekey", server.base()), &other, &all);
+    assert!(!ok, "nix copy accepted paths signed by another key");
+}
+
 #[tokio::test]
 async fn hook_builds_reach_cachix_through_faults_and_nix_substitutes() {
     use crate::util::{nix_build_with_hook, TestDaemon, TestEnv};

@@ -18,12 +18,12 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors")
 }
 
-fn public_key() -> String {
+pub(crate) fn public_key() -> String {
     std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap()
 }
 
 /// The test key, copied to a private file as a real secret would be.
-fn signing_key(env: &TestEnv) -> PathBuf {
+pub(crate) fn signing_key(env: &TestEnv) -> PathBuf {
     let path = env.dir.path().join("signing.sec");
     std::fs::copy(fixtures().join("test-key.sec"), &path).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();

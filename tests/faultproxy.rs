@@ -3,6 +3,7 @@
 //! upstream server. Every connection carries exactly one request (`Connection: close`), which keeps the proxy
 //! simple and makes each fault hit exactly one request.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +32,22 @@ pub struct Stats {
     pub faults: AtomicU64,
     /// Requests forwarded.
     pub forwarded: AtomicU64,
+    /// Per request target (`METHOD /path`): requests seen and requests failed on purpose.
+    pub by_target: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Faults injected, per kind.
+    pub by_fault: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Stats {
+    /// Requests seen and failed for `METHOD /path` (`(0, 0)` if never seen).
+    pub fn for_target(&self, method_and_path: &str) -> (u64, u64) {
+        self.by_target
+            .lock()
+            .unwrap()
+            .get(method_and_path)
+            .copied()
+            .unwrap_or_default()
+    }
 }
 
 /// The running proxy; stops accepting on drop.
@@ -134,8 +151,27 @@ impl Decide {
             }
         }
         let rate = f64::from_bits(self.rate.load(Ordering::SeqCst));
-        (next_unit(&self.rng) < rate && !self.faults.is_empty())
-            .then(|| self.faults[(n as usize) % self.faults.len()])
+        let fault = (next_unit(&self.rng) < rate && !self.faults.is_empty())
+            .then(|| self.faults[(n as usize) % self.faults.len()]);
+        // "PUT /cache/nar/x.nar.zst HTTP/1.1" → "PUT /cache/nar/x.nar.zst"
+        let target: String = request_line
+            .rsplit_once(' ')
+            .map_or(request_line, |(head, _)| head)
+            .to_owned();
+        let mut by_target = self.stats.by_target.lock().unwrap();
+        let counts = by_target.entry(target).or_default();
+        counts.0 += 1;
+        if let Some(fault) = fault {
+            counts.1 += 1;
+            *self
+                .stats
+                .by_fault
+                .lock()
+                .unwrap()
+                .entry(format!("{fault:?}"))
+                .or_default() += 1;
+        }
+        fault
     }
 }
 

@@ -575,9 +575,40 @@ fn check_signing_key(
 ) -> (Check, Option<SecretKey>) {
     const NAME: &str = "signing-key";
     let Some(file) = &config.target.signing_key_file else {
+        if config.target.url.starts_with("cachix://") {
+            match crate::daemon::scheduler::load_signing_key(config) {
+                Ok(Some(key)) => {
+                    let detail = format!(
+                        "{} holds key {} (public key {})",
+                        crate::backend::cachix::SIGNING_KEY_ENV,
+                        key.name(),
+                        key.public_key()
+                    );
+                    return (Check::pass(NAME, detail), Some(key));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return (
+                        Check::fail(
+                            NAME,
+                            e.to_string(),
+                            format!(
+                                "set {} to the key `cachix generate-keypair` printed, or unset it for a \
+                                 Cachix-managed cache",
+                                crate::backend::cachix::SIGNING_KEY_ENV
+                            ),
+                        ),
+                        None,
+                    )
+                }
+            }
+        }
         let unsigned_ok = nix.as_ref().is_ok_and(|n| n.get("require-sigs") == "false");
         let check = if config.target.url.starts_with("cachix://") {
-            Check::skip(NAME, "no signing_key_file: Cachix signs with its own key")
+            Check::skip(
+                NAME,
+                "no signing_key_file or CACHIX_SIGNING_KEY: Cachix signs with its own key",
+            )
         } else if unsigned_ok {
             Check::skip(NAME, "no signing_key_file; Nix has require-sigs = false")
         } else {

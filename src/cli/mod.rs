@@ -82,10 +82,24 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("nixpush: error: {e:#}");
+            eprintln!("nixpush: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes joined by ": ", leaving out a cause the message already contains: many errors print their
+/// source themselves, and "No space left on device" once is enough.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 /// The configuration for commands that talk to the daemon: the given file, or the default one, or (when the
@@ -122,4 +136,29 @@ fn ask(config: &Config, request: &Request) -> anyhow::Result<Response> {
         anyhow::bail!("the daemon answered {kind:?}: {message}");
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let full = std::io::Error::from_raw_os_error(28);
+        let e = anyhow::Error::new(full).context("cannot open the queue");
+        assert_eq!(
+            error_chain(&e),
+            "cannot open the queue: No space left on device (os error 28)"
+        );
+        let e = crate::queue::Error::Open {
+            path: "/state/queue".into(),
+            source: sled::Error::Io(std::io::Error::from_raw_os_error(28)),
+        };
+        let message = error_chain(&anyhow::Error::new(e));
+        assert_eq!(
+            message.matches("No space left on device").count(),
+            1,
+            "{message}"
+        );
+    }
 }

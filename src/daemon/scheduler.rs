@@ -129,14 +129,14 @@ fn token_env_var(config: &Config) -> &'static str {
     }
 }
 
-/// Loads the signing key named by the configuration, if any.
+/// Loads the signing key named by the configuration, if any. A `cachix://` target also takes Cachix's bare base64
+/// form, in the file or in `CACHIX_SIGNING_KEY`.
 pub fn load_signing_key(config: &Config) -> Result<Option<SecretKey>, crate::signing::Error> {
-    config
-        .target
-        .signing_key_file
-        .as_deref()
-        .map(SecretKey::load)
-        .transpose()
+    let file = config.target.signing_key_file.as_deref();
+    match crate::backend::cachix::cache_name(&config.target.url) {
+        Some(cache) => crate::backend::cachix::load_signing_key(cache, file),
+        None => file.map(SecretKey::load).transpose(),
+    }
 }
 
 fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
@@ -191,7 +191,6 @@ fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) 
 
 /// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: Arc<Notify>) {
-    let policy = retry::Policy::default();
     let mut built: Option<Built> = None;
     let mut paused = false;
     // Set when a wait ended because a secret file changed.
@@ -294,6 +293,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             continue;
         }
         set_status(&shared, TargetState::Ok, "uploading");
+        let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));
         let batch_paused = run_batch(&shared, &engine, due, &config, &policy, &stop).await;
         if batch_paused {
             paused = true;
@@ -504,5 +504,28 @@ async fn report_progress(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cachix_targets_take_bare_base64_keys_and_others_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::signing::generate("mine-1").to_nix_string();
+        let bare = dir.path().join("bare.sec");
+        std::fs::write(&bare, key.expose().split_once(':').unwrap().1).unwrap();
+        let mut config = Config::default();
+        config.target.signing_key_file = Some(bare.clone());
+
+        config.target.url = "cachix://demo?api=http://127.0.0.1:1".into();
+        let loaded = load_signing_key(&config).unwrap().unwrap();
+        assert_eq!(loaded.name(), "demo.cachix.org-1");
+
+        config.target.url = "file:///tmp/cache".into();
+        let err = load_signing_key(&config).unwrap_err().to_string();
+        assert!(err.contains(&bare.display().to_string()), "{err}");
     }
 }

@@ -28,6 +28,14 @@ impl Default for Policy {
 }
 
 impl Policy {
+    /// The default policy with the configured first-retry scale (`target.retry_base_ms`).
+    pub fn with_base(base: Duration) -> Policy {
+        Policy {
+            base,
+            ..Policy::default()
+        }
+    }
+
     /// The longest wait before the retry that follows failed attempt `attempt` (1-based), before jitter.
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let doublings = attempt.saturating_sub(1).min(32);

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# "Rebuilds are never blocked": N small derivations (benches/rebuilds.nix, default 200) built with real Nix, fresh
+# every time, four ways in each run:
+#   none     no post-build-hook;
+#   true     /bin/true as the hook: the floor, since Nix runs any hook synchronously, once per derivation;
+#   nix-copy the Nix manual's recipe: a hook that runs `nix copy --to file://…` of the outputs, with
+#            `secret-key-files` set so the paths are signed;
+#   nixpush  nixpush-hook as the hook, `nixpush daemon` uploading to a signed file:// cache in the background.
+# The order rotates from run to run to spread the noise of a shared machine. Reports the median build wall time of
+# each way, the ratios, and for nixpush the time from build start until the cache holds every output. Both caches
+# are checked with Nix itself (`nix store verify` with the public key) to hold every output, signed; the bench
+# fails otherwise. Prints a Markdown table.
+#
+#   benches/rebuilds.sh [N] [RUNS]      (as root, from anywhere; N defaults to 200, RUNS to 4,
+#                                        so each way takes each place in the order once)
+set -euo pipefail
+n=${1:-200}
+runs=${2:-4}
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --bins
+bin=$PWD/target/release
+
+work=$(mktemp -d /var/tmp/nixpush-bench.XXXXXX)
+daemon_pid=
+cleanup() {
+  if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid" 2>/dev/null || true; wait "$daemon_pid" 2>/dev/null || true; fi
+  # Outputs before the derivations that produced them; nothing else refers to them.
+  if [ -s "$work/added-outputs" ]; then xargs nix-store --delete < "$work/added-outputs" >/dev/null 2>&1 || true; fi
+  if [ -s "$work/added-drvs" ]; then xargs nix-store --delete < "$work/added-drvs" >/dev/null 2>&1 || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+nix-store --generate-binary-cache-key rebuilds-bench-1 "$work/key.sec" "$work/key.pub"
+chmod 600 "$work/key.sec"
+export XDG_CACHE_HOME=$work/xdg-cache # Nix's narinfo cache must not remember earlier runs
+nix_options=(--no-out-link --option build-users-group "" --option sandbox false --option substituters ""
+  -j 2 --cores 1)
+
+# The manual's recipe (nix.dev / Nix manual, "Using the post-build-hook"), pointed at a local file:// cache with
+# the same compression as nixpush. Nix 2.8.0 leaves OUT_PATHS empty (NixOS/nix#6446), so when it is empty the
+# script asks Nix for the outputs of DRV_PATH, which are registered by the time the hook runs.
+cat > "$work/nix-copy-hook.sh" <<'EOF'
+#!/bin/sh
+set -eu
+set -f # disable globbing
+out_paths=${OUT_PATHS:-$(nix-store --query --outputs "$DRV_PATH")}
+exec nix --extra-experimental-features nix-command copy --to "file://$BENCH_CACHE?compression=zstd" $out_paths
+EOF
+chmod +x "$work/nix-copy-hook.sh"
+
+start_daemon() { # $1: the cache directory
+  cat > "$work/daemon.toml" <<EOF
+socket = "$work/run/nixpush.sock"
+state_dir = "$work/daemon-state"
+upstream = []
+[target]
+url = "file://$1"
+signing_key_file = "$work/key.sec"
+EOF
+  rm -rf "$work/daemon-state" "$work/run"
+  "$bin/nixpush" --config "$work/daemon.toml" daemon 2>>"$work/daemon.log" &
+  daemon_pid=$!
+  for _ in $(seq 200); do
+    "$bin/nixpush" --config "$work/daemon.toml" status >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "daemon did not start:" >&2; cat "$work/daemon.log" >&2; exit 1
+}
+stop_daemon() {
+  kill -TERM "$daemon_pid"; wait "$daemon_pid" 2>/dev/null || true; daemon_pid=
+}
+
+# Exits non-zero unless every path in $2 has a narinfo in cache $1 whose NAR is there, signed with our key, and
+# Nix itself verifies the NAR hashes and signatures from the cache.
+verify_cache() { # cache dir, outputs file
+  python3 - "$1" "$2" rebuilds-bench-1 <<'PY' || return 1
+import os, sys
+cache, outputs, key = sys.argv[1:]
+missing = []
+for p in open(outputs).read().split():
+    info = os.path.join(cache, os.path.basename(p)[:32] + ".narinfo")
+    if not os.path.exists(info):
+        missing.append(p); continue
+    fields = dict(l.split(": ", 1) for l in open(info).read().splitlines() if ": " in l)
+    assert fields["StorePath"] == p, (info, fields["StorePath"])
+    assert os.path.exists(os.path.join(cache, fields["URL"])), f"{info}: {fields['URL']} missing"
+    assert fields.get("Sig", "").startswith(key + ":"), f"{info}: not signed by {key}"
+if missing:
+    sys.exit(f"{len(missing)} outputs missing from {cache}, e.g. {missing[0]}")
+PY
+  xargs nix --extra-experimental-features nix-command store verify --store "file://$1" --sigs-needed 1 \
+    --option trusted-public-keys "$(cat "$work/key.pub")" < "$2" 2>"$work/verify.log" \
+    || { echo "nix store verify failed on $1:" >&2; cat "$work/verify.log" >&2; return 1; }
+}
+
+now() { echo "$EPOCHREALTIME"; }
+
+run_way() { # way, run number
+  local way=$1 run=$2 seed="$stamp-$2-$1" extra=() cache="$work/cache-$1-$2"
+  nix-instantiate benches/rebuilds.nix --arg n "$n" --argstr seed "$seed" 2>/dev/null > "$work/drvs"
+  cat "$work/drvs" >> "$work/added-drvs"
+  xargs nix-store --query --outputs < "$work/drvs" > "$work/outputs"
+  cat "$work/outputs" >> "$work/added-outputs"
+  case $way in
+    none) ;;
+    true) extra=(--option post-build-hook /bin/true) ;;
+    nix-copy) extra=(--option post-build-hook "$work/nix-copy-hook.sh" --option secret-key-files "$work/key.sec") ;;
+    nixpush)
+      start_daemon "$cache"
+      extra=(--option post-build-hook "$bin/nixpush-hook") ;;
+  esac
+  local start end
+  start=$(now)
+  BENCH_CACHE=$cache NIXPUSH_SOCKET=$work/run/nixpush.sock NIXPUSH_SPOOL=$work/daemon-state/spool \
+    nix-build benches/rebuilds.nix --arg n "$n" --argstr seed "$seed" "${nix_options[@]}" "${extra[@]}" \
+    >"$work/build.out" 2>"$work/build.log" || { echo "nix-build ($way) failed:" >&2; tail -20 "$work/build.log" >&2; exit 1; }
+  end=$(now)
+  local built
+  built=$(grep -c '^building' "$work/build.log" || true)
+  [ "$built" -eq "$n" ] || { echo "$way: expected $n builds, Nix built $built" >&2; exit 1; }
+  local cache_secs="" rss=""
+  if [ "$way" = nixpush ]; then
+    # The cache is complete once nothing is queued, uploading or spooled and every output has its narinfo.
+    python3 - "$bin/nixpush" "$work/daemon.toml" "$cache" "$work/outputs" <<'PY' || exit 1
+import json, os, subprocess, sys, time
+nixpush, config, cache, outputs = sys.argv[1:]
+wanted = [os.path.join(cache, os.path.basename(p)[:32] + ".narinfo") for p in open(outputs).read().split()]
+deadline = time.monotonic() + 600
+while True:
+    s = json.loads(subprocess.run([nixpush, "--config", config, "status", "--json"],
+                                  check=True, capture_output=True).stdout)
+    if s["failed"]:
+        sys.exit(f"daemon reports {s['failed']} failed paths: {s['failed_paths'][:3]}")
+    if s["queued"] + s["in_flight"] + s["spooled"] == 0 and all(map(os.path.exists, wanted)):
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"cache still incomplete after 600 s: {s['queued']} queued, {s['in_flight']} in flight")
+    time.sleep(0.02)
+PY
+    cache_secs=$(echo "$(now) - $start" | bc)
+    rss=$(awk '/VmHWM/ {print $2}' "/proc/$daemon_pid/status")
+    stop_daemon
+  fi
+  if [ "$way" = nix-copy ] || [ "$way" = nixpush ]; then
+    verify_cache "$cache" "$work/outputs" || { echo "$way: cache $cache incomplete" >&2; exit 1; }
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$way" "$run" "$(echo "$end - $start" | bc)" "$cache_secs" "$rss" >> "$work/results.tsv"
+  printf '   run %s %-8s %6.2f s%s\n' "$run" "$way" "$(echo "$end - $start" | bc)" \
+    "${cache_secs:+, cache complete after $(printf %.2f "$cache_secs") s, daemon peak RSS $((rss / 1024)) MiB}" >&2
+}
+
+stamp=$(date +%s%N)
+ways=(none true nix-copy nixpush)
+echo "== $n derivations, $runs runs of 4 ways; $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)," \
+  "$(nix --version), nixpush $(git describe --always --dirty 2>/dev/null || echo '?')" >&2
+for run in $(seq "$runs"); do
+  for k in 0 1 2 3; do run_way "${ways[$(((k + run - 1) % 4))]}" "$run"; done
+done
+
+python3 - "$work/results.tsv" "$n" "$runs" <<'PY'
+import statistics, sys
+path, n, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rows = [l.rstrip("\n").split("\t") for l in open(path)]
+wall = {w: [float(r[2]) for r in rows if r[0] == w] for w in ("none", "true", "nix-copy", "nixpush")}
+med = {w: statistics.median(t) for w, t in wall.items()}
+cache = [float(r[3]) for r in rows if r[0] == "nixpush"]
+rss = [int(r[4]) for r in rows if r[0] == "nixpush"]
+names = {"none": "no hook", "true": "`/bin/true` hook", "nix-copy": "`nix copy` hook (the manual's recipe)",
+         "nixpush": "`nixpush-hook`, daemon uploading"}
+print(f"{n} derivations built with `nix-build -j 2`, median of {runs} runs (order rotated between runs).")
+print()
+print("| hook | build wall time, median (s) | all runs (s) | vs `/bin/true` hook |")
+print("|---|---|---|---|")
+for w in wall:
+    print(f"| {names[w]} | {med[w]:.2f} | {', '.join(f'{t:.2f}' for t in wall[w])} | {med[w] / med['true']:.2f}× |")
+print()
+r1 = med["nixpush"] / med["true"]
+r2 = med["nix-copy"] / med["nixpush"]
+print(f"- nixpush vs `/bin/true` hook: {r1:.3f}× (goal ≤ 1.10×: {'met' if r1 <= 1.10 else 'missed'})")
+print(f"- `nix copy` hook vs nixpush: {r2:.2f}× slower (goal ≥ 5×: {'met' if r2 >= 5 else 'missed'})")
+print(f"- nixpush: cache holds all {n} outputs {statistics.median(cache):.2f} s after the build started (median; "
+      f"runs {', '.join(f'{t:.2f}' for t in cache)}); daemon peak RSS {max(rss) / 1024:.1f} MiB")
+PY
