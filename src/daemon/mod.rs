@@ -15,6 +15,7 @@ pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+pub mod state_dir;
 
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -49,6 +50,9 @@ pub enum Error {
     /// Queue writes could not be made durable.
     #[error(transparent)]
     Commit(#[from] commit::Error),
+    /// The state directory is full or read-only; new work is refused until it is not.
+    #[error(transparent)]
+    StateDir(#[from] state_dir::Error),
     /// A blocking task died.
     #[error("a background task failed: {0}")]
     Task(String),
@@ -162,6 +166,8 @@ impl Shared {
         peer_uid: Option<u32>,
         via: &str,
     ) -> Result<Enqueued, Error> {
+        // Before any write: a write that fails for lack of space would break the queue until a restart.
+        state_dir::check(&self.config().state_dir)?;
         for refusal in &resolved.refused {
             self.refuse(&refusal.input, &refusal.reason, peer_uid, via);
         }

@@ -292,6 +292,14 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             secrets_dirty |= wait_for_change(&shared, &stop, &secrets_changed, wait).await;
             continue;
         }
+        // Uploading writes to the queue (marking paths done, history): wait while the state directory cannot take it.
+        if let Err(e) = super::state_dir::check(&config.state_dir) {
+            tracing::error!("uploads paused: {e}");
+            set_status(&shared, TargetState::Paused, format!("uploads paused: {e}"));
+            secrets_dirty |=
+                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+            continue;
+        }
         set_status(&shared, TargetState::Ok, "uploading");
         let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));
         let batch_paused = run_batch(&shared, &engine, due, &config, &policy, &stop).await;

@@ -425,6 +425,8 @@ mod tests {
         std::fs::create_dir(&store).unwrap();
         let good = store.join("5gnj0y388labni6sfyda6isvycfvxmmg-good");
         std::fs::write(&good, b"").unwrap();
+        // The daemon checks the state directory's filesystem before it takes work.
+        std::fs::create_dir(tmp.path().join("state")).unwrap();
         let config = Config {
             store_dir: store,
             state_dir: tmp.path().join("state"),
