@@ -504,6 +504,16 @@ fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
     assert!(daemon.log().contains("is full"), "{}", daemon.log());
     let status = daemon.status();
     assert_eq!(status["queued"], 1, "{status}");
+    assert_says_once(
+        status["state_dir_error"].as_str().unwrap_or_default(),
+        "is full",
+    );
+    let human = daemon.env.nixpush(&["status"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.starts_with("NOT taking new builds: the state directory"),
+        "{human}"
+    );
 
     // Space returns: the same daemon takes work again, without a restart.
     std::fs::remove_file(fill).unwrap();
@@ -511,6 +521,7 @@ fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
         hook_result(&daemon.env.run_hook(&[&paths[2]], None), &paths[2]),
         HookResult::Acked
     );
+    assert_eq!(daemon.status()["state_dir_error"], serde_json::Value::Null);
     daemon.stop();
     daemon.set_hold(false);
     daemon.restart();
