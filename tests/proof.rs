@@ -247,9 +247,18 @@ fn crash_loop_loses_nothing_acknowledged_or_spooled() {
         .filter(|(_, r)| *r == HookResult::Acked)
         .count();
     let spooled = handed_over.len() - acked;
+    // Where the kills landed, as the restarts saw it.
+    let log = daemon.log();
+    let interrupted: u64 = log
+        .lines()
+        .filter(|l| l.contains("requeued paths whose upload was interrupted"))
+        .filter_map(|l| l.rsplit("requeued=").next()?.trim().parse::<u64>().ok())
+        .sum();
+    let imported = log.matches("imported spool file").count();
     eprintln!(
         "proof: crash loop: seed {seed:#x}, {cycles} cycles (SIGKILL during enqueue {}, upload {}, flush {}), \
-         {} hooks: {acked} acked, {spooled} spooled; {} paths landed and verified; {:.1} s",
+         {} hooks: {acked} acked, {spooled} spooled; restarts requeued {interrupted} interrupted upload(s) and \
+         imported {imported} spool file(s); {} paths landed and verified; {:.1} s",
         kills[0],
         kills[1],
         kills[2],
