@@ -153,6 +153,11 @@ impl Shared {
     pub fn refuse(&self, input: &str, reason: &str, peer_uid: Option<u32>, via: &str) {
         let record = RefusedRecord::new(input, reason, peer_uid, via, queue::now_ms());
         tracing::warn!(store_path = %record.input, peer_uid, via, "refused: {reason}");
+        if let Err(e) = state_dir::check(&self.config().state_dir) {
+            // Logged only: a write the filesystem refuses would break the queue until a restart.
+            tracing::warn!("not recording the refusal: {e}");
+            return;
+        }
         if let Err(e) = self.queue.record_refused(&record) {
             tracing::error!("cannot record a refusal: {e}");
         }

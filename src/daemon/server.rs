@@ -285,6 +285,10 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             if let Err(reason) = denied() {
                 return error(ErrorKind::PermissionDenied, reason);
             }
+            // A write the filesystem refuses would break the queue until a restart.
+            if let Err(e) = super::state_dir::check(&config.state_dir) {
+                return internal(e);
+            }
             let selected = if all {
                 None
             } else {
@@ -322,6 +326,10 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
         Request::Drop { path } => {
             if let Err(reason) = denied() {
                 return error(ErrorKind::PermissionDenied, reason);
+            }
+            // A write the filesystem refuses would break the queue until a restart.
+            if let Err(e) = super::state_dir::check(&config.state_dir) {
+                return internal(e);
             }
             let path = match parse_all(&[path], config.store_dir_str()) {
                 Ok(mut paths) => paths.remove(0),
