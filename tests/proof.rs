@@ -524,6 +524,11 @@ fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
         "{human}"
     );
 
+    // Operator commands that write are refused the same way.
+    let retry = daemon.env.nixpush(&["retry", "--all"]);
+    assert!(!retry.status.success());
+    assert_says_once(&String::from_utf8_lossy(&retry.stderr), "is full");
+
     // Space returns: the same daemon takes work again, without a restart.
     std::fs::remove_file(fill).unwrap();
     assert_eq!(
