@@ -4,7 +4,7 @@
 //!
 //! ```json
 //! {"version":1,"queued":3,"in_flight":0,"done":0,"failed":0,"refused":1,"skipped":0,"excluded":0,"spooled":0,
-//!  "up_to_date":false,"last_upload_at":null,
+//!  "up_to_date":false,"last_upload_at":null,"state_dir_error":null,
 //!  "daemon":{"pid":4242,"started_at":1732600000,"uptime_secs":12,"hold":true},
 //!  "target":{"url":"file:///var/cache/nix","state":"hold","message":"uploads held (--hold)",
 //!            "reachable":null,"authorized":null,"read_url":null,"stats":null},
@@ -51,6 +51,9 @@ pub struct StatusReport {
     /// When the most recent upload finished, in Unix seconds (from the history).
     #[serde(default)]
     pub last_upload_at: Option<u64>,
+    /// Why the state directory cannot take new work (full or read-only), while it cannot.
+    #[serde(default)]
+    pub state_dir_error: Option<String>,
     /// The daemon process.
     pub daemon: DaemonInfo,
     /// The cache paths are pushed to.
@@ -177,7 +180,9 @@ impl StatusReport {
             })
             .unwrap_or_else(|| "no upload recorded yet".to_owned());
         let paused = self.target.state == TargetState::Paused;
-        if self.daemon.hold {
+        if let Some(error) = &self.state_dir_error {
+            format!("NOT taking new builds: {error}; {waiting} path(s) waiting")
+        } else if self.daemon.hold {
             format!("uploads held (--hold): {waiting} path(s) waiting")
         } else if paused && !self.up_to_date {
             format!(
@@ -442,6 +447,7 @@ pub(crate) mod tests {
             spooled: 0,
             up_to_date: false,
             last_upload_at: None,
+            state_dir_error: None,
             daemon: DaemonInfo {
                 pid: 42,
                 started_at: 1_700_000_000,
@@ -524,6 +530,7 @@ pub(crate) mod tests {
         let object = json.as_object_mut().unwrap();
         object.remove("up_to_date");
         object.remove("last_upload_at");
+        object.remove("state_dir_error");
         let target = object["target"].as_object_mut().unwrap();
         for key in ["reachable", "authorized", "read_url", "stats"] {
             target.remove(key);

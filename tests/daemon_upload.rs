@@ -339,7 +339,7 @@ fn daemon_skips_a_path_garbage_collected_while_queued() {
     env.write_config_with(
         "",
         &format!(
-            "url = \"{}/cache\"\nsigning_key_file = \"{}\"",
+            "url = \"{}/cache\"\nsigning_key_file = \"{}\"\nmax_attempts = 1",
             proxy.url(),
             key.display()
         ),
@@ -352,8 +352,15 @@ fn daemon_skips_a_path_garbage_collected_while_queued() {
             .as_array()
             .is_some_and(|f| f.iter().any(|p| p["path"] == path.as_str()))
     });
+    // Parked after one attempt (max_attempts = 1), so no retry can read the path before it is deleted.
     nix(&["nix-store", "--delete", &path]);
     proxy.set_rate(0.0);
+    let retry = daemon.env.nixpush(&["retry", &path]);
+    assert!(
+        retry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
     let status = daemon.wait_drained();
     let recent = status["recent"].as_array().unwrap();
     let record = recent

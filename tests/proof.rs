@@ -247,9 +247,18 @@ fn crash_loop_loses_nothing_acknowledged_or_spooled() {
         .filter(|(_, r)| *r == HookResult::Acked)
         .count();
     let spooled = handed_over.len() - acked;
+    // Where the kills landed, as the restarts saw it.
+    let log = daemon.log();
+    let interrupted: u64 = log
+        .lines()
+        .filter(|l| l.contains("requeued paths whose upload was interrupted"))
+        .filter_map(|l| l.rsplit("requeued=").next()?.trim().parse::<u64>().ok())
+        .sum();
+    let imported = log.matches("imported spool file").count();
     eprintln!(
         "proof: crash loop: seed {seed:#x}, {cycles} cycles (SIGKILL during enqueue {}, upload {}, flush {}), \
-         {} hooks: {acked} acked, {spooled} spooled; {} paths landed and verified; {:.1} s",
+         {} hooks: {acked} acked, {spooled} spooled; restarts requeued {interrupted} interrupted upload(s) and \
+         imported {imported} spool file(s); {} paths landed and verified; {:.1} s",
         kills[0],
         kills[1],
         kills[2],
@@ -378,5 +387,239 @@ fn faults_on_the_wire_delay_but_lose_nothing() {
     assert!(
         total_puts > 2 * closure.len() as u64,
         "no PUT was ever retried"
+    );
+}
+
+/// A tmpfs of `size` mounted on a fresh directory; unmounted (lazily, in case something still has it open) on
+/// drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("nixpush-tmpfs")
+            .tempdir()
+            .unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs (the proof suite runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `mount -o remount,OPTION`.
+    fn remount(&self, option: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{option}")])
+            .arg(self.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "remount {option}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Writes zeros until the filesystem is full; returns the file to delete to free the space.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.path().join("fill");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        loop {
+            match file.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        // What did not fit in whole chunks.
+        while file.write_all(&[0u8; 4096]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// An environment whose state directory is `state`, with a signed `file://` target.
+fn env_with_state_dir(state: &Path) -> TestEnv {
+    let mut env = TestEnv::new();
+    env.state_dir = state.join("state");
+    env.spool_dir = env.state_dir.join("spool");
+    env.write_config_with("", &file_target(&env));
+    env
+}
+
+/// Asserts that `text` names `cause` exactly once: a clear error says why, and only once.
+fn assert_says_once(text: &str, cause: &str) {
+    assert_eq!(
+        text.matches(cause).count(),
+        1,
+        "{cause:?} not said exactly once in: {text}"
+    );
+}
+
+#[test]
+fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
+    let started = Instant::now();
+    let tmpfs = Tmpfs::mount("32m");
+    let env = env_with_state_dir(tmpfs.path());
+    let paths = crate::util::add_store_paths(3);
+    let _made = StorePaths(paths.clone());
+    let mut daemon = TestDaemon::start_in(env);
+    assert_eq!(
+        hook_result(&daemon.env.run_hook(&[&paths[0]], None), &paths[0]),
+        HookResult::Acked
+    );
+
+    let fill = tmpfs.fill();
+    let refused = daemon.env.run_hook(&[&paths[1]], None);
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        refused.status.success(),
+        "the build must not fail: {stderr}"
+    );
+    assert_says_once(&stderr, "is full");
+    assert!(
+        stderr.contains(&paths[1]) && stderr.contains("will not be pushed"),
+        "{stderr}"
+    );
+    assert!(daemon.log().contains("is full"), "{}", daemon.log());
+    let status = daemon.status();
+    assert_eq!(status["queued"], 1, "{status}");
+    assert_says_once(
+        status["state_dir_error"].as_str().unwrap_or_default(),
+        "is full",
+    );
+    let human = daemon.env.nixpush(&["status"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.starts_with("NOT taking new builds: the state directory"),
+        "{human}"
+    );
+
+    // Operator commands that write are refused the same way.
+    let retry = daemon.env.nixpush(&["retry", "--all"]);
+    assert!(!retry.status.success());
+    assert_says_once(&String::from_utf8_lossy(&retry.stderr), "is full");
+
+    // Space returns: the same daemon takes work again, without a restart.
+    std::fs::remove_file(fill).unwrap();
+    assert_eq!(
+        hook_result(&daemon.env.run_hook(&[&paths[2]], None), &paths[2]),
+        HookResult::Acked
+    );
+    assert_eq!(daemon.status()["state_dir_error"], serde_json::Value::Null);
+    daemon.stop();
+    daemon.set_hold(false);
+    daemon.restart();
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    let landed = verify_cache(
+        &daemon.env.cache_dir(),
+        &PublicKey::parse(&public_key()).unwrap(),
+    );
+    assert!(
+        landed.contains(&paths[0]) && landed.contains(&paths[2]),
+        "{landed:?}"
+    );
+    eprintln!(
+        "proof: disk full: refused with {stderr:?}; {} queued paths landed and verified; {:.1} s",
+        landed.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn read_only_state_dir_refuses_to_start_and_loses_nothing_queued() {
+    let started = Instant::now();
+    let tmpfs = Tmpfs::mount("32m");
+    let env = env_with_state_dir(tmpfs.path());
+    let paths = crate::util::add_store_paths(3);
+    let _made = StorePaths(paths.clone());
+    let mut daemon = TestDaemon::start_in(env);
+    for path in &paths[..2] {
+        assert_eq!(
+            hook_result(&daemon.env.run_hook(&[path], None), path),
+            HookResult::Acked
+        );
+    }
+    daemon.stop();
+
+    // A running daemon keeps its queue open for writing, which makes the kernel refuse a read-only remount; the
+    // filesystem turns read-only while it is down.
+    tmpfs.remount("ro");
+    let mut start = std::process::Command::new(crate::util::NIXPUSH)
+        .arg("--config")
+        .arg(&daemon.env.config_path)
+        .arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::util::wait_until(
+        "the daemon to give up on a read-only state directory",
+        || start.try_wait().unwrap().is_some(),
+    );
+    let output = start.wait_with_output().unwrap();
+    let error = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{error}");
+    assert_says_once(&error, "Read-only file system");
+    assert!(
+        error.contains(&daemon.env.state_dir.display().to_string()),
+        "{error}"
+    );
+
+    let hook = daemon.env.run_hook(&[&paths[2]], None);
+    let stderr = String::from_utf8_lossy(&hook.stderr).into_owned();
+    assert!(hook.status.success(), "the build must not fail: {stderr}");
+    assert_says_once(&stderr, "Read-only file system");
+    assert!(stderr.contains("will not be pushed"), "{stderr}");
+
+    tmpfs.remount("rw");
+    daemon.set_hold(false);
+    daemon.restart();
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    let landed = verify_cache(
+        &daemon.env.cache_dir(),
+        &PublicKey::parse(&public_key()).unwrap(),
+    );
+    assert!(
+        landed.contains(&paths[0]) && landed.contains(&paths[1]),
+        "{landed:?}"
+    );
+    eprintln!(
+        "proof: disk read-only: daemon said {:?}, hook said {stderr:?}; {} queued paths landed and verified; {:.1} s",
+        error.trim(),
+        landed.len(),
+        started.elapsed().as_secs_f64()
     );
 }

@@ -256,6 +256,11 @@ impl TestDaemon {
         wait_with_deadline(&mut child, DEADLINE).expect("daemon ignored SIGTERM")
     }
 
+    /// Whether the next [`TestDaemon::restart`] holds uploads (`--hold`) or uploads.
+    pub fn set_hold(&mut self, hold: bool) {
+        self.hold = hold;
+    }
+
     /// Starts the daemon again on the same state.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "daemon still running");

@@ -15,6 +15,7 @@ pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+pub mod state_dir;
 
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -49,6 +50,9 @@ pub enum Error {
     /// Queue writes could not be made durable.
     #[error(transparent)]
     Commit(#[from] commit::Error),
+    /// The state directory is full or read-only; new work is refused until it is not.
+    #[error(transparent)]
+    StateDir(#[from] state_dir::Error),
     /// A blocking task died.
     #[error("a background task failed: {0}")]
     Task(String),
@@ -149,6 +153,11 @@ impl Shared {
     pub fn refuse(&self, input: &str, reason: &str, peer_uid: Option<u32>, via: &str) {
         let record = RefusedRecord::new(input, reason, peer_uid, via, queue::now_ms());
         tracing::warn!(store_path = %record.input, peer_uid, via, "refused: {reason}");
+        if let Err(e) = state_dir::check(&self.config().state_dir) {
+            // Logged only: a write the filesystem refuses would break the queue until a restart.
+            tracing::warn!("not recording the refusal: {e}");
+            return;
+        }
         if let Err(e) = self.queue.record_refused(&record) {
             tracing::error!("cannot record a refusal: {e}");
         }
@@ -162,6 +171,8 @@ impl Shared {
         peer_uid: Option<u32>,
         via: &str,
     ) -> Result<Enqueued, Error> {
+        // Before any write: a write that fails for lack of space would break the queue until a restart.
+        state_dir::check(&self.config().state_dir)?;
         for refusal in &resolved.refused {
             self.refuse(&refusal.input, &refusal.reason, peer_uid, via);
         }

@@ -67,6 +67,9 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         spooled,
         up_to_date,
         last_upload_at,
+        state_dir_error: super::state_dir::check(&config.state_dir)
+            .err()
+            .map(|e| e.to_string()),
         daemon: DaemonInfo {
             pid: std::process::id(),
             started_at: shared

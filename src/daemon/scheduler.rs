@@ -195,6 +195,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
     let mut paused = false;
     // Set when a wait ended because a secret file changed.
     let mut secrets_dirty = false;
+    // Set while uploads wait for room in the state directory, so that the wait is logged once.
+    let mut state_dir_full = false;
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
@@ -291,6 +293,20 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
                 .unwrap_or(Duration::from_secs(3600));
             secrets_dirty |= wait_for_change(&shared, &stop, &secrets_changed, wait).await;
             continue;
+        }
+        // Uploading writes to the queue (marking paths done, history): wait while the state directory cannot take it.
+        if let Err(e) = super::state_dir::check(&config.state_dir) {
+            if !state_dir_full {
+                tracing::error!("uploads paused: {e}");
+                state_dir_full = true;
+            }
+            set_status(&shared, TargetState::Paused, format!("uploads paused: {e}"));
+            secrets_dirty |=
+                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+            continue;
+        }
+        if std::mem::take(&mut state_dir_full) {
+            tracing::info!("the state directory has room again; resuming uploads");
         }
         set_status(&shared, TargetState::Ok, "uploading");
         let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));

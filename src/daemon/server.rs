@@ -285,6 +285,10 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             if let Err(reason) = denied() {
                 return error(ErrorKind::PermissionDenied, reason);
             }
+            // A write the filesystem refuses would break the queue until a restart.
+            if let Err(e) = super::state_dir::check(&config.state_dir) {
+                return internal(e);
+            }
             let selected = if all {
                 None
             } else {
@@ -322,6 +326,10 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
         Request::Drop { path } => {
             if let Err(reason) = denied() {
                 return error(ErrorKind::PermissionDenied, reason);
+            }
+            // A write the filesystem refuses would break the queue until a restart.
+            if let Err(e) = super::state_dir::check(&config.state_dir) {
+                return internal(e);
             }
             let path = match parse_all(&[path], config.store_dir_str()) {
                 Ok(mut paths) => paths.remove(0),
@@ -425,6 +433,8 @@ mod tests {
         std::fs::create_dir(&store).unwrap();
         let good = store.join("5gnj0y388labni6sfyda6isvycfvxmmg-good");
         std::fs::write(&good, b"").unwrap();
+        // The daemon checks the state directory's filesystem before it takes work.
+        std::fs::create_dir(tmp.path().join("state")).unwrap();
         let config = Config {
             store_dir: store,
             state_dir: tmp.path().join("state"),
