@@ -317,6 +317,9 @@ in
         path = [ config.nix.package ];
         # A changed configuration is applied with SIGHUP; the queue keeps running.
         reloadTriggers = [ configFile ];
+        # Restart a crash-looping daemon forever (every RestartSec) instead of giving up after systemd's default
+        # five starts in ten seconds: builds keep queueing through the hook, and a fixed target drains them.
+        startLimitIntervalSec = 0;
         serviceConfig = {
           Type = "notify";
           ExecStart = "${cfg.package}/bin/nixpush daemon";

@@ -376,35 +376,96 @@ impl Config {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/…` and secret-looking query values with `***`.
+/// Replaces the password of `scheme://user:password@host/…` and secret-looking query values with `***`. A URL
+/// with nothing to hide comes back exactly as written (no added trailing slash, no re-encoding).
 pub fn redact_url(url: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else {
         return url.to_owned();
     };
+    let mut changed = false;
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("***"));
+        changed = true;
     }
     let secret_keys = ["secret", "token", "password", "secret-key", "signature"];
-    if parsed.query().is_some() {
+    let is_secret = |key: &str| {
+        let lower = key.to_ascii_lowercase();
+        secret_keys.iter().any(|s| lower.contains(s))
+    };
+    if parsed.query_pairs().any(|(k, _)| is_secret(&k)) {
         let pairs: Vec<(String, String)> = parsed
             .query_pairs()
             .map(|(k, v)| {
-                let lower = k.to_ascii_lowercase();
-                if secret_keys.iter().any(|s| lower.contains(s)) {
-                    (k.into_owned(), "***".to_owned())
+                let v = if is_secret(&k) {
+                    "***".to_owned()
                 } else {
-                    (k.into_owned(), v.into_owned())
-                }
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
             })
             .collect();
         parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
     }
-    parsed.to_string()
+    if !changed {
+        return url.to_owned();
+    }
+    let rendered = parsed.to_string();
+    // `http://host` parses with the path `/`; keep the user's form.
+    if parsed.path() == "/" && !has_path(url) {
+        if let Some(start) = rendered.find("://").map(|i| i + 3) {
+            if let Some(slash) = rendered[start..].find('/') {
+                let mut out = rendered.clone();
+                out.remove(start + slash);
+                return out;
+            }
+        }
+    }
+    rendered
+}
+
+/// Whether `url` has a path after its authority (`scheme://host/…`).
+fn has_path(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return true;
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest[end..].starts_with('/')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redact_url_keeps_the_form_the_user_wrote() {
+        for plain in [
+            "https://cache.example.org",
+            "https://cache.example.org/",
+            "https://cache.example.org/prefix",
+            "file:///var/cache/nix",
+            "s3://bucket?region=eu-west-1&endpoint=http://127.0.0.1:9000",
+            "cachix://mycache",
+        ] {
+            assert_eq!(redact_url(plain), plain);
+        }
+        assert_eq!(
+            redact_url("https://user:hunter2@cache.example.org"),
+            "https://user:***@cache.example.org"
+        );
+        assert_eq!(
+            redact_url("https://user:hunter2@cache.example.org/"),
+            "https://user:***@cache.example.org/"
+        );
+        assert_eq!(
+            redact_url("https://user:hunter2@cache.example.org:8443?token=abc&x=1"),
+            "https://user:***@cache.example.org:8443?token=***&x=1"
+        );
+        assert_eq!(
+            redact_url("https://u:p@cache.example.org/a/b"),
+            "https://u:***@cache.example.org/a/b"
+        );
+    }
 
     fn parse(text: &str) -> Result<Config, Error> {
         Config::parse(text, Path::new("test.toml"))

@@ -380,3 +380,69 @@ fn daemon_skips_a_path_garbage_collected_while_queued() {
         .join(format!("{}.narinfo", hash_part(&path)))
         .exists());
 }
+
+#[test]
+fn daemon_waits_out_a_failing_presence_query_without_spending_attempts() {
+    let env = TestEnv::new();
+    let key = signing_key(&env);
+    let www = env.dir.path().join("www");
+    std::fs::create_dir_all(www.join("cache")).unwrap();
+    let nginx = Nginx::start(&www, "");
+    let proxy = FaultProxy::start(
+        nginx.port,
+        1.0,
+        &[Fault::ServerError],
+        std::time::Duration::ZERO,
+        13,
+    );
+    // Every HEAD fails: the target cannot say which paths it has, though nothing is wrong with the paths.
+    proxy.only_matching("HEAD /cache/");
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"{}/cache\"\nsigning_key_file = \"{}\"\nmax_attempts = 1",
+            proxy.url(),
+            key.display()
+        ),
+    );
+    let daemon = TestDaemon::start_uploading(env);
+    let paths = crate::util::add_store_paths(2);
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    assert!(daemon.env.run_hook(&refs, None).status.success());
+
+    // Two batches in a row give up on the query. With max_attempts = 1, a single charged attempt would park the
+    // paths as failed.
+    wait_until("two batches given back to the queue", || {
+        daemon.log().matches("trying the batch again").count() >= 2
+    });
+    let status = daemon.status();
+    assert_eq!(status["failed"], 0, "{status}");
+    let failed = status["failed_paths"].as_array().unwrap();
+    for path in &paths {
+        let entry = failed
+            .iter()
+            .find(|p| p["path"] == path.as_str())
+            .unwrap_or_else(|| panic!("{path} not retrying: {status}"));
+        assert_eq!(entry["state"], "retrying", "{entry}");
+        assert_eq!(entry["attempts"], 0, "{entry}");
+        assert!(
+            entry["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("cannot ask the target which paths it already has"),
+            "{entry}"
+        );
+    }
+    assert!(proxy.stats.faults.load(Ordering::SeqCst) > 0);
+
+    // The target answers again: everything lands.
+    proxy.set_rate(0.0);
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    for path in &paths {
+        assert!(www
+            .join("cache")
+            .join(format!("{}.narinfo", hash_part(path)))
+            .exists());
+    }
+}

@@ -59,6 +59,7 @@ pub struct FaultProxy {
     stop: Arc<AtomicBool>,
     rate: Arc<AtomicU64>,
     only: Arc<Mutex<Option<String>>>,
+    forced: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -79,7 +80,9 @@ impl FaultProxy {
         let faults = faults.to_vec();
         let rate = Arc::new(AtomicU64::new(rate.to_bits()));
         let only: Arc<Mutex<Option<String>>> = Arc::default();
+        let forced: Arc<AtomicU64> = Arc::default();
         let decide = Decide {
+            forced: Arc::clone(&forced),
             rng,
             faults: faults.to_vec(),
             rate: Arc::clone(&rate),
@@ -106,7 +109,13 @@ impl FaultProxy {
             stop,
             rate,
             only,
+            forced,
         }
+    }
+
+    /// Fails the next `n` requests that match [`FaultProxy::only_matching`], whatever the rate.
+    pub fn fail_next(&self, n: u64) {
+        self.forced.store(n, Ordering::SeqCst);
     }
 
     /// Limits faults to requests whose request line contains `needle` (e.g. `"PUT /cache/nar/"`).
@@ -139,6 +148,7 @@ struct Decide {
     faults: Vec<Fault>,
     rate: Arc<AtomicU64>,
     only: Arc<Mutex<Option<String>>>,
+    forced: Arc<AtomicU64>,
     stats: Arc<Stats>,
 }
 
@@ -149,6 +159,13 @@ impl Decide {
             if !request_line.contains(needle) {
                 return None;
             }
+        }
+        let forced = self
+            .forced
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if forced && !self.faults.is_empty() {
+            return Some(self.faults[(n as usize) % self.faults.len()]);
         }
         let rate = f64::from_bits(self.rate.load(Ordering::SeqCst));
         let fault = (next_unit(&self.rng) < rate && !self.faults.is_empty())

@@ -287,3 +287,70 @@ async fn engine_survives_a_faulty_wire() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_presence_query_is_retried_without_failing_paths() {
+    use crate::faultproxy::{Fault, FaultProxy};
+    use std::sync::atomic::Ordering;
+    let top = vec_top();
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("www");
+    std::fs::create_dir_all(served.join("cache")).unwrap();
+    let nginx = Nginx::start(&served, "");
+    let proxy = FaultProxy::start(
+        nginx.port,
+        0.0,
+        &[Fault::ServerError],
+        std::time::Duration::from_secs(1),
+        3,
+    );
+    // Every try the backend makes for one path's HEAD fails, so the whole `missing` query fails once.
+    proxy.only_matching(&format!("HEAD /cache/{}.narinfo", top.hash_part()));
+    proxy.fail_next(u64::from(nixpush::backend::REQUEST_ATTEMPTS));
+    let url = format!("{}/cache", proxy.url());
+    let config = config_for(&url, &dir.path().join("state"));
+    let mut settings = Settings::from_config(&config).unwrap();
+    settings.presence_retry = nixpush::upload::retry::Policy {
+        base: std::time::Duration::from_millis(20),
+        ..Default::default()
+    };
+    let engine = Engine::new(
+        Arc::new(AnyBackend::from_config(&config, Credentials::none()).unwrap()),
+        Arc::new(LocalStore::open(config.store_dir_str(), &config.nix_db).unwrap()),
+        settings,
+        Some(test_key()),
+        Arc::new(MemoryPresentCache::default()),
+        Arc::new(LogObserver),
+    )
+    .unwrap();
+    nixpush::backend::Backend::prepare(engine.backend().as_ref())
+        .await
+        .unwrap();
+    let report = engine
+        .push(std::slice::from_ref(&top), &CancellationToken::new())
+        .await;
+    assert_eq!(
+        proxy.stats.faults.load(Ordering::SeqCst),
+        u64::from(nixpush::backend::REQUEST_ATTEMPTS),
+        "the fault was not injected"
+    );
+    assert!(
+        matches!(report.roots[..], [(_, RootOutcome::Done)]),
+        "{report:?}"
+    );
+    assert!(
+        report
+            .paths
+            .iter()
+            .all(|p| !matches!(p.outcome, PathOutcome::Failed(_))),
+        "{:?}",
+        report.paths
+    );
+    let public = std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap();
+    let ok = nix_copy_from(&format!("{}/cache", nginx.url()), &top, &public);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

@@ -197,6 +197,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
     let mut secrets_dirty = false;
     // Set while uploads wait for room in the state directory, so that the wait is logged once.
     let mut state_dir_full = false;
+    // Batches in a row whose presence query failed: the target's own backoff, apart from the paths' attempts.
+    let mut presence_failures = 0u32;
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
@@ -310,7 +312,16 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
         }
         set_status(&shared, TargetState::Ok, "uploading");
         let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));
-        let batch_paused = run_batch(&shared, &engine, due, &config, &policy, &stop).await;
+        let batch_paused = run_batch(
+            &shared,
+            &engine,
+            due,
+            &config,
+            &policy,
+            &stop,
+            &mut presence_failures,
+        )
+        .await;
         if batch_paused {
             paused = true;
         }
@@ -360,7 +371,13 @@ async fn wait_for_change(
     }
 }
 
+/// Whether `error` is a transient failure of the target's presence query, which is no path's fault.
+fn is_presence_outage(error: &upload::Error) -> bool {
+    matches!(error, upload::Error::Presence(_)) && error.is_retryable() && !error.is_auth()
+}
+
 /// Uploads one batch and writes every root's outcome back. Returns whether the target must pause.
+/// `presence_failures` counts batches in a row whose presence query failed.
 async fn run_batch(
     shared: &Arc<Shared>,
     engine: &Arc<Engine<AnyBackend>>,
@@ -368,6 +385,7 @@ async fn run_batch(
     config: &Config,
     policy: &retry::Policy,
     stop: &CancellationToken,
+    presence_failures: &mut u32,
 ) -> bool {
     let mut entries = due;
     for entry in &mut entries {
@@ -391,6 +409,31 @@ async fn run_batch(
     let now = queue::now_ms();
     let target = redact_url(&config.target.url);
     let mut pause = report.auth_failure.is_some();
+    // The engine already retried the presence query; when it still fails, the roots wait for the target with a
+    // backoff of the target's own, their attempts untouched.
+    let outage = report.roots.iter().find_map(|(_, outcome)| match outcome {
+        RootOutcome::Failed(e) if is_presence_outage(e) => Some(Arc::clone(e)),
+        _ => None,
+    });
+    let outage_delay = match &outage {
+        Some(error) => {
+            *presence_failures = presence_failures.saturating_add(1);
+            let delay = policy.delay(*presence_failures, error.retry_after(), rand::random());
+            tracing::warn!(
+                target = %target,
+                retry_in_ms = delay.as_millis() as u64,
+                "{error}; trying the batch again in {:.1} s without counting an attempt",
+                delay.as_secs_f64()
+            );
+            set_reachability(shared, false, None);
+            set_status(shared, TargetState::Unreachable, error.to_string());
+            Some(delay)
+        }
+        None => {
+            *presence_failures = 0;
+            None
+        }
+    };
     for (root, outcome) in report.roots {
         let Some(mut entry) = entries.iter().find(|e| e.path == root).cloned() else {
             continue;
@@ -419,6 +462,13 @@ async fn run_batch(
             RootOutcome::Failed(_) if matches!(shared.queue.get(&root), Ok(None)) => {
                 tracing::info!(store_path = %root, "{root} was dropped from the queue while uploading");
                 Ok(())
+            }
+            RootOutcome::Failed(error) if is_presence_outage(&error) => {
+                entry.last_error = Some(error.to_string());
+                entry.state = State::Queued;
+                let delay = outage_delay.unwrap_or_default();
+                entry.next_attempt_at_ms = now + delay.as_millis() as u64;
+                shared.queue.set(&entry)
             }
             RootOutcome::Failed(error) => {
                 entry.last_error = Some(error.to_string());

@@ -47,6 +47,10 @@ pub enum Error {
     /// The NAR could not be produced.
     #[error(transparent)]
     Prepare(#[from] prepare::Error),
+    /// The target could not say which paths it already has. Not any one path's fault: the daemon queues the
+    /// batch again without spending the paths' attempts, unless the error is permanent.
+    #[error("cannot ask the target which paths it already has: {0}")]
+    Presence(#[source] backend::Error),
     /// The path is no longer in the store (garbage-collected after it was queued).
     #[error("{0} is no longer valid in the local store (garbage-collected?)")]
     Gone(StorePath),
@@ -82,7 +86,7 @@ impl Error {
     /// Whether trying again later can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Backend(e) => e.is_retryable(),
+            Error::Backend(e) | Error::Presence(e) => e.is_retryable(),
             // A store that cannot be read now (locked DB, transient I/O) may be readable later.
             Error::Store(_) => true,
             Error::Prepare(prepare::Error::Temp { .. }) => true,
@@ -96,7 +100,7 @@ impl Error {
     /// Whether the target rejected our credentials.
     pub fn is_auth(&self) -> bool {
         match self {
-            Error::Backend(e) => e.is_auth(),
+            Error::Backend(e) | Error::Presence(e) => e.is_auth(),
             Error::Store(_)
             | Error::Prepare(_)
             | Error::Gone(_)
@@ -110,7 +114,7 @@ impl Error {
     /// The server's requested delay, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::Backend(e) => e.retry_after(),
+            Error::Backend(e) | Error::Presence(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -308,6 +312,12 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Tries of the presence query per batch (with the default policy, at most 1 + 2 + 4 s of waiting).
+pub const PRESENCE_TRIES: u32 = 4;
+/// The longest the engine waits between presence tries; a server asking for more gets the batch back in the
+/// queue instead, so shutdown and status are not held up.
+const PRESENCE_MAX_WAIT: Duration = Duration::from_secs(30);
+
 /// Engine settings derived from the configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -323,6 +333,10 @@ pub struct Settings {
     pub exclude: globset::GlobSet,
     /// Upstream caches whose paths are skipped.
     pub upstream: Vec<String>,
+    /// Backoff between tries of the target's presence query within one batch.
+    pub presence_retry: retry::Policy,
+    /// Tries of the presence query within one batch before the batch gives up on it.
+    pub presence_tries: u32,
 }
 
 impl Settings {
@@ -347,6 +361,8 @@ impl Settings {
                 problem: e.to_string(),
             })?,
             upstream: config.upstream.clone(),
+            presence_retry: retry::Policy::default(),
+            presence_tries: PRESENCE_TRIES,
         })
     }
 
@@ -583,20 +599,21 @@ impl<B: Backend + 'static> Engine<B> {
 
         // 2. One batched question to the target.
         let candidate_paths: Vec<StorePath> = candidates.iter().map(|i| i.path.clone()).collect();
-        let missing: HashSet<StorePath> = match self.backend.missing(&candidate_paths).await {
-            Ok(m) => m.into_iter().collect(),
-            Err(e) => {
-                let e = Arc::new(Error::Backend(e));
-                if e.is_auth() {
-                    report.auth_failure = Some(Arc::clone(&e));
+        let missing: HashSet<StorePath> =
+            match self.missing_retrying(&candidate_paths, cancel).await {
+                Ok(m) => m.into_iter().collect(),
+                Err(e) => {
+                    // No path was tried, so none is reported as failed; the roots carry the error.
+                    let e = Arc::new(e);
+                    if e.is_auth() {
+                        report.auth_failure = Some(Arc::clone(&e));
+                    }
+                    for info in candidates {
+                        outcomes.insert(info.path.clone(), Some(Arc::clone(&e)));
+                    }
+                    return outcomes;
                 }
-                for info in candidates {
-                    outcomes.insert(info.path.clone(), Some(Arc::clone(&e)));
-                    finish(report, info, PathOutcome::Failed(e.to_string()));
-                }
-                return outcomes;
-            }
-        };
+            };
         let mut present_now = Vec::new();
         let mut to_check_upstream = Vec::new();
         for info in candidates {
@@ -651,6 +668,42 @@ impl<B: Backend + 'static> Engine<B> {
             }
         }
         outcomes
+    }
+
+    /// The paths among `paths` the target lacks. A transient failure (one HEAD among hundreds timing out, a 503)
+    /// says nothing about any single path, so the whole query is tried again with backoff before the batch gives
+    /// up with [`Error::Presence`].
+    async fn missing_retrying(
+        &self,
+        paths: &[StorePath],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<StorePath>, Error> {
+        let tries = self.settings.presence_tries.max(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let e = match self.backend.missing(paths).await {
+                Ok(missing) => return Ok(missing),
+                Err(e) => e,
+            };
+            let delay =
+                self.settings
+                    .presence_retry
+                    .delay(attempt, e.retry_after(), rand::random());
+            if !e.is_retryable() || attempt >= tries || delay > PRESENCE_MAX_WAIT {
+                return Err(Error::Presence(e));
+            }
+            tracing::warn!(
+                "asking the target which of {} path(s) it has failed (try {attempt}/{tries}), trying again in \
+                 {:.1} s: {e}",
+                paths.len(),
+                delay.as_secs_f64()
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
     }
 
     /// The report of a path that was to be uploaded.

@@ -48,6 +48,9 @@ fn module_renders_a_hardened_socket_activated_service() {
     assert_eq!(strings(&service["ReadWritePaths"]), ["/var/cache/nixpush"]);
     assert_eq!(strings(&eval["service"]["requires"]), ["nixpush.socket"]);
     assert_eq!(strings(&eval["service"]["wantedBy"]), ["multi-user.target"]);
+    // A crash loop is restarted forever, not given up on after systemd's default start limit.
+    assert_eq!(eval["service"]["startLimitIntervalSec"], 0);
+    assert_eq!(service["Restart"], "on-failure");
     assert_eq!(
         strings(&eval["service"]["reloadTriggers"]),
         [eval["configFile"]["path"].as_str().unwrap()]

@@ -43,10 +43,12 @@ fn render_unit_section(unit: &Value) -> String {
         ("wants", "Wants"),
         ("after", "After"),
         ("before", "Before"),
+        ("startLimitIntervalSec", "StartLimitIntervalSec"),
     ] {
         match &unit[attr] {
             Value::Null => {}
             Value::String(s) => text.push_str(&format!("{key}={s}\n")),
+            Value::Number(n) => text.push_str(&format!("{key}={n}\n")),
             list => text.push_str(&format!("{key}={}\n", strings(list).join(" "))),
         }
     }
@@ -174,6 +176,13 @@ fn distribution_units_pass_systemd_analyze_verify() {
     )
     .unwrap();
     verify_units(&units);
+    // A crash loop is restarted forever: no start limit, set in [Unit] where systemd reads it.
+    let text = installed_service_text(&package);
+    let unit_section = text.split("[Service]").next().unwrap();
+    assert!(
+        unit_section.lines().any(|l| l == "StartLimitIntervalSec=0"),
+        "{unit_section}"
+    );
 
     // The checks above would notice a broken unit: a misspelt key is reported.
     let broken = tmp.path().join("broken");
