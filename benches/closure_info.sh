@@ -43,7 +43,8 @@ PY
 
 echo "== closure() alone, in process (5 runs)"
 for _ in 1 2 3 4 5; do "$INFO" "$TOP" 2>&1 >/dev/null; done
-hyperfine --warmup 2 --runs 10 -N \
+hyperfine --warmup 2 --runs 10 -N --export-markdown "$SCRATCH/closure.md" \
     -n "nixpush closure via SQLite" "$INFO $TOP" \
     -n "nixpush closure via nix path-info" "$INFO --nix-command $TOP" \
     -n "nix path-info --json --recursive" "${NIX[*]} path-info --json --recursive $TOP"
+cat "$SCRATCH/closure.md"

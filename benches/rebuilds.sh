@@ -24,9 +24,11 @@ work=$(mktemp -d /var/tmp/nixpush-bench.XXXXXX)
 daemon_pid=
 cleanup() {
   if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid" 2>/dev/null || true; wait "$daemon_pid" 2>/dev/null || true; fi
-  # Outputs before the derivations that produced them; nothing else refers to them.
-  if [ -s "$work/added-outputs" ]; then xargs nix-store --delete < "$work/added-outputs" >/dev/null 2>&1 || true; fi
-  if [ -s "$work/added-drvs" ]; then xargs nix-store --delete < "$work/added-drvs" >/dev/null 2>&1 || true; fi
+  # Outputs before the derivations that produced them, each list backwards: `nix-store --delete` stops at the
+  # first path that a path not yet deleted still refers to, and derivation i is only referred to by later ones.
+  for list in added-outputs added-drvs; do
+    if [ -s "$work/$list" ]; then tac "$work/$list" | xargs nix-store --delete >/dev/null 2>&1 || true; fi
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every benchmark behind a performance figure in README.md and benches/README.md, one after another, then each
+# one's result table again in one summary. Small sizes by default, so the whole set finishes in well under an hour
+# on 2 cores; --full uses the sizes the READMEs quote. A benchmark that fails is reported and the others still run;
+# the exit status is non-zero if any failed.
+#
+#   benches/all.sh [--full]             (as root, from anywhere)
+#
+#                     default                          --full
+#   hook_bench.sh     200 hook runs                    1,000
+#   nar_throughput.sh /usr/lib/gcc, 256 MiB file       /usr/lib/x86_64-linux-gnu, 2 GiB file
+#   closure_info.sh   3,000 paths                      3,000 paths
+#   upload.sh         60 paths, >= 200 MiB             300 paths, >= 1,100 MiB
+#   rebuilds.sh       200 derivations, 1 run           200 derivations, 4 runs
+#   backends.sh       its own defaults                 its own defaults
+set -euo pipefail
+cd "$(dirname "$0")/.."
+full=false
+case ${1:-} in
+  --full) full=true ;;
+  "") ;;
+  *) echo "usage: benches/all.sh [--full]" >&2; exit 2 ;;
+esac
+if $full; then
+  hook_runs=1000 nar_dir=/usr/lib/x86_64-linux-gnu nar_big_mib=2048 upload_args=(300 1100) rebuild_args=(200 4)
+else
+  hook_runs=200 nar_dir=/usr/lib/gcc nar_big_mib=256 upload_args=(60 200) rebuild_args=(200 1)
+fi
+
+logs=$(mktemp -d /var/tmp/nixpush-bench-all.XXXXXX)
+trap 'rm -rf "$logs"' EXIT
+names=()
+declare -A outcome
+
+bench() { # name, command…
+  local name=$1; shift
+  names+=("$name")
+  echo
+  echo "######## $name: $*"
+  local start=$SECONDS
+  if "$@" 2>&1 | tee "$logs/$name.log"; then
+    outcome[$name]="ok, $((SECONDS - start)) s"
+  else
+    outcome[$name]="FAILED (exit ${PIPESTATUS[0]}), $((SECONDS - start)) s"
+  fi
+}
+
+echo "== $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), $(nix --version)," \
+  "nixpush $(git describe --always --dirty 2>/dev/null || echo '?'), $(date -u '+%Y-%m-%d %H:%M UTC')"
+bench hook_bench benches/hook_bench.sh "$hook_runs"
+bench nar_throughput env NAR_BENCH_DIR="$nar_dir" NAR_BENCH_BIG_MIB="$nar_big_mib" benches/nar_throughput.sh
+bench closure_info benches/closure_info.sh
+bench upload benches/upload.sh "${upload_args[@]}"
+bench rebuilds benches/rebuilds.sh "${rebuild_args[@]}"
+if [ -x benches/backends.sh ]; then
+  bench backends benches/backends.sh
+else
+  names+=(backends)
+  outcome[backends]="skipped: benches/backends.sh is not in this checkout"
+fi
+
+echo
+echo "######## summary"
+failed=0
+for name in "${names[@]}"; do
+  echo
+  echo "### $name (${outcome[$name]})"
+  [ -f "$logs/$name.log" ] || continue
+  case ${outcome[$name]} in FAILED*) failed=1 ;; esac
+  # The result lines of each script: Markdown tables, hook latency and enqueue lines, peak RSS and ratio lines.
+  # Progress bars are carriage-return lines; keep only what follows the last \r.
+  sed 's/.*\r//' "$logs/$name.log" | grep -E \
+    '^\||^- |^runs:|^ *(true|nixpush-hook) +(median|[0-9])|overhead:|paths/s|peak RSS|Maximum resident|^Closure:|^nixpush vs|agree$|^[0-9]+ derivations' \
+    || echo "(no result lines; see the output above)"
+done
+exit "$failed"
