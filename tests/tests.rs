@@ -9,6 +9,7 @@ mod nixos;
 mod ops;
 mod remote;
 mod s3;
+mod security;
 mod spine;
 mod upload;
 mod util;
