@@ -795,3 +795,381 @@ proptest! {
         prop_assert!(nixpush::derivation::parse(&nested).is_err());
     }
 }
+
+/// What the hostile target does with one request (its request line and headers are given).
+type Behaviour =
+    dyn Fn(&str, &mut std::net::TcpStream, &std::sync::atomic::AtomicU64) + Send + Sync;
+
+/// A tiny HTTP server on 127.0.0.1 that misbehaves on purpose; stopped when dropped.
+struct Hostile {
+    port: u16,
+    /// Every request's head, in arrival order.
+    requests: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Body bytes the server managed to send.
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hostile {
+    fn start(
+        behaviour: impl Fn(&str, &mut std::net::TcpStream, &std::sync::atomic::AtomicU64)
+            + Send
+            + Sync
+            + 'static,
+    ) -> Hostile {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let behaviour: Arc<Behaviour> = Arc::new(behaviour);
+        let thread = {
+            let (requests, sent, stop) = (requests.clone(), sent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut stream, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let (requests, sent, stop, behaviour) = (
+                        requests.clone(),
+                        sent.clone(),
+                        stop.clone(),
+                        behaviour.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        stream.set_nonblocking(false).unwrap();
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(5)))
+                            .unwrap();
+                        let Some(head) = read_head(&mut stream) else {
+                            return;
+                        };
+                        requests.lock().unwrap().push(head.clone());
+                        if !stop.load(Ordering::Relaxed) {
+                            behaviour(&head, &mut stream, &sent);
+                        }
+                    });
+                }
+            })
+        };
+        Hostile {
+            port,
+            requests,
+            sent,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn read_head(stream: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 || head.len() > 64 * 1024 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Writes `chunk` until the client goes away or the test ends, counting what was sent.
+fn endless(
+    stream: &mut std::net::TcpStream,
+    sent: &std::sync::atomic::AtomicU64,
+    chunk: &[u8],
+    chunked: bool,
+) {
+    let mut framed = Vec::new();
+    if chunked {
+        framed.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        framed.extend_from_slice(chunk);
+        framed.extend_from_slice(b"\r\n");
+    } else {
+        framed.extend_from_slice(chunk);
+    }
+    // Bounded even if the client never stops reading: 4 GiB.
+    for _ in 0..(4u64 << 30) / framed.len() as u64 {
+        if stream.write_all(&framed).is_err() {
+            return;
+        }
+        sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+}
+
+const HOSTILE_TOKEN: &str = "hostile-target-token-7f3a";
+
+fn http_backend(base: &str) -> nixpush::backend::http::HttpBackend {
+    let mut config = nixpush::config::Config::default();
+    config.target.timeout_secs = 20;
+    nixpush::backend::http::HttpBackend::new(
+        base,
+        &config,
+        nixpush::backend::Credentials::fixed(nixpush::secret::Secret::new(HOSTILE_TOKEN)),
+    )
+    .unwrap()
+}
+
+/// `prepare()` (GET nix-cache-info) against `hostile`, bounded by the test deadline.
+fn prepare_against(
+    hostile: &Hostile,
+) -> Result<nixpush::backend::TargetInfo, nixpush::backend::Error> {
+    use nixpush::backend::Backend;
+    let backend = http_backend(&hostile.base());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        tokio::time::timeout(util::DEADLINE, backend.prepare())
+            .await
+            .expect("the backend hung on a hostile target")
+    })
+}
+
+/// Client gave up reading after a bounded amount: what is left is the socket buffers.
+const READ_BOUND: u64 = 32 << 20;
+
+// An error answer with an endless body (chunked, or a huge Content-Length), or one that dribbles: the error
+// names the status, its detail is short, and only a bounded amount is read.
+// See: #9
+#[test]
+fn security_hostile_target_error_bodies_are_bounded() {
+    let chunked = Hostile::start(|_, stream, sent| {
+        let _ = stream
+            .write_all(b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n");
+        endless(stream, sent, &[b'x'; 64 * 1024], true);
+    });
+    let huge = Hostile::start(|_, stream, sent| {
+        let _ = stream
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10737418240\r\n\r\n");
+        endless(stream, sent, &[b'y'; 64 * 1024], false);
+    });
+    let drip = Hostile::start(|_, stream, sent| {
+        let _ = stream.write_all(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n");
+        for _ in 0..100_000 {
+            if stream.write_all(b"1\r\nz\r\n").is_err() {
+                return;
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    for (server, code) in [(&chunked, 500), (&huge, 503), (&drip, 502)] {
+        let err = prepare_against(server).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(err, nixpush::backend::Error::Status { code: c, .. } if c == code),
+            "{message}"
+        );
+        assert!(message.contains(&format!("HTTP {code}")), "{message}");
+        assert!(message.len() < 512, "{message}");
+        assert!(!message.contains(HOSTILE_TOKEN));
+        assert!(server.sent() < READ_BOUND, "{} bytes read", server.sent());
+        assert!(server.requests()[0].contains(&format!("authorization: Bearer {HOSTILE_TOKEN}")));
+    }
+}
+
+// A giant nix-cache-info is not read; garbage instead of HTTP is an error naming the target.
+// See: #9
+#[test]
+fn security_hostile_target_giant_and_malformed_answers() {
+    let giant = Hostile::start(|_, stream, sent| {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        endless(stream, sent, b"StoreDir: /nix/store\n", true);
+    });
+    prepare_against(&giant).unwrap();
+    assert!(giant.sent() < READ_BOUND, "{} bytes read", giant.sent());
+
+    let garbage = Hostile::start(|_, stream, _| {
+        let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\xff\xfe\x00garbage\r\n\r\n");
+    });
+    let err = prepare_against(&garbage).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("127.0.0.1:{}", garbage.port)),
+        "{err}"
+    );
+
+    let bad_length = Hostile::start(|_, stream, _| {
+        let _ = stream
+            .write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: -5\r\nContent-Length: 7\r\n\r\nnope");
+    });
+    let err = prepare_against(&bad_length).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("127.0.0.1:{}", bad_length.port)),
+        "{err}"
+    );
+}
+
+// A redirect to another host (here: another port) is refused with an error saying so; the other host never
+// sees a request, let alone the token. A redirect within the target is followed.
+// See: #9
+#[test]
+fn security_hostile_target_redirects_elsewhere_are_refused() {
+    let elsewhere = Hostile::start(|_, stream, _| {
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 21\r\n\r\nStoreDir: /nix/store\n");
+    });
+    // Another port of the same address is another origin, as is another name for it.
+    for location in [
+        format!("http://127.0.0.1:{}/stolen", elsewhere.port),
+        format!("http://localhost:{}/stolen", elsewhere.port),
+    ] {
+        let redirecting = Hostile::start(move |_, stream, _| {
+            let _ = stream.write_all(
+                format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n")
+                    .as_bytes(),
+            );
+        });
+        let err = prepare_against(&redirecting).unwrap_err().to_string();
+        assert!(err.contains("redirect to another host refused"), "{err}");
+    }
+    assert!(
+        elsewhere.requests().is_empty(),
+        "{:?}",
+        elsewhere.requests()
+    );
+
+    let within = Hostile::start(move |head, stream, _| {
+        let answer: &[u8] = if head.starts_with("GET /moved/") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 21\r\n\r\nStoreDir: /nix/store\n"
+        } else {
+            b"HTTP/1.1 301 Moved\r\nLocation: /moved/nix-cache-info\r\nContent-Length: 0\r\n\r\n"
+        };
+        let _ = stream.write_all(answer);
+    });
+    prepare_against(&within).unwrap();
+    assert_eq!(within.requests().len(), 2, "{:?}", within.requests());
+}
+
+// Cachix's presign answers a part URL on another host: refused before any byte is sent there, with an error
+// naming the URL (without its signature).
+// See: #9
+#[tokio::test]
+async fn security_hostile_cachix_presigned_urls_elsewhere_are_refused() {
+    use crate::remote::{build_paths, prepare, CachixServer};
+    use nixpush::backend::cachix::{CachixBackend, RetryPolicy};
+    use nixpush::backend::{Backend, Credentials};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = CachixServer::start(json!({"caches": [{
+        "name": "managed", "signing": "managed", "tokens": {"presign-token": "write"}}]}));
+    let bystander = Hostile::start(|_, stream, _| {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    });
+    let mut config = nixpush::config::Config::default();
+    config.target.timeout_secs = 20;
+    let backend = CachixBackend::new(
+        &format!("cachix://managed?api={}", server.base()),
+        &config,
+        Credentials::fixed(nixpush::secret::Secret::new("presign-token")),
+    )
+    .unwrap()
+    .with_policy(RetryPolicy {
+        base: Duration::from_millis(40),
+        cap: Duration::from_millis(200),
+        budget: Duration::from_secs(5),
+        max_hint: Duration::from_secs(2),
+    });
+    backend.prepare().await.unwrap();
+    let paths = build_paths(dir.path(), "cxhostile", 1_000);
+    for base in [
+        format!("http://localhost:{}", bystander.port),
+        "http://192.0.2.1:9".to_owned(),
+        "https://169.254.169.254".to_owned(),
+    ] {
+        server
+            .faults(json!([{"route": "presign", "action": "presign_elsewhere", "base": base}]))
+            .await;
+        let p = prepare(&paths[0], nixpush::config::Compression::Zstd, None);
+        let err = tokio::time::timeout(util::DEADLINE, backend.upload(&p.narinfo, p.nar()))
+            .await
+            .expect("upload hung")
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(!err.is_retryable(), "{message}");
+        assert!(message.contains("presigned part URL"), "{message}");
+        assert!(message.contains(&base), "{message}");
+        assert!(!message.contains("X-Signature"), "{message}");
+    }
+    assert!(
+        bystander.requests().is_empty(),
+        "{:?}",
+        bystander.requests()
+    );
+    // With the fault gone the same backend uploads normally.
+    server.faults(json!([])).await;
+    let p = prepare(&paths[0], nixpush::config::Compression::Zstd, None);
+    backend.upload(&p.narinfo, p.nar()).await.unwrap();
+}
+
+// The daemon against a target that answers every request with an endless error: it reports the error, keeps
+// answering, reads only a bounded amount, and never logs the token.
+// See: #9
+#[test]
+fn security_hostile_target_does_not_take_the_daemon_down() {
+    let hostile = Hostile::start(|_, stream, sent| {
+        let _ = stream
+            .write_all(b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n");
+        endless(stream, sent, &[b'!'; 64 * 1024], true);
+    });
+    let env = TestEnv::new();
+    let token_file = env.dir.path().join("token");
+    std::fs::write(&token_file, HOSTILE_TOKEN).unwrap();
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"{}/cache\"\nauth_token_file = \"{}\"",
+            hostile.base(),
+            token_file.display()
+        ),
+    );
+    let daemon = TestDaemon::start_uploading(env);
+    let paths = util::add_store_paths(1);
+    assert_acked(
+        &call(&daemon.env.socket, &enqueue(&[&paths[0]], None)),
+        &paths[0],
+    );
+    util::wait_until("the target's error in status", || {
+        daemon.status().to_string().contains("HTTP 500")
+    });
+    util::wait_until("a second request to the target", || {
+        hostile.requests().len() >= 2
+    });
+    let status = daemon.status();
+    assert!(
+        status["queued"].as_u64().unwrap() + status["failed"].as_u64().unwrap() == 1,
+        "{status}"
+    );
+    assert!(hostile.sent() < READ_BOUND * hostile.requests().len() as u64);
+    let more = util::add_store_paths(1);
+    assert!(matches!(
+        call(&daemon.env.socket, &enqueue(&[&more[0]], None)),
+        Response::Ack { .. }
+    ));
+    assert!(!daemon.log().contains(HOSTILE_TOKEN));
+    assert!(!daemon.status().to_string().contains(HOSTILE_TOKEN));
+}
