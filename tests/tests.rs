@@ -10,6 +10,7 @@ mod ops;
 mod proof;
 mod remote;
 mod s3;
+mod security;
 mod spine;
 mod upload;
 mod util;

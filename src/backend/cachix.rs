@@ -37,7 +37,7 @@ use crate::narinfo::NarInfo;
 use crate::signing::{PublicKey, SecretKey};
 use crate::store_path::StorePath;
 
-use super::http::{retry_after, send, small_body, transport_error};
+use super::http::{bounded_body, retry_after, send, small_body, transport_error, MAX_SMALL_BODY};
 use super::parts::{file_range_body, part_ranges, part_size_for, PARALLEL_PARTS};
 use super::{Backend, Credentials, Error, NarFile, TargetInfo};
 
@@ -346,9 +346,19 @@ impl CachixBackend {
         body: Option<&B>,
     ) -> Result<T, Error> {
         let response = self.call(method.clone(), url, body).await?;
-        let text = small_body(response)
+        let (bytes, complete) = bounded_body(response)
             .await
             .map_err(|e| transport_error(method.as_str(), url.as_str(), &e))?;
+        if !complete {
+            return Err(Error::Protocol {
+                url: url.to_string(),
+                message: format!(
+                    "the answer is larger than {} KiB or did not end within 10 s",
+                    MAX_SMALL_BODY / 1024
+                ),
+            });
+        }
+        let text = String::from_utf8_lossy(&bytes);
         serde_json::from_str(&text).map_err(|e| Error::Protocol {
             url: url.to_string(),
             message: format!("unexpected JSON ({e}): {}", shorten(&text)),
@@ -424,7 +434,46 @@ impl CachixBackend {
             self.call_json(Method::POST, &url, Some(&body))
         })
         .await?;
+        self.check_presigned(&presigned.upload_url)?;
         Ok(presigned.upload_url)
+    }
+
+    /// Refuses a presigned URL that could turn the daemon against another service: it must be https on a public
+    /// host, or, when the API itself is on a loopback address (tests, a local mirror), on the API's own host.
+    fn check_presigned(&self, upload_url: &str) -> Result<(), Error> {
+        let refuse = |why: String| Error::Protocol {
+            url: self.cache_url.clone(),
+            message: format!(
+                "presigned part URL {} refused: {why}",
+                without_query(upload_url)
+            ),
+        };
+        let parsed = url::Url::parse(upload_url).map_err(|e| refuse(e.to_string()))?;
+        let host = parsed
+            .host()
+            .ok_or_else(|| refuse("it has no host".into()))?;
+        let api = url::Url::parse(&self.cache_url).map_err(|e| refuse(e.to_string()))?;
+        let api_host = api
+            .host()
+            .ok_or_else(|| refuse("the API URL has no host".into()))?;
+        if is_local(&api_host) {
+            return if parsed.host_str() == api.host_str()
+                && matches!(parsed.scheme(), "http" | "https")
+            {
+                Ok(())
+            } else {
+                Err(refuse(format!(
+                    "the API is on {api_host}, the part URL on another host"
+                )))
+            };
+        }
+        if parsed.scheme() != "https" {
+            return Err(refuse("not https".into()));
+        }
+        if is_local(&host) {
+            return Err(refuse(format!("{host} is not a public address")));
+        }
+        Ok(())
     }
 
     /// Uploads one part; returns its ETag (verbatim, quotes included) if storage sent one.
@@ -873,6 +922,38 @@ fn json_retry_after(headers: &HeaderMap, body: &str) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// Whether `host` names this machine or a private, link-local or otherwise non-public address.
+fn is_local(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        url::Host::Ipv4(ip) => {
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_multicast()
+                || ip.octets()[0] == 0
+                // 100.64.0.0/10, carrier-grade NAT
+                || (ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64)
+        }
+        url::Host::Ipv6(ip) => {
+            let first = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || first & 0xfe00 == 0xfc00 // unique local
+                || first & 0xffc0 == 0xfe80 // link-local
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| is_local(&url::Host::Ipv4(v4)))
+        }
+    }
+}
+
 /// A presigned URL without its query (which holds the signature).
 fn without_query(url: &str) -> String {
     url.split('?').next().unwrap_or(url).to_owned()
@@ -958,6 +1039,42 @@ mod tests {
         assert_eq!(cache_name("cachix://demo/?api=http://x"), Some("demo"));
         assert_eq!(cache_name("s3://demo"), None);
         assert_eq!(key_name("demo"), "demo.cachix.org-1");
+    }
+
+    #[test]
+    fn presigned_urls_must_point_at_public_https_or_the_local_api() {
+        let public =
+            CachixBackend::new("cachix://c", &Config::default(), Credentials::none()).unwrap();
+        assert!(public
+            .check_presigned("https://bucket.s3.amazonaws.com/nar/x?X-Sig=1")
+            .is_ok());
+        for bad in [
+            "http://bucket.s3.amazonaws.com/nar/x",
+            "https://169.254.169.254/latest/meta-data",
+            "https://10.1.2.3/x",
+            "https://127.0.0.1:9000/x",
+            "https://localhost/x",
+            "https://[::1]/x",
+            "https://[::ffff:192.168.1.1]/x",
+            "file:///etc/passwd",
+            "not a url",
+        ] {
+            let err = public.check_presigned(bad).unwrap_err().to_string();
+            assert!(err.contains("presigned part URL"), "{bad}: {err}");
+            assert!(!err.contains("X-Sig"), "{err}");
+        }
+        let mut config = Config::default();
+        config.target.cachix_api = "http://127.0.0.1:8080".into();
+        let local = CachixBackend::new("cachix://c", &config, Credentials::none()).unwrap();
+        assert!(local
+            .check_presigned("http://127.0.0.1:9999/_s3/1?x=y")
+            .is_ok());
+        for bad in [
+            "http://127.0.0.2:8080/x",
+            "https://bucket.s3.amazonaws.com/x",
+        ] {
+            assert!(local.check_presigned(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -29,7 +29,9 @@ use super::{Backend, Credentials, Error, NarFile, TargetInfo};
 /// How many HEAD requests run at once when asking which paths are missing.
 const PARALLEL_HEADS: usize = 16;
 /// Largest response body read for diagnostics or small documents.
-const MAX_SMALL_BODY: usize = 64 * 1024;
+pub const MAX_SMALL_BODY: usize = 64 * 1024;
+/// Longest time spent reading such a body: a target dribbling bytes cannot hold a worker.
+const SMALL_BODY_TIME: Duration = Duration::from_secs(10);
 
 /// A binary cache behind plain HTTP PUT (nginx WebDAV, a generic object store gateway, …).
 #[derive(Debug, Clone)]
@@ -218,23 +220,25 @@ pub async fn cache_has(
     }
 }
 
-/// The HTTP client every backend uses: bounded connect and idle timeouts, redirects only within one host.
+/// The HTTP client every backend uses: bounded connect and idle timeouts, redirects only within one origin
+/// (scheme, host and port), so a target cannot send our credentials elsewhere.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, Error> {
     reqwest::Client::builder()
         .user_agent(concat!("nixpush/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(timeout.min(Duration::from_secs(30)))
         .read_timeout(timeout)
         .redirect(reqwest::redirect::Policy::custom(|attempt| {
-            let same_host = attempt
+            let same_origin = attempt
                 .previous()
                 .first()
-                .is_some_and(|first| first.host_str() == attempt.url().host_str());
+                .is_some_and(|first| first.origin() == attempt.url().origin());
             if attempt.previous().len() > 5 {
                 attempt.error("too many redirects")
-            } else if same_host {
+            } else if same_origin {
                 attempt.follow()
             } else {
-                attempt.error("redirect to another host refused")
+                let to = redact_url(attempt.url().as_str());
+                attempt.error(format!("redirect to another host refused: {to}"))
             }
         }))
         .build()
@@ -299,17 +303,31 @@ pub async fn status_error(method: &str, url: &str, response: Response) -> Error 
     }
 }
 
-/// Reads at most 64 KiB of a response body as text.
-pub async fn small_body(mut response: Response) -> Result<String, reqwest::Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = MAX_SMALL_BODY - body.len();
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= MAX_SMALL_BODY {
-            break;
-        }
-    }
+/// Reads at most 64 KiB of a response body as text, for at most 10 s; the rest is dropped unread.
+pub async fn small_body(response: Response) -> Result<String, reqwest::Error> {
+    let (body, _) = bounded_body(response).await?;
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Reads at most 64 KiB of a response body, for at most 10 s. The flag says whether that was the whole body.
+pub async fn bounded_body(mut response: Response) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let deadline = tokio::time::Instant::now() + SMALL_BODY_TIME;
+    let mut body = Vec::new();
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Ok(chunk) => chunk?,
+            Err(_) => return Ok((body, false)),
+        };
+        let Some(chunk) = chunk else {
+            return Ok((body, true));
+        };
+        let room = MAX_SMALL_BODY - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
 }
 
 /// Parses `Retry-After` as delta-seconds or an HTTP date.

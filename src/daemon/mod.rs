@@ -53,6 +53,14 @@ pub enum Error {
     /// The state directory is full or read-only; new work is refused until it is not.
     #[error(transparent)]
     StateDir(#[from] state_dir::Error),
+    /// The state directory could not be created.
+    #[error("cannot create {dir}: {source}")]
+    CreateStateDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// A blocking task died.
     #[error("a background task failed: {0}")]
     Task(String),
@@ -223,8 +231,10 @@ pub async fn run(
     } = shutdown;
     // Removes the socket we bound however `run` ends, last (after STOPPING=1 on a clean stop).
     let _socket_file = SocketFile(listener.bound_path.clone());
-    spool::prepare_dir(&config.spool_dir())?;
     let queue_dir = config.state_dir.join("queue");
+    create_private_dir(&config.state_dir, 0o711)?;
+    create_private_dir(&queue_dir, 0o700)?;
+    spool::prepare_dir(&config.spool_dir())?;
     let queue = tokio::task::spawn_blocking(move || SledQueue::open(&queue_dir))
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
@@ -296,6 +306,21 @@ pub async fn run(
     let _ = systemd::notify("STOPPING=1");
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Creates `dir` with `mode` if it is missing (as systemd's tmpfiles would: the state directory traversable, so
+/// hooks reach `spool/`, but not listable; the queue private). An existing directory keeps the mode its admin
+/// gave it.
+fn create_private_dir(dir: &std::path::Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|source| Error::CreateStateDir {
+            dir: dir.to_owned(),
+            source,
+        })
 }
 
 /// The socket path we bound; removed on drop so that no later hook connects to a dead socket.

@@ -1,7 +1,8 @@
 //! Turns what a hook sent into validated store paths, and everything else into a refusal with a reason.
 //!
 //! Every path must be absolute, free of `.`/`..` components, directly inside `store_dir`, a well-formed store path
-//! name, and present on disk. When `OUT_PATHS` is empty (always, with Nix 2.8.0: NixOS/nix#6446), the outputs
+//! name, present on disk, and registered as valid in Nix's database (so a file or symlink someone dropped into the
+//! store directory by hand is never uploaded; a symlink is never followed either, its NAR is the link). When `OUT_PATHS` is empty (always, with Nix 2.8.0: NixOS/nix#6446), the outputs
 //! come from `DRV_PATH`: first from Nix's database, opened read-only,
 //!
 //! ```sql
@@ -9,7 +10,8 @@
 //! ```
 //!
 //! and, if that fails, from `nix-store --query --outputs DRV`. The outputs are valid by the time Nix runs the hook,
-//! and each is checked like any other path.
+//! and each is checked like any other path. Validity comes from `ValidPaths` in the same database, or from
+//! `nix-store --check-validity --print-invalid` when the database cannot be read.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,7 +22,10 @@ use rusqlite::{Connection, OpenFlags};
 use crate::config::Config;
 use crate::store_path::{self, StorePath};
 
-/// How long `nix-store --query --outputs` may take.
+/// Why a path that exists on disk is refused anyway.
+const NOT_REGISTERED: &str = "not a valid path in Nix's database (not registered by Nix)";
+
+/// How long a `nix-store` query may take.
 const NIX_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a derivation's outputs could not be found.
@@ -35,7 +40,7 @@ pub enum Error {
         source: rusqlite::Error,
     },
     /// `nix-store` failed or could not run.
-    #[error("`nix-store --query --outputs` failed: {0}")]
+    #[error("{0}")]
     NixStore(String),
 }
 
@@ -130,6 +135,19 @@ impl Resolver {
         out_paths: &[String],
         config: &Config,
     ) -> Resolved {
+        let mut resolved = self.resolve_on_disk(drv_path, out_paths, config).await;
+        self.refuse_unregistered(&mut resolved, &config.nix_db)
+            .await;
+        resolved
+    }
+
+    /// Everything but the registration check.
+    async fn resolve_on_disk(
+        &self,
+        drv_path: Option<&str>,
+        out_paths: &[String],
+        config: &Config,
+    ) -> Resolved {
         let store_dir = config.store_dir_str();
         let mut resolved = Resolved::default();
         if !out_paths.is_empty() {
@@ -143,7 +161,19 @@ impl Resolver {
             return resolved;
         };
         let drv = match validate(drv_input, store_dir) {
-            Ok(drv) if drv.is_derivation() => drv,
+            Ok(drv) if drv.is_derivation() => {
+                match self.invalid_paths(&[drv.clone()], &config.nix_db).await {
+                    Ok(invalid) if invalid.is_empty() => drv,
+                    Ok(_) => {
+                        resolved.refuse(drv_input, NOT_REGISTERED.to_owned());
+                        return resolved;
+                    }
+                    Err(e) => {
+                        resolved.refuse(drv_input, format!("cannot check its validity: {e}"));
+                        return resolved;
+                    }
+                }
+            }
             Ok(_) => {
                 resolved.refuse(drv_input, "DRV_PATH is not a derivation (.drv)".to_owned());
                 return resolved;
@@ -163,6 +193,41 @@ impl Resolver {
             Err(e) => resolved.refuse(drv_input, format!("cannot resolve its outputs: {e}")),
         }
         resolved
+    }
+
+    /// Moves paths Nix does not know as valid from `paths` to `refused`.
+    async fn refuse_unregistered(&self, resolved: &mut Resolved, nix_db: &Path) {
+        if resolved.paths.is_empty() {
+            return;
+        }
+        let (reason, rejected): (String, Vec<StorePath>) =
+            match self.invalid_paths(&resolved.paths, nix_db).await {
+                Ok(invalid) => (NOT_REGISTERED.to_owned(), invalid),
+                Err(e) => (
+                    format!("cannot check its validity: {e}"),
+                    resolved.paths.clone(),
+                ),
+            };
+        for path in rejected {
+            resolved.paths.retain(|p| *p != path);
+            resolved.refuse(path.as_str(), reason.clone());
+        }
+    }
+
+    /// Which of `paths` are not valid paths of the store: from the database, else from `nix-store`.
+    async fn invalid_paths(
+        &self,
+        paths: &[StorePath],
+        nix_db: &Path,
+    ) -> Result<Vec<StorePath>, Error> {
+        let (cache, db, owned) = (self.db.clone(), nix_db.to_owned(), paths.to_vec());
+        let from_db = tokio::task::spawn_blocking(move || invalid_in_db(&cache, &db, &owned)).await;
+        match from_db {
+            Ok(Ok(invalid)) => return Ok(invalid),
+            Ok(Err(e)) => tracing::debug!("database validity check failed: {e}"),
+            Err(e) => tracing::debug!("database validity check panicked: {e}"),
+        }
+        invalid_from_nix_store(paths).await
     }
 
     /// The output paths of `drv`: from the database, else from `nix-store`.
@@ -189,6 +254,33 @@ fn outputs_from_db(
     db: &Path,
     drv: &str,
 ) -> Result<Vec<String>, Error> {
+    with_db(cache, db, |connection| query_outputs(connection, drv))
+}
+
+fn invalid_in_db(
+    cache: &Mutex<Option<OpenDb>>,
+    db: &Path,
+    paths: &[StorePath],
+) -> Result<Vec<StorePath>, Error> {
+    with_db(cache, db, |connection| {
+        let mut statement =
+            connection.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?1")?;
+        let mut invalid = Vec::new();
+        for path in paths {
+            if !statement.exists([path.as_str()])? {
+                invalid.push(path.clone());
+            }
+        }
+        Ok(invalid)
+    })
+}
+
+/// Runs `query` on the cached read-only connection to `db`, opening it first if needed.
+fn with_db<T>(
+    cache: &Mutex<Option<OpenDb>>,
+    db: &Path,
+    query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+) -> Result<T, Error> {
     let db_error = |source| Error::Db {
         db: db.display().to_string(),
         source,
@@ -202,10 +294,10 @@ fn outputs_from_db(
             connection: open_read_only(db).map_err(db_error)?,
         },
     };
-    let outputs = query_outputs(&open.connection, drv).map_err(db_error)?;
+    let answer = query(&open.connection).map_err(db_error)?;
     // Kept only after a successful query, so a connection that went bad is reopened next time.
     *cached = Some(open);
-    Ok(outputs)
+    Ok(answer)
 }
 
 fn open_read_only(db: &Path) -> Result<Connection, rusqlite::Error> {
@@ -235,9 +327,25 @@ fn query_outputs(connection: &Connection, drv: &str) -> Result<Vec<String>, rusq
     rows.collect()
 }
 
+async fn invalid_from_nix_store(paths: &[StorePath]) -> Result<Vec<StorePath>, Error> {
+    let mut args = vec!["--check-validity", "--print-invalid"];
+    args.extend(paths.iter().map(StorePath::as_str));
+    let printed = nix_store(&args).await?;
+    Ok(paths
+        .iter()
+        .filter(|p| printed.iter().any(|line| line == p.as_str()))
+        .cloned()
+        .collect())
+}
+
 async fn outputs_from_nix_store(drv: &StorePath) -> Result<Vec<String>, Error> {
+    nix_store(&["--query", "--outputs", drv.as_str()]).await
+}
+
+/// Runs `nix-store ARGS` with a timeout; its non-empty stdout lines.
+async fn nix_store(args: &[&str]) -> Result<Vec<String>, Error> {
     let run = tokio::process::Command::new("nix-store")
-        .args(["--query", "--outputs", drv.as_str()])
+        .args(args)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -245,7 +353,8 @@ async fn outputs_from_nix_store(drv: &StorePath) -> Result<Vec<String>, Error> {
         .await
         .map_err(|_| {
             Error::NixStore(format!(
-                "no answer within {} s",
+                "`nix-store {}` gave no answer within {} s",
+                args[0],
                 NIX_STORE_TIMEOUT.as_secs()
             ))
         })?
@@ -253,7 +362,8 @@ async fn outputs_from_nix_store(drv: &StorePath) -> Result<Vec<String>, Error> {
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(Error::NixStore(format!(
-            "{}: {}",
+            "`nix-store {}`: {}: {}",
+            args[0],
             output.status,
             stderr.trim()
         )));
@@ -266,6 +376,26 @@ async fn outputs_from_nix_store(drv: &StorePath) -> Result<Vec<String>, Error> {
         .collect())
 }
 
+/// Creates (or extends) a Nix-like database at `db` in which `paths` are valid.
+#[cfg(test)]
+pub(crate) fn register_for_tests(db: &Path, paths: &[&str]) {
+    let connection = Connection::open(db).unwrap();
+    connection
+        .execute_batch(
+            "CREATE TABLE IF NOT EXISTS ValidPaths (id integer primary key, path text unique not null);
+             CREATE TABLE IF NOT EXISTS DerivationOutputs (drv integer, id text, path text);",
+        )
+        .unwrap();
+    for path in paths {
+        connection
+            .execute(
+                "INSERT OR IGNORE INTO ValidPaths (path) VALUES (?1)",
+                [path],
+            )
+            .unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,12 +404,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
         std::fs::create_dir(&store).unwrap();
-        std::fs::write(store.join("5gnj0y388labni6sfyda6isvycfvxmmg-present"), b"").unwrap();
+        let present = store.join("5gnj0y388labni6sfyda6isvycfvxmmg-present");
+        std::fs::write(&present, b"").unwrap();
         let config = Config {
             store_dir: store,
-            nix_db: tmp.path().join("no-such.sqlite"),
+            nix_db: tmp.path().join("db.sqlite"),
             ..Config::default()
         };
+        register_for_tests(&config.nix_db, &[present.to_str().unwrap()]);
         (tmp, config)
     }
 
@@ -344,12 +476,12 @@ mod tests {
         let out = format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present");
         let gone = format!("{dir}/8pjibnycdlc071yls0gkbsb7l2ffmlgg-ht-b-dev");
         std::fs::write(&drv, b"Derive(...)").unwrap();
-        config.nix_db = tmp.path().join("db.sqlite");
+        config.nix_db = tmp.path().join("outputs.sqlite");
         let db = Connection::open(&config.nix_db).unwrap();
         db.execute_batch(&format!(
             "CREATE TABLE ValidPaths (id integer primary key, path text unique not null);
              CREATE TABLE DerivationOutputs (drv integer, id text, path text);
-             INSERT INTO ValidPaths VALUES (1, '{drv}');
+             INSERT INTO ValidPaths VALUES (1, '{drv}'), (2, '{out}');
              INSERT INTO DerivationOutputs VALUES (1, 'dev', '{gone}'), (1, 'out', '{out}');"
         ))
         .unwrap();
@@ -361,5 +493,21 @@ mod tests {
             assert_eq!(resolved.refused[0].input, gone);
             assert_eq!(resolved.refused[0].reason, "does not exist");
         }
+    }
+
+    #[tokio::test]
+    async fn paths_nix_did_not_register_are_refused() {
+        let (_tmp, config) = store();
+        let dir = config.store_dir_str().to_owned();
+        let planted = format!("{dir}/0000000000000000000000000000000a-planted");
+        std::os::unix::fs::symlink("/etc", &planted).unwrap();
+        let present = format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present");
+        let resolved = Resolver::new()
+            .resolve(None, &[planted.clone(), present.clone()], &config)
+            .await;
+        assert_eq!(resolved.paths.len(), 1);
+        assert_eq!(resolved.paths[0].as_str(), present);
+        assert_eq!(resolved.refused[0].input, planted);
+        assert_eq!(resolved.refused[0].reason, NOT_REGISTERED);
     }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +22,8 @@ use crate::store_path::StorePath;
 use super::auth::{self, Peer};
 use super::{resolve, Shared};
 
-/// Connections served at once; more wait in the kernel's backlog (and their hooks spool if they wait too long).
+/// Connections served at once. When all are taken, a new connection evicts the one that has waited longest for
+/// its request, so clients that connect and send nothing (or dribble) cannot lock out a hook.
 pub const MAX_CONNECTIONS: usize = 512;
 
 /// Accepts connections until `stop` is cancelled. Connection tasks run on `tasks`.
@@ -33,15 +33,8 @@ pub async fn accept_loop(
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Slots::default());
     loop {
-        let slot = tokio::select! {
-            _ = stop.cancelled() => return,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return,
-            },
-        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -59,10 +52,13 @@ pub async fn accept_loop(
                         Peer::default()
                     }
                 };
+                let slot = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    slot = slots.clone().take() => slot,
+                };
                 let (shared, stop) = (shared.clone(), stop.clone());
                 tasks.spawn(async move {
-                    serve_connection(stream, peer, &shared, &stop).await;
-                    drop(slot);
+                    serve(stream, peer, &shared, &stop, &slot).await;
                 });
             }
             Err(e) => {
@@ -77,23 +73,139 @@ pub async fn accept_loop(
     }
 }
 
+/// The table of connections being served.
+#[derive(Default)]
+struct Slots {
+    table: std::sync::Mutex<SlotTable>,
+    freed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next_id: u64,
+    open: std::collections::HashMap<u64, Arc<SlotState>>,
+}
+
+/// One connection's entry: since when it waits for a request (`None` while one is being answered), and how to
+/// evict it.
+struct SlotState {
+    waiting_since: std::sync::Mutex<Option<Instant>>,
+    evict: CancellationToken,
+}
+
+impl SlotState {
+    fn set_waiting(&self, waiting: bool) {
+        let mut since = self
+            .waiting_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *since = waiting.then(Instant::now);
+    }
+
+    fn waiting_since(&self) -> Option<Instant> {
+        *self
+            .waiting_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A connection's place in [`Slots`]; leaves the table when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    state: Arc<SlotState>,
+}
+
+impl Slots {
+    /// A place for a new connection. At [`MAX_CONNECTIONS`] the longest-waiting idle connection is evicted; if
+    /// every connection is busy answering, waits until one finishes.
+    async fn take(self: Arc<Slots>) -> Slot {
+        loop {
+            let freed = self.freed.notified();
+            if let Some((id, state)) = self.try_take() {
+                drop(freed);
+                return Slot {
+                    slots: self,
+                    id,
+                    state,
+                };
+            }
+            freed.await;
+        }
+    }
+
+    fn try_take(&self) -> Option<(u64, Arc<SlotState>)> {
+        let mut table = self.lock();
+        if table.open.len() >= MAX_CONNECTIONS {
+            let oldest = table
+                .open
+                .iter()
+                .filter_map(|(id, state)| state.waiting_since().map(|since| (since, *id)))
+                .min();
+            if let Some((_, id)) = oldest {
+                if let Some(state) = table.open.remove(&id) {
+                    state.evict.cancel();
+                }
+            }
+        }
+        if table.open.len() >= MAX_CONNECTIONS {
+            return None;
+        }
+        table.next_id += 1;
+        let id = table.next_id;
+        let state = Arc::new(SlotState {
+            waiting_since: std::sync::Mutex::new(Some(Instant::now())),
+            evict: CancellationToken::new(),
+        });
+        table.open.insert(id, state.clone());
+        Some((id, state))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.lock().open.remove(&self.id);
+        self.slots.freed.notify_one();
+    }
+}
+
 /// Serves requests on one connection until the client closes it, sends something invalid, is too slow, or the
 /// daemon stops (between requests only: a request already being read is answered).
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: Peer,
+    shared: &Shared,
+    stop: &CancellationToken,
+) {
+    let slot = Arc::new(Slots::default()).take().await;
+    serve(stream, peer, shared, stop, &slot).await;
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: Peer,
     shared: &Shared,
     stop: &CancellationToken,
+    slot: &Slot,
 ) {
     let mut served = 0u64;
     // Bytes received and not yet consumed. A hook's request usually arrives in one read.
     let mut received = Vec::new();
     loop {
+        slot.state.set_waiting(true);
         let timeout_ms = shared.config().client_timeout_ms;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         if received.is_empty() {
             let first = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = slot.state.evict.cancelled() => return evicted(&mut stream, peer).await,
                 read = timeout_at(deadline, read_some(&mut stream, &mut received, FIRST_READ)) => read,
             };
             match first {
@@ -111,12 +223,21 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        let payload = match read_frame(&mut stream, &mut received, deadline).await {
+        let frame = tokio::select! {
+            _ = slot.state.evict.cancelled() => return evicted(&mut stream, peer).await,
+            frame = read_frame(&mut stream, &mut received, deadline) => frame,
+        };
+        let payload = match frame {
             Ok(payload) => payload,
             Err((kind, message)) => {
                 return refuse_connection(&mut stream, peer, kind, message).await;
             }
         };
+        // A request being answered is never evicted.
+        slot.state.set_waiting(false);
+        if slot.state.evict.is_cancelled() {
+            return evicted(&mut stream, peer).await;
+        }
         let request = match protocol::decode_request(&payload) {
             Ok(request) => request,
             Err(e) => return refuse_connection(&mut stream, peer, e.kind(), e.to_string()).await,
@@ -140,6 +261,22 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         served += 1;
     }
+}
+
+/// Tells an evicted client why its connection closes.
+async fn evicted<S: AsyncWrite + Unpin>(stream: &mut S, peer: Peer) {
+    let message = format!(
+        "connection closed: all {MAX_CONNECTIONS} connection slots are taken and this one waited longest \
+         without a complete request"
+    );
+    tracing::debug!(peer_uid = peer.uid, peer_pid = peer.pid, "{message}");
+    let frame = protocol::encode_response(&Response::Error {
+        kind: ErrorKind::Timeout,
+        message,
+    });
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let _ = timeout_at(deadline, stream.write_all(&frame)).await;
+    let _ = timeout_at(deadline, stream.shutdown()).await;
 }
 
 /// The first read of a request: enough for any hook's request.
@@ -438,9 +575,11 @@ mod tests {
         let config = Config {
             store_dir: store,
             state_dir: tmp.path().join("state"),
+            nix_db: tmp.path().join("db.sqlite"),
             client_timeout_ms: 200,
             ..Config::default()
         };
+        resolve::register_for_tests(&config.nix_db, &[good.to_str().unwrap()]);
         let queue: Arc<dyn Queue> = Arc::new(SledQueue::temporary().unwrap());
         Fixture {
             shared: Shared::new(config, queue, true),
@@ -693,5 +832,33 @@ mod tests {
             }
         );
         assert_eq!(f.shared.queue.counts().queued, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_table_evicts_the_longest_waiting_idle_connection() {
+        let slots = Arc::new(Slots::default());
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(slots.clone().take().await);
+        }
+        // The oldest is answering a request: it is skipped, the next oldest goes.
+        held[0].state.set_waiting(false);
+        let newcomer = slots.clone().take().await;
+        assert!(!held[0].state.evict.is_cancelled());
+        assert!(held[1].state.evict.is_cancelled());
+        assert!(held[2..].iter().all(|s| !s.state.evict.is_cancelled()));
+        // Every connection busy: a newcomer waits until one finishes.
+        for slot in held.iter().skip(2).chain([&newcomer]) {
+            slot.state.set_waiting(false);
+        }
+        let waiting = tokio::spawn(slots.clone().take());
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        held.truncate(MAX_CONNECTIONS - 1);
+        let last = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!last.state.evict.is_cancelled());
     }
 }

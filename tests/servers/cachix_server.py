@@ -61,6 +61,7 @@ Faults: {"route": R, "action": A, ...params, "count": N, "probability": P, "afte
         slow_body         {"bytes_per_sec": R}: read the request body at that rate (pushes a PUT past its expiry)
         expired_presign   presign answers a URL that has already expired
         presign_ttl       {"seconds": T}: presign answers a URL that expires after T seconds
+        presign_elsewhere {"base": "http://host:port"}: presign answers a URL on another host
         no_etag           put_part succeeds without an ETag header
         wrong_etag        put_part answers an ETag that is not the part's
         omit_missing      {"hashes": [...]} (default: all): missing-paths answer leaves out hashes that are missing
@@ -744,8 +745,10 @@ class Handler(BaseHTTPRequestHandler):
                 "X-Signature": sig,
             }
         )
-        host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.send_json(200, {"uploadUrl": f"http://{host}/_s3/{nar_id}?{query}"})
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if self.fault is not None and self.fault["action"] == "presign_elsewhere":
+            base = self.fault["base"]
+        self.send_json(200, {"uploadUrl": f"{base}/_s3/{nar_id}?{query}"})
 
     def h_put_part(self, nar_id):
         st = self.state
