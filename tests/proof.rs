@@ -143,6 +143,34 @@ fn verify_cache(dir: &Path, key: &PublicKey) -> BTreeSet<String> {
     landed
 }
 
+/// Real Nix's opinion of the same cache: `nix store verify` reads every NAR back and checks its hash and the
+/// narinfo's signature.
+fn nix_verifies(cache_url: &str, paths: &[String]) {
+    for chunk in paths.chunks(256) {
+        let out = std::process::Command::new("nix")
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "store",
+                "verify",
+            ])
+            .args([
+                "--store",
+                cache_url,
+                "--trusted-public-keys",
+                public_key().trim(),
+            ])
+            .args(chunk)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nix store verify: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 fn file_target(env: &TestEnv) -> String {
     format!(
         "url = \"file://{}\"\nsigning_key_file = \"{}\"",
@@ -242,6 +270,8 @@ fn crash_loop_loses_nothing_acknowledged_or_spooled() {
         "handed over but not in the cache: {missing:?}\n{}",
         daemon.log()
     );
+    let cache_url = format!("file://{}", daemon.env.cache_dir().display());
+    nix_verifies(&cache_url, &landed.iter().cloned().collect::<Vec<_>>());
     let acked = handed_over
         .iter()
         .filter(|(_, r)| *r == HookResult::Acked)
@@ -344,6 +374,7 @@ fn faults_on_the_wire_delay_but_lose_nothing() {
     for path in &closure {
         assert!(landed.contains(path), "{path} not in the cache");
     }
+    nix_verifies(&format!("file://{}", cache.display()), &closure);
     // Attempts per path, from what the proxy saw: PUTs of the NAR and of the narinfo.
     let stats = &proxy.stats;
     let mut total_puts = 0;
