@@ -307,7 +307,7 @@ impl Loris {
                     continue;
                 }
                 stream.set_nonblocking(true).unwrap();
-                let mut stream = &*stream;
+                let mut stream = stream;
                 // The daemon's answer is one small write, so it is here whole or not at all.
                 match protocol::read_frame(&mut stream) {
                     Ok(payload) => {

@@ -162,7 +162,10 @@ impl Resolver {
         };
         let drv = match validate(drv_input, store_dir) {
             Ok(drv) if drv.is_derivation() => {
-                match self.invalid_paths(&[drv.clone()], &config.nix_db).await {
+                match self
+                    .invalid_paths(std::slice::from_ref(&drv), &config.nix_db)
+                    .await
+                {
                     Ok(invalid) if invalid.is_empty() => drv,
                     Ok(_) => {
                         resolved.refuse(drv_input, NOT_REGISTERED.to_owned());
