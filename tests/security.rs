@@ -271,8 +271,8 @@ impl Loris {
         for i in 0..count {
             let mut stream = UnixStream::connect(socket).unwrap();
             if i % 2 == 1 {
-                // A header announcing 200 bytes, and the first of them.
-                stream.write_all(&[0, 0, 0, 200, b'{']).unwrap();
+                // A header announcing about 1 MB, and the first byte of it: never complete while the test runs.
+                stream.write_all(&[0, 0x0f, 0, 0, b'{']).unwrap();
             }
             streams.push(stream);
         }
