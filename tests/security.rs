@@ -159,6 +159,7 @@ fn security_malicious_paths_are_refused_with_a_reason() {
             Response::Error { kind, message } => {
                 assert_eq!(kind, ErrorKind::Refused, "{input:?}: {message}");
                 assert!(message.contains(reason), "{input:?}: {message}");
+                assert!(!message.chars().any(char::is_control), "{message:?}");
             }
             other => panic!("{input:?} was not refused: {other:?}"),
         }

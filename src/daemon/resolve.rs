@@ -54,9 +54,15 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// `refused INPUT: REASON`, the form clients see.
+    /// `refused INPUT: REASON`, the form clients see. Control characters in the input are replaced, so a client
+    /// cannot forge lines in the build log the hook writes to.
     pub fn message(&self) -> String {
-        format!("refused {}: {}", self.input, self.reason)
+        let input: String = self
+            .input
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+        format!("refused {input}: {}", self.reason)
     }
 }
 
