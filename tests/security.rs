@@ -159,6 +159,7 @@ fn security_malicious_paths_are_refused_with_a_reason() {
             Response::Error { kind, message } => {
                 assert_eq!(kind, ErrorKind::Refused, "{input:?}: {message}");
                 assert!(message.contains(reason), "{input:?}: {message}");
+                assert!(!message.chars().any(char::is_control), "{message:?}");
             }
             other => panic!("{input:?} was not refused: {other:?}"),
         }
@@ -271,8 +272,8 @@ impl Loris {
         for i in 0..count {
             let mut stream = UnixStream::connect(socket).unwrap();
             if i % 2 == 1 {
-                // A header announcing 200 bytes, and the first of them.
-                stream.write_all(&[0, 0, 0, 200, b'{']).unwrap();
+                // A header announcing about 1 MB, and the first byte of it: never complete while the test runs.
+                stream.write_all(&[0, 0x0f, 0, 0, b'{']).unwrap();
             }
             streams.push(stream);
         }
@@ -307,7 +308,7 @@ impl Loris {
                     continue;
                 }
                 stream.set_nonblocking(true).unwrap();
-                let mut stream = &*stream;
+                let mut stream = stream;
                 // The daemon's answer is one small write, so it is here whole or not at all.
                 match protocol::read_frame(&mut stream) {
                     Ok(payload) => {
@@ -1172,4 +1173,265 @@ fn security_hostile_target_does_not_take_the_daemon_down() {
     ));
     assert!(!daemon.log().contains(HOSTILE_TOKEN));
     assert!(!daemon.status().to_string().contains(HOSTILE_TOKEN));
+}
+
+/// Every form a secret key could leak in: the `name:base64` text, its base64, and the raw key and seed as bytes,
+/// hex and base64 (standard, unpadded, URL-safe).
+fn key_needles(secret_key_file: &Path) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(secret_key_file).unwrap();
+    let b64 = text.trim().split_once(':').unwrap().1.to_owned();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&b64)
+        .unwrap();
+    assert_eq!(raw.len(), 64);
+    let mut needles = vec![b64.into_bytes()];
+    for bytes in [&raw[..], &raw[..32]] {
+        needles.push(bytes.to_vec());
+        needles.push(hex::encode(bytes).into_bytes());
+        needles.push(hex::encode_upper(bytes).into_bytes());
+        needles.push(
+            base64::engine::general_purpose::STANDARD
+                .encode(bytes)
+                .into_bytes(),
+        );
+        needles.push(
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(bytes)
+                .into_bytes(),
+        );
+        needles.push(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(bytes)
+                .into_bytes(),
+        );
+    }
+    needles
+}
+
+/// Everything a user or admin could see, gathered for the final grep.
+#[derive(Default)]
+struct Seen(Vec<(String, Vec<u8>)>);
+
+impl Seen {
+    fn output(&mut self, what: &str, output: &Output) {
+        self.0
+            .push((format!("{what} (stdout)"), output.stdout.clone()));
+        self.0
+            .push((format!("{what} (stderr)"), output.stderr.clone()));
+    }
+
+    fn text(&mut self, what: &str, text: impl Into<Vec<u8>>) {
+        self.0.push((what.to_owned(), text.into()));
+    }
+
+    fn files_under(&mut self, dir: &Path) {
+        for path in tree(dir) {
+            if path.is_file() {
+                self.0
+                    .push((path.display().to_string(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+
+    /// Panics naming where any needle appears.
+    fn assert_free_of(&self, needles: &[(&str, Vec<u8>)]) {
+        let mut leaks = Vec::new();
+        for (where_, haystack) in &self.0 {
+            for (name, needle) in needles {
+                if haystack.windows(needle.len()).any(|w| w == &needle[..]) {
+                    leaks.push(format!("{name} in {where_}"));
+                }
+            }
+        }
+        assert!(leaks.is_empty(), "secrets leaked: {leaks:?}");
+    }
+}
+
+// After the daemon pushed to Cachix through a token rotation (with a rejected token on the way) and `nixpush
+// push` went to S3 and HTTP (with good and bad credentials), no log line, status output, error or file in
+// state_dir holds a token, a password or the secret key in any encoding. A key file readable by others gets a
+// warning naming it.
+// See: #9
+#[tokio::test]
+async fn security_secrets_never_reach_logs_status_errors_or_state() {
+    use crate::remote::{nix_key, CachixServer, PyServer};
+    use serde_json::json;
+
+    const OLD_TOKEN: &str = "cachix-token-old-4c1d9e";
+    const NEW_TOKEN: &str = "cachix-token-new-8b2f6a";
+    const HTTP_TOKEN: &str = "http-token-5e7a1b";
+    const WRONG_TOKEN: &str = "wrong-token-0d3c2f";
+    const PASSWORD: &str = "basic-password-9a4e7c";
+    const S3_SECRET: &str = "s3-secret-key-2f8d4b";
+
+    let mut seen = Seen::default();
+    let env = TestEnv::new();
+    let (sec, public) = nix_key(env.dir.path(), "nixpush-secrets-1");
+    // Readable by everyone: the daemon must say so, naming the file.
+    std::fs::set_permissions(&sec, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = CachixServer::start(json!({"caches": [{
+        "name": "secrets", "signing": "self-signed", "public_keys": [public.trim()],
+        "tokens": {OLD_TOKEN: "write"}}]}));
+    let token_file = env.dir.path().join("cachix-token");
+    std::fs::write(&token_file, OLD_TOKEN).unwrap();
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"cachix://secrets\"\ncachix_api = \"{}\"\nauth_token_file = \"{}\"\nsigning_key_file = \"{}\"",
+            server.base(),
+            token_file.display(),
+            sec.display()
+        ),
+    );
+    let mut daemon = TestDaemon::start_uploading(env);
+    let paths = util::add_store_paths(2);
+    assert_acked(
+        &call(&daemon.env.socket, &enqueue(&[&paths[0]], None)),
+        &paths[0],
+    );
+    daemon.wait_drained();
+
+    // The token is revoked: the target pauses, saying why.
+    server
+        .control(
+            reqwest::Method::POST,
+            "cache/secrets",
+            Some(json!({"tokens": {NEW_TOKEN: "write"}})),
+        )
+        .await;
+    assert_acked(
+        &call(&daemon.env.socket, &enqueue(&[&paths[1]], None)),
+        &paths[1],
+    );
+    util::wait_until("the target paused", || {
+        daemon.status()["target"]["state"] == "paused"
+    });
+    seen.output(
+        "status --json while paused",
+        &daemon.env.nixpush(&["status", "--json"]),
+    );
+    seen.output("status while paused", &daemon.env.nixpush(&["status"]));
+    // Rotation as sops-nix does it: a new file renamed over the old one.
+    let staged = daemon.env.dir.path().join("cachix-token.new");
+    std::fs::write(&staged, NEW_TOKEN).unwrap();
+    std::fs::rename(&staged, &token_file).unwrap();
+    let status = daemon.wait_drained();
+    let stored = server.stored("secrets").await;
+    assert!(
+        paths.iter().all(|p| stored.contains(p)),
+        "{stored:?}\n{status}"
+    );
+
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["queue", "list", "--json"],
+        &["check-config"],
+        &["doctor"],
+    ] {
+        seen.output(
+            &format!("nixpush {}", args.join(" ")),
+            &daemon.env.nixpush(args),
+        );
+    }
+    let log = daemon.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("secret key file is readable by group or others"))
+        .unwrap_or_else(|| panic!("no warning about the key file's mode:\n{log}"));
+    assert!(warning.contains(sec.to_str().unwrap()), "{warning}");
+    assert!(warning.contains("644"), "{warning}");
+    assert!(daemon.stop().success());
+    seen.text("daemon log", daemon.log());
+    seen.files_under(&daemon.env.state_dir);
+    assert!(
+        seen.0.iter().any(|(w, _)| w.contains("/queue/")),
+        "the queue's files were not read"
+    );
+
+    // `nixpush push` to S3 and to HTTP, with good and bad credentials.
+    let s3 = PyServer::start("s3_server.py", &["--bucket", "secrets"]);
+    let store_paths = util::add_store_paths(2);
+    let push = |target: &str, extra: &[&str], envs: &[(&str, &str)]| {
+        let mut command = Command::new(NIXPUSH);
+        command
+            .arg("push")
+            .args(["--target", target, "--no-upstream", "--signing-key-file"])
+            .arg(&sec)
+            .args(extra)
+            .arg(&store_paths[0])
+            .env_remove("CACHIX_AUTH_TOKEN")
+            .env_remove("NIXPUSH_AUTH_TOKEN");
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        command.output().unwrap()
+    };
+    let s3_env = [
+        ("AWS_ACCESS_KEY_ID", "AKSECRETS"),
+        ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+    ];
+    let ok = push(
+        &format!("s3://secrets?endpoint={}&region=us-east-1", s3.base()),
+        &[],
+        &s3_env,
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    seen.output("push to s3", &ok);
+    let bad = push(
+        &format!(
+            "s3://no-such-bucket?endpoint={}&region=us-east-1",
+            s3.base()
+        ),
+        &[],
+        &s3_env,
+    );
+    assert!(!bad.status.success());
+    seen.output("push to a missing bucket", &bad);
+
+    let root = tempfile::tempdir().unwrap();
+    let nginx = crate::nginx::Nginx::start(
+        root.path(),
+        &format!("if ($http_authorization != \"Bearer {HTTP_TOKEN}\") {{ return 401; }}"),
+    );
+    let http = format!("http://127.0.0.1:{}/", nginx.port);
+    let token_dir = tempfile::tempdir().unwrap();
+    let write_token = |name: &str, token: &str| {
+        let file = token_dir.path().join(name);
+        std::fs::write(&file, token).unwrap();
+        file
+    };
+    let good = write_token("good", HTTP_TOKEN);
+    let ok = push(&http, &["--auth-token-file", good.to_str().unwrap()], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    seen.output("push to http", &ok);
+    let wrong = write_token("wrong", WRONG_TOKEN);
+    let bad = push(&http, &["--auth-token-file", wrong.to_str().unwrap()], &[]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("401") || String::from_utf8_lossy(&bad.stdout).contains("401"));
+    seen.output("push to http with a wrong token", &bad);
+    let with_password = format!("http://alice:{PASSWORD}@127.0.0.1:{}/", nginx.port);
+    let bad = push(&with_password, &[], &[]);
+    assert!(!bad.status.success());
+    seen.output("push to http with a password", &bad);
+    let cachix = format!("cachix://secrets?api={}", server.base());
+    let bad = push(
+        &cachix,
+        &["--auth-token-file", wrong.to_str().unwrap()],
+        &[],
+    );
+    assert!(!bad.status.success());
+    seen.output("push to cachix with a wrong token", &bad);
+
+    let mut needles: Vec<(&str, Vec<u8>)> = vec![
+        ("the old Cachix token", OLD_TOKEN.into()),
+        ("the new Cachix token", NEW_TOKEN.into()),
+        ("the HTTP token", HTTP_TOKEN.into()),
+        ("the wrong token", WRONG_TOKEN.into()),
+        ("the basic-auth password", PASSWORD.into()),
+        ("the S3 secret", S3_SECRET.into()),
+    ];
+    needles.extend(key_needles(&sec).into_iter().map(|n| ("the secret key", n)));
+    seen.assert_free_of(&needles);
 }

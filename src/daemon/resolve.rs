@@ -54,9 +54,15 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// `refused INPUT: REASON`, the form clients see.
+    /// `refused INPUT: REASON`, the form clients see. Control characters in the input are replaced, so a client
+    /// cannot forge lines in the build log the hook writes to.
     pub fn message(&self) -> String {
-        format!("refused {}: {}", self.input, self.reason)
+        let input: String = self
+            .input
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+        format!("refused {input}: {}", self.reason)
     }
 }
 
@@ -162,7 +168,10 @@ impl Resolver {
         };
         let drv = match validate(drv_input, store_dir) {
             Ok(drv) if drv.is_derivation() => {
-                match self.invalid_paths(&[drv.clone()], &config.nix_db).await {
+                match self
+                    .invalid_paths(std::slice::from_ref(&drv), &config.nix_db)
+                    .await
+                {
                     Ok(invalid) if invalid.is_empty() => drv,
                     Ok(_) => {
                         resolved.refuse(drv_input, NOT_REGISTERED.to_owned());
