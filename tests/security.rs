@@ -41,20 +41,6 @@ fn assert_acked(response: &Response, path: &str) {
     }
 }
 
-fn refused_requests(status: &Value) -> Vec<(String, String)> {
-    status["refused_requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["input"].as_str().unwrap().to_owned(),
-                r["reason"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// A file planted in the store directory behind Nix's back; removed on drop.
 struct Planted(PathBuf);
 
@@ -184,7 +170,7 @@ fn security_malicious_paths_are_refused_with_a_reason() {
     let status = daemon.status();
     assert_eq!(status["queued"], 0, "{status}");
     assert!(daemon.queued_paths().is_empty());
-    let refused = refused_requests(&status);
+    let refused = util::refused_requests(&status);
     for (input, reason) in &cases {
         // Control characters are shown replaced, so the record is found by its reason and clean prefix.
         let shown: String = input

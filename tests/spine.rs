@@ -7,7 +7,6 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 
 use nixpush::protocol::{self, ErrorKind, Response};
-use serde_json::Value;
 
 use crate::util::{self, TestDaemon, TestEnv, HOOK};
 
@@ -20,20 +19,6 @@ fn assert_acked(env: &TestEnv, output: &std::process::Output) {
     assert!(output.status.success());
     assert_eq!(stderr(output), "", "the hook should be silent on success");
     assert!(env.spool_files().is_empty(), "nothing should be spooled");
-}
-
-fn refused_reasons(status: &Value) -> Vec<(String, String)> {
-    status["refused_requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["input"].as_str().unwrap().to_owned(),
-                r["reason"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
 }
 
 // See: #3
@@ -239,7 +224,7 @@ fn spine_invalid_paths_are_refused_with_a_reason() {
     let status = daemon.status();
     assert_eq!(status["queued"], 0);
     assert_eq!(status["refused"], 4);
-    let refused = refused_reasons(&status);
+    let refused = util::refused_requests(&status);
     for (input, reason) in cases {
         assert!(
             refused

@@ -479,3 +479,18 @@ pub fn missing_store_path() -> String {
         .collect();
     format!("/nix/store/{hash}-nixpush-test-missing")
 }
+
+/// `(input, reason)` of every refused request in a `status --json` object.
+pub fn refused_requests(status: &serde_json::Value) -> Vec<(String, String)> {
+    status["refused_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["input"].as_str().unwrap().to_owned(),
+                r["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
