@@ -8,6 +8,7 @@ mod activation;
 mod configs;
 mod flake;
 mod module;
+mod module_options;
 mod units;
 
 use std::fs;

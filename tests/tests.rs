@@ -4,6 +4,7 @@ mod cachix;
 mod daemon_upload;
 mod faultproxy;
 mod formats;
+mod hook;
 mod nginx;
 mod nixos;
 mod ops;
