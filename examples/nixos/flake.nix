@@ -11,8 +11,9 @@
       inputs.nixpkgs.follows = "nixpkgs";
     };
     nixpush = {
-      # Wherever you get nixpush from (a fork, a tag, a local checkout: "path:/src/nixpush").
-      url = "git+file:///src/nixpush";
+      # Replace OWNER with the account that publishes nixpush (or use git+https://…, or path:/src/nixpush for
+      # a local checkout); `nix flake lock` then records the exact revision in flake.lock.
+      url = "github:OWNER/nixpush";
       inputs.nixpkgs.follows = "nixpkgs";
     };
   };
