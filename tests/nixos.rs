@@ -7,6 +7,7 @@
 mod activation;
 mod configs;
 mod flake;
+mod flake_install;
 mod install_snippet;
 mod module;
 mod module_options;
