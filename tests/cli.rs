@@ -349,7 +349,7 @@ fn cli_push_takes_the_cache_first_paths_from_a_pipe_and_j() {
         let stored = tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(server.stored(cache));
-        assert_eq!(stored, [path.clone()], "{cache}");
+        assert_eq!(stored, std::slice::from_ref(path), "{cache}");
     }
     // Naming the cache twice is refused.
     let out = push(

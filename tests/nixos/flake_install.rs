@@ -35,7 +35,10 @@ fn flake_package_installs_completions_and_man_pages() {
     ))
     .unwrap();
     let package = &flake["package"];
-    assert_eq!(strings(&package["nativeBuildInputs"]), ["install-shell-files"]);
+    assert_eq!(
+        strings(&package["nativeBuildInputs"]),
+        ["install-shell-files"]
+    );
     // check-config at build time runs the build platform's nixpush.
     assert_eq!(flake["module"]["buildPackageName"], package["name"]);
     let post_install = package["postInstall"].as_str().unwrap();
@@ -49,7 +52,12 @@ fn flake_package_installs_completions_and_man_pages() {
     fs::create_dir(&build).unwrap();
     let run = output(
         Command::new("bash")
-            .args(["-eo", "pipefail", "-c", &format!("{INSTALL_SHELL_FILES}\n{post_install}")])
+            .args([
+                "-eo",
+                "pipefail",
+                "-c",
+                &format!("{INSTALL_SHELL_FILES}\n{post_install}"),
+            ])
             .current_dir(&build)
             .env("out", &out),
     );
