@@ -3,6 +3,9 @@
 # every build on the machine, the switch's own included, lands in the cache.
 #
 # `nix run .#cachix-push` builds this host's system and pushes its closure (what `cachix push` did by hand).
+#
+# Before the first use: set the nixpush input's URL below, then `nix flake lock` (it needs network access) and
+# commit the flake.lock it writes, so every machine and CI run builds the same revisions.
 {
   inputs = {
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";

@@ -133,13 +133,14 @@ Exit status:
   2  the command line is wrong";
 
 pub(super) fn run(config_path: Option<&Path>, mut args: Args) -> anyhow::Result<ExitCode> {
-    if let Some(cache) = leading_cache(&args.paths) {
+    let cache = leading_cache(&args.paths);
+    if let Some(cache) = &cache {
         if args.target.is_some() {
             bail!(
                 "{cache}: name the cache either as the first argument or with --target, not both"
             );
         }
-        args.target = cache_target(&cache, config_path);
+        args.target = cache_target(cache, config_path);
         args.paths.remove(0);
     }
     let config = push_config(config_path, &args)?;
@@ -154,7 +155,12 @@ pub(super) fn run(config_path: Option<&Path>, mut args: Args) -> anyhow::Result<
         }
     }
     if inputs.is_empty() {
-        bail!("no paths given (pass store paths, ./result links, or pipe them in: `… | nixpush push`)");
+        let taken = cache
+            .map(|c| format!("; `{c}` was taken as the cache, since no such file exists"))
+            .unwrap_or_default();
+        bail!(
+            "no paths given (pass store paths, ./result links, or pipe them in: `… | nixpush push`){taken}"
+        );
     }
     let roots = inputs
         .iter()
