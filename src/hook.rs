@@ -22,7 +22,7 @@
 //! when it is not 0.
 
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -214,10 +214,22 @@ fn already_told_this_build(spool_dir: &Path) -> bool {
         .map(|m| m.uid())
         .unwrap_or(0);
     let notice = spool_dir.join(format!(".notice-{uid}"));
-    if std::fs::read_to_string(&notice).is_ok_and(|told| told == build) {
+    // The spool directory is writable by everyone: trust only a plain file of our own, and never write through
+    // a name someone else may have planted (a symlink to /etc/shadow): a fresh file, then rename over it.
+    let ours = std::fs::symlink_metadata(&notice).is_ok_and(|m| m.is_file() && m.uid() == uid);
+    if ours && std::fs::read_to_string(&notice).is_ok_and(|told| told == build) {
         return true;
     }
-    let _ = std::fs::write(&notice, &build);
+    let temporary = spool_dir.join(format!(".notice-{uid}.{}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| file.write_all(build.as_bytes()));
+    if written.is_err() || std::fs::rename(&temporary, &notice).is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
     false
 }
 

@@ -113,3 +113,20 @@ fn hook_runs_chained_hooks_after_queueing_and_ignores_their_failure() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot run /nonexistent/hook"), "{stderr}");
 }
+
+// See: #19
+#[test]
+fn hook_never_writes_its_notice_through_a_planted_symlink() {
+    let env = TestEnv::new();
+    fs::create_dir_all(&env.spool_dir).unwrap();
+    let victim = env.dir.path().join("victim");
+    fs::write(&victim, "precious").unwrap();
+    let uid = fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    std::os::unix::fs::symlink(&victim, env.spool_dir.join(format!(".notice-{uid}"))).unwrap();
+    let build = util::nix_build_with_hook(&env);
+    assert!(build.output.status.success(), "{}", build.stderr());
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(env.spool_files().len(), 2);
+}
