@@ -34,6 +34,16 @@
             ];
           };
           cargoLock.lockFile = ./Cargo.lock;
+          nativeBuildInputs = [ pkgs.installShellFiles ];
+          # Completions and manual pages come from the binary itself, which a cross build cannot run.
+          postInstall = lib.optionalString (pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform) ''
+            installShellCompletion --cmd nixpush \
+              --bash <($out/bin/nixpush completions bash) \
+              --zsh <($out/bin/nixpush completions zsh) \
+              --fish <($out/bin/nixpush completions fish)
+            $out/bin/nixpush man --dir man
+            installManPage man/*.1
+          '';
           # The integration tests (tests/) drive a real nix-daemon, nginx and loopback servers, which the
           # build sandbox does not have; they run in CI (scripts/test). The unit tests are pure.
           cargoTestFlags = [ "--lib" ];
@@ -114,6 +124,8 @@
         {
           imports = [ ./nixos-module ];
           services.nixpush.package = lib.mkDefault (mkNixpush pkgs);
+          # check-config runs at build time, on the build platform.
+          services.nixpush.buildPackage = lib.mkDefault (mkNixpush pkgs.buildPackages);
         };
 
       checks.x86_64-linux = {

@@ -1,6 +1,10 @@
 # NixOS module for nixpush: every build on this machine is queued by nixpush-hook and uploaded in the
 # background by a socket-activated daemon.
 #
+# From the flake, `nixpush.nixosModules.default` brings this module with the package built by the flake. Imported
+# directly (`imports = [ ./nixos-module ];`, e.g. from a checkout), it takes `pkgs.nixpush`, so add the flake's
+# `overlays.default` too, or set `services.nixpush.package`.
+#
 #   services.nixpush = {
 #     enable = true;
 #     settings.target.url = "cachix://mycache";
@@ -30,6 +34,14 @@ let
     ;
 
   cfg = config.services.nixpush;
+
+  noPackage = throw ''
+    services.nixpush.package: pkgs.nixpush does not exist. Import the module from the nixpush flake
+    (nixpush.nixosModules.default, which brings its own package), add the flake's overlays.default to
+    nixpkgs.overlays, or set services.nixpush.package.
+  '';
+  # For check-config, which runs at build time: on a cross build the host's binary cannot run there.
+  isCross = pkgs.stdenv.buildPlatform.system != pkgs.stdenv.hostPlatform.system;
   settingsFormat = pkgs.formats.toml { };
 
   defaultSocket = "/run/nixpush/nixpush.sock";
@@ -77,11 +89,25 @@ let
   configFile =
     if cfg.checkConfig then
       pkgs.runCommand "nixpush-checked.toml" { raw = rawConfigFile; } ''
-        ${cfg.package}/bin/nixpush check-config "$raw" > /dev/null
+        ${cfg.buildPackage}/bin/nixpush check-config "$raw" > /dev/null
         cp "$raw" "$out"
       ''
     else
       rawConfigFile;
+
+  # Credentials in a URL would be copied into nix.conf and the store, both world-readable.
+  urlHasPassword = url: builtins.match "[A-Za-z0-9+.-]+://[^/@?#]*:[^/@?#]*@.*" url != null;
+  urlHasSecretQuery =
+    url: builtins.match ".*[?&][^=&]*([Ss]ecret|[Tt]oken|[Pp]assword|[Ss]ignature)[^=&]*=.*" url != null;
+  urlAssertions =
+    name: url:
+    optional (url != null) {
+      assertion = !(urlHasPassword url || urlHasSecretQuery url);
+      message = "services.nixpush.${name} holds a credential (user:password@ or a secret query parameter); it would be copied into nix.conf and the world-readable Nix store. Remove it from the URL and use services.nixpush.authTokenFile (a bearer token for HTTP and Cachix) or services.nixpush.environmentFile (a credentials file, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for S3).";
+    };
+
+  # The hook runs these after nixpush-hook has handed over the build; nix-daemon passes the variable on.
+  hookChain = builtins.concatStringsSep ":" (map toString cfg.hook.chain);
 
   # Where secrets must not come from: a Nix path literal is copied into the world-readable store.
   secretPathAssertions =
@@ -95,11 +121,26 @@ in
   options.services.nixpush = {
     enable = mkEnableOption "nixpush, which uploads every Nix build on this machine to a binary cache";
 
+    # mkPackageOption's semantics (default pkgs.nixpush), with an error that says what to do when it is missing.
     package = mkOption {
       type = types.package;
-      default = pkgs.nixpush;
+      default = pkgs.nixpush or noPackage;
       defaultText = literalExpression "pkgs.nixpush";
-      description = "The nixpush package. The flake's `nixosModules.default` sets it to the flake's own build.";
+      description = ''
+        The nixpush package. The flake's `nixosModules.default` sets it to the flake's own build; imported
+        directly, the module needs the flake's overlay (or this option set).
+      '';
+    };
+
+    buildPackage = mkOption {
+      type = types.package;
+      default =
+        if isCross then pkgs.buildPackages.nixpush or noPackage else cfg.package;
+      defaultText = literalExpression "if cross-compiling then pkgs.buildPackages.nixpush else config.services.nixpush.package";
+      description = ''
+        nixpush for the build platform, which runs `check-config` at build time (on a cross build the host's
+        package cannot run there). The flake's `nixosModules.default` sets it to the flake's own build.
+      '';
     };
 
     settings = mkOption {
@@ -217,7 +258,24 @@ in
     hook.enable = mkOption {
       type = types.bool;
       default = true;
-      description = "Set `nix.settings.post-build-hook` to nixpush-hook, so every build on this machine is queued.";
+      description = ''
+        Set `nix.settings.post-build-hook` to nixpush-hook, so every build on this machine is queued. Nix has one
+        post-build-hook: to keep another one, list it in `hook.chain` rather than setting it twice (which NixOS
+        reports as conflicting definitions). With `false`, nothing is queued automatically; `nixpush push`
+        still works.
+      '';
+    };
+
+    hook.chain = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = literalExpression ''[ "''${pkgs.writeShellScript "notify" "echo built $OUT_PATHS"}" ]'';
+      description = ''
+        Other post-build hooks (programs, run with the environment Nix gives the hook) that nixpush-hook runs
+        one after the other once it has handed the build to the daemon. Their exit status does not fail the
+        build; a non-zero one is reported in the build log. A hook that hangs still holds the build up, as it
+        would on its own.
+      '';
     };
 
     addToSubstituters = mkOption {
@@ -264,7 +322,9 @@ in
         }
       ]
       ++ secretPathAssertions "signingKeyFile" cfg.signingKeyFile
-      ++ secretPathAssertions "authTokenFile" cfg.authTokenFile;
+      ++ secretPathAssertions "authTokenFile" cfg.authTokenFile
+      ++ urlAssertions "settings.target.url" targetUrl
+      ++ urlAssertions "substituterUrl" cfg.substituterUrl;
 
       environment.systemPackages = [ cfg.package ];
       # The default path, so `nixpush status` and `nixpush doctor` need no --config.
@@ -392,7 +452,8 @@ in
       # announced to the nix-daemon that runs it.
       systemd.services.nix-daemon.environment =
         optionalAttrs (socketPath != defaultSocket) { NIXPUSH_SOCKET = socketPath; }
-        // optionalAttrs (stateDir != defaultStateDir) { NIXPUSH_SPOOL = "${stateDir}/spool"; };
+        // optionalAttrs (stateDir != defaultStateDir) { NIXPUSH_SPOOL = "${stateDir}/spool"; }
+        // optionalAttrs (cfg.hook.chain != [ ]) { NIXPUSH_HOOK_CHAIN = hookChain; };
     })
 
     (mkIf cfg.addToSubstituters {

@@ -11,9 +11,19 @@
 //!
 //! Nix 2.8.0 leaves `OUT_PATHS` empty (NixOS/nix#6446), so the hook forwards `DRV_PATH` as well and the daemon
 //! resolves the outputs.
+//!
+//! While the daemon is down, the spool line is printed once per build rather than once per derivation: when the
+//! hook's parent is a Nix process, the hook remembers in `spool/.notice-<uid>` which one (by pid and start time)
+//! was last told, and stays quiet for further derivations of that build.
+//!
+//! `NIXPUSH_HOOK_CHAIN` (program paths separated by `:`) lists other post-build hooks to run after the request
+//! is acknowledged or spooled, so a machine can keep a hook it already had. Each runs with the same
+//! environment, one after the other; its exit status is ignored for the build's sake and reported on stderr
+//! when it is not 0.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::protocol::{self, Request, Response};
@@ -24,6 +34,8 @@ use crate::spool::{self, SpoolRequest};
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_millis(800);
 /// Where the hook spools when `NIXPUSH_SPOOL` is not set: `spool/` under the default state directory.
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/nixpush/spool";
+/// The variable naming other post-build hooks to run after this one.
+pub const CHAIN_VAR: &str = "NIXPUSH_HOOK_CHAIN";
 
 /// What the hook was asked to deliver, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +48,8 @@ pub struct HookInput {
     pub socket: PathBuf,
     /// `NIXPUSH_SPOOL`, or [`DEFAULT_SPOOL_DIR`].
     pub spool_dir: PathBuf,
+    /// `NIXPUSH_HOOK_CHAIN`: other hooks to run afterwards.
+    pub chain: Vec<PathBuf>,
 }
 
 impl HookInput {
@@ -58,6 +72,14 @@ impl HookInput {
             spool_dir: var("NIXPUSH_SPOOL")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR)),
+            chain: var(CHAIN_VAR)
+                .map(|v| {
+                    v.split(':')
+                        .filter(|p| !p.trim().is_empty())
+                        .map(PathBuf::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -111,9 +133,12 @@ impl Outcome {
             Outcome::PartlyRefused(refused) => {
                 format!("the daemon refused part of the request: {}", refused.join("; "))
             }
-            Outcome::Spooled { reason, file } => format!(
-                "{reason}; saved the request to {} for the daemon to pick up",
-                file.display()
+            // Short, because it lands in the middle of a build's output; the spool file keeps the full reason.
+            Outcome::Spooled { file, reason } => format!(
+                "{}; saved the request to {}",
+                // The details (socket path, OS error) stay in the spool file.
+                reason.split_once(" (").map_or(reason.as_str(), |(short, _)| short),
+                file.parent().unwrap_or(file).display()
             ),
             Outcome::Lost {
                 reason,
@@ -147,6 +172,14 @@ pub fn deliver(input: &HookInput, timeout: Duration) -> Outcome {
         }
         Ok(Response::Error { message, .. }) => format!("the daemon could not queue it: {message}"),
         Ok(_) => "the daemon sent an unexpected reply".to_owned(),
+        Err(e @ protocol::Error::Connect { .. })
+            if matches!(&e, protocol::Error::Connect { source, .. } if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            )) =>
+        {
+            format!("daemon unreachable: not running ({e})")
+        }
         Err(e) => format!("daemon unreachable: {e}"),
     };
     spool_request(input, reason)
@@ -171,26 +204,104 @@ fn spool_request(input: &HookInput, reason: String) -> Outcome {
     }
 }
 
-/// The whole hook: read the environment, deliver, print at most one line. Never panics, never fails.
+/// Whether this build (the hook's parent process) was already told that the daemon is down; records that it
+/// now has been. Any failure to tell counts as "not told": a second line is better than a missing one.
+fn already_told_this_build(spool_dir: &Path) -> bool {
+    let Some(build) = parent_identity() else {
+        return false;
+    };
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0);
+    let notice = spool_dir.join(format!(".notice-{uid}"));
+    // The spool directory is writable by everyone: trust only a plain file of our own, and never write through
+    // a name someone else may have planted (a symlink to /etc/shadow): a fresh file, then rename over it.
+    let ours = std::fs::symlink_metadata(&notice).is_ok_and(|m| m.is_file() && m.uid() == uid);
+    if ours && std::fs::read_to_string(&notice).is_ok_and(|told| told == build) {
+        return true;
+    }
+    let temporary = spool_dir.join(format!(".notice-{uid}.{}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| file.write_all(build.as_bytes()));
+    if written.is_err() || std::fs::rename(&temporary, &notice).is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    false
+}
+
+/// The parent's pid and start time (`/proc/PID/stat` field 22), which together name one process for the
+/// machine's uptime even when pids are reused; `None` unless the parent is Nix (`nix-daemon`'s worker for one
+/// client, `nix-build`, `nix`), the only parent known to run the hook once per derivation of one build.
+fn parent_identity() -> Option<String> {
+    let ppid = std::os::unix::process::parent_id();
+    let stat = std::fs::read_to_string(format!("/proc/{ppid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; the fields after its last ')' are plain.
+    let name = &stat[stat.find('(')? + 1..stat.rfind(')')?];
+    if !name.starts_with("nix") {
+        return None;
+    }
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let start_time = after_name.split_whitespace().nth(19)?;
+    Some(format!("{ppid} {start_time}"))
+}
+
+/// Runs the chained hooks one after the other with this process's environment (minus [`CHAIN_VAR`], so a chain
+/// that names nixpush-hook again does not loop). Returns one line per hook that failed.
+pub fn run_chain(chain: &[PathBuf]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for program in chain {
+        let status = std::process::Command::new(program)
+            .env_remove(CHAIN_VAR)
+            .stdin(std::process::Stdio::null())
+            .status();
+        let problem = match status {
+            Ok(status) if status.success() => continue,
+            Ok(status) => format!("{} {status} (ignored)", program.display()),
+            Err(e) => format!("cannot run {}: {e} (ignored)", program.display()),
+        };
+        problems.push(format!("nixpush-hook: chained hook {}", one_line(&problem)));
+    }
+    problems
+}
+
+/// The whole hook: read the environment, deliver, print at most one line, then run the chained hooks. Never
+/// panics, never fails.
 pub fn run() {
     // The default panic message spans several lines of the user's build log; we print our own single line.
     std::panic::set_hook(Box::new(|_| {}));
-    let line =
-        std::panic::catch_unwind(|| deliver(&HookInput::from_env(), EXCHANGE_TIMEOUT).message())
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Some(format!(
-                    "nixpush-hook: internal error ({}); this build will not be pushed",
-                    one_line(&what)
-                ))
-            });
+    let input = std::panic::catch_unwind(HookInput::from_env).ok();
+    let line = std::panic::catch_unwind(|| {
+        let input = input.as_ref()?;
+        let outcome = deliver(input, EXCHANGE_TIMEOUT);
+        if matches!(outcome, Outcome::Spooled { .. }) && already_told_this_build(&input.spool_dir) {
+            return None;
+        }
+        outcome.message()
+    })
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Some(format!(
+            "nixpush-hook: internal error ({}); this build will not be pushed",
+            one_line(&what)
+        ))
+    });
     if let Some(line) = line {
         // Nix may have closed the pipe; the hook still exits 0.
         let _ = writeln!(std::io::stderr().lock(), "{line}");
+    }
+    let chain = input.map(|input| input.chain).unwrap_or_default();
+    if let Ok(problems) = std::panic::catch_unwind(|| run_chain(&chain)) {
+        for line in problems {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }
     }
 }
 
@@ -205,6 +316,7 @@ mod tests {
             out_paths: vec![],
             socket: dir.join("missing.sock"),
             spool_dir: dir.join("spool"),
+            chain: vec![],
         }
     }
 

@@ -9,9 +9,10 @@
 //! ```
 //!
 //! Upload events (`upload::log_report`, the scheduler's retries, failures and pauses) carry `store_path`,
-//! `nar_size`, `file_size`, `attempt` and `target`; the journal upper-cases them, so
-//! `journalctl -u nixpush STORE_PATH=/nix/store/…-hello-2.12` finds a path's story. journald's own `TARGET`
-//! field (the Rust module) and ours share the name: `journalctl -o json` shows both values.
+//! `nar_size`, `file_size`, `attempt` and `nixpush_target`; the journal upper-cases them, so
+//! `journalctl -u nixpush STORE_PATH=/nix/store/…-hello-2.12` finds a path's story and
+//! `journalctl NIXPUSH_TARGET=cachix://mycache` a target's. The target is not called `target`: tracing-journald
+//! writes the event's Rust module as `TARGET`, and a field of ours by that name would collide with it.
 
 use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
@@ -145,7 +146,9 @@ mod tests {
         );
         assert_eq!(fields["nar_size"], "12897485");
         assert_eq!(fields["file_size"], "3250585");
-        assert_eq!(fields["target"], "http://127.0.0.1:8080");
+        // See: #19. `target` would become journald's TARGET, which tracing-journald fills with the module.
+        assert_eq!(fields["nixpush_target"], "http://127.0.0.1:8080");
+        assert!(!fields.contains_key("target"), "{fields:?}");
         assert_eq!(
             fields["message"],
             "uploaded /nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello-2.12 (12.3 MiB → 3.1 MiB zstd, 0.8 s)"

@@ -7,7 +7,10 @@
 mod activation;
 mod configs;
 mod flake;
+mod flake_install;
+mod install_snippet;
 mod module;
+mod module_options;
 mod units;
 
 use std::fs;

@@ -1,9 +1,12 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
 
 mod cachix;
+mod ci_example;
+mod cli;
 mod daemon_upload;
 mod faultproxy;
 mod formats;
+mod hook;
 mod nginx;
 mod nixos;
 mod ops;

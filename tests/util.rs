@@ -275,8 +275,9 @@ impl TestDaemon {
     /// `status --json`, parsed.
     pub fn status(&self) -> Value {
         let output = self.env.nixpush(&["status", "--json"]);
+        // 4 to 7 say why the cache is not up to date; the report is printed all the same.
         assert!(
-            output.status.success(),
+            matches!(output.status.code(), Some(0 | 4..=7)),
             "status failed: {}\n{}",
             String::from_utf8_lossy(&output.stderr),
             self.log()

@@ -3,6 +3,9 @@
 # every build on the machine, the switch's own included, lands in the cache.
 #
 # `nix run .#cachix-push` builds this host's system and pushes its closure (what `cachix push` did by hand).
+#
+# Before the first use: set the nixpush input's URL below, then `nix flake lock` (it needs network access) and
+# commit the flake.lock it writes, so every machine and CI run builds the same revisions.
 {
   inputs = {
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
@@ -11,8 +14,9 @@
       inputs.nixpkgs.follows = "nixpkgs";
     };
     nixpush = {
-      # Wherever you get nixpush from (a fork, a tag, a local checkout: "path:/src/nixpush").
-      url = "git+file:///src/nixpush";
+      # Replace OWNER with the account that publishes nixpush (or use git+https://…, or path:/src/nixpush for
+      # a local checkout); `nix flake lock` then records the exact revision in flake.lock.
+      url = "github:OWNER/nixpush";
       inputs.nixpkgs.follows = "nixpkgs";
     };
   };

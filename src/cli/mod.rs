@@ -2,6 +2,7 @@
 //! nowhere else; `main` prints them with their whole chain and turns them into an exit code.
 
 mod check_config;
+mod completions;
 mod daemon;
 mod doctor;
 pub mod dump_nar;
@@ -21,9 +22,17 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::protocol::{self, Request, Response};
 
+/// Exit codes every command shares, shown at the end of `nixpush --help`.
+const EXIT_CODES: &str = "\
+Exit status:
+  0  success
+  1  the command failed (the message on stderr says why)
+  2  the command line is wrong (unknown option, missing argument)
+Each command's --help lists the codes it adds.";
+
 /// Push every Nix build to your binary cache in the background.
 #[derive(Debug, Parser)]
-#[command(name = "nixpush", version, about)]
+#[command(name = "nixpush", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
     /// Configuration file [default: /etc/nixpush/config.toml]
     #[arg(long, global = true, env = "NIXPUSH_CONFIG", value_name = "FILE")]
@@ -33,30 +42,64 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands.
+/// The subcommands. Each `after_help` lists the command's exit codes; `cli_exit_codes_in_every_help` checks
+/// that none is missing.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: accept paths on the hook socket, queue them durably, push them.
+    #[command(
+        after_help = "Exit status:\n  0  stopped by SIGTERM or SIGINT after draining\n  \
+        1  cannot start (configuration, socket, queue) or a fatal error"
+    )]
     Daemon(daemon::Args),
     /// Show the daemon's queue, target and recent activity.
+    #[command(after_help = status::EXIT_CODES_HELP)]
     Status(status::Args),
     /// Check a configuration file and print it with every default filled in.
+    #[command(
+        after_help = "Exit status:\n  0  the file is valid\n  1  it is not (the message names the key)"
+    )]
     CheckConfig(check_config::Args),
     /// Run as Nix's post-build-hook (the same as the `nixpush-hook` program).
+    #[command(
+        after_help = "Exit status:\n  0  always, so a build never fails because of the hook"
+    )]
     Hook,
     /// List the queue, retry failed paths, drop a path.
+    #[command(
+        after_help = "Exit status:\n  0  done\n  1  the daemon cannot be reached or refused"
+    )]
     Queue(queue::Args),
     /// Requeue failed paths now (the same as `queue retry`).
+    #[command(
+        after_help = "Exit status:\n  0  done (also when nothing matched)\n  1  the daemon cannot be reached or refused"
+    )]
     Retry(queue::RetryArgs),
     /// Check the whole setup (configuration, daemon, Nix hook and trust, token, key, spool) and say how to fix
     /// what is wrong; exits 0 only when every check passes.
+    #[command(
+        after_help = "Exit status:\n  0  every check passed or was skipped\n  1  a check failed"
+    )]
     Doctor(doctor::Args),
     /// Upload store paths (and their closures) now, without the daemon; or queue them with `--via-daemon`.
+    #[command(after_help = push::EXIT_CODES_HELP)]
     Push(push::Args),
     /// Write the NAR of a path to standard output, exactly as `nix-store --dump PATH` does.
+    #[command(
+        after_help = "Exit status:\n  0  the whole NAR was written\n  1  the path cannot be read"
+    )]
     DumpNar(dump_nar::Args),
     /// Recompute NAR hashes and sizes and compare them with what Nix recorded.
+    #[command(
+        after_help = "Exit status:\n  0  every path matches what Nix recorded\n  1  a path is corrupt, not valid or unreadable"
+    )]
     Verify(verify::Args),
+    /// Print a shell completion script: `nixpush completions bash > /usr/share/bash-completion/completions/nixpush`.
+    #[command(after_help = "Exit status:\n  0  the script was written")]
+    Completions(completions::Args),
+    /// Print the manual page (roff): `nixpush man > nixpush.1; man -l nixpush.1`.
+    #[command(after_help = "Exit status:\n  0  the pages were written\n  1  they could not be")]
+    Man(completions::ManArgs),
 }
 
 /// Parses the command line, runs the subcommand, and returns the process exit code.
@@ -78,6 +121,8 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => {
             optional_config(config_path).and_then(|config| verify::run(&args, config.as_ref()))
         }
+        Command::Completions(args) => completions::run(&args),
+        Command::Man(args) => completions::man(&args),
     };
     match result {
         Ok(code) => code,

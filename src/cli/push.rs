@@ -33,8 +33,10 @@ const PUSH_ROUNDS: u32 = 3;
 /// Arguments of `push`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Store paths, or links to them such as ./result.
-    #[arg(value_name = "PATH")]
+    /// Store paths, or links to them such as ./result. As with `cachix push CACHE PATH…`, the first may name the
+    /// cache: a Cachix cache name (the configured target when it is cachix://CACHE) or a URL. Without paths,
+    /// they are read from standard input when it is a pipe or a file.
+    #[arg(value_name = "[CACHE] PATH")]
     paths: Vec<PathBuf>,
     /// Also read paths from standard input, one per line (`nix path-info -r … | nixpush push --stdin`).
     #[arg(long)]
@@ -55,7 +57,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     compression: Option<CompressionArg>,
     /// Parallel uploads.
-    #[arg(long)]
+    #[arg(short = 'j', long)]
     workers: Option<usize>,
     /// Skip paths these caches serve (repeatable; replaces the configured list).
     #[arg(long, value_name = "URL")]
@@ -123,10 +125,27 @@ pub struct Failure {
     pub reason: String,
 }
 
-pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<ExitCode> {
+/// The exit codes, for `push --help`.
+pub(super) const EXIT_CODES_HELP: &str = "\
+Exit status:
+  0  every path is in the cache (uploaded now, already there, or served upstream)
+  1  a path failed, or the push could not start (the summary or message says why)
+  2  the command line is wrong";
+
+pub(super) fn run(config_path: Option<&Path>, mut args: Args) -> anyhow::Result<ExitCode> {
+    let cache = leading_cache(&args.paths);
+    if let Some(cache) = &cache {
+        if args.target.is_some() {
+            bail!(
+                "{cache}: name the cache either as the first argument or with --target, not both"
+            );
+        }
+        args.target = cache_target(cache, config_path);
+        args.paths.remove(0);
+    }
     let config = push_config(config_path, &args)?;
     let mut inputs = args.paths.clone();
-    if args.stdin {
+    if args.stdin || (inputs.is_empty() && stdin_is_pipe_or_file()) {
         for line in std::io::stdin().lock().lines() {
             let line = line.context("reading paths from standard input")?;
             let line = line.trim();
@@ -136,7 +155,12 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
         }
     }
     if inputs.is_empty() {
-        bail!("no paths given (pass store paths, ./result links, or --stdin)");
+        let taken = cache
+            .map(|c| format!("; `{c}` was taken as the cache, since no such file exists"))
+            .unwrap_or_default();
+        bail!(
+            "no paths given (pass store paths, ./result links, or pipe them in: `… | nixpush push`){taken}"
+        );
     }
     let roots = inputs
         .iter()
@@ -148,6 +172,47 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(push(config, roots, !args.no_closure, args.json))
+}
+
+/// The cache named by the first argument, `cachix push CACHE PATH…` style: a URL, or a word that is neither a
+/// path nor an existing file (`result` in the current directory stays a path).
+fn leading_cache(args: &[PathBuf]) -> Option<String> {
+    let first = args.first()?.to_str()?;
+    let is_url = first.contains("://");
+    let is_name = !first.is_empty()
+        && !first.contains('/')
+        && !first.starts_with('.')
+        && std::fs::symlink_metadata(first).is_err();
+    (is_url || is_name).then(|| first.to_owned())
+}
+
+/// The target URL for a cache named on the command line; `None` when it is the configured target already, so
+/// the configured token and key files apply.
+fn cache_target(cache: &str, config_path: Option<&Path>) -> Option<String> {
+    let url = if cache.contains("://") {
+        cache.to_owned()
+    } else {
+        format!("cachix://{cache}")
+    };
+    let file = config_path
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let configured = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| toml::from_str::<Config>(&text).ok())
+        .map(|config| config.target.url)
+        .unwrap_or_default();
+    let same_cachix_cache =
+        !cache.contains("://") && crate::backend::cachix::cache_name(&configured) == Some(cache);
+    (configured != url && !same_cachix_cache).then_some(url)
+}
+
+/// Whether standard input is a pipe or a file (`… | nixpush push`), not a terminal or /dev/null.
+fn stdin_is_pipe_or_file() -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata("/proc/self/fd/0")
+        .map(|m| m.file_type().is_fifo() || m.file_type().is_file())
+        .unwrap_or(false)
 }
 
 /// The configuration for a push: the file (if any), with command-line overrides.

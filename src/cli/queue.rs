@@ -42,6 +42,9 @@ pub struct RetryArgs {
     /// The paths to retry (store paths, or links to them such as ./result).
     #[arg(required_unless_present = "all")]
     paths: Vec<String>,
+    /// Print `{"requeued":[PATH…]}` instead of the text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Requeues failed paths (and paths waiting for their next attempt) to be tried now.
@@ -65,7 +68,9 @@ pub(super) fn retry(config_path: Option<&Path>, args: RetryArgs) -> anyhow::Resu
     let Response::Changed { paths } = super::ask(&config, &request)? else {
         anyhow::bail!("unexpected answer from the daemon");
     };
-    if paths.is_empty() {
+    if args.json {
+        println!("{}", serde_json::json!({ "requeued": paths }));
+    } else if paths.is_empty() {
         println!(
             "nothing to retry: no failed or waiting path matched (`nixpush queue` lists the queue)"
         );

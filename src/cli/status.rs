@@ -1,5 +1,7 @@
 //! `nixpush status [--json] [--watch [SECS]]`: the daemon's report. When the daemon cannot be reached, says so,
-//! counts the requests waiting in the spool, and exits 3.
+//! counts the requests waiting in the spool, and exits 3. When paths wait because the target cannot take them
+//! (unreachable, paused, failed paths, a full state directory), it exits non-zero too, so scripts and monitoring
+//! can ask "is my cache up to date?" with the exit status alone ([`EXIT_CODES_HELP`]).
 //!
 //! `--watch` asks again every few seconds until interrupted: on a terminal it redraws the screen in place; when
 //! stdout is a file or pipe it appends one report per interval (one JSON object per line with `--json`), so logs
@@ -12,10 +14,50 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::protocol::{self, Request, Response};
-use crate::status::StatusReport;
+use crate::status::{StatusReport, TargetState};
 
 /// Exit code when the daemon cannot be reached (as `systemctl status` does for a stopped unit).
 const EXIT_UNREACHABLE: u8 = 3;
+/// Paths wait and the target cannot be reached.
+const EXIT_TARGET_UNREACHABLE: u8 = 4;
+/// Paths wait and uploads are paused (the target refused the credentials). `--hold` is the operator's choice
+/// and exits 0.
+const EXIT_PAUSED: u8 = 5;
+/// Paths failed for good and wait for `nixpush retry`.
+const EXIT_FAILED: u8 = 6;
+/// The daemon takes no new builds (state directory full or read-only).
+const EXIT_NOT_TAKING_BUILDS: u8 = 7;
+
+/// The exit codes, for `status --help`.
+pub(super) const EXIT_CODES_HELP: &str = "\
+Exit status:
+  0  up to date, catching up (paths queued or uploading), or held by `daemon --hold`
+  1  the command failed (e.g. the daemon sent something unexpected)
+  3  the daemon cannot be reached (the spool is counted)
+  4  NOT up to date: paths wait and the target is unreachable
+  5  NOT up to date: paths wait and uploads are paused (the target refused the credentials)
+  6  NOT up to date: paths failed (`nixpush retry --all` once the cause is fixed)
+  7  NOT taking new builds: the state directory is full or read-only
+With --watch the command runs until interrupted.";
+
+/// What the exit status says about `report`: 0 unless the cache is not up to date for a reason someone must
+/// look at (see [`EXIT_CODES_HELP`]).
+fn exit_code(report: &StatusReport) -> u8 {
+    let waiting = report.queued + report.in_flight + report.spooled > 0;
+    if report.state_dir_error.is_some() {
+        EXIT_NOT_TAKING_BUILDS
+    } else if report.up_to_date {
+        0
+    } else if report.failed > 0 {
+        EXIT_FAILED
+    } else if waiting && report.target.state == TargetState::Paused {
+        EXIT_PAUSED
+    } else if waiting && report.target.state == TargetState::Unreachable {
+        EXIT_TARGET_UNREACHABLE
+    } else {
+        0
+    }
+}
 /// ANSI: cursor home, clear screen.
 const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
 
@@ -70,7 +112,7 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
         return match fetch(&config)? {
             Ok(report) => {
                 print!("{}", format(&report, args.json)?);
-                Ok(ExitCode::SUCCESS)
+                Ok(ExitCode::from(exit_code(&report)))
             }
             Err(message) => {
                 eprintln!("{message}");

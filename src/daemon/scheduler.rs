@@ -225,7 +225,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             Ok(info) => {
                 if paused {
                     tracing::info!(
-                        target = %target,
+                        nixpush_target = %target,
                         "target accepts the credentials again; resuming uploads"
                     );
                 }
@@ -239,7 +239,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             Err(e) if e.is_auth() => {
                 if !paused {
                     tracing::error!(
-                        target = %target,
+                        nixpush_target = %target,
                         "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
                     );
                 }
@@ -249,7 +249,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
                 continue;
             }
             Err(e) => {
-                tracing::warn!(target = %target, "target not ready: {e}");
+                tracing::warn!(nixpush_target = %target, "target not ready: {e}");
                 set_reachability(&shared, false, None);
                 set_status(&shared, TargetState::Unreachable, e.to_string());
                 secrets_dirty |=
@@ -401,7 +401,7 @@ async fn run_batch(
             *presence_failures = presence_failures.saturating_add(1);
             let delay = policy.delay(*presence_failures, error.retry_after(), rand::random());
             tracing::warn!(
-                target = %target,
+                nixpush_target = %target,
                 retry_in_ms = delay.as_millis() as u64,
                 "{error}; trying the batch again in {:.1} s without counting an attempt",
                 delay.as_secs_f64()
@@ -464,7 +464,7 @@ async fn run_batch(
                         tracing::error!(
                             store_path = %root,
                             attempt = entry.attempts,
-                            target = %target,
+                            nixpush_target = %target,
                             "giving up on {root} after {} attempt(s): {error}",
                             entry.attempts
                         );
@@ -490,7 +490,7 @@ async fn run_batch(
                         tracing::warn!(
                             store_path = %root,
                             attempt = entry.attempts,
-                            target = %target,
+                            nixpush_target = %target,
                             retry_in_ms = delay.as_millis() as u64,
                             "upload of {root} failed (attempt {}/{}), retrying in {:.1} s: {error}",
                             entry.attempts,
@@ -509,7 +509,7 @@ async fn run_batch(
     if pause {
         if let Some(e) = &report.auth_failure {
             tracing::error!(
-                target = %target,
+                nixpush_target = %target,
                 "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
             );
             set_reachability(shared, true, Some(false));

@@ -129,7 +129,7 @@ pub fn upload_line(report: &PathReport) -> String {
 }
 
 /// Logs one finished path the way the journal should read: a human line, plus the fields `store_path`,
-/// `nar_size`, `file_size`, `duration_ms`, `compression` and `target` (journald shows them upper-cased, e.g.
+/// `nar_size`, `file_size`, `duration_ms`, `compression` and `nixpush_target` (journald shows them upper-cased, e.g.
 /// `STORE_PATH`, for `journalctl -o json` and filters such as `journalctl STORE_PATH=…`).
 pub fn log_report(report: &PathReport, target: Option<&str>) {
     match &report.outcome {
@@ -139,14 +139,14 @@ pub fn log_report(report: &PathReport, target: Option<&str>) {
             file_size = report.file_size.unwrap_or_default(),
             duration_ms = report.duration_ms.unwrap_or_default(),
             compression = report.compression.map(Compression::narinfo_name),
-            target,
+            nixpush_target = target,
             "{}",
             upload_line(report)
         ),
         PathOutcome::Failed(reason) => tracing::warn!(
             store_path = %report.path,
             nar_size = report.nar_size,
-            target,
+            nixpush_target = target,
             "failed to upload {}: {reason}",
             report.path
         ),
@@ -155,7 +155,7 @@ pub fn log_report(report: &PathReport, target: Option<&str>) {
                 store_path = %report.path,
                 nar_size = report.nar_size,
                 outcome = ?report.outcome,
-                target,
+                nixpush_target = target,
                 "skipped {}",
                 report.path
             )
