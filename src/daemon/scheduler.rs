@@ -121,7 +121,8 @@ struct Built {
     public_key: std::sync::Mutex<Option<String>>,
 }
 
-fn token_env_var(config: &Config) -> &'static str {
+/// The environment variable the token comes from when no `auth_token_file` is set.
+pub fn token_env_var(config: &Config) -> &'static str {
     if config.target.url.starts_with("cachix://") {
         "CACHIX_AUTH_TOKEN"
     } else {
