@@ -295,6 +295,9 @@ fn read_key_file(path: &Path) -> Result<Secret, Error> {
     let meta = std::fs::metadata(path).map_err(read_error)?;
     warn_if_exposed(path, &meta);
     let text = std::fs::read_to_string(path).map_err(read_error)?;
+    if let Some((_, key)) = text.split_once(':') {
+        crate::secret::remember(key);
+    }
     Ok(Secret::new(text))
 }
 

@@ -19,7 +19,8 @@ use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::signing::SecretKey;
 use crate::status::{InFlightUpload, TargetState};
 use crate::upload::{
-    self, retry, Engine, Observer, PathOutcome, PathReport, PresentCache, RootOutcome, Settings,
+    self, retry, Engine, Observer, PathOutcome, PathReport, Presence, PresentCache, RootOutcome,
+    Settings,
 };
 
 use super::{EngineStatus, Shared};
@@ -31,25 +32,86 @@ pub const AUTH_PROBE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often `status` sees fresh in-flight progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 
-/// The queue's present-cache, seen through the engine's trait.
+/// The queue's present-cache, seen through the engine's trait, for one target.
+///
+/// Stored answers are keyed by the target's identity, so a configuration that names another cache starts from
+/// nothing. Answers given in this process's lifetime are also kept in memory with a monotonic expiry, so a
+/// backward wall-clock jump cannot stretch them; a stored expiry further ahead than `ttl` can only come from such a
+/// jump and counts as expired.
 struct QueuePresence {
     queue: Arc<dyn Queue>,
     ttl_ms: u64,
+    /// Prefix of every stored key: a digest of the target's identity.
+    target_key: String,
+    /// Answers of this lifetime: hash part → when the memory expires.
+    answered: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl QueuePresence {
+    fn new(queue: Arc<dyn Queue>, ttl_secs: u64, target_identity: &str) -> QueuePresence {
+        let digest = crate::hash::Sha256Hash::of(target_identity.as_bytes()).to_hex();
+        QueuePresence {
+            queue,
+            ttl_ms: ttl_secs.saturating_mul(1000),
+            target_key: format!("{}:", &digest[..16]),
+            answered: std::sync::Mutex::default(),
+        }
+    }
+
+    fn key(&self, hash_part: &str) -> String {
+        format!("{}{hash_part}", self.target_key)
+    }
 }
 
 impl PresentCache for QueuePresence {
-    fn is_known_present(&self, hash_part: &str) -> bool {
-        self.queue
-            .is_known_present(hash_part, queue::now_ms())
-            .unwrap_or(false)
+    fn presence(&self, hash_part: &str) -> Presence {
+        let now = std::time::Instant::now();
+        let answered = self
+            .answered
+            .lock()
+            .map(|m| m.get(hash_part).is_some_and(|until| *until > now))
+            .unwrap_or(false);
+        if answered {
+            return Presence::Answered;
+        }
+        let key = self.key(hash_part);
+        let now_ms = queue::now_ms();
+        let stored = self.queue.is_known_present(&key, now_ms).unwrap_or(false);
+        // Still valid beyond now + ttl: written under a clock that was ahead, so not to be trusted.
+        let from_the_future = stored
+            && self
+                .queue
+                .is_known_present(&key, now_ms.saturating_add(self.ttl_ms))
+                .unwrap_or(true);
+        if stored && !from_the_future {
+            Presence::Remembered
+        } else {
+            Presence::Unknown
+        }
     }
 
     fn remember_present(&self, hash_parts: &[&str]) {
-        let until = queue::now_ms().saturating_add(self.ttl_ms);
-        if let Err(e) = self.queue.remember_present(hash_parts, until) {
+        let now = std::time::Instant::now();
+        let until = now
+            .checked_add(Duration::from_millis(self.ttl_ms))
+            .unwrap_or(now + Duration::from_secs(u64::from(u32::MAX)));
+        if let Ok(mut answered) = self.answered.lock() {
+            answered.retain(|_, expiry| *expiry > std::time::Instant::now());
+            answered.extend(hash_parts.iter().map(|h| ((*h).to_owned(), until)));
+        }
+        let keys: Vec<String> = hash_parts.iter().map(|h| self.key(h)).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let until_ms = queue::now_ms().saturating_add(self.ttl_ms);
+        if let Err(e) = self.queue.remember_present(&keys, until_ms) {
             tracing::warn!("cannot remember present paths: {e}");
         }
     }
+}
+
+/// What identifies a target for remembered answers: its URL without password (a Cachix URL holds the cache's
+/// name), so a rotated password keeps the memory and another cache does not share it.
+fn target_identity(config: &Config) -> String {
+    redact_url(&config.target.url)
 }
 
 /// Logs every finished path and records the ones that need no retry in the queue's history.
@@ -154,10 +216,11 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
         Arc::new(store),
         Settings::from_config(&config)?,
         key,
-        Arc::new(QueuePresence {
-            queue: Arc::clone(&shared.queue),
-            ttl_ms: config.present_ttl_secs.saturating_mul(1000),
-        }),
+        Arc::new(QueuePresence::new(
+            Arc::clone(&shared.queue),
+            config.present_ttl_secs,
+            &target_identity(&config),
+        )),
         Arc::new(DaemonObserver {
             queue: Arc::clone(&shared.queue),
             target: redact_url(&config.target.url),
@@ -200,6 +263,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
     let mut state_dir_full = false;
     // Batches in a row whose presence query failed: the target's own backoff, apart from the paths' attempts.
     let mut presence_failures = 0u32;
+    // Batches in a row that met a target fault (full disk, 507, SlowDown): the target's backoff for those.
+    let mut target_faults = 0u32;
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
@@ -321,6 +386,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             &policy,
             &stop,
             &mut presence_failures,
+            &mut target_faults,
         )
         .await;
         if batch_paused {
@@ -387,6 +453,7 @@ async fn run_batch(
     policy: &retry::Policy,
     stop: &CancellationToken,
     presence_failures: &mut u32,
+    target_faults: &mut u32,
 ) -> bool {
     let mut entries = due;
     for entry in &mut entries {
@@ -435,6 +502,36 @@ async fn run_batch(
             None
         }
     };
+    // A full, read-only or throttling target is no path's fault: its roots wait for the target to heal with a
+    // backoff of the target's own, their attempts untouched, and `status` shows the target as degraded.
+    let fault = report.roots.iter().find_map(|(_, outcome)| match outcome {
+        RootOutcome::Failed(e) => e.target_fault(),
+        RootOutcome::Done | RootOutcome::Gone => None,
+    });
+    let fault_delay = match &fault {
+        Some(reason) => {
+            *target_faults = target_faults.saturating_add(1);
+            let delay = policy.delay(*target_faults, None, rand::random());
+            tracing::warn!(
+                target = %target,
+                retry_in_ms = delay.as_millis() as u64,
+                "target degraded: {reason}; trying again in {:.1} s without counting an attempt",
+                delay.as_secs_f64()
+            );
+            shared
+                .engine
+                .send_modify(|s| s.degraded = Some(reason.clone()));
+            set_status(shared, TargetState::Ok, format!("degraded: {reason}"));
+            Some(delay)
+        }
+        None => {
+            if std::mem::take(target_faults) > 0 {
+                tracing::info!(target = %target, "target healthy again; uploads resumed");
+            }
+            shared.engine.send_modify(|s| s.degraded = None);
+            None
+        }
+    };
     for (root, outcome) in report.roots {
         let Some(mut entry) = entries.iter().find(|e| e.path == root).cloned() else {
             continue;
@@ -468,6 +565,13 @@ async fn run_batch(
                 entry.last_error = Some(error.to_string());
                 entry.state = State::Queued;
                 let delay = outage_delay.unwrap_or_default();
+                entry.next_attempt_at_ms = now + delay.as_millis() as u64;
+                shared.queue.set(&entry)
+            }
+            RootOutcome::Failed(error) if error.target_fault().is_some() => {
+                entry.last_error = Some(error.to_string());
+                entry.state = State::Queued;
+                let delay = fault_delay.unwrap_or_default();
                 entry.next_attempt_at_ms = now + delay.as_millis() as u64;
                 shared.queue.set(&entry)
             }

@@ -67,12 +67,14 @@ pub enum Error {
         computed: Sha256Hash,
     },
     /// A reference of this path failed, so its narinfo must not be published.
-    #[error("{path} was not uploaded because its reference {reference} failed")]
+    #[error("{path} was not uploaded because its reference {reference} failed: {cause}")]
     DependencyFailed {
         /// The path held back.
         path: StorePath,
         /// The reference that failed.
         reference: StorePath,
+        /// Why the reference failed.
+        cause: Arc<Error>,
     },
     /// The upload was interrupted by shutdown.
     #[error("interrupted by shutdown")]
@@ -94,6 +96,22 @@ impl Error {
             Error::Gone(_) | Error::Corrupt { .. } => false,
             Error::DependencyFailed { .. } => true,
             Error::Cancelled | Error::Internal(_) => true,
+        }
+    }
+
+    /// Why the target as a whole cannot take writes now (full, read-only, throttling), when that is the problem;
+    /// see [`backend::Error::target_fault`]. A NAR staged on the target's filesystem counts too.
+    pub fn target_fault(&self) -> Option<String> {
+        match self {
+            Error::Backend(e) | Error::Presence(e) => e.target_fault(),
+            Error::Prepare(prepare::Error::Temp { source, .. }) => backend::io_target_fault(source),
+            Error::DependencyFailed { cause, .. } => cause.target_fault(),
+            Error::Store(_)
+            | Error::Prepare(prepare::Error::Nar { .. })
+            | Error::Gone(_)
+            | Error::Corrupt { .. }
+            | Error::Cancelled
+            | Error::Internal(_) => None,
         }
     }
 
@@ -190,24 +208,43 @@ pub struct InFlight {
     pub elapsed_ms: u64,
 }
 
-/// Remembers which paths the target or an upstream is known to hold, so a rebuild does not ask again.
+/// What is remembered about whether the target (or an upstream) holds a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Nothing, or the memory expired.
+    Unknown,
+    /// The target said so, or we uploaded it, in this process's lifetime: good enough to reference it.
+    Answered,
+    /// Remembered from before this process started: good enough to skip the path, not to publish a narinfo that
+    /// references it (the cache may have lost it since), so such paths are asked again where that matters.
+    Remembered,
+}
+
+/// Remembers which paths the target or an upstream is known to hold, so a rebuild does not ask again. Answers
+/// belong to one target: an implementation keeps them apart by the target's identity.
 pub trait PresentCache: Send + Sync {
-    /// Whether `hash_part` was seen present and the memory has not expired.
-    fn is_known_present(&self, hash_part: &str) -> bool;
+    /// What is known about `hash_part`.
+    fn presence(&self, hash_part: &str) -> Presence;
     /// Remembers these paths as present for the configured time.
     fn remember_present(&self, hash_parts: &[&str]);
 }
 
-/// A [`PresentCache`] for one process (used by `nixpush push`).
+/// A [`PresentCache`] for one process (used by `nixpush push`): every answer is from this lifetime.
 #[derive(Debug, Default)]
 pub struct MemoryPresentCache(Mutex<HashSet<String>>);
 
 impl PresentCache for MemoryPresentCache {
-    fn is_known_present(&self, hash_part: &str) -> bool {
-        self.0
+    fn presence(&self, hash_part: &str) -> Presence {
+        let known = self
+            .0
             .lock()
             .map(|set| set.contains(hash_part))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if known {
+            Presence::Answered
+        } else {
+            Presence::Unknown
+        }
     }
 
     fn remember_present(&self, hash_parts: &[&str]) {
@@ -215,6 +252,30 @@ impl PresentCache for MemoryPresentCache {
             set.extend(hash_parts.iter().map(|h| (*h).to_owned()));
         }
     }
+}
+
+/// Which of the `remembered` paths of `closure` must be asked again: those a path that may be uploaded
+/// references, transitively, since a narinfo may only reference what the target is known to hold now.
+/// `unknown` are the paths that will be asked anyway (and so may be uploaded).
+fn to_recheck<'a>(
+    closure: &'a [PathInfo],
+    unknown: &HashSet<&'a StorePath>,
+    remembered: &HashSet<&'a StorePath>,
+) -> HashSet<&'a StorePath> {
+    let by_path: HashMap<&StorePath, &PathInfo> = closure.iter().map(|i| (&i.path, i)).collect();
+    let mut recheck: HashSet<&StorePath> = HashSet::new();
+    let mut frontier: Vec<&StorePath> = unknown.iter().copied().collect();
+    while let Some(path) = frontier.pop() {
+        let Some(info) = by_path.get(path) else {
+            continue;
+        };
+        for reference in &info.references {
+            if reference != path && remembered.contains(reference) && recheck.insert(reference) {
+                frontier.push(reference);
+            }
+        }
+    }
+    recheck
 }
 
 /// What a batch is about to do, once the cache has been asked.
@@ -583,13 +644,39 @@ impl<B: Backend + 'static> Engine<B> {
             report.paths.push(path_report);
         };
 
-        // 1. Exclusions and remembered answers.
+        // 1. Exclusions and remembered answers. An answer from before this lifetime is asked again, in the same
+        // query as the unknown paths, when a path that may be uploaded references it.
+        let presence: Vec<Presence> = closure
+            .iter()
+            .map(|info| {
+                if self.settings.is_excluded(&info.path) {
+                    Presence::Unknown
+                } else {
+                    self.present.presence(info.path.hash_part())
+                }
+            })
+            .collect();
+        let with = |wanted: Presence| -> HashSet<&StorePath> {
+            closure
+                .iter()
+                .zip(&presence)
+                .filter(|(info, p)| **p == wanted && !self.settings.is_excluded(&info.path))
+                .map(|(info, _)| &info.path)
+                .collect()
+        };
+        let recheck = to_recheck(
+            closure,
+            &with(Presence::Unknown),
+            &with(Presence::Remembered),
+        );
         let mut candidates = Vec::new();
-        for info in closure {
+        for (info, presence) in closure.iter().zip(&presence) {
             if self.settings.is_excluded(&info.path) {
                 outcomes.insert(info.path.clone(), None);
                 finish(report, info, PathOutcome::Excluded);
-            } else if self.present.is_known_present(info.path.hash_part()) {
+            } else if *presence == Presence::Answered
+                || (*presence == Presence::Remembered && !recheck.contains(&info.path))
+            {
                 outcomes.insert(info.path.clone(), None);
                 finish(report, info, PathOutcome::AlreadyPresent);
             } else {
@@ -819,11 +906,22 @@ impl<B: Backend + 'static> Engine<B> {
                     .find(|&&j| matches!(states[j], State::Finished(false)))
                 {
                     states[i] = State::Finished(false);
+                    let cause = results
+                        .iter()
+                        .find(|(p, _)| p == &paths[j].path)
+                        .and_then(|(_, r)| r.as_ref().err().cloned())
+                        .unwrap_or_else(|| Arc::new(Error::Internal("unknown failure".into())));
+                    // Name the first failure, not a chain of held-back referrers.
+                    let cause = match &*cause {
+                        Error::DependencyFailed { cause: first, .. } => Arc::clone(first),
+                        _ => cause,
+                    };
                     results.push((
                         paths[i].path.clone(),
                         Err(Arc::new(Error::DependencyFailed {
                             path: paths[i].path.clone(),
                             reference: paths[j].path.clone(),
+                            cause,
                         })),
                     ));
                 }
