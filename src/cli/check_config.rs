@@ -9,9 +9,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use crate::backend::Credentials;
+use crate::backend::Kind;
 use crate::config::{line_of, Config, DEFAULT_CONFIG_PATH};
-use crate::daemon::scheduler::{load_signing_key, token_env_var};
 
 /// Arguments of `check-config`.
 #[derive(Debug, clap::Args)]
@@ -47,11 +46,10 @@ fn check_secret_files(config: &Config, path: &Path) -> anyhow::Result<()> {
         ),
         None => format!("invalid configuration file {}: `{field}`", path.display()),
     };
-    load_signing_key(config).with_context(|| at("target.signing_key_file"))?;
-    Credentials::load(
-        config.target.auth_token_file.as_deref(),
-        token_env_var(config),
-    )
-    .with_context(|| at("target.auth_token_file"))?;
+    let kind = Kind::of(config);
+    kind.load_signing_key(config)
+        .with_context(|| at("target.signing_key_file"))?;
+    kind.load_credentials(config)
+        .with_context(|| at("target.auth_token_file"))?;
     Ok(())
 }
