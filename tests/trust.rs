@@ -4,11 +4,160 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+use rand::RngCore;
 
 use crate::daemon_upload::{public_key, signing_key};
-use crate::util::{TestEnv, NIXPUSH};
+use crate::faultproxy::{Fault, FaultProxy};
+use crate::nginx::Nginx;
+use crate::util::{fresh_nonce, nix, wait_until, TestDaemon, TestEnv, NIXPUSH};
+
+/// Runs `nix ARGS` (with the nix-command feature) and fails the test with its stderr unless it succeeds.
+fn nix_command(args: &[&str]) {
+    let output = Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "nix {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Real Nix's opinion of a cache: `nix copy --from` it into a fresh store trusting only the test key (which
+/// needs every reference of every path in the cache), then `nix store verify` of the copy and of the cache
+/// (contents and signatures).
+fn nix_copies_and_verifies(cache_url: &str, paths: &[String]) {
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh = fresh.path().to_str().unwrap();
+    let key = public_key();
+    let key = key.trim();
+    let mut copy = vec![
+        "copy",
+        "--from",
+        cache_url,
+        "--to",
+        fresh,
+        "--option",
+        "trusted-public-keys",
+        key,
+        "--option",
+        "substituters",
+        "",
+    ];
+    copy.extend(paths.iter().map(String::as_str));
+    nix_command(&copy);
+    for store in [fresh, cache_url] {
+        let mut verify = vec![
+            "store",
+            "verify",
+            "--store",
+            store,
+            "--trusted-public-keys",
+            key,
+        ];
+        verify.extend(paths.iter().map(String::as_str));
+        nix_command(&verify);
+    }
+}
+
+/// A dependency and a referrer made with `builtins.toFile`, so the referrer's closure is both: `(dep, top)`.
+fn dep_and_referrer() -> (String, String) {
+    let nonce = fresh_nonce();
+    let expr = format!(
+        r#"let dep = builtins.toFile "trust-dep" "dependency {nonce}\n";
+           in builtins.toFile "trust-top" "uses ${{dep}} {nonce}\n""#
+    );
+    let top = nix(&[
+        "nix-instantiate",
+        "--eval",
+        "--read-write-mode",
+        "-E",
+        &expr,
+    ]);
+    let top = top.trim().trim_matches('"').to_owned();
+    let refs: Vec<String> = nix(&["nix-store", "--query", "--references", &top])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(refs.len(), 1, "{refs:?}");
+    (refs[0].clone(), top)
+}
+
+/// `count` store paths of `bytes` random (incompressible) bytes each.
+fn random_store_paths(dir: &Path, count: usize, bytes: usize) -> Vec<String> {
+    fs::create_dir_all(dir).unwrap();
+    let mut args = vec!["nix-store".to_owned(), "--add".to_owned()];
+    for i in 0..count {
+        let mut data = vec![0u8; bytes];
+        rand::thread_rng().fill_bytes(&mut data);
+        let file = dir.join(format!("trust-random-{i}"));
+        fs::write(&file, data).unwrap();
+        args.push(file.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let paths: Vec<String> = nix(&args).lines().map(str::to_owned).collect();
+    assert_eq!(paths.len(), count);
+    paths
+}
+
+/// A tmpfs mounted by the test, unmounted on drop (also when the test fails).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `64k`) on `dir`; `None` where this machine cannot mount one.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        fs::create_dir_all(dir).unwrap();
+        let output = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            eprintln!(
+                "cannot mount a tmpfs ({}); skipping",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+            return None;
+        }
+        Some(Tmpfs(dir.to_owned()))
+    }
+
+    /// Grows (or shrinks) the filesystem in place.
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot resize the tmpfs");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn file_target(cache: &Path, key: &Path, extra: &str) -> String {
+    format!(
+        "url = \"file://{}\"\nsigning_key_file = \"{}\"\n{extra}",
+        cache.display(),
+        key.display()
+    )
+}
 
 /// `nixpush check-config [EXTRA…] FILE`: whether it passed, and its stderr.
 fn check_config(file: &Path, extra: &[&str]) -> (bool, String) {
@@ -192,4 +341,181 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
     );
     let (ok, message) = check_config(&file, &["--skip-files"]);
     assert!(ok, "{message}");
+}
+
+// See: #15
+#[test]
+fn a_full_target_filesystem_is_waited_out_and_uploads_resume_when_it_grows() {
+    let env = TestEnv::new();
+    let key = signing_key(&env);
+    let cache = env.cache_dir();
+    let Some(filesystem) = Tmpfs::mount(&cache, "64k") else {
+        return;
+    };
+    // Two attempts would park a path whose upload failed for a reason of its own; a full target is not one.
+    env.write_config_with(
+        "",
+        &file_target(&cache, &key, "retry_base_ms = 50\nmax_attempts = 2"),
+    );
+    let paths = random_store_paths(&env.dir.path().join("random"), 3, 96 * 1024);
+    let daemon = TestDaemon::start_uploading(env);
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    assert!(daemon.env.run_hook(&refs, None).status.success());
+
+    wait_until("the target shown as degraded", || {
+        daemon.status()["target"]["degraded"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("No space left on device"))
+    });
+    wait_until("more rounds than max_attempts", || {
+        daemon.log().matches("target degraded").count() >= 4
+    });
+    let status = daemon.status();
+    assert_eq!(status["failed"], 0, "parked on a full target: {status}");
+    assert_eq!(status["queued"], 3, "{status}");
+    let text = daemon.env.nixpush(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("DEGRADED: No space left on device"), "{text}");
+
+    filesystem.resize("16m");
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    assert!(status["target"]["degraded"].is_null(), "{status}");
+    assert!(
+        daemon.log().contains("target healthy again"),
+        "{}",
+        daemon.log()
+    );
+    nix_copies_and_verifies(&format!("file://{}", cache.display()), &paths);
+}
+
+// See: #15
+#[test]
+fn a_new_target_or_a_cache_that_lost_paths_never_gets_a_narinfo_without_its_references() {
+    let env = TestEnv::new();
+    let key = signing_key(&env);
+    let (cache_a, cache_b) = (
+        env.dir.path().join("cache-a"),
+        env.dir.path().join("cache-b"),
+    );
+    env.write_config_with("", &file_target(&cache_a, &key, ""));
+    let (dep, top) = dep_and_referrer();
+    let (lost_dep, lost_top) = dep_and_referrer();
+    let narinfo = |cache: &Path, path: &str| {
+        cache.join(format!(
+            "{}.narinfo",
+            &path["/nix/store/".len().."/nix/store/".len() + 32]
+        ))
+    };
+
+    // The dependencies go to cache A and are remembered as present there.
+    let mut daemon = TestDaemon::start_uploading(env);
+    assert!(daemon
+        .env
+        .run_hook(&[&dep, &lost_dep], None)
+        .status
+        .success());
+    daemon.wait_drained();
+    assert!(narinfo(&cache_a, &dep).exists() && narinfo(&cache_a, &lost_dep).exists());
+
+    // Switched to cache B: what A holds says nothing about B.
+    daemon.stop();
+    daemon
+        .env
+        .write_config_with("", &file_target(&cache_b, &key, ""));
+    daemon.restart();
+    assert!(daemon.env.run_hook(&[&top], None).status.success());
+    daemon.wait_drained();
+    assert!(narinfo(&cache_b, &dep).exists(), "{}", daemon.log());
+    nix_copies_and_verifies(&format!("file://{}", cache_b.display()), &[top.clone()]);
+
+    // Back to A, which meanwhile lost a path: the answer remembered from the earlier daemon is asked again
+    // before a narinfo that references it is written.
+    daemon.stop();
+    fs::remove_file(narinfo(&cache_a, &lost_dep)).unwrap();
+    daemon
+        .env
+        .write_config_with("", &file_target(&cache_a, &key, ""));
+    daemon.restart();
+    assert!(daemon.env.run_hook(&[&lost_top], None).status.success());
+    daemon.wait_drained();
+    assert!(narinfo(&cache_a, &lost_dep).exists(), "{}", daemon.log());
+    nix_copies_and_verifies(&format!("file://{}", cache_a.display()), &[lost_top, dep]);
+}
+
+// See: #15
+#[test]
+fn a_target_that_echoes_the_request_headers_leaks_no_token() {
+    const TOKEN: &str = "trust-echo-token-5f3a9c1e7b";
+    let env = TestEnv::new();
+    let key = signing_key(&env);
+    let token_file = env.dir.path().join("token");
+    fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let www = env.dir.path().join("www");
+    fs::create_dir_all(www.join("cache")).unwrap();
+    let nginx = Nginx::start(&www, "");
+    let proxy = FaultProxy::start(nginx.port, 0.0, &[Fault::EchoHeaders], Duration::ZERO, 1);
+    // Every request of the first attempts is answered with our own headers, token included.
+    proxy.fail_next(12);
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"{}/cache\"\nauth_token_file = \"{}\"\nsigning_key_file = \"{}\"\nretry_base_ms = 50",
+            proxy.url(),
+            token_file.display(),
+            key.display()
+        ),
+    );
+    let (dep, top) = dep_and_referrer();
+    let daemon = TestDaemon::start_uploading(env);
+    assert!(daemon.env.run_hook(&[&top], None).status.success());
+    wait_until("the echoed error in status", || {
+        daemon.status()["failed_paths"]
+            .to_string()
+            .contains("HTTP 500")
+            || daemon.status()["target"]["message"]
+                .to_string()
+                .contains("HTTP 500")
+    });
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    assert!(
+        proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst) >= 12,
+        "the target never echoed"
+    );
+    let log = daemon.log();
+    assert!(
+        log.to_ascii_lowercase().contains("authorization: ***"),
+        "the echo did not reach the log, so the test proves nothing:\n{log}"
+    );
+
+    let mut seen = vec![("daemon log".to_owned(), log.into_bytes())];
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["queue", "list", "--json"],
+    ] {
+        let output = daemon.env.nixpush(args);
+        seen.push((
+            format!("nixpush {}", args.join(" ")),
+            [output.stdout, output.stderr].concat(),
+        ));
+    }
+    let mut files = vec![daemon.env.state_dir.clone()];
+    while let Some(file) = files.pop() {
+        if file.is_dir() {
+            files.extend(fs::read_dir(&file).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            seen.push((file.display().to_string(), fs::read(&file).unwrap()));
+        }
+    }
+    for (what, bytes) in &seen {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains(TOKEN), "the token leaked into {what}");
+    }
+    nix_copies_and_verifies(
+        &format!("file://{}", www.join("cache").display()),
+        &[top, dep],
+    );
 }
