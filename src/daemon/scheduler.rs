@@ -649,3 +649,32 @@ async fn report_progress(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // See: #15
+    #[test]
+    fn presence_is_per_target_per_lifetime_and_ignores_stored_times_from_the_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue: Arc<dyn Queue> = Arc::new(queue::SledQueue::open(dir.path()).unwrap());
+        let first = QueuePresence::new(Arc::clone(&queue), 3600, "file:///a");
+        assert_eq!(first.presence("h1"), Presence::Unknown);
+        first.remember_present(&["h1"]);
+        assert_eq!(first.presence("h1"), Presence::Answered);
+
+        // A later daemon (a new lifetime) on the same target remembers, but asks again where it matters.
+        let later = QueuePresence::new(Arc::clone(&queue), 3600, "file:///a");
+        assert_eq!(later.presence("h1"), Presence::Remembered);
+        // Another target starts from nothing.
+        let other = QueuePresence::new(Arc::clone(&queue), 3600, "file:///b");
+        assert_eq!(other.presence("h1"), Presence::Unknown);
+
+        // An expiry further ahead than the TTL was written under a clock that has since jumped back.
+        let key = later.key("h2");
+        let far = queue::now_ms() + 10 * 3600 * 1000;
+        queue.remember_present(&[&key], far).unwrap();
+        assert_eq!(later.presence("h2"), Presence::Unknown);
+    }
+}

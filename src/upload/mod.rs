@@ -898,6 +898,7 @@ impl<B: Backend + 'static> Engine<B> {
         loop {
             // Paths whose references failed must not be published.
             for (i, j) in order.fail_dependents() {
+                staged.remove(&i);
                 let cause = results
                     .iter()
                     .find(|(p, _)| p == &paths[j].path)
