@@ -427,7 +427,10 @@ fn a_new_target_or_a_cache_that_lost_paths_never_gets_a_narinfo_without_its_refe
     assert!(daemon.env.run_hook(&[&top], None).status.success());
     daemon.wait_drained();
     assert!(narinfo(&cache_b, &dep).exists(), "{}", daemon.log());
-    nix_copies_and_verifies(&format!("file://{}", cache_b.display()), &[top.clone()]);
+    nix_copies_and_verifies(
+        &format!("file://{}", cache_b.display()),
+        std::slice::from_ref(&top),
+    );
 
     // Back to A, which meanwhile lost a path: the answer remembered from the earlier daemon is asked again
     // before a narinfo that references it is written.

@@ -233,10 +233,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
     let mut secrets_dirty = false;
     // Set while uploads wait for room in the state directory, so that the wait is logged once.
     let mut state_dir_full = false;
-    // Batches in a row whose presence query failed: the target's own backoff, apart from the paths' attempts.
-    let mut presence_failures = 0u32;
-    // Batches in a row that met a target fault (full disk, 507, SlowDown): the target's backoff for those.
-    let mut target_faults = 0u32;
+    let mut outages = Outages::default();
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
@@ -350,17 +347,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
         }
         set_status(&shared, TargetState::Ok, "uploading");
         let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));
-        let batch_paused = run_batch(
-            &shared,
-            &engine,
-            due,
-            &config,
-            &policy,
-            &stop,
-            &mut presence_failures,
-            &mut target_faults,
-        )
-        .await;
+        let batch_paused =
+            run_batch(&shared, &engine, due, &config, &policy, &stop, &mut outages).await;
         if batch_paused {
             paused = true;
         }
@@ -410,13 +398,23 @@ async fn wait_for_change(
     }
 }
 
+/// Batches in a row that met a fault of the whole target: the target's own backoff, apart from the paths'
+/// attempts.
+#[derive(Debug, Default)]
+struct Outages {
+    /// Batches whose presence query failed.
+    presence_failures: u32,
+    /// Batches that met a target fault (full disk, 507, SlowDown).
+    target_faults: u32,
+}
+
 /// Whether `error` is a transient failure of the target's presence query, which is no path's fault.
 fn is_presence_outage(error: &upload::Error) -> bool {
     matches!(error, upload::Error::Presence(_)) && error.is_retryable() && !error.is_auth()
 }
 
 /// Uploads one batch and writes every root's outcome back. Returns whether the target must pause.
-/// `presence_failures` counts batches in a row whose presence query failed.
+/// `outages` counts batches in a row that met a fault of the whole target.
 async fn run_batch(
     shared: &Arc<Shared>,
     engine: &Arc<Engine<AnyBackend>>,
@@ -424,8 +422,7 @@ async fn run_batch(
     config: &Config,
     policy: &retry::Policy,
     stop: &CancellationToken,
-    presence_failures: &mut u32,
-    target_faults: &mut u32,
+    outages: &mut Outages,
 ) -> bool {
     let mut entries = due;
     for entry in &mut entries {
@@ -457,8 +454,12 @@ async fn run_batch(
     });
     let outage_delay = match &outage {
         Some(error) => {
-            *presence_failures = presence_failures.saturating_add(1);
-            let delay = policy.delay(*presence_failures, error.retry_after(), rand::random());
+            outages.presence_failures = outages.presence_failures.saturating_add(1);
+            let delay = policy.delay(
+                outages.presence_failures,
+                error.retry_after(),
+                rand::random(),
+            );
             tracing::warn!(
                 target = %target,
                 retry_in_ms = delay.as_millis() as u64,
@@ -470,7 +471,7 @@ async fn run_batch(
             Some(delay)
         }
         None => {
-            *presence_failures = 0;
+            outages.presence_failures = 0;
             None
         }
     };
@@ -482,8 +483,8 @@ async fn run_batch(
     });
     let fault_delay = match &fault {
         Some(reason) => {
-            *target_faults = target_faults.saturating_add(1);
-            let delay = policy.delay(*target_faults, None, rand::random());
+            outages.target_faults = outages.target_faults.saturating_add(1);
+            let delay = policy.delay(outages.target_faults, None, rand::random());
             tracing::warn!(
                 target = %target,
                 retry_in_ms = delay.as_millis() as u64,
@@ -497,7 +498,7 @@ async fn run_batch(
             Some(delay)
         }
         None => {
-            if std::mem::take(target_faults) > 0 {
+            if std::mem::take(&mut outages.target_faults) > 0 {
                 tracing::info!(target = %target, "target healthy again; uploads resumed");
             }
             shared.engine.send_modify(|s| s.degraded = None);
