@@ -11,6 +11,7 @@ pub mod http;
 pub mod parts;
 pub mod s3;
 pub mod target;
+pub mod upstream;
 
 use std::fmt;
 use std::future::Future;

@@ -18,8 +18,8 @@ use crate::config::{redact_url, Config};
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::status::{InFlightUpload, TargetState};
 use crate::upload::{
-    self, retry, Engine, Observer, PathOutcome, PathReport, Presence, PresentCache, RootOutcome,
-    Settings,
+    self, retry, Engine, Observer, PathOutcome, PathReport, PresenceMemory, PresentCache,
+    RootOutcome, Settings,
 };
 
 use super::{EngineStatus, Shared};
@@ -63,7 +63,7 @@ impl QueuePresence {
 }
 
 impl PresentCache for QueuePresence {
-    fn presence(&self, hash_part: &str) -> Presence {
+    fn presence(&self, hash_part: &str) -> PresenceMemory {
         let now = std::time::Instant::now();
         let answered = self
             .answered
@@ -71,7 +71,7 @@ impl PresentCache for QueuePresence {
             .map(|m| m.get(hash_part).is_some_and(|until| *until > now))
             .unwrap_or(false);
         if answered {
-            return Presence::Answered;
+            return PresenceMemory::Answered;
         }
         let key = self.key(hash_part);
         let now_ms = queue::now_ms();
@@ -83,9 +83,9 @@ impl PresentCache for QueuePresence {
                 .is_known_present(&key, now_ms.saturating_add(self.ttl_ms))
                 .unwrap_or(true);
         if stored && !from_the_future {
-            Presence::Remembered
+            PresenceMemory::Remembered
         } else {
-            Presence::Unknown
+            PresenceMemory::Unknown
         }
     }
 
@@ -661,21 +661,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue: Arc<dyn Queue> = Arc::new(queue::SledQueue::open(dir.path()).unwrap());
         let first = QueuePresence::new(Arc::clone(&queue), 3600, "file:///a");
-        assert_eq!(first.presence("h1"), Presence::Unknown);
+        assert_eq!(first.presence("h1"), PresenceMemory::Unknown);
         first.remember_present(&["h1"]);
-        assert_eq!(first.presence("h1"), Presence::Answered);
+        assert_eq!(first.presence("h1"), PresenceMemory::Answered);
 
         // A later daemon (a new lifetime) on the same target remembers, but asks again where it matters.
         let later = QueuePresence::new(Arc::clone(&queue), 3600, "file:///a");
-        assert_eq!(later.presence("h1"), Presence::Remembered);
+        assert_eq!(later.presence("h1"), PresenceMemory::Remembered);
         // Another target starts from nothing.
         let other = QueuePresence::new(Arc::clone(&queue), 3600, "file:///b");
-        assert_eq!(other.presence("h1"), Presence::Unknown);
+        assert_eq!(other.presence("h1"), PresenceMemory::Unknown);
 
         // An expiry further ahead than the TTL was written under a clock that has since jumped back.
         let key = later.key("h2");
         let far = queue::now_ms() + 10 * 3600 * 1000;
         queue.remember_present(&[&key], far).unwrap();
-        assert_eq!(later.presence("h2"), Presence::Unknown);
+        assert_eq!(later.presence("h2"), PresenceMemory::Unknown);
     }
 }
