@@ -22,6 +22,7 @@
 //! protocol implementation for a fallback that `nix path-info` already covers.
 
 mod nix_command;
+pub mod registry;
 mod sqlite;
 
 use std::collections::{BTreeSet, HashMap};

@@ -21,7 +21,6 @@ pub mod order;
 pub mod prepare;
 pub mod presence;
 pub mod report;
-pub mod retry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -42,6 +41,7 @@ use crate::store_path::StorePath;
 use order::Order;
 use prepare::PreparedNar;
 
+pub use crate::retry;
 pub use error::Error;
 pub use presence::{MemoryPresentCache, PresenceMemory, PresentCache, PRESENCE_TRIES};
 pub use report::{
