@@ -593,7 +593,7 @@ pub(crate) mod tests {
         r#""spooled":0,"up_to_date":false,"last_upload_at":null,"state_dir_error":null,"daemon":{"pid":42,"#,
         r#""started_at":1700000000,"uptime_secs":75,"hold":true},"target":{"url":"file:///var/cache/nix","#,
         r#""state":"hold","message":"uploads held (--hold)","reachable":null,"authorized":null,"#,
-        r#""read_url":null,"stats":null},"in_flight_uploads":[],"#,
+        r#""read_url":null,"stats":null,"degraded":null},"in_flight_uploads":[],"#,
         r#""recent":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","#,
         r#""outcome":"skipped_upstream","nar_size":400,"file_size":null,"duration_ms":12,"#,
         r#""reason":"served by https://cache.nixos.org","finished_at_ms":1700000080000}],"#,
