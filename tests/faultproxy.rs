@@ -24,6 +24,8 @@ pub enum Fault {
     /// `500 Internal Server Error` whose body is the request's line and headers, as a hostile target or a
     /// debugging proxy might send (token included).
     EchoHeaders,
+    /// `507 Insufficient Storage`, as a WebDAV server with a full disk answers.
+    InsufficientStorage,
 }
 
 /// Counters of what the proxy did.
@@ -268,6 +270,9 @@ fn handle(
                     client.write_all(answer.as_bytes())?;
                     client.write_all(&head)?;
                 }
+                Fault::InsufficientStorage => client.write_all(
+                    b"HTTP/1.1 507 Insufficient Storage\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )?,
                 Fault::Stall => std::thread::sleep(stall),
                 Fault::ResetMidBody => {}
             }

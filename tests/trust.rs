@@ -522,3 +522,48 @@ fn a_target_that_echoes_the_request_headers_leaks_no_token() {
         &[top, dep],
     );
 }
+
+// See: #15
+#[test]
+fn an_http_target_answering_507_is_waited_out_without_parking() {
+    let env = TestEnv::new();
+    let key = signing_key(&env);
+    let www = env.dir.path().join("www");
+    fs::create_dir_all(www.join("cache")).unwrap();
+    let nginx = Nginx::start(&www, "");
+    let proxy = FaultProxy::start(
+        nginx.port,
+        0.0,
+        &[Fault::InsufficientStorage],
+        Duration::ZERO,
+        1,
+    );
+    // The NAR PUTs; readying the target (its nix-cache-info PUT) is retried apart from the paths.
+    proxy.only_matching("PUT /cache/nar/");
+    // More refused PUTs than one attempt per path could absorb, with one attempt allowed.
+    proxy.fail_next(8);
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"{}/cache\"\nsigning_key_file = \"{}\"\nretry_base_ms = 50\nmax_attempts = 1",
+            proxy.url(),
+            key.display()
+        ),
+    );
+    let (dep, top) = dep_and_referrer();
+    let daemon = TestDaemon::start_uploading(env);
+    assert!(daemon.env.run_hook(&[&top], None).status.success());
+    wait_until("the target shown as degraded", || {
+        daemon.status()["target"]["degraded"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("507"))
+    });
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    assert!(status["target"]["degraded"].is_null(), "{status}");
+    assert!(proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst) >= 8);
+    nix_copies_and_verifies(
+        &format!("file://{}", www.join("cache").display()),
+        &[top, dep],
+    );
+}

@@ -304,8 +304,17 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             }
             Err(e) => {
                 tracing::warn!(target = %target, "target not ready: {e}");
-                set_reachability(&shared, false, None);
-                set_status(&shared, TargetState::Unreachable, e.to_string());
+                if let Some(reason) = e.target_fault() {
+                    // It answered: full or throttling, not unreachable.
+                    shared
+                        .engine
+                        .send_modify(|s| s.degraded = Some(reason.clone()));
+                    set_reachability(&shared, true, None);
+                    set_status(&shared, TargetState::Ok, format!("degraded: {reason}"));
+                } else {
+                    set_reachability(&shared, false, None);
+                    set_status(&shared, TargetState::Unreachable, e.to_string());
+                }
                 secrets_dirty |=
                     wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
@@ -323,6 +332,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
         };
         if due.is_empty() {
             set_status(&shared, TargetState::Idle, "queue empty");
+            // Nothing waits on the target, so a fault seen earlier holds nothing back.
+            shared.engine.send_modify(|s| s.degraded = None);
             let wait = shared
                 .queue
                 .next_due_at()
