@@ -56,6 +56,70 @@ pub enum Error {
         /// What is wrong, e.g. "must be greater than 0".
         problem: String,
     },
+    /// [`Error::Invalid`], found at a line of a file.
+    #[error("invalid configuration file {path}, line {line}: `{field}` {problem}")]
+    InvalidAt {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line where `field` is set.
+        line: usize,
+        /// Dotted key, e.g. `target.workers`.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl Error {
+    /// `self` with the line of `text` that sets its field, when it is an [`Error::Invalid`] and the line is found.
+    pub fn at_line_of(self, text: &str, origin: &Path) -> Error {
+        match self {
+            Error::Invalid { field, problem } => match line_of(text, field) {
+                Some(line) => Error::InvalidAt {
+                    path: origin.to_owned(),
+                    line,
+                    field,
+                    problem,
+                },
+                None => Error::Invalid { field, problem },
+            },
+            other => other,
+        }
+    }
+}
+
+/// The 1-based line of `text` that sets the dotted key `field` (`target.url` is `url` under `[target]`). A plain
+/// scan, good enough for naming a line in a message: tables are `[name]` headers, keys are `key = …` lines.
+pub fn line_of(text: &str, field: &str) -> Option<usize> {
+    let (table, key) = field.rsplit_once('.').unwrap_or(("", field));
+    let mut current = String::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = header.trim().to_owned();
+            continue;
+        }
+        let Some((name, _)) = line.split_once('=') else {
+            continue;
+        };
+        let name = name.trim().trim_matches('"');
+        let dotted = (table.is_empty() && current.is_empty() && name == key)
+            || (current == table && name == key)
+            || (current.is_empty() && !table.is_empty() && name == format!("{table}.{key}"));
+        if dotted {
+            return Some(number + 1);
+        }
+    }
+    None
+}
+
+/// The query parameters nixpush reads from a target URL of `scheme`; any other one is a mistake.
+pub fn accepted_query_parameters(scheme: &str) -> &'static [&'static str] {
+    match scheme {
+        "s3" => &["region", "endpoint", "scheme", "addressing", "profile"],
+        "cachix" => &["api"],
+        _ => &[],
+    }
 }
 
 /// How NARs are compressed in the cache.
@@ -235,7 +299,7 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| e.at_line_of(text, origin))?;
         Ok(config)
     }
 
@@ -263,6 +327,7 @@ impl Config {
                 ),
             });
         }
+        self.validate_target_url(scheme)?;
         if self.target.workers == Some(0) {
             return Err(invalid("target.workers", "must be greater than 0"));
         }
@@ -320,6 +385,43 @@ impl Config {
                 field: "exclude",
                 problem: format!("has an invalid pattern {pattern:?}: {e}"),
             })?;
+        }
+        Ok(())
+    }
+
+    /// `file://` URLs name an absolute directory; no URL carries a query parameter nixpush would ignore.
+    fn validate_target_url(&self, scheme: &str) -> Result<(), Error> {
+        let url = &self.target.url;
+        let shown = redact_url(url);
+        let invalid = |problem: String| Error::Invalid {
+            field: "target.url",
+            problem,
+        };
+        let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let accepted = accepted_query_parameters(scheme);
+        for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
+            if !accepted.contains(&key.as_ref()) {
+                let known = if accepted.is_empty() {
+                    format!("{scheme}:// URLs take no query parameters")
+                } else {
+                    format!("{scheme}:// URLs take only {}", accepted.join(", "))
+                };
+                return Err(invalid(format!(
+                    "{shown:?} has the query parameter {key:?}, which nixpush does not use ({known}); \
+                     other settings belong in [target], e.g. compression = \"xz\""
+                )));
+            }
+        }
+        if scheme == "file" {
+            let parsed = url::Url::parse(url)
+                .map_err(|e| invalid(format!("{shown:?} is not a valid URL: {e}")))?;
+            let host = parsed.host_str().unwrap_or("");
+            if !(host.is_empty() || host == "localhost") || parsed.to_file_path().is_err() {
+                return Err(invalid(format!(
+                    "{shown:?} is not an absolute directory: a file:// URL needs an absolute path, \
+                     e.g. file:///var/cache/nix (three slashes)"
+                )));
+            }
         }
         Ok(())
     }
@@ -515,13 +617,62 @@ mod tests {
         assert!(err.to_string().contains("compression_level"), "{err}");
     }
 
+    // See: #15
+    #[test]
+    fn target_urls_without_an_absolute_path_or_with_unused_parameters_are_refused() {
+        let err = parse("[target]\nurl = \"file://relative/dir\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("absolute path") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = parse("[target]\nworkers = 2\nurl = \"file:///c?compression=xz\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"compression\"") && err.contains("line 3"),
+            "{err}"
+        );
+        assert!(err.contains("take no query parameters"), "{err}");
+        let err = parse("[target]\nurl = \"s3://bucket?regoin=eu-west-1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"regoin\""), "{err}");
+        assert!(
+            err.contains("region, endpoint, scheme, addressing, profile"),
+            "{err}"
+        );
+        let err = parse("[target]\nurl = \"cachix://c?apii=http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("take only api"), "{err}");
+        for good in [
+            "file:///c",
+            "file://localhost/c",
+            "s3://bucket?region=eu-west-1&endpoint=http://127.0.0.1:9000",
+            "cachix://c?api=http://127.0.0.1:1",
+            "https://cache.example.org/prefix",
+        ] {
+            parse(&format!("[target]\nurl = \"{good}\"\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn line_of_finds_keys_in_their_table() {
+        let text = "socket = \"/s\"\n[target]\nurl = \"x\"\n  workers=3\n";
+        assert_eq!(line_of(text, "socket"), Some(1));
+        assert_eq!(line_of(text, "target.url"), Some(3));
+        assert_eq!(line_of(text, "target.workers"), Some(4));
+        assert_eq!(line_of(text, "url"), None);
+        assert_eq!(line_of("target.url = \"x\"\n", "target.url"), Some(1));
+    }
+
     #[test]
     fn effective_toml_round_trips_and_hides_passwords() {
-        let c =
-            parse("[target]\nurl = \"https://user:hunter2@cache.example/x?token=abc\"\n").unwrap();
+        let c = parse("[target]\nurl = \"https://user:hunter2@cache.example/x\"\n").unwrap();
         let shown = c.to_effective_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(!shown.contains("abc"), "{shown}");
         let back = parse(&shown).unwrap();
         assert_eq!(back.workers(), c.workers());
         assert_eq!(back.state_dir, c.state_dir);

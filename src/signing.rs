@@ -273,9 +273,15 @@ fn signing_key_from_base64(b64: &str) -> Result<SigningKey, Error> {
     let bytes = BASE64
         .decode(b64)
         .map_err(|_| secret_error("the key is not valid base64"))?;
-    let bytes: [u8; 64] = bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| secret_error(format!("decodes to {} bytes, expected 64", b.len())))?;
+    let bytes: [u8; 64] = bytes.try_into().map_err(|b: Vec<u8>| {
+        let hint = if b.len() == 32 {
+            " (this is a public key; the file must hold the secret key that \
+                 nix-store --generate-binary-cache-key wrote beside it)"
+        } else {
+            ""
+        };
+        secret_error(format!("decodes to {} bytes, expected 64{hint}", b.len()))
+    })?;
     // `from_keypair_bytes` checks that the public half is the one derived from the seed.
     SigningKey::from_keypair_bytes(&bytes)
         .map_err(|_| secret_error("the public half does not match the seed (corrupt key?)"))
@@ -289,6 +295,9 @@ fn read_key_file(path: &Path) -> Result<Secret, Error> {
     let meta = std::fs::metadata(path).map_err(read_error)?;
     warn_if_exposed(path, &meta);
     let text = std::fs::read_to_string(path).map_err(read_error)?;
+    if let Some((_, key)) = text.split_once(':') {
+        crate::secret::remember(key);
+    }
     Ok(Secret::new(text))
 }
 

@@ -7,7 +7,7 @@
 //!  "up_to_date":false,"last_upload_at":null,"state_dir_error":null,
 //!  "daemon":{"pid":4242,"started_at":1732600000,"uptime_secs":12,"hold":true},
 //!  "target":{"url":"file:///var/cache/nix","state":"hold","message":"uploads held (--hold)",
-//!            "reachable":null,"authorized":null,"read_url":null,"stats":null},
+//!            "reachable":null,"authorized":null,"read_url":null,"stats":null,"degraded":null},
 //!  "in_flight_uploads":[],"recent":[],"failed_paths":[],
 //!  "refused_requests":[{"input":"/tmp/x","reason":"not inside the store directory /nix/store","peer_uid":0,
 //!                       "source":"socket","at_ms":1732600005000}],
@@ -109,6 +109,10 @@ pub struct TargetInfo {
     /// The target's own statistics, where the backend offers them (Cachix cache info).
     #[serde(default)]
     pub stats: Option<serde_json::Value>,
+    /// Why the target cannot take writes now (full disk or quota, read-only, HTTP 507, S3 SlowDown), while it
+    /// cannot: uploads wait and resume by themselves. `null` when healthy.
+    #[serde(default)]
+    pub degraded: Option<String>,
 }
 
 /// How the target is doing.
@@ -338,6 +342,12 @@ impl StatusReport {
         if let Some(stats) = &t.stats {
             let _ = writeln!(out, "          target reports: {}", flat_stats(stats));
         }
+        if let Some(reason) = &t.degraded {
+            let _ = writeln!(
+                out,
+                "          DEGRADED: {reason}; uploads wait and resume by themselves"
+            );
+        }
         let _ = writeln!(
             out,
             "queue:    {} queued, {} in flight, {} failed, {} spooled; {} refused request(s) all time",
@@ -535,6 +545,7 @@ pub(crate) mod tests {
                 authorized: None,
                 read_url: None,
                 stats: None,
+                degraded: None,
             },
             in_flight_uploads: vec![],
             recent: vec![],
@@ -585,7 +596,7 @@ pub(crate) mod tests {
         r#""spooled":0,"up_to_date":false,"last_upload_at":null,"state_dir_error":null,"daemon":{"pid":42,"#,
         r#""started_at":1700000000,"uptime_secs":75,"hold":true},"target":{"url":"file:///var/cache/nix","#,
         r#""state":"hold","message":"uploads held (--hold)","reachable":null,"authorized":null,"#,
-        r#""read_url":null,"stats":null},"in_flight_uploads":[],"#,
+        r#""read_url":null,"stats":null,"degraded":null},"in_flight_uploads":[],"#,
         r#""recent":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","#,
         r#""outcome":"skipped_upstream","nar_size":400,"file_size":null,"duration_ms":12,"#,
         r#""reason":"served by https://cache.nixos.org","finished_at_ms":1700000080000}],"#,
@@ -676,6 +687,7 @@ pub(crate) mod tests {
             authorized: Some(true),
             read_url: Some("http://127.0.0.1:8080".into()),
             stats: Some(serde_json::json!({"paths": 12, "size": "3 GiB"})),
+            degraded: None,
         };
         report.recent = vec![FinishedPath {
             path: path("hello-2.12"),

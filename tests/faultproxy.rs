@@ -21,6 +21,11 @@ pub enum Fault {
     ResetMidBody,
     /// Read the request, then say nothing for `stall` before closing.
     Stall,
+    /// `500 Internal Server Error` whose body is the request's line and headers, as a hostile target or a
+    /// debugging proxy might send (token included).
+    EchoHeaders,
+    /// `507 Insufficient Storage`, as a WebDAV server with a full disk answers.
+    InsufficientStorage,
 }
 
 /// Counters of what the proxy did.
@@ -256,6 +261,17 @@ fn handle(
                 )?,
                 Fault::TooManyRequests => client.write_all(
                     b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )?,
+                Fault::EchoHeaders => {
+                    let answer = format!(
+                        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        head.len()
+                    );
+                    client.write_all(answer.as_bytes())?;
+                    client.write_all(&head)?;
+                }
+                Fault::InsufficientStorage => client.write_all(
+                    b"HTTP/1.1 507 Insufficient Storage\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 )?,
                 Fault::Stall => std::thread::sleep(stall),
                 Fault::ResetMidBody => {}

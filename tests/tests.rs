@@ -15,5 +15,6 @@ mod remote;
 mod s3;
 mod security;
 mod spine;
+mod trust;
 mod upload;
 mod util;

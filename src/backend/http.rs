@@ -53,6 +53,11 @@ impl HttpBackend {
         } else {
             let user = percent_decode(parsed.username());
             let password = Secret::new(percent_decode(parsed.password().unwrap_or_default()));
+            // What basic auth sends on the wire, in case a server echoes the header back.
+            crate::secret::remember(&base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{user}:{}", password.expose()),
+            ));
             let _ = parsed.set_username("");
             let _ = parsed.set_password(None);
             Some((user, password))

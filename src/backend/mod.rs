@@ -13,6 +13,7 @@ pub mod s3;
 pub mod target;
 pub mod upstream;
 
+use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -82,10 +83,12 @@ pub trait Backend: Send + Sync {
 
 /// A failure talking to the target. URLs in messages have their passwords and signatures redacted; tokens
 /// never appear.
-#[derive(Debug, thiserror::Error)]
+///
+/// Much of the text comes from the target (error bodies, redirect URLs, transport errors quoting presigned
+/// URLs), so `Display` and `Debug` pass every message through [`crate::secret::scrub`]: whatever a backend
+/// puts in an error, no secret nixpush knows can reach a log line, `status` or the queue through it.
 pub enum Error {
     /// No connection could be made.
-    #[error("cannot connect to {url}: {message}")]
     Connect {
         /// The URL, redacted.
         url: String,
@@ -93,13 +96,11 @@ pub enum Error {
         message: String,
     },
     /// The target did not answer in time.
-    #[error("{url} did not answer in time")]
     Timeout {
         /// The URL, redacted.
         url: String,
     },
     /// The connection broke while sending or receiving.
-    #[error("transfer to {url} broke: {message}")]
     Transfer {
         /// The URL, redacted.
         url: String,
@@ -107,7 +108,6 @@ pub enum Error {
         message: String,
     },
     /// The target answered with an unexpected status.
-    #[error("{method} {url} answered HTTP {code}{}", detail_suffix(detail))]
     Status {
         /// Request method.
         method: String,
@@ -121,10 +121,6 @@ pub enum Error {
         detail: String,
     },
     /// The target rejected our credentials (401/403): retrying cannot help until they change.
-    #[error(
-        "{url} rejected the credentials (HTTP {code}){}",
-        detail_suffix(detail)
-    )]
     Unauthorized {
         /// The URL, redacted.
         url: String,
@@ -134,7 +130,6 @@ pub enum Error {
         detail: String,
     },
     /// The target answered something we cannot accept (malformed, oversized, a redirect elsewhere).
-    #[error("{url} sent an invalid response: {message}")]
     Protocol {
         /// The URL, redacted.
         url: String,
@@ -142,7 +137,6 @@ pub enum Error {
         message: String,
     },
     /// A local file could not be read or written.
-    #[error("{path}: {source}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -150,8 +144,66 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The target URL or its options are unusable.
-    #[error("invalid target: {0}")]
     Config(String),
+}
+
+impl Error {
+    /// The message before scrubbing; only [`fmt::Display`] may see it.
+    fn unscrubbed(&self) -> String {
+        match self {
+            Error::Connect { url, message } => format!("cannot connect to {url}: {message}"),
+            Error::Timeout { url } => format!("{url} did not answer in time"),
+            Error::Transfer { url, message } => format!("transfer to {url} broke: {message}"),
+            Error::Status {
+                method,
+                url,
+                code,
+                detail,
+                ..
+            } => format!(
+                "{method} {url} answered HTTP {code}{}",
+                detail_suffix(detail)
+            ),
+            Error::Unauthorized { url, code, detail } => format!(
+                "{url} rejected the credentials (HTTP {code}){}",
+                detail_suffix(detail)
+            ),
+            Error::Protocol { url, message } => {
+                format!("{url} sent an invalid response: {message}")
+            }
+            Error::Io { path, source } => format!("{}: {source}", path.display()),
+            Error::Config(message) => format!("invalid target: {message}"),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::secret::scrub(&self.unscrubbed()))
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("backend::Error")
+            .field(&self.to_string())
+            .finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            Error::Connect { .. }
+            | Error::Timeout { .. }
+            | Error::Transfer { .. }
+            | Error::Status { .. }
+            | Error::Unauthorized { .. }
+            | Error::Protocol { .. }
+            | Error::Config(_) => None,
+        }
+    }
 }
 
 fn detail_suffix(detail: &str) -> String {
@@ -173,6 +225,31 @@ impl Error {
             // Auth failures pause the whole target instead of burning attempts; see `is_auth`.
             Error::Unauthorized { .. } => false,
             Error::Protocol { .. } | Error::Config(_) => false,
+        }
+    }
+
+    /// Why the target as a whole cannot take writes now, when that is the problem: a full disk or quota, a
+    /// read-only or failing filesystem under a `file://` cache, HTTP 507 Insufficient Storage, S3's 503 SlowDown.
+    /// Such faults heal (space is freed, the throttle lifts) and are no path's fault: the scheduler retries with
+    /// a backoff of the target's own, spends no attempt, and shows the target as degraded.
+    pub fn target_fault(&self) -> Option<String> {
+        match self {
+            Error::Io { source, .. } => io_target_fault(source),
+            Error::Status { code: 507, .. } => {
+                Some("the target has no space left (HTTP 507)".into())
+            }
+            Error::Status {
+                code: 503, detail, ..
+            } if detail.contains("SlowDown") => {
+                Some("the target asks to slow down (HTTP 503 SlowDown)".into())
+            }
+            Error::Status { .. }
+            | Error::Connect { .. }
+            | Error::Timeout { .. }
+            | Error::Transfer { .. }
+            | Error::Unauthorized { .. }
+            | Error::Protocol { .. }
+            | Error::Config(_) => None,
         }
     }
 
@@ -209,6 +286,19 @@ impl Error {
             path: path.to_owned(),
             source,
         }
+    }
+}
+
+/// The reason when `error` is a filesystem fault that heals (ENOSPC, EDQUOT, EROFS, EIO), see
+/// [`Error::target_fault`].
+pub fn io_target_fault(error: &std::io::Error) -> Option<String> {
+    const EIO: i32 = 5;
+    const ENOSPC: i32 = 28;
+    const EROFS: i32 = 30;
+    const EDQUOT: i32 = 122;
+    match error.raw_os_error()? {
+        ENOSPC | EDQUOT | EROFS | EIO => Some(error.to_string()),
+        _ => None,
     }
 }
 
@@ -348,5 +438,27 @@ mod tests {
         };
         assert!(auth.is_auth() && !auth.is_retryable());
         assert!(Error::Timeout { url: "u".into() }.is_retryable());
+    }
+
+    // See: #15
+    #[test]
+    fn full_read_only_and_failing_targets_are_target_faults() {
+        for errno in [5, 28, 30, 122] {
+            let e = Error::io(Path::new("/c"), std::io::Error::from_raw_os_error(errno));
+            assert!(e.is_retryable() && e.target_fault().is_some(), "{errno}");
+        }
+        let e = Error::io(Path::new("/c"), std::io::Error::from_raw_os_error(13));
+        assert!(e.target_fault().is_none());
+        assert!(status(507).target_fault().is_some() && status(507).is_retryable());
+        let slow_down = Error::Status {
+            method: "PUT".into(),
+            url: "http://127.0.0.1/x".into(),
+            code: 503,
+            retry_after: None,
+            detail: "<Error><Code>SlowDown</Code></Error>".into(),
+        };
+        assert!(slow_down.target_fault().is_some());
+        assert!(status(503).target_fault().is_none());
+        assert!(status(500).target_fault().is_none());
     }
 }

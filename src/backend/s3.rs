@@ -167,10 +167,11 @@ fn load_credentials_with(
     if source.profile.is_none() {
         if let (Some(key), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
         {
-            return Ok(match env("AWS_SESSION_TOKEN") {
-                Some(token) => rusty_s3::Credentials::new_with_token(key, secret, token),
-                None => rusty_s3::Credentials::new(key, secret),
-            });
+            return Ok(remembered_credentials(
+                key,
+                secret,
+                env("AWS_SESSION_TOKEN"),
+            ));
         }
     }
     let file = match env("AWS_SHARED_CREDENTIALS_FILE") {
@@ -201,14 +202,31 @@ fn load_credentials_with(
             .map(|(_, v)| v.clone())
     };
     match (get("aws_access_key_id"), get("aws_secret_access_key")) {
-        (Some(key), Some(secret)) => Ok(match get("aws_session_token") {
-            Some(token) => rusty_s3::Credentials::new_with_token(key, secret, token),
-            None => rusty_s3::Credentials::new(key, secret),
-        }),
+        (Some(key), Some(secret)) => Ok(remembered_credentials(
+            key,
+            secret,
+            get("aws_session_token"),
+        )),
         _ => Err(Error::Config(format!(
             "{}: profile [{profile}] has no aws_access_key_id and aws_secret_access_key",
             file.display()
         ))),
+    }
+}
+
+/// S3 credentials whose secret parts are remembered, so that no server's echo of them reaches a message.
+fn remembered_credentials(
+    key: String,
+    secret: String,
+    token: Option<String>,
+) -> rusty_s3::Credentials {
+    crate::secret::remember(&secret);
+    match token {
+        Some(token) => {
+            crate::secret::remember(&token);
+            rusty_s3::Credentials::new_with_token(key, secret, token)
+        }
+        None => rusty_s3::Credentials::new(key, secret),
     }
 }
 

@@ -1,4 +1,9 @@
-//! `nixpush check-config [FILE] [--json]`: validate a configuration file and print the effective configuration.
+//! `nixpush check-config [FILE] [--json] [--skip-files]`: validate a configuration file and print the effective
+//! configuration.
+//!
+//! Beyond parsing, it opens every key and token file the configuration names, with the loaders the daemon uses,
+//! so a missing, unreadable or malformed secret fails here with the daemon's own message and the line that names
+//! the file. `--skip-files` leaves the files out, for a build sandbox where they do not exist yet.
 //!
 //! `--json` prints `{"ok":true,"file":…,"config":{…}}` (the effective configuration, secrets redacted) or
 //! `{"ok":false,"file":…,"error":…,"field":…}` (`field` is the dotted key when the problem is a value) and exits 1.
@@ -6,7 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::{self, Config, DEFAULT_CONFIG_PATH};
+use anyhow::Context as _;
+
+use crate::backend::Kind;
+use crate::config::{self, line_of, Config, DEFAULT_CONFIG_PATH};
 
 /// Arguments of `check-config`.
 #[derive(Debug, clap::Args)]
@@ -16,6 +24,15 @@ pub struct Args {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Do not open the key and token files the configuration names (for a build sandbox, where they are absent)
+    #[arg(long)]
+    skip_files: bool,
+}
+
+/// Why a configuration is not usable: the file itself, or a key or token file it names.
+enum Problem {
+    Config(config::Error),
+    Files(anyhow::Error),
 }
 
 pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<ExitCode> {
@@ -24,12 +41,25 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
         .as_deref()
         .or(config_path)
         .unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
+    let checked = Config::load(path)
+        .map_err(Problem::Config)
+        .and_then(|config| {
+            if !args.skip_files {
+                check_secret_files(&config, path).map_err(Problem::Files)?;
+            }
+            Ok(config)
+        });
     if !args.json {
-        let config = Config::load(path)?;
-        print!("{}", config.to_effective_toml());
-        return Ok(ExitCode::SUCCESS);
+        return match checked {
+            Ok(config) => {
+                print!("{}", config.to_effective_toml());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(Problem::Config(e)) => Err(e.into()),
+            Err(Problem::Files(e)) => Err(e),
+        };
     }
-    let (report, code) = match Config::load(path) {
+    let (report, code) = match checked {
         Ok(config) => {
             let effective: toml::Value = toml::from_str(&config.to_effective_toml())?;
             (
@@ -37,17 +67,51 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
                 ExitCode::SUCCESS,
             )
         }
-        Err(e) => {
-            let field = match &e {
-                config::Error::Invalid { field, .. } => Some(*field),
-                config::Error::Read { .. } | config::Error::Parse { .. } => None,
+        Err(problem) => {
+            let (error, field) = match &problem {
+                Problem::Config(e) => (
+                    e.to_string(),
+                    match e {
+                        config::Error::Invalid { field, .. }
+                        | config::Error::InvalidAt { field, .. } => Some(field.to_string()),
+                        config::Error::Read { .. } | config::Error::Parse { .. } => None,
+                    },
+                ),
+                // The file check's context names the field between backquotes.
+                Problem::Files(e) => (format!("{e:#}"), file_field(e)),
             };
             (
-                serde_json::json!({"ok": false, "file": path, "error": e.to_string(), "field": field}),
+                serde_json::json!({"ok": false, "file": path, "error": error, "field": field}),
                 ExitCode::FAILURE,
             )
         }
     };
     println!("{report}");
     Ok(code)
+}
+
+/// The configuration key a failed file check names, e.g. `target.signing_key_file`.
+fn file_field(error: &anyhow::Error) -> Option<String> {
+    let context = error.to_string();
+    let start = context.find('`')? + 1;
+    let end = start + context[start..].find('`')?;
+    Some(context[start..end].to_string())
+}
+
+/// Loads the signing key and the auth token the way the daemon does; an error names the line that set the file.
+fn check_secret_files(config: &Config, path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let at = |field: &str| match line_of(&text, field) {
+        Some(line) => format!(
+            "invalid configuration file {}, line {line}: `{field}`",
+            path.display()
+        ),
+        None => format!("invalid configuration file {}: `{field}`", path.display()),
+    };
+    let kind = Kind::of(config);
+    kind.load_signing_key(config)
+        .with_context(|| at("target.signing_key_file"))?;
+    kind.load_credentials(config)
+        .with_context(|| at("target.auth_token_file"))?;
+    Ok(())
 }

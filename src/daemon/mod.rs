@@ -90,6 +90,8 @@ pub struct EngineStatus {
     pub authorized: Option<bool>,
     /// What the target reported the last time it was readied.
     pub info: Option<crate::backend::TargetInfo>,
+    /// Why the target cannot take writes now (full, read-only, throttling), while it cannot.
+    pub degraded: Option<String>,
 }
 
 impl EngineStatus {
@@ -106,6 +108,7 @@ impl EngineStatus {
             reachable: None,
             authorized: None,
             info: None,
+            degraded: None,
         }
     }
 }

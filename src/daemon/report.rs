@@ -88,11 +88,13 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         target: TargetInfo {
             url: redact_url(&config.target.url),
             state: engine.state,
-            message: engine.message.clone(),
+            // The target's own words (its cache info, an error it sent) are scrubbed of secrets here too.
+            message: crate::secret::scrub(&engine.message),
             reachable: engine.reachable,
             authorized: engine.authorized,
-            read_url: info.and_then(|i| i.read_url.clone()),
-            stats: info.and_then(|i| i.stats.clone()),
+            read_url: info.and_then(|i| i.read_url.as_deref().map(crate::secret::scrub)),
+            stats: info.and_then(|i| i.stats.clone()).map(scrub_json),
+            degraded: engine.degraded.as_deref().map(crate::secret::scrub),
         },
         in_flight_uploads: engine.in_flight.clone(),
         recent: shared
@@ -166,5 +168,20 @@ impl From<queue::Totals> for status::Totals {
             nar_bytes: totals.nar_bytes,
             file_bytes: totals.file_bytes,
         }
+    }
+}
+
+/// `value` with every string in it scrubbed of secrets.
+fn scrub_json(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(crate::secret::scrub(&s)),
+        Value::Array(items) => Value::Array(items.into_iter().map(scrub_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (crate::secret::scrub(&k), scrub_json(v)))
+                .collect(),
+        ),
+        other => other,
     }
 }

@@ -20,7 +20,8 @@ use crate::config::{redact_url, Config};
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::status::{InFlightUpload, TargetState};
 use crate::upload::{
-    self, retry, Engine, Observer, PathOutcome, PathReport, PresentCache, RootOutcome, Settings,
+    self, retry, Engine, Observer, PathOutcome, PathReport, PresenceMemory, PresentCache,
+    RootOutcome, Settings,
 };
 
 use super::{EngineStatus, Shared};
@@ -32,22 +33,77 @@ pub const AUTH_PROBE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often `status` sees fresh in-flight progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 
-/// The queue's present-cache, seen through the engine's trait.
+/// The queue's present-cache, seen through the engine's trait, for one target.
+///
+/// Stored answers are keyed by the target's identity, so a configuration that names another cache starts from
+/// nothing. Answers given in this process's lifetime are also kept in memory with a monotonic expiry, so a
+/// backward wall-clock jump cannot stretch them; a stored expiry further ahead than `ttl` can only come from such a
+/// jump and counts as expired.
 struct QueuePresence {
     queue: Arc<dyn Queue>,
     ttl_ms: u64,
+    /// Prefix of every stored key: a digest of the target's identity.
+    target_key: String,
+    /// Answers of this lifetime: hash part → when the memory expires.
+    answered: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl QueuePresence {
+    fn new(queue: Arc<dyn Queue>, ttl_secs: u64, target_identity: &str) -> QueuePresence {
+        let digest = crate::hash::Sha256Hash::of(target_identity.as_bytes()).to_hex();
+        QueuePresence {
+            queue,
+            ttl_ms: ttl_secs.saturating_mul(1000),
+            target_key: format!("{}:", &digest[..16]),
+            answered: std::sync::Mutex::default(),
+        }
+    }
+
+    fn key(&self, hash_part: &str) -> String {
+        format!("{}{hash_part}", self.target_key)
+    }
 }
 
 impl PresentCache for QueuePresence {
-    fn is_known_present(&self, hash_part: &str) -> bool {
-        self.queue
-            .is_known_present(hash_part, queue::now_ms())
-            .unwrap_or(false)
+    fn presence(&self, hash_part: &str) -> PresenceMemory {
+        let now = std::time::Instant::now();
+        let answered = self
+            .answered
+            .lock()
+            .map(|m| m.get(hash_part).is_some_and(|until| *until > now))
+            .unwrap_or(false);
+        if answered {
+            return PresenceMemory::Answered;
+        }
+        let key = self.key(hash_part);
+        let now_ms = queue::now_ms();
+        let stored = self.queue.is_known_present(&key, now_ms).unwrap_or(false);
+        // Still valid beyond now + ttl: written under a clock that was ahead, so not to be trusted.
+        let from_the_future = stored
+            && self
+                .queue
+                .is_known_present(&key, now_ms.saturating_add(self.ttl_ms))
+                .unwrap_or(true);
+        if stored && !from_the_future {
+            PresenceMemory::Remembered
+        } else {
+            PresenceMemory::Unknown
+        }
     }
 
     fn remember_present(&self, hash_parts: &[&str]) {
-        let until = queue::now_ms().saturating_add(self.ttl_ms);
-        if let Err(e) = self.queue.remember_present(hash_parts, until) {
+        let now = std::time::Instant::now();
+        let until = now
+            .checked_add(Duration::from_millis(self.ttl_ms))
+            .unwrap_or(now + Duration::from_secs(u64::from(u32::MAX)));
+        if let Ok(mut answered) = self.answered.lock() {
+            answered.retain(|_, expiry| *expiry > std::time::Instant::now());
+            answered.extend(hash_parts.iter().map(|h| ((*h).to_owned(), until)));
+        }
+        let keys: Vec<String> = hash_parts.iter().map(|h| self.key(h)).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let until_ms = queue::now_ms().saturating_add(self.ttl_ms);
+        if let Err(e) = self.queue.remember_present(&keys, until_ms) {
             tracing::warn!("cannot remember present paths: {e}");
         }
     }
@@ -133,10 +189,11 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
         Arc::new(store),
         Settings::from_config(&config)?,
         target.signing_key,
-        Arc::new(QueuePresence {
-            queue: Arc::clone(&shared.queue),
-            ttl_ms: config.present_ttl_secs.saturating_mul(1000),
-        }),
+        Arc::new(QueuePresence::new(
+            Arc::clone(&shared.queue),
+            config.present_ttl_secs,
+            &target.identity,
+        )),
         Arc::new(DaemonObserver {
             queue: Arc::clone(&shared.queue),
             target: target.display_name,
@@ -178,8 +235,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
     let mut secrets_dirty = false;
     // Set while uploads wait for room in the state directory, so that the wait is logged once.
     let mut state_dir_full = false;
-    // Batches in a row whose presence query failed: the target's own backoff, apart from the paths' attempts.
-    let mut presence_failures = 0u32;
+    let mut outages = Outages::default();
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
@@ -250,8 +306,17 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             }
             Err(e) => {
                 tracing::warn!(nixpush_target = %target, "target not ready: {e}");
-                set_reachability(&shared, false, None);
-                set_status(&shared, TargetState::Unreachable, e.to_string());
+                if let Some(reason) = e.target_fault() {
+                    // It answered: full or throttling, not unreachable.
+                    shared
+                        .engine
+                        .send_modify(|s| s.degraded = Some(reason.clone()));
+                    set_reachability(&shared, true, None);
+                    set_status(&shared, TargetState::Ok, format!("degraded: {reason}"));
+                } else {
+                    set_reachability(&shared, false, None);
+                    set_status(&shared, TargetState::Unreachable, e.to_string());
+                }
                 secrets_dirty |=
                     wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
@@ -269,6 +334,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
         };
         if due.is_empty() {
             set_status(&shared, TargetState::Idle, "queue empty");
+            // Nothing waits on the target, so a fault seen earlier holds nothing back.
+            shared.engine.send_modify(|s| s.degraded = None);
             let wait = shared
                 .queue
                 .next_due_at()
@@ -293,16 +360,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
         }
         set_status(&shared, TargetState::Ok, "uploading");
         let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));
-        let batch_paused = run_batch(
-            &shared,
-            &engine,
-            due,
-            &config,
-            &policy,
-            &stop,
-            &mut presence_failures,
-        )
-        .await;
+        let batch_paused =
+            run_batch(&shared, &engine, due, &config, &policy, &stop, &mut outages).await;
         if batch_paused {
             paused = true;
         }
@@ -352,13 +411,23 @@ async fn wait_for_change(
     }
 }
 
+/// Batches in a row that met a fault of the whole target: the target's own backoff, apart from the paths'
+/// attempts.
+#[derive(Debug, Default)]
+struct Outages {
+    /// Batches whose presence query failed.
+    presence_failures: u32,
+    /// Batches that met a target fault (full disk, 507, SlowDown).
+    target_faults: u32,
+}
+
 /// Whether `error` is a transient failure of the target's presence query, which is no path's fault.
 fn is_presence_outage(error: &upload::Error) -> bool {
     matches!(error, upload::Error::Presence(_)) && error.is_retryable() && !error.is_auth()
 }
 
 /// Uploads one batch and writes every root's outcome back. Returns whether the target must pause.
-/// `presence_failures` counts batches in a row whose presence query failed.
+/// `outages` counts batches in a row that met a fault of the whole target.
 async fn run_batch(
     shared: &Arc<Shared>,
     engine: &Arc<Engine<AnyBackend>>,
@@ -366,7 +435,7 @@ async fn run_batch(
     config: &Config,
     policy: &retry::Policy,
     stop: &CancellationToken,
-    presence_failures: &mut u32,
+    outages: &mut Outages,
 ) -> bool {
     let mut entries = due;
     for entry in &mut entries {
@@ -398,8 +467,12 @@ async fn run_batch(
     });
     let outage_delay = match &outage {
         Some(error) => {
-            *presence_failures = presence_failures.saturating_add(1);
-            let delay = policy.delay(*presence_failures, error.retry_after(), rand::random());
+            outages.presence_failures = outages.presence_failures.saturating_add(1);
+            let delay = policy.delay(
+                outages.presence_failures,
+                error.retry_after(),
+                rand::random(),
+            );
             tracing::warn!(
                 nixpush_target = %target,
                 retry_in_ms = delay.as_millis() as u64,
@@ -411,7 +484,37 @@ async fn run_batch(
             Some(delay)
         }
         None => {
-            *presence_failures = 0;
+            outages.presence_failures = 0;
+            None
+        }
+    };
+    // A full, read-only or throttling target is no path's fault: its roots wait for the target to heal with a
+    // backoff of the target's own, their attempts untouched, and `status` shows the target as degraded.
+    let fault = report.roots.iter().find_map(|(_, outcome)| match outcome {
+        RootOutcome::Failed(e) => e.target_fault(),
+        RootOutcome::Done | RootOutcome::Gone => None,
+    });
+    let fault_delay = match &fault {
+        Some(reason) => {
+            outages.target_faults = outages.target_faults.saturating_add(1);
+            let delay = policy.delay(outages.target_faults, None, rand::random());
+            tracing::warn!(
+                target = %target,
+                retry_in_ms = delay.as_millis() as u64,
+                "target degraded: {reason}; trying again in {:.1} s without counting an attempt",
+                delay.as_secs_f64()
+            );
+            shared
+                .engine
+                .send_modify(|s| s.degraded = Some(reason.clone()));
+            set_status(shared, TargetState::Ok, format!("degraded: {reason}"));
+            Some(delay)
+        }
+        None => {
+            if std::mem::take(&mut outages.target_faults) > 0 {
+                tracing::info!(target = %target, "target healthy again; uploads resumed");
+            }
+            shared.engine.send_modify(|s| s.degraded = None);
             None
         }
     };
@@ -448,6 +551,13 @@ async fn run_batch(
                 entry.last_error = Some(error.to_string());
                 entry.state = State::Queued;
                 let delay = outage_delay.unwrap_or_default();
+                entry.next_attempt_at_ms = now + delay.as_millis() as u64;
+                shared.queue.set(&entry)
+            }
+            RootOutcome::Failed(error) if error.target_fault().is_some() => {
+                entry.last_error = Some(error.to_string());
+                entry.state = State::Queued;
+                let delay = fault_delay.unwrap_or_default();
                 entry.next_attempt_at_ms = now + delay.as_millis() as u64;
                 shared.queue.set(&entry)
             }
@@ -616,5 +726,29 @@ mod tests {
         assert!(!is_presence_outage(&refused));
         let upload = upload::Error::Backend(crate::backend::Error::Timeout { url: "u".into() });
         assert!(!is_presence_outage(&upload));
+    }
+
+    // See: #15
+    #[test]
+    fn presence_is_per_target_per_lifetime_and_ignores_stored_times_from_the_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue: Arc<dyn Queue> = Arc::new(SledQueue::open(dir.path()).unwrap());
+        let first = QueuePresence::new(Arc::clone(&queue), 3600, "file:///a");
+        assert_eq!(first.presence("h1"), PresenceMemory::Unknown);
+        first.remember_present(&["h1"]);
+        assert_eq!(first.presence("h1"), PresenceMemory::Answered);
+
+        // A later daemon (a new lifetime) on the same target remembers, but asks again where it matters.
+        let later = QueuePresence::new(Arc::clone(&queue), 3600, "file:///a");
+        assert_eq!(later.presence("h1"), PresenceMemory::Remembered);
+        // Another target starts from nothing.
+        let other = QueuePresence::new(Arc::clone(&queue), 3600, "file:///b");
+        assert_eq!(other.presence("h1"), PresenceMemory::Unknown);
+
+        // An expiry further ahead than the TTL was written under a clock that has since jumped back.
+        let key = later.key("h2");
+        let far = queue::now_ms() + 10 * 3600 * 1000;
+        queue.remember_present(&[&key], far).unwrap();
+        assert_eq!(later.presence("h2"), PresenceMemory::Unknown);
     }
 }

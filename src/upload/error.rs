@@ -1,6 +1,7 @@
 //! Why a path (and so the roots that need it) could not be uploaded, classified for the scheduler: retry with
 //! backoff, pause the target, or park the path as failed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend;
@@ -42,12 +43,14 @@ pub enum Error {
         computed: Sha256Hash,
     },
     /// A reference of this path failed, so its narinfo must not be published.
-    #[error("{path} was not uploaded because its reference {reference} failed")]
+    #[error("{path} was not uploaded because its reference {reference} failed: {cause}")]
     DependencyFailed {
         /// The path held back.
         path: StorePath,
         /// The reference that failed.
         reference: StorePath,
+        /// Why the reference failed.
+        cause: Arc<Error>,
     },
     /// The upload was interrupted by shutdown.
     #[error("interrupted by shutdown")]
@@ -69,6 +72,22 @@ impl Error {
             Error::Gone(_) | Error::Corrupt { .. } => false,
             Error::DependencyFailed { .. } => true,
             Error::Cancelled | Error::Internal(_) => true,
+        }
+    }
+
+    /// Why the target as a whole cannot take writes now (full, read-only, throttling), when that is the problem;
+    /// see [`backend::Error::target_fault`]. A NAR staged on the target's filesystem counts too.
+    pub fn target_fault(&self) -> Option<String> {
+        match self {
+            Error::Backend(e) | Error::Presence(e) => e.target_fault(),
+            Error::Prepare(prepare::Error::Temp { source, .. }) => backend::io_target_fault(source),
+            Error::DependencyFailed { cause, .. } => cause.target_fault(),
+            Error::Store(_)
+            | Error::Prepare(prepare::Error::Nar { .. })
+            | Error::Gone(_)
+            | Error::Corrupt { .. }
+            | Error::Cancelled
+            | Error::Internal(_) => None,
         }
     }
 

@@ -43,7 +43,7 @@ use prepare::PreparedNar;
 
 pub use crate::retry;
 pub use error::Error;
-pub use presence::{MemoryPresentCache, PresentCache, PRESENCE_TRIES};
+pub use presence::{MemoryPresentCache, PresenceMemory, PresentCache, PRESENCE_TRIES};
 pub use report::{
     human_bytes, log_report, upload_line, BatchReport, InFlight, LogObserver, Observer,
     PathOutcome, PathReport, Plan, RootOutcome,
@@ -239,13 +239,39 @@ impl<B: Backend + 'static> Engine<B> {
             report.paths.push(path_report);
         };
 
-        // 1. Exclusions and remembered answers.
+        // 1. Exclusions and remembered answers. An answer from before this lifetime is asked again, in the same
+        // query as the unknown paths, when a path that may be uploaded references it.
+        let memory: Vec<PresenceMemory> = closure
+            .iter()
+            .map(|info| {
+                if self.settings.is_excluded(&info.path) {
+                    PresenceMemory::Unknown
+                } else {
+                    self.present.presence(info.path.hash_part())
+                }
+            })
+            .collect();
+        let with = |wanted: PresenceMemory| -> HashSet<&StorePath> {
+            closure
+                .iter()
+                .zip(&memory)
+                .filter(|(info, m)| **m == wanted && !self.settings.is_excluded(&info.path))
+                .map(|(info, _)| &info.path)
+                .collect()
+        };
+        let recheck = presence::to_recheck(
+            closure,
+            &with(PresenceMemory::Unknown),
+            &with(PresenceMemory::Remembered),
+        );
         let mut candidates = Vec::new();
-        for info in closure {
+        for (info, remembered) in closure.iter().zip(&memory) {
             if self.settings.is_excluded(&info.path) {
                 outcomes.insert(info.path.clone(), None);
                 finish(report, info, PathOutcome::Excluded);
-            } else if self.present.is_known_present(info.path.hash_part()) {
+            } else if *remembered == PresenceMemory::Answered
+                || (*remembered == PresenceMemory::Remembered && !recheck.contains(&info.path))
+            {
                 outcomes.insert(info.path.clone(), None);
                 finish(report, info, PathOutcome::AlreadyPresent);
             } else {
@@ -402,11 +428,23 @@ impl<B: Backend + 'static> Engine<B> {
         loop {
             // Paths whose references failed must not be published.
             for (i, j) in order.fail_dependents() {
+                staged.remove(&i);
+                let cause = results
+                    .iter()
+                    .find(|(p, _)| p == &paths[j].path)
+                    .and_then(|(_, r)| r.as_ref().err().cloned())
+                    .unwrap_or_else(|| Arc::new(Error::Internal("unknown failure".into())));
+                // Name the first failure, not a chain of held-back referrers.
+                let cause = match &*cause {
+                    Error::DependencyFailed { cause: first, .. } => Arc::clone(first),
+                    _ => cause,
+                };
                 results.push((
                     paths[i].path.clone(),
                     Err(Arc::new(Error::DependencyFailed {
                         path: paths[i].path.clone(),
                         reference: paths[j].path.clone(),
+                        cause,
                     })),
                 ));
             }

@@ -55,12 +55,13 @@ impl Order {
         }
     }
 
-    /// Fails every waiting path one of whose references failed. Returns `(path, failed reference)` pairs, in
-    /// index order; along a chain the whole tail fails at once.
+    /// Fails every waiting or prepared path one of whose references failed. Returns `(path, failed reference)`
+    /// pairs, in index order; along a chain the whole tail fails at once. (A referrer prepared ahead of its
+    /// reference would otherwise wait forever and end the batch reported as cancelled; the engine drops its NAR.)
     pub fn fail_dependents(&mut self) -> Vec<(usize, usize)> {
         let mut failed = Vec::new();
         for i in 0..self.slots.len() {
-            if self.slots[i] != Slot::Waiting {
+            if !matches!(self.slots[i], Slot::Waiting | Slot::Prepared) {
                 continue;
             }
             if let Some(&j) = self.deps[i]
@@ -262,6 +263,18 @@ mod tests {
         assert!(uploaded.contains(&0) && uploaded.contains(&4));
         assert!(!uploaded.contains(&2) && !uploaded.contains(&3));
         assert!(unfinished.is_empty());
+    }
+
+    // See: #15
+    #[test]
+    fn a_referrer_prepared_before_its_reference_failed_fails_too() {
+        let mut order = Order::new(vec![vec![], vec![0]], 2);
+        assert_eq!(order.next(true), [Start::Prepare(0), Start::Prepare(1)]);
+        order.prepared(1);
+        order.failed(0);
+        assert_eq!(order.fail_dependents(), [(1, 0)]);
+        assert!(order.unfinished().is_empty());
+        assert!(order.is_idle());
     }
 
     #[test]

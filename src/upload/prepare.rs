@@ -101,9 +101,13 @@ pub fn prepare(
         inner: compressor,
         count: Arc::clone(progress),
     });
-    nar::dump(path.as_path(), &mut nar_hasher).map_err(|source| Error::Nar {
-        path: path.clone(),
-        source: Box::new(source),
+    nar::dump(path.as_path(), &mut nar_hasher).map_err(|source| match source {
+        // The NAR writes into our temporary file: a full disk there is the file's problem, not the path's.
+        nar::Error::Write(io) => temp_error(io),
+        other => Error::Nar {
+            path: path.clone(),
+            source: Box::new(other),
+        },
     })?;
     let (counting, nar_hash, nar_size) = nar_hasher.finish();
     let file_hasher = counting.inner.finish().map_err(temp_error)?;

@@ -2,35 +2,55 @@
 //! paths seen present ([`PresentCache`]), the target's `missing` query tried again while it fails transiently
 //! ([`Presence::target_lacks`]), and the upstream caches (through [`crate::backend::upstream`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{upstream::Upstreams, Backend};
+use crate::pathinfo::PathInfo;
 use crate::store_path::StorePath;
 
 use super::{retry, Error};
 
-/// Remembers which paths the target or an upstream is known to hold, so a rebuild does not ask again.
+/// What is remembered about whether the target (or an upstream) holds a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceMemory {
+    /// Nothing, or the memory expired.
+    Unknown,
+    /// The target said so, or we uploaded it, in this process's lifetime: good enough to reference it.
+    Answered,
+    /// Remembered from before this process started: good enough to skip the path, not to publish a narinfo that
+    /// references it (the cache may have lost it since), so such paths are asked again where that matters.
+    Remembered,
+}
+
+/// Remembers which paths the target or an upstream is known to hold, so a rebuild does not ask again. Answers
+/// belong to one target: an implementation keeps them apart by the target's identity.
 pub trait PresentCache: Send + Sync {
-    /// Whether `hash_part` was seen present and the memory has not expired.
-    fn is_known_present(&self, hash_part: &str) -> bool;
+    /// What is known about `hash_part`.
+    fn presence(&self, hash_part: &str) -> PresenceMemory;
     /// Remembers these paths as present for the configured time.
     fn remember_present(&self, hash_parts: &[&str]);
 }
 
-/// A [`PresentCache`] for one process (used by `nixpush push`).
+/// A [`PresentCache`] for one process (used by `nixpush push`): every answer is from this lifetime.
 #[derive(Debug, Default)]
 pub struct MemoryPresentCache(Mutex<HashSet<String>>);
 
 impl PresentCache for MemoryPresentCache {
-    fn is_known_present(&self, hash_part: &str) -> bool {
-        self.0
+    fn presence(&self, hash_part: &str) -> PresenceMemory {
+        let known = self
+            .0
             .lock()
             .map(|set| set.contains(hash_part))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if known {
+            PresenceMemory::Answered
+        } else {
+            PresenceMemory::Unknown
+        }
     }
 
     fn remember_present(&self, hash_parts: &[&str]) {
@@ -38,6 +58,30 @@ impl PresentCache for MemoryPresentCache {
             set.extend(hash_parts.iter().map(|h| (*h).to_owned()));
         }
     }
+}
+
+/// Which of the `remembered` paths of `closure` must be asked again: those a path that may be uploaded
+/// references, transitively, since a narinfo may only reference what the target is known to hold now.
+/// `unknown` are the paths that will be asked anyway (and so may be uploaded).
+pub fn to_recheck<'a>(
+    closure: &'a [PathInfo],
+    unknown: &HashSet<&'a StorePath>,
+    remembered: &HashSet<&'a StorePath>,
+) -> HashSet<&'a StorePath> {
+    let by_path: HashMap<&StorePath, &PathInfo> = closure.iter().map(|i| (&i.path, i)).collect();
+    let mut recheck: HashSet<&StorePath> = HashSet::new();
+    let mut frontier: Vec<&StorePath> = unknown.iter().copied().collect();
+    while let Some(path) = frontier.pop() {
+        let Some(info) = by_path.get(path) else {
+            continue;
+        };
+        for reference in &info.references {
+            if reference != path && remembered.contains(reference) && recheck.insert(reference) {
+                frontier.push(reference);
+            }
+        }
+    }
+    recheck
 }
 
 /// Tries of the presence query per batch (with the default policy, at most 1 + 2 + 4 s of waiting).

@@ -47,7 +47,12 @@ fn sample_and_example_configs_load() {
 #[test]
 fn sample_example_and_module_configs_pass_check_config() {
     for file in shipped_configs() {
-        succeed(Command::new(NIXPUSH).arg("check-config").arg(&file));
+        // The shipped files name secrets under /run, which this machine does not have.
+        succeed(
+            Command::new(NIXPUSH)
+                .args(["check-config", "--skip-files"])
+                .arg(&file),
+        );
     }
 
     // The module's build-time check, run as the builder would run it.

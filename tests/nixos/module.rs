@@ -109,7 +109,7 @@ fn module_writes_a_config_nixpush_accepts() {
     let script = eval["configFile"]["checkScript"].as_str().unwrap();
     assert!(
         script.contains(&format!(
-            "{}/bin/nixpush check-config \"$raw\"",
+            "{}/bin/nixpush check-config --skip-files \"$raw\"",
             package.display()
         )),
         "{script}"
