@@ -27,6 +27,8 @@
 
 pub mod backend;
 pub mod base32;
+pub mod buildlog;
+pub mod cache_info;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -40,6 +42,7 @@ pub mod narinfo;
 pub mod pathinfo;
 pub mod protocol;
 pub mod queue;
+pub mod realisation;
 pub mod secret;
 pub mod signing;
 pub mod spool;

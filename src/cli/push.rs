@@ -274,6 +274,7 @@ async fn push(
     let backend = AnyBackend::from_config(&config, credentials)?;
     let store = LocalStore::open(config.store_dir_str(), &config.nix_db)?;
     let key = crate::daemon::scheduler::load_signing_key(&config)?;
+    let extra_keys = crate::signing::SecretKey::load_all(&config.target.signing_key_files)?;
     let progress = Arc::new(Progress::new(std::io::stderr().is_terminal()));
     let engine = Arc::new(Engine::new(
         Arc::new(backend),
@@ -283,6 +284,7 @@ async fn push(
         Arc::new(MemoryPresentCache::default()),
         progress.clone(),
     )?);
+    engine.set_extra_signing_keys(extra_keys);
     engine.backend().prepare().await.with_context(|| {
         format!(
             "preparing {}",

@@ -147,6 +147,7 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
     let backend = AnyBackend::from_config(&config, credentials.clone())?;
     let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
     let key = load_signing_key(&config)?;
+    let extra_keys = SecretKey::load_all(&config.target.signing_key_files)?;
     let public_key = key.as_ref().map(|k| k.public_key().to_string());
     let engine = Engine::new(
         Arc::new(backend),
@@ -162,6 +163,7 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
             target: redact_url(&config.target.url),
         }),
     )?;
+    engine.set_extra_signing_keys(extra_keys);
     Ok(Built {
         config,
         engine: Arc::new(engine),
@@ -353,6 +355,10 @@ fn reload_secrets(built: &Built) {
             built.engine.set_signing_key(key);
         }
         Err(e) => tracing::warn!("keeping the previous signing key: {e}"),
+    }
+    match SecretKey::load_all(&built.config.target.signing_key_files) {
+        Ok(keys) => built.engine.set_extra_signing_keys(keys),
+        Err(e) => tracing::warn!("keeping the previous signing_key_files keys: {e}"),
     }
 }
 

@@ -12,7 +12,9 @@
 //! `2 × workers` prepared NARs wait on disk at once. The lowest unfinished path in topological order always has
 //! its references done, so it may start even when that limit is reached: the batch cannot deadlock.
 
+mod documents;
 pub mod prepare;
+mod resign;
 pub mod retry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -74,6 +76,9 @@ pub enum Error {
         /// The reference that failed.
         reference: StorePath,
     },
+    /// The build log could not be read from Nix's log directory.
+    #[error(transparent)]
+    Log(#[from] crate::buildlog::Error),
     /// The upload was interrupted by shutdown.
     #[error("interrupted by shutdown")]
     Cancelled,
@@ -90,7 +95,9 @@ impl Error {
             // A store that cannot be read now (locked DB, transient I/O) may be readable later.
             Error::Store(_) => true,
             Error::Prepare(prepare::Error::Temp { .. }) => true,
-            Error::Prepare(prepare::Error::Nar { .. }) => false,
+            Error::Prepare(prepare::Error::Nar { .. } | prepare::Error::Listing { .. }) => false,
+            // An unreadable log file (permissions, a disk error) may be fixed; the path waits for it.
+            Error::Log(_) => true,
             Error::Gone(_) | Error::Corrupt { .. } => false,
             Error::DependencyFailed { .. } => true,
             Error::Cancelled | Error::Internal(_) => true,
@@ -106,6 +113,7 @@ impl Error {
             | Error::Gone(_)
             | Error::Corrupt { .. }
             | Error::DependencyFailed { .. }
+            | Error::Log(_)
             | Error::Cancelled
             | Error::Internal(_) => false,
         }
@@ -337,6 +345,14 @@ pub struct Settings {
     pub presence_retry: retry::Policy,
     /// Tries of the presence query within one batch before the batch gives up on it.
     pub presence_tries: u32,
+    /// Write `<hash>.ls` NAR listings.
+    pub write_nar_listing: bool,
+    /// Upload build logs from `nix_log_dir`.
+    pub upload_logs: bool,
+    /// Nix's log directory.
+    pub nix_log_dir: PathBuf,
+    /// Re-sign present paths whose narinfo lacks our signature.
+    pub resign_existing: bool,
 }
 
 impl Settings {
@@ -363,6 +379,10 @@ impl Settings {
             upstream: config.upstream.clone(),
             presence_retry: retry::Policy::default(),
             presence_tries: PRESENCE_TRIES,
+            write_nar_listing: config.target.write_nar_listing,
+            upload_logs: config.target.upload_logs,
+            nix_log_dir: config.nix_log_dir.clone(),
+            resign_existing: config.target.resign_existing,
         })
     }
 
@@ -378,6 +398,10 @@ pub struct Engine<B> {
     store: Arc<LocalStore>,
     settings: Settings,
     signing_key: RwLock<Option<Arc<SecretKey>>>,
+    /// Keys from `signing_key_files`, each adding its signature after the main key's.
+    extra_keys: RwLock<Vec<Arc<SecretKey>>>,
+    /// Derivations whose build log was sent (see `documents`).
+    logs_sent: Mutex<HashSet<StorePath>>,
     present: Arc<dyn PresentCache>,
     observer: Arc<dyn Observer>,
     upstream_client: reqwest::Client,
@@ -407,6 +431,8 @@ impl<B: Backend + 'static> Engine<B> {
             store,
             settings,
             signing_key: RwLock::new(signing_key.map(Arc::new)),
+            extra_keys: RwLock::new(Vec::new()),
+            logs_sent: Mutex::new(HashSet::new()),
             present,
             observer,
             upstream_client: backend::http::client(Duration::from_secs(10))?,
@@ -424,6 +450,28 @@ impl<B: Backend + 'static> Engine<B> {
         if let Ok(mut guard) = self.signing_key.write() {
             *guard = key.map(Arc::new);
         }
+    }
+
+    /// Replaces the keys from `signing_key_files` (at start and after a key file changed).
+    pub fn set_extra_signing_keys(&self, keys: Vec<SecretKey>) {
+        if let Ok(mut guard) = self.extra_keys.write() {
+            *guard = keys.into_iter().map(Arc::new).collect();
+        }
+    }
+
+    /// Every key that signs, the main one first.
+    fn signing_keys(&self) -> Vec<Arc<SecretKey>> {
+        let mut keys: Vec<Arc<SecretKey>> = self
+            .signing_key
+            .read()
+            .ok()
+            .and_then(|k| k.clone())
+            .into_iter()
+            .collect();
+        if let Ok(extra) = self.extra_keys.read() {
+            keys.extend(extra.iter().cloned());
+        }
+        keys
     }
 
     /// What is being prepared or uploaded right now.
@@ -619,6 +667,14 @@ impl<B: Backend + 'static> Engine<B> {
         for info in candidates {
             if missing.contains(&info.path) {
                 to_check_upstream.push(info);
+            } else if let Err(e) = self.complete_present(info).await {
+                // Not remembered as present, so the next try completes it.
+                let e = Arc::new(e);
+                if e.is_auth() && report.auth_failure.is_none() {
+                    report.auth_failure = Some(Arc::clone(&e));
+                }
+                finish(report, info, PathOutcome::Failed(e.to_string()));
+                outcomes.insert(info.path.clone(), Some(e));
             } else {
                 present_now.push(info.path.hash_part().to_owned());
                 outcomes.insert(info.path.clone(), None);
@@ -668,6 +724,22 @@ impl<B: Backend + 'static> Engine<B> {
             }
         }
         outcomes
+    }
+
+    /// What a path the target already has may still lack: our signature (`resign_existing`) and realisations.
+    async fn complete_present(&self, info: &PathInfo) -> Result<(), Error> {
+        match self.resign_if_unsigned(info).await? {
+            resign::Resigned::Unchanged => {}
+            resign::Resigned::Signed => {
+                tracing::info!(store_path = %info.path, "re-signed {} (narinfo only)", info.path)
+            }
+            resign::Resigned::Mismatch(why) => tracing::warn!(
+                store_path = %info.path,
+                "not re-signing {}: the target's narinfo does not match the local store ({why})",
+                info.path
+            ),
+        }
+        self.put_missing_realisations(&info.path).await
     }
 
     /// The paths among `paths` the target lacks. A transient failure (one HEAD among hundreds timing out, a 503)
@@ -937,13 +1009,14 @@ impl<B: Backend + 'static> Engine<B> {
             file: dir.clone(),
             source,
         })?;
-        let (path, compression, level) = (
+        let (path, compression, level, listing) = (
             info.path.clone(),
             self.settings.compression,
             self.settings.level,
+            self.wants_listing(),
         );
         let prepared = tokio::task::spawn_blocking(move || {
-            prepare::prepare(&path, compression, level, &dir, &progress)
+            prepare::prepare(&path, compression, level, &dir, &progress, listing)
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -971,10 +1044,19 @@ impl<B: Backend + 'static> Engine<B> {
             sigs: Vec::new(),
             ca: info.ca.clone(),
         };
-        let key = self.signing_key.read().ok().and_then(|k| k.clone());
-        if let Some(key) = key {
-            narinfo.sign(&key);
-        }
+        // Ours first, then the signatures Nix holds (a path substituted from cache.nixos.org keeps its
+        // `cache.nixos.org-1` signature), unless the target takes only one.
+        let kept = if self
+            .backend
+            .cannot_store()
+            .contains(&backend::documents::Document::ExtraSignatures)
+        {
+            &[][..]
+        } else {
+            &info.sigs[..]
+        };
+        let keys = self.signing_keys();
+        narinfo.add_signatures(keys.iter().map(|k| k.as_ref()), kept);
         Ok((narinfo, prepared))
     }
 
@@ -991,13 +1073,26 @@ impl<B: Backend + 'static> Engine<B> {
             size: prepared.file_size,
             sha256: prepared.file_hash,
         };
-        let result = self.backend.upload(&narinfo, nar).await;
+        let result = match self
+            .put_before_narinfo(&narinfo, prepared.listing.as_deref())
+            .await
+        {
+            Ok(()) => self
+                .backend
+                .upload(&narinfo, nar)
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
         let (nar_size, file_size) = (prepared.nar_size, prepared.file_size);
         match result {
             Ok(()) => {
                 // A backend that renamed the file into place owns it now.
                 if !prepared.file.exists() {
                     prepared.keep();
+                }
+                if let Err(e) = self.put_after_narinfo(&narinfo).await {
+                    return Event::Uploaded(i, Err(e));
                 }
                 Event::Uploaded(
                     i,
@@ -1008,7 +1103,7 @@ impl<B: Backend + 'static> Engine<B> {
                     }),
                 )
             }
-            Err(e) => Event::Uploaded(i, Err(Error::Backend(e))),
+            Err(e) => Event::Uploaded(i, Err(e)),
         }
     }
 
