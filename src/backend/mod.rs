@@ -11,6 +11,7 @@ pub mod file;
 pub mod http;
 pub mod parts;
 pub mod s3;
+pub mod target;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
 pub use credentials::Credentials;
+pub use target::{Kind, Target};
 
 /// A compressed NAR waiting in a local file.
 #[derive(Debug, Clone, Copy)]

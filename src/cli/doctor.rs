@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::backend::{AnyBackend, Backend, Credentials, TargetInfo};
+use crate::backend::{AnyBackend, Backend, Credentials, Kind, TargetInfo};
 use crate::config::{redact_url, Config, DEFAULT_CONFIG_PATH};
 use crate::protocol::{self, Request, Response};
 use crate::signing::SecretKey;
@@ -504,18 +504,7 @@ fn read_url(config: &Config, info: Option<&TargetInfo>) -> String {
     if let Some(url) = info.and_then(|i| i.read_url.clone()) {
         return url;
     }
-    let url = &config.target.url;
-    if let Some(name) = url.strip_prefix("cachix://") {
-        return format!("https://{}.cachix.org", name.trim_end_matches('/'));
-    }
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        Err(_) => redact_url(url),
-    }
+    Kind::of(config).read_url(config)
 }
 
 /// Whether two cache URLs name the same cache (ignoring a trailing slash and `?options`).
@@ -574,13 +563,13 @@ fn check_signing_key(
     nix: &Result<NixSettings, String>,
 ) -> (Check, Option<SecretKey>) {
     const NAME: &str = "signing-key";
+    let kind = Kind::of(config);
     let Some(file) = &config.target.signing_key_file else {
-        if config.target.url.starts_with("cachix://") {
-            match crate::daemon::scheduler::load_signing_key(config) {
+        if let Some(key_var) = kind.signing_key_env_var() {
+            match kind.load_signing_key(config) {
                 Ok(Some(key)) => {
                     let detail = format!(
-                        "{} holds key {} (public key {})",
-                        crate::backend::cachix::SIGNING_KEY_ENV,
+                        "{key_var} holds key {} (public key {})",
                         key.name(),
                         key.public_key()
                     );
@@ -593,9 +582,8 @@ fn check_signing_key(
                             NAME,
                             e.to_string(),
                             format!(
-                                "set {} to the key `cachix generate-keypair` printed, or unset it for a \
-                                 Cachix-managed cache",
-                                crate::backend::cachix::SIGNING_KEY_ENV
+                                "set {key_var} to the key `cachix generate-keypair` printed, or unset it for a \
+                                 Cachix-managed cache"
                             ),
                         ),
                         None,
@@ -604,7 +592,7 @@ fn check_signing_key(
             }
         }
         let unsigned_ok = nix.as_ref().is_ok_and(|n| n.get("require-sigs") == "false");
-        let check = if config.target.url.starts_with("cachix://") {
+        let check = if kind.signs_by_itself() {
             Check::skip(
                 NAME,
                 "no signing_key_file or CACHIX_SIGNING_KEY: Cachix signs with its own key",
@@ -622,7 +610,7 @@ fn check_signing_key(
         };
         return (check, None);
     };
-    let key = match crate::daemon::scheduler::load_signing_key(config) {
+    let key = match kind.load_signing_key(config) {
         Ok(Some(key)) => key,
         Ok(None) => return (Check::skip(NAME, "no signing key"), None),
         Err(e) => {
@@ -715,19 +703,12 @@ fn check_public_key(
     }
 }
 
-fn token_env_var(config: &Config) -> &'static str {
-    if config.target.url.starts_with("cachix://") {
-        "CACHIX_AUTH_TOKEN"
-    } else {
-        "NIXPUSH_AUTH_TOKEN"
-    }
-}
-
 fn check_token_file(config: &Config) -> (Check, Option<Credentials>) {
     const NAME: &str = "token-file";
-    let var = token_env_var(config);
+    let kind = Kind::of(config);
+    let var = kind.token_env_var();
     let Some(file) = &config.target.auth_token_file else {
-        let credentials = Credentials::load(None, var).ok();
+        let credentials = kind.load_credentials(config).ok();
         let from_env = credentials.as_ref().is_some_and(|c| c.token().is_some());
         let detail = if from_env {
             format!("no auth_token_file; the token comes from ${var}")
@@ -736,7 +717,7 @@ fn check_token_file(config: &Config) -> (Check, Option<Credentials>) {
         };
         return (Check::skip(NAME, detail), credentials);
     };
-    match Credentials::load(Some(file), var) {
+    match kind.load_credentials(config) {
         Ok(credentials) => (
             Check::pass(NAME, format!("{} is readable", file.display())),
             Some(credentials),
@@ -782,7 +763,7 @@ async fn check_target(
     };
     match tokio::time::timeout(TARGET_TIMEOUT, backend.prepare()).await {
         Ok(Ok(info)) => {
-            let detail = if config.target.url.starts_with("file://") {
+            let detail = if Kind::of(config).is_local() {
                 format!("{url} is writable")
             } else {
                 format!("{url} answers and accepts our credentials")

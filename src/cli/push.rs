@@ -17,7 +17,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{AnyBackend, Backend, Credentials};
+use crate::backend::{Backend, Target};
 use crate::config::{Compression, Config, DEFAULT_CONFIG_PATH};
 use crate::pathinfo::LocalStore;
 use crate::protocol::{Request, Response};
@@ -265,37 +265,28 @@ async fn push(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let token_var = if config.target.url.starts_with("cachix://") {
-        "CACHIX_AUTH_TOKEN"
-    } else {
-        "NIXPUSH_AUTH_TOKEN"
-    };
-    let credentials = Credentials::load(config.target.auth_token_file.as_deref(), token_var)?;
-    let backend = AnyBackend::from_config(&config, credentials)?;
+    let target = Target::from_config(&config)?;
     let store = LocalStore::open(config.store_dir_str(), &config.nix_db)?;
-    let key = crate::daemon::scheduler::load_signing_key(&config)?;
-    let extra_keys = crate::signing::SecretKey::load_all(&config.target.signing_key_files)?;
     let progress = Arc::new(Progress::new(std::io::stderr().is_terminal()));
     let engine = Arc::new(Engine::new(
-        Arc::new(backend),
+        Arc::new(target.backend),
         Arc::new(store),
         Settings::from_config(&config)?,
-        key,
+        target.signing_key,
         Arc::new(MemoryPresentCache::default()),
         progress.clone(),
     )?);
-    engine.set_extra_signing_keys(extra_keys);
-    engine.backend().prepare().await.with_context(|| {
-        format!(
-            "preparing {}",
-            crate::config::redact_url(&config.target.url)
-        )
-    })?;
+    engine.set_extra_signing_keys(target.extra_signing_keys);
+    engine
+        .backend()
+        .prepare()
+        .await
+        .with_context(|| format!("preparing {}", target.display_name))?;
 
     let ticker = tokio::spawn(tick(Arc::clone(&progress), Arc::clone(&engine)));
     let cancel = CancellationToken::new();
     let mut summary = Summary {
-        target: crate::config::redact_url(&config.target.url),
+        target: target.display_name,
         ..Summary::default()
     };
     let mut pending = roots;

@@ -13,10 +13,9 @@ use futures_util::FutureExt as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{AnyBackend, Backend, Credentials};
+use crate::backend::{AnyBackend, Backend, Credentials, Kind, Target};
 use crate::config::{redact_url, Config};
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
-use crate::signing::SecretKey;
 use crate::status::{InFlightUpload, TargetState};
 use crate::upload::{
     self, retry, Engine, Observer, PathOutcome, PathReport, PresentCache, RootOutcome, Settings,
@@ -95,13 +94,10 @@ fn record(queue: &dyn Queue, report: &PathReport, outcome: Outcome, reason: Opti
 /// Why the scheduler cannot build its engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The token could not be read.
+    /// The target is unusable: its token, its signing key or its URL.
     #[error(transparent)]
-    Credentials(#[from] crate::backend::credentials::Error),
-    /// The signing key could not be read.
-    #[error(transparent)]
-    Key(#[from] crate::signing::Error),
-    /// The target is unusable.
+    Target(#[from] crate::backend::target::Error),
+    /// The upload engine cannot talk to upstream caches.
     #[error(transparent)]
     Backend(#[from] crate::backend::Error),
     /// The local store cannot be read.
@@ -117,57 +113,39 @@ struct Built {
     config: Arc<Config>,
     engine: Arc<Engine<AnyBackend>>,
     credentials: Credentials,
+    /// Where the signing key comes from, to read it again after a change.
+    kind: Kind,
     /// The public half of the signing key in use (`name:base64`), to tell a rotated key in the log.
     public_key: std::sync::Mutex<Option<String>>,
 }
 
-fn token_env_var(config: &Config) -> &'static str {
-    if config.target.url.starts_with("cachix://") {
-        "CACHIX_AUTH_TOKEN"
-    } else {
-        "NIXPUSH_AUTH_TOKEN"
-    }
-}
-
-/// Loads the signing key named by the configuration, if any. A `cachix://` target also takes Cachix's bare base64
-/// form, in the file or in `CACHIX_SIGNING_KEY`.
-pub fn load_signing_key(config: &Config) -> Result<Option<SecretKey>, crate::signing::Error> {
-    let file = config.target.signing_key_file.as_deref();
-    match crate::backend::cachix::cache_name(&config.target.url) {
-        Some(cache) => crate::backend::cachix::load_signing_key(cache, file),
-        None => file.map(SecretKey::load).transpose(),
-    }
-}
-
 fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
-    let credentials = Credentials::load(
-        config.target.auth_token_file.as_deref(),
-        token_env_var(&config),
-    )?;
-    let backend = AnyBackend::from_config(&config, credentials.clone())?;
+    let target = Target::from_config(&config)?;
     let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
-    let key = load_signing_key(&config)?;
-    let extra_keys = SecretKey::load_all(&config.target.signing_key_files)?;
-    let public_key = key.as_ref().map(|k| k.public_key().to_string());
+    let public_key = target
+        .signing_key
+        .as_ref()
+        .map(|k| k.public_key().to_string());
     let engine = Engine::new(
-        Arc::new(backend),
+        Arc::new(target.backend),
         Arc::new(store),
         Settings::from_config(&config)?,
-        key,
+        target.signing_key,
         Arc::new(QueuePresence {
             queue: Arc::clone(&shared.queue),
             ttl_ms: config.present_ttl_secs.saturating_mul(1000),
         }),
         Arc::new(DaemonObserver {
             queue: Arc::clone(&shared.queue),
-            target: redact_url(&config.target.url),
+            target: target.display_name,
         }),
     )?;
-    engine.set_extra_signing_keys(extra_keys);
+    engine.set_extra_signing_keys(target.extra_signing_keys);
     Ok(Built {
         config,
         engine: Arc::new(engine),
-        credentials,
+        credentials: target.credentials,
+        kind: target.kind,
         public_key: std::sync::Mutex::new(public_key),
     })
 }
@@ -338,7 +316,7 @@ fn reload_secrets(built: &Built) {
         Ok(false) => {}
         Err(e) => tracing::warn!("keeping the previous auth token: {e}"),
     }
-    match load_signing_key(&built.config) {
+    match built.kind.load_signing_key(&built.config) {
         Ok(key) => {
             let public_key = key.as_ref().map(|k| k.public_key().to_string());
             let mut current = built
@@ -356,7 +334,7 @@ fn reload_secrets(built: &Built) {
         }
         Err(e) => tracing::warn!("keeping the previous signing key: {e}"),
     }
-    match SecretKey::load_all(&built.config.target.signing_key_files) {
+    match crate::signing::SecretKey::load_all(&built.config.target.signing_key_files) {
         Ok(keys) => built.engine.set_extra_signing_keys(keys),
         Err(e) => tracing::warn!("keeping the previous signing_key_files keys: {e}"),
     }
@@ -576,28 +554,5 @@ async fn report_progress(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cachix_targets_take_bare_base64_keys_and_others_do_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = crate::signing::generate("mine-1").to_nix_string();
-        let bare = dir.path().join("bare.sec");
-        std::fs::write(&bare, key.expose().split_once(':').unwrap().1).unwrap();
-        let mut config = Config::default();
-        config.target.signing_key_file = Some(bare.clone());
-
-        config.target.url = "cachix://demo?api=http://127.0.0.1:1".into();
-        let loaded = load_signing_key(&config).unwrap().unwrap();
-        assert_eq!(loaded.name(), "demo.cachix.org-1");
-
-        config.target.url = "file:///tmp/cache".into();
-        let err = load_signing_key(&config).unwrap_err().to_string();
-        assert!(err.contains(&bare.display().to_string()), "{err}");
     }
 }

@@ -13,6 +13,7 @@
 //! its references done, so it may start even when that limit is reached: the batch cannot deadlock.
 
 mod documents;
+pub mod order;
 pub mod prepare;
 mod resign;
 pub mod retry;
@@ -35,6 +36,7 @@ use crate::pathinfo::{self, LocalStore, PathInfo};
 use crate::signing::SecretKey;
 use crate::store_path::StorePath;
 
+use order::Order;
 use prepare::PreparedNar;
 
 /// Why a path (and so the roots that need it) could not be uploaded.
@@ -838,7 +840,8 @@ impl<B: Backend + 'static> Engine<B> {
         found
     }
 
-    /// Prepares and uploads `paths` (topologically sorted) with bounded parallelism, references first.
+    /// Prepares and uploads `paths` (topologically sorted) with bounded parallelism, references first; the
+    /// [`Order`] decides what may start.
     async fn upload_in_order(
         &self,
         paths: &[&PathInfo],
@@ -852,21 +855,18 @@ impl<B: Backend + 'static> Engine<B> {
         // References inside this batch; anything else is already in the cache.
         let deps: Vec<Vec<usize>> = paths
             .iter()
-            .enumerate()
-            .map(|(i, info)| {
+            .map(|info| {
                 info.references
                     .iter()
                     .filter_map(|r| index.get(r).copied())
-                    .filter(|&j| j != i)
                     .collect()
             })
             .collect();
-        let mut states: Vec<State> = paths.iter().map(|_| State::Waiting).collect();
+        let mut order = Order::new(deps, self.settings.workers);
+        // NARs prepared and waiting for their references.
+        let mut staged: HashMap<usize, Box<Staged>> = HashMap::new();
         let mut results: Vec<(StorePath, Result<Uploaded, Arc<Error>>)> = Vec::new();
-        let workers = self.settings.workers.max(1);
-        let staged_limit = 2 * workers;
         let mut tasks = FuturesUnordered::new();
-        let (mut preparing, mut uploading) = (0usize, 0usize);
         // Results up to here have been reported to the observer.
         let mut notified = 0;
         let notify = |results: &[(StorePath, Result<Uploaded, Arc<Error>>)],
@@ -881,65 +881,30 @@ impl<B: Backend + 'static> Engine<B> {
         };
 
         loop {
-            // Fail paths whose references failed; they must not be published.
-            for i in 0..paths.len() {
-                if !matches!(states[i], State::Waiting) {
-                    continue;
-                }
-                if let Some(&j) = deps[i]
-                    .iter()
-                    .find(|&&j| matches!(states[j], State::Finished(false)))
-                {
-                    states[i] = State::Finished(false);
-                    results.push((
-                        paths[i].path.clone(),
-                        Err(Arc::new(Error::DependencyFailed {
-                            path: paths[i].path.clone(),
-                            reference: paths[j].path.clone(),
-                        })),
-                    ));
-                }
+            // Paths whose references failed must not be published.
+            for (i, j) in order.fail_dependents() {
+                results.push((
+                    paths[i].path.clone(),
+                    Err(Arc::new(Error::DependencyFailed {
+                        path: paths[i].path.clone(),
+                        reference: paths[j].path.clone(),
+                    })),
+                ));
             }
-            let refs_done = |i: usize, states: &[State]| {
-                deps[i]
-                    .iter()
-                    .all(|&j| matches!(states[j], State::Finished(true)))
-            };
-            // Start uploads of prepared paths whose references are in.
-            for i in 0..paths.len() {
-                if uploading >= workers {
-                    break;
-                }
-                if matches!(states[i], State::Prepared(_)) && refs_done(i, &states) {
-                    let State::Prepared(boxed) =
-                        std::mem::replace(&mut states[i], State::Uploading)
-                    else {
-                        continue;
-                    };
-                    let (narinfo, prepared, prep_time) = *boxed;
-                    uploading += 1;
-                    self.mark_uploading(&paths[i].path);
-                    tasks.push(Box::pin(self.upload_one(i, narinfo, prepared, prep_time))
-                        as std::pin::Pin<
-                            Box<dyn std::future::Future<Output = _> + Send + '_>,
-                        >);
-                }
-            }
-            // Start preparations, lowest topological index first.
-            if !cancel.is_cancelled() {
-                let staged = states
-                    .iter()
-                    .filter(|s| matches!(s, State::Prepared(_) | State::Preparing))
-                    .count();
-                for i in 0..paths.len() {
-                    if preparing >= workers {
-                        break;
+            for start in order.next(!cancel.is_cancelled()) {
+                match start {
+                    order::Start::Upload(i) => {
+                        let Some(boxed) = staged.remove(&i) else {
+                            continue;
+                        };
+                        let (narinfo, prepared, prep_time) = *boxed;
+                        self.mark_uploading(&paths[i].path);
+                        tasks.push(Box::pin(self.upload_one(i, narinfo, prepared, prep_time))
+                            as std::pin::Pin<
+                                Box<dyn std::future::Future<Output = _> + Send + '_>,
+                            >);
                     }
-                    if matches!(states[i], State::Waiting)
-                        && (staged + preparing < staged_limit || refs_done(i, &states))
-                    {
-                        states[i] = State::Preparing;
-                        preparing += 1;
+                    order::Start::Prepare(i) => {
                         tasks.push(Box::pin(self.prepare_one(i, paths[i])));
                     }
                 }
@@ -949,41 +914,36 @@ impl<B: Backend + 'static> Engine<B> {
             };
             match event {
                 Event::Prepared(i, Ok(prepared)) => {
-                    preparing -= 1;
-                    states[i] = State::Prepared(prepared);
+                    order.prepared(i);
+                    staged.insert(i, prepared);
                 }
                 Event::Prepared(i, Err(e)) | Event::Uploaded(i, Err(e)) => {
-                    if matches!(states[i], State::Uploading) {
-                        uploading -= 1;
-                    } else {
-                        preparing -= 1;
-                    }
+                    order.failed(i);
                     self.untrack(&paths[i].path);
-                    states[i] = State::Finished(false);
                     let e = Arc::new(e);
                     if e.is_auth() {
                         // Nothing else can succeed until the credentials change.
-                        fail_pending(&mut states, &mut results, paths, &e);
+                        for j in order.fail_pending() {
+                            staged.remove(&j);
+                            results.push((paths[j].path.clone(), Err(Arc::clone(&e))));
+                        }
                     }
                     results.push((paths[i].path.clone(), Err(e)));
                 }
                 Event::Uploaded(i, Ok(done)) => {
-                    uploading -= 1;
+                    order.uploaded(i);
                     self.untrack(&paths[i].path);
-                    states[i] = State::Finished(true);
                     results.push((paths[i].path.clone(), Ok(done)));
                 }
             }
             notify(&results, &mut notified);
-            if cancel.is_cancelled() && preparing == 0 && uploading == 0 {
+            if cancel.is_cancelled() && order.is_idle() {
                 break;
             }
         }
         // Whatever never started was cut short by shutdown.
-        for (i, state) in states.iter().enumerate() {
-            if !matches!(state, State::Finished(_)) {
-                results.push((paths[i].path.clone(), Err(Arc::new(Error::Cancelled))));
-            }
+        for i in order.unfinished() {
+            results.push((paths[i].path.clone(), Err(Arc::new(Error::Cancelled))));
         }
         notify(&results, &mut notified);
         results
@@ -1163,30 +1123,8 @@ fn topological(infos: Vec<PathInfo>) -> Vec<PathInfo> {
     ordered
 }
 
-/// Where one path of a batch stands.
-#[derive(Debug)]
-enum State {
-    Waiting,
-    Preparing,
-    Prepared(Box<(NarInfo, PreparedNar, Duration)>),
-    Uploading,
-    Finished(bool),
-}
-
-/// Marks every path that has not started, or waits with a prepared NAR, as failed with `cause`.
-fn fail_pending(
-    states: &mut [State],
-    results: &mut Vec<(StorePath, Result<Uploaded, Arc<Error>>)>,
-    paths: &[&PathInfo],
-    cause: &Arc<Error>,
-) {
-    for (i, state) in states.iter_mut().enumerate() {
-        if matches!(state, State::Waiting | State::Prepared(_)) {
-            *state = State::Finished(false);
-            results.push((paths[i].path.clone(), Err(Arc::clone(cause))));
-        }
-    }
-}
+/// A prepared NAR with its signed narinfo and the time preparing took.
+type Staged = (NarInfo, PreparedNar, Duration);
 
 /// A finished upload's figures.
 #[derive(Debug, Clone, Copy)]
@@ -1197,6 +1135,6 @@ struct Uploaded {
 }
 
 enum Event {
-    Prepared(usize, Result<Box<(NarInfo, PreparedNar, Duration)>, Error>),
+    Prepared(usize, Result<Box<Staged>, Error>),
     Uploaded(usize, Result<Uploaded, Error>),
 }
