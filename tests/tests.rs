@@ -1,6 +1,7 @@
 //! nixpush's integration tests: one binary, real Nix, real servers.
 
 mod cachix;
+mod complete;
 mod daemon_upload;
 mod faultproxy;
 mod formats;

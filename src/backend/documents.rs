@@ -42,6 +42,61 @@ impl Document {
     }
 }
 
+impl Document {
+    /// Whether `config` asks for this document (so a target that cannot hold it deserves a warning).
+    pub fn is_requested(self, config: &crate::config::Config) -> bool {
+        let target = &config.target;
+        match self {
+            Document::NarListing => target.write_nar_listing,
+            Document::BuildLog => target.upload_logs,
+            // Realisations are pushed whenever Nix has them; nothing to switch on.
+            Document::Realisation => false,
+            Document::CacheInfoFields => {
+                target.priority.is_some() || target.want_mass_query.is_some()
+            }
+            Document::ExtraSignatures => !target.signing_key_files.is_empty(),
+            Document::Resign => target.resign_existing,
+        }
+    }
+
+    /// A phrase for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Document::NarListing => "NAR listings",
+            Document::BuildLog => "build logs",
+            Document::Realisation => "realisations",
+            Document::CacheInfoFields => "nix-cache-info fields",
+            Document::ExtraSignatures => "more than one signature per narinfo",
+            Document::Resign => "re-signing a narinfo without its NAR",
+        }
+    }
+}
+
+/// One line saying what a target cannot hold, or `None` when it holds everything.
+pub fn cannot_store_note(cannot: &[Document], config: &crate::config::Config) -> Option<String> {
+    if cannot.is_empty() {
+        return None;
+    }
+    let listed: Vec<String> = cannot
+        .iter()
+        .map(|d| {
+            if d.is_requested(config) {
+                format!(
+                    "{} (asked for by {}: ignored)",
+                    d.describe(),
+                    d.config_key()
+                )
+            } else {
+                d.describe().to_owned()
+            }
+        })
+        .collect();
+    Some(format!(
+        "this target's API cannot take {}",
+        listed.join(", ")
+    ))
+}
+
 /// Content type of a NAR listing.
 pub const LISTING_TYPE: &str = "application/json";
 /// Content type of a build log (what Nix's `addBuildLog` sends).

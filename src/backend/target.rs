@@ -72,6 +72,14 @@ impl Kind {
         matches!(self, Kind::Cachix { .. })
     }
 
+    /// What of a complete cache this kind of target cannot hold (see [`super::Backend::cannot_store`]).
+    pub fn cannot_store(&self) -> &'static [super::documents::Document] {
+        match self {
+            Kind::Cachix { .. } => cachix::CANNOT_STORE,
+            Kind::File | Kind::Http | Kind::S3 | Kind::Other => &[],
+        }
+    }
+
     /// Whether the target is a directory on this machine rather than a server.
     pub fn is_local(&self) -> bool {
         matches!(self, Kind::File)

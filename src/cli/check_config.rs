@@ -20,5 +20,10 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
         .unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
     let config = Config::load(path)?;
     print!("{}", config.to_effective_toml());
+    // On stderr, so the effective configuration on stdout stays a file one can use as is.
+    let kind = crate::backend::target::Kind::of(&config);
+    if let Some(note) = crate::backend::documents::cannot_store_note(kind.cannot_store(), &config) {
+        eprintln!("note: {note}");
+    }
     Ok(ExitCode::SUCCESS)
 }
