@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::queue::{HistoryRecord, Outcome, RefusedRecord, Totals, TotalsReport};
 use crate::store_path::StorePath;
 
+/// Sizes read the same in `status`, the log and `push`.
+pub use crate::upload::human_bytes;
+
 /// The report's format version.
 pub const STATUS_VERSION: u32 = 1;
 
@@ -413,21 +416,6 @@ pub fn human_duration(secs: u64) -> String {
         3600..=86_399 => format!("{}h {:02}m", secs / 3600, secs % 3600 / 60),
         _ => format!("{}d {:02}h", secs / 86_400, secs % 86_400 / 3600),
     }
-}
-
-/// `512 B`, `1.5 KiB`, `12.3 MiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]

@@ -235,25 +235,6 @@ impl Backend for HttpBackend {
     }
 }
 
-/// Asks a read-only binary cache (an upstream such as cache.nixos.org) whether it serves `path`.
-pub async fn cache_has(
-    client: &reqwest::Client,
-    base: &str,
-    path: &StorePath,
-) -> Result<bool, Error> {
-    let url = format!(
-        "{}/{}.narinfo",
-        base.trim_end_matches('/'),
-        path.hash_part()
-    );
-    let response = send(client.head(&url), "HEAD", &url).await?;
-    match response.status() {
-        s if s.is_success() => Ok(true),
-        StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => Ok(false),
-        _ => Err(status_error("HEAD", &url, response).await),
-    }
-}
-
 /// The HTTP client every backend uses: bounded connect and idle timeouts, redirects only within one origin
 /// (scheme, host and port), so a target cannot send our credentials elsewhere.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, Error> {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod parts;
 pub mod s3;
 pub mod target;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -11,10 +11,17 @@
 //! NAR preparation runs ahead of uploads, which keeps both cores busy along a chain of dependencies, but at most
 //! `2 × workers` prepared NARs wait on disk at once. The lowest unfinished path in topological order always has
 //! its references done, so it may start even when that limit is reached: the batch cannot deadlock.
+//!
+//! This file holds the [`Engine`] and its [`Settings`]; the rest of the work is split by concern:
+//! [`order`] decides what may start, [`presence`] asks what the target and upstreams hold, [`prepare`] makes
+//! the NAR file, [`report`] tells of outcomes, [`retry`] times the retries, and `error` classifies failures.
 
 mod documents;
+mod error;
 pub mod order;
 pub mod prepare;
+pub mod presence;
+pub mod report;
 mod resign;
 pub mod retry;
 
@@ -25,308 +32,24 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, Backend, NarFile};
 use crate::config::{Compression, Config};
-use crate::hash::Sha256Hash;
 use crate::narinfo::NarInfo;
-use crate::pathinfo::{self, LocalStore, PathInfo};
+use crate::pathinfo::{LocalStore, PathInfo};
 use crate::signing::SecretKey;
 use crate::store_path::StorePath;
 
 use order::Order;
 use prepare::PreparedNar;
 
-/// Why a path (and so the roots that need it) could not be uploaded.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The target failed.
-    #[error(transparent)]
-    Backend(#[from] backend::Error),
-    /// The local store could not tell us about the path.
-    #[error(transparent)]
-    Store(#[from] pathinfo::Error),
-    /// The NAR could not be produced.
-    #[error(transparent)]
-    Prepare(#[from] prepare::Error),
-    /// The target could not say which paths it already has. Not any one path's fault: the daemon queues the
-    /// batch again without spending the paths' attempts, unless the error is permanent.
-    #[error("cannot ask the target which paths it already has: {0}")]
-    Presence(#[source] backend::Error),
-    /// The path is no longer in the store (garbage-collected after it was queued).
-    #[error("{0} is no longer valid in the local store (garbage-collected?)")]
-    Gone(StorePath),
-    /// The bytes on disk do not match what Nix recorded: uploading them would poison the cache.
-    #[error(
-        "{path} is corrupt: Nix recorded NarHash {recorded} but its contents hash to {computed}"
-    )]
-    Corrupt {
-        /// The store path.
-        path: StorePath,
-        /// `NarHash` in Nix's database.
-        recorded: Sha256Hash,
-        /// What nixpush computed from the bytes it streamed.
-        computed: Sha256Hash,
-    },
-    /// A reference of this path failed, so its narinfo must not be published.
-    #[error("{path} was not uploaded because its reference {reference} failed")]
-    DependencyFailed {
-        /// The path held back.
-        path: StorePath,
-        /// The reference that failed.
-        reference: StorePath,
-    },
-    /// The build log could not be read from Nix's log directory.
-    #[error(transparent)]
-    Log(#[from] crate::buildlog::Error),
-    /// The upload was interrupted by shutdown.
-    #[error("interrupted by shutdown")]
-    Cancelled,
-    /// A worker thread died.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl Error {
-    /// Whether trying again later can succeed.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Error::Backend(e) | Error::Presence(e) => e.is_retryable(),
-            // A store that cannot be read now (locked DB, transient I/O) may be readable later.
-            Error::Store(_) => true,
-            Error::Prepare(prepare::Error::Temp { .. }) => true,
-            Error::Prepare(prepare::Error::Nar { .. } | prepare::Error::Listing { .. }) => false,
-            // An unreadable log file (permissions, a disk error) may be fixed; the path waits for it.
-            Error::Log(_) => true,
-            Error::Gone(_) | Error::Corrupt { .. } => false,
-            Error::DependencyFailed { .. } => true,
-            Error::Cancelled | Error::Internal(_) => true,
-        }
-    }
-
-    /// Whether the target rejected our credentials.
-    pub fn is_auth(&self) -> bool {
-        match self {
-            Error::Backend(e) | Error::Presence(e) => e.is_auth(),
-            Error::Store(_)
-            | Error::Prepare(_)
-            | Error::Gone(_)
-            | Error::Corrupt { .. }
-            | Error::DependencyFailed { .. }
-            | Error::Log(_)
-            | Error::Cancelled
-            | Error::Internal(_) => false,
-        }
-    }
-
-    /// The server's requested delay, if any.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Error::Backend(e) | Error::Presence(e) => e.retry_after(),
-            _ => None,
-        }
-    }
-}
-
-/// What happened to one path of a batch.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case", tag = "outcome", content = "reason")]
-pub enum PathOutcome {
-    /// Uploaded now.
-    Uploaded,
-    /// The target already had it.
-    AlreadyPresent,
-    /// An upstream cache serves it.
-    SkippedUpstream,
-    /// Matched an `exclude` pattern.
-    Excluded,
-    /// Could not be uploaded.
-    Failed(String),
-}
-
-/// One path's result, for logs, status history and `push` summaries.
-#[derive(Debug, Clone, Serialize)]
-pub struct PathReport {
-    /// The store path.
-    pub path: StorePath,
-    /// What happened.
-    pub outcome: PathOutcome,
-    /// Uncompressed NAR size (from Nix's database, or measured when uploaded).
-    pub nar_size: u64,
-    /// Compressed size, when uploaded.
-    pub file_size: Option<u64>,
-    /// Time spent preparing and uploading, when uploaded.
-    pub duration_ms: Option<u64>,
-    /// How the uploaded file is compressed, when uploaded.
-    pub compression: Option<Compression>,
-}
-
-/// What happened to one requested root.
-#[derive(Debug)]
-pub enum RootOutcome {
-    /// The root and its whole closure are in the cache (or deliberately skipped).
-    Done,
-    /// The root is no longer valid in the local store.
-    Gone,
-    /// Something in its closure failed.
-    Failed(Arc<Error>),
-}
-
-/// The result of one batch.
-#[derive(Debug, Default)]
-pub struct BatchReport {
-    /// One entry per requested root, in request order.
-    pub roots: Vec<(StorePath, RootOutcome)>,
-    /// One entry per closure member that was considered.
-    pub paths: Vec<PathReport>,
-    /// Set when the target rejected our credentials: nothing more can succeed until they change.
-    pub auth_failure: Option<Arc<Error>>,
-}
-
-/// A path being prepared or uploaded right now.
-#[derive(Debug, Clone, Serialize)]
-pub struct InFlight {
-    /// The store path.
-    pub path: StorePath,
-    /// Its NAR size as Nix recorded it.
-    pub nar_size: u64,
-    /// NAR bytes produced so far.
-    pub nar_done: u64,
-    /// `preparing` or `uploading`.
-    pub phase: &'static str,
-    /// Milliseconds since it started.
-    pub elapsed_ms: u64,
-}
-
-/// Remembers which paths the target or an upstream is known to hold, so a rebuild does not ask again.
-pub trait PresentCache: Send + Sync {
-    /// Whether `hash_part` was seen present and the memory has not expired.
-    fn is_known_present(&self, hash_part: &str) -> bool;
-    /// Remembers these paths as present for the configured time.
-    fn remember_present(&self, hash_parts: &[&str]);
-}
-
-/// A [`PresentCache`] for one process (used by `nixpush push`).
-#[derive(Debug, Default)]
-pub struct MemoryPresentCache(Mutex<HashSet<String>>);
-
-impl PresentCache for MemoryPresentCache {
-    fn is_known_present(&self, hash_part: &str) -> bool {
-        self.0
-            .lock()
-            .map(|set| set.contains(hash_part))
-            .unwrap_or(false)
-    }
-
-    fn remember_present(&self, hash_parts: &[&str]) {
-        if let Ok(mut set) = self.0.lock() {
-            set.extend(hash_parts.iter().map(|h| (*h).to_owned()));
-        }
-    }
-}
-
-/// What a batch is about to do, once the cache has been asked.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Plan {
-    /// Closure members considered.
-    pub paths: usize,
-    /// Paths that will be uploaded.
-    pub to_upload: usize,
-    /// Their uncompressed NAR bytes.
-    pub to_upload_bytes: u64,
-}
-
-/// Receives a report as each path finishes (logs, progress bars, history).
-pub trait Observer: Send + Sync {
-    /// Called once per batch when it is known what must be uploaded.
-    fn planned(&self, _plan: &Plan) {}
-    /// Called once per closure member, as soon as its outcome is known.
-    fn path_finished(&self, report: &PathReport);
-}
-
-/// An observer that only logs.
-#[derive(Debug, Default)]
-pub struct LogObserver;
-
-impl Observer for LogObserver {
-    fn path_finished(&self, report: &PathReport) {
-        log_report(report, None);
-    }
-}
-
-/// `uploaded /nix/store/…-hello-2.12 (12.3 MiB → 3.1 MiB zstd, 0.8 s)`: how logs and `push` tell of an upload.
-pub fn upload_line(report: &PathReport) -> String {
-    format!(
-        "uploaded {} ({} → {} {}, {:.1} s)",
-        report.path,
-        human_bytes(report.nar_size),
-        human_bytes(report.file_size.unwrap_or_default()),
-        report
-            .compression
-            .map(Compression::narinfo_name)
-            .unwrap_or("?"),
-        report.duration_ms.unwrap_or_default() as f64 / 1000.0
-    )
-}
-
-/// Logs one finished path the way the journal should read: a human line, plus the fields `store_path`,
-/// `nar_size`, `file_size`, `duration_ms`, `compression` and `target` (journald shows them upper-cased, e.g.
-/// `STORE_PATH`, for `journalctl -o json` and filters such as `journalctl STORE_PATH=…`).
-pub fn log_report(report: &PathReport, target: Option<&str>) {
-    match &report.outcome {
-        PathOutcome::Uploaded => tracing::info!(
-            store_path = %report.path,
-            nar_size = report.nar_size,
-            file_size = report.file_size.unwrap_or_default(),
-            duration_ms = report.duration_ms.unwrap_or_default(),
-            compression = report.compression.map(Compression::narinfo_name),
-            target,
-            "{}",
-            upload_line(report)
-        ),
-        PathOutcome::Failed(reason) => tracing::warn!(
-            store_path = %report.path,
-            nar_size = report.nar_size,
-            target,
-            "failed to upload {}: {reason}",
-            report.path
-        ),
-        PathOutcome::AlreadyPresent | PathOutcome::SkippedUpstream | PathOutcome::Excluded => {
-            tracing::debug!(
-                store_path = %report.path,
-                nar_size = report.nar_size,
-                outcome = ?report.outcome,
-                target,
-                "skipped {}",
-                report.path
-            )
-        }
-    }
-}
-
-/// `12.3 MiB` style sizes for humans.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// Tries of the presence query per batch (with the default policy, at most 1 + 2 + 4 s of waiting).
-pub const PRESENCE_TRIES: u32 = 4;
-/// The longest the engine waits between presence tries; a server asking for more gets the batch back in the
-/// queue instead, so shutdown and status are not held up.
-const PRESENCE_MAX_WAIT: Duration = Duration::from_secs(30);
+pub use error::Error;
+pub use presence::{MemoryPresentCache, PresentCache, PRESENCE_TRIES};
+pub use report::{
+    human_bytes, log_report, upload_line, BatchReport, InFlight, LogObserver, Observer,
+    PathOutcome, PathReport, Plan, RootOutcome,
+};
 
 /// Engine settings derived from the configuration.
 #[derive(Debug, Clone)]
@@ -406,7 +129,7 @@ pub struct Engine<B> {
     logs_sent: Mutex<HashSet<StorePath>>,
     present: Arc<dyn PresentCache>,
     observer: Arc<dyn Observer>,
-    upstream_client: reqwest::Client,
+    upstreams: backend::upstream::Upstreams,
     in_flight: Mutex<BTreeMap<StorePath, Tracked>>,
 }
 
@@ -428,6 +151,7 @@ impl<B: Backend + 'static> Engine<B> {
         present: Arc<dyn PresentCache>,
         observer: Arc<dyn Observer>,
     ) -> Result<Engine<B>, backend::Error> {
+        let upstreams = backend::upstream::Upstreams::new(settings.upstream.clone())?;
         Ok(Engine {
             backend,
             store,
@@ -437,7 +161,7 @@ impl<B: Backend + 'static> Engine<B> {
             logs_sent: Mutex::new(HashSet::new()),
             present,
             observer,
-            upstream_client: backend::http::client(Duration::from_secs(10))?,
+            upstreams,
             in_flight: Mutex::new(BTreeMap::new()),
         })
     }
@@ -649,8 +373,9 @@ impl<B: Backend + 'static> Engine<B> {
 
         // 2. One batched question to the target.
         let candidate_paths: Vec<StorePath> = candidates.iter().map(|i| i.path.clone()).collect();
+        let presence = self.presence();
         let missing: HashSet<StorePath> =
-            match self.missing_retrying(&candidate_paths, cancel).await {
+            match presence.target_lacks(&candidate_paths, cancel).await {
                 Ok(m) => m.into_iter().collect(),
                 Err(e) => {
                     // No path was tried, so none is reported as failed; the roots carry the error.
@@ -685,7 +410,8 @@ impl<B: Backend + 'static> Engine<B> {
         }
 
         // 3. Upstream caches.
-        let upstream_has = self.upstream_has(&to_check_upstream).await;
+        let unknown: Vec<StorePath> = to_check_upstream.iter().map(|i| i.path.clone()).collect();
+        let upstream_has = presence.upstream_serves(&unknown).await;
         let mut to_upload = Vec::new();
         for info in to_check_upstream {
             if upstream_has.contains(&info.path) {
@@ -744,39 +470,12 @@ impl<B: Backend + 'static> Engine<B> {
         self.put_missing_realisations(&info.path).await
     }
 
-    /// The paths among `paths` the target lacks. A transient failure (one HEAD among hundreds timing out, a 503)
-    /// says nothing about any single path, so the whole query is tried again with backoff before the batch gives
-    /// up with [`Error::Presence`].
-    async fn missing_retrying(
-        &self,
-        paths: &[StorePath],
-        cancel: &CancellationToken,
-    ) -> Result<Vec<StorePath>, Error> {
-        let tries = self.settings.presence_tries.max(1);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let e = match self.backend.missing(paths).await {
-                Ok(missing) => return Ok(missing),
-                Err(e) => e,
-            };
-            let delay =
-                self.settings
-                    .presence_retry
-                    .delay(attempt, e.retry_after(), rand::random());
-            if !e.is_retryable() || attempt >= tries || delay > PRESENCE_MAX_WAIT {
-                return Err(Error::Presence(e));
-            }
-            tracing::warn!(
-                "asking the target which of {} path(s) it has failed (try {attempt}/{tries}), trying again in \
-                 {:.1} s: {e}",
-                paths.len(),
-                delay.as_secs_f64()
-            );
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(Error::Cancelled),
-                _ = tokio::time::sleep(delay) => {}
-            }
+    fn presence(&self) -> presence::Presence<'_, B> {
+        presence::Presence {
+            backend: &self.backend,
+            upstreams: &self.upstreams,
+            retry: &self.settings.presence_retry,
+            tries: self.settings.presence_tries,
         }
     }
 
@@ -800,44 +499,6 @@ impl<B: Backend + 'static> Engine<B> {
                 compression: None,
             },
         }
-    }
-
-    /// Asks every upstream cache about `paths`; a cache that cannot be reached counts as not having them.
-    async fn upstream_has(&self, paths: &[&PathInfo]) -> HashSet<StorePath> {
-        let mut found = HashSet::new();
-        for base in &self.settings.upstream {
-            let unknown: Vec<&PathInfo> = paths
-                .iter()
-                .copied()
-                .filter(|i| !found.contains(&i.path))
-                .collect();
-            let unknown: Vec<StorePath> = unknown.into_iter().map(|i| i.path.clone()).collect();
-            let client = &self.upstream_client;
-            let answers: Vec<(StorePath, Result<bool, backend::Error>)> =
-                futures_util::stream::iter(unknown)
-                    .map(|path| async move {
-                        let has = backend::http::cache_has(client, base, &path).await;
-                        (path, has)
-                    })
-                    .buffer_unordered(16)
-                    .collect()
-                    .await;
-            let mut warned = false;
-            for (path, answer) in answers {
-                match answer {
-                    Ok(true) => {
-                        found.insert(path);
-                    }
-                    Ok(false) => {}
-                    Err(e) if !warned => {
-                        warned = true;
-                        tracing::warn!(upstream = %base, "upstream cache unavailable, uploading instead: {e}");
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-        found
     }
 
     /// Prepares and uploads `paths` (topologically sorted) with bounded parallelism, references first; the

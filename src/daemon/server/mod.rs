@@ -1,30 +1,35 @@
-//! The accept loop and the per-connection handler for the hook socket.
+//! The hook socket's server: the accept loop and the per-connection handler.
 //!
 //! Each connection gets `client_timeout_ms` to deliver each request. A malformed, oversized or late request is
 //! answered with an error naming the problem, logged, and the connection closed; the loop keeps serving everyone
 //! else. The handler takes any `AsyncRead + AsyncWrite`, so tests drive it over `tokio::io::duplex`.
+//!
+//! [`slots`] holds the connection table and its eviction, [`framing`] reads frames, [`control`] answers
+//! requests.
+
+mod control;
+mod framing;
+mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::protocol::{
-    self, ErrorKind, Request, Response, MAX_FRAME_BYTES, MAX_LIST_PAGE, MAX_REFUSALS_SHOWN,
-};
-use crate::queue::{Queue, State};
-use crate::store_path::StorePath;
+use crate::protocol::{self, ErrorKind, Response};
 
-use super::auth::{self, Peer};
-use super::{resolve, Shared};
+use super::auth::Peer;
+use super::Shared;
 
-/// Connections served at once. When all are taken, a new connection evicts the one that has waited longest for
-/// its request, so clients that connect and send nothing (or dribble) cannot lock out a hook.
-pub const MAX_CONNECTIONS: usize = 512;
+pub use control::handle;
+pub use slots::MAX_CONNECTIONS;
+
+use framing::{read_frame, read_some, FIRST_READ};
+use slots::{Slot, Slots};
 
 /// Accepts connections until `stop` is cancelled. Connection tasks run on `tasks`.
 pub async fn accept_loop(
@@ -74,108 +79,6 @@ pub async fn accept_loop(
 }
 
 /// The table of connections being served.
-#[derive(Default)]
-struct Slots {
-    table: std::sync::Mutex<SlotTable>,
-    freed: tokio::sync::Notify,
-}
-
-#[derive(Default)]
-struct SlotTable {
-    next_id: u64,
-    open: std::collections::HashMap<u64, Arc<SlotState>>,
-}
-
-/// One connection's entry: since when it waits for a request (`None` while one is being answered), and how to
-/// evict it.
-struct SlotState {
-    waiting_since: std::sync::Mutex<Option<Instant>>,
-    evict: CancellationToken,
-}
-
-impl SlotState {
-    fn set_waiting(&self, waiting: bool) {
-        let mut since = self
-            .waiting_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *since = waiting.then(Instant::now);
-    }
-
-    fn waiting_since(&self) -> Option<Instant> {
-        *self
-            .waiting_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// A connection's place in [`Slots`]; leaves the table when dropped.
-struct Slot {
-    slots: Arc<Slots>,
-    id: u64,
-    state: Arc<SlotState>,
-}
-
-impl Slots {
-    /// A place for a new connection. At [`MAX_CONNECTIONS`] the longest-waiting idle connection is evicted; if
-    /// every connection is busy answering, waits until one finishes.
-    async fn take(self: Arc<Slots>) -> Slot {
-        loop {
-            let freed = self.freed.notified();
-            if let Some((id, state)) = self.try_take() {
-                drop(freed);
-                return Slot {
-                    slots: self,
-                    id,
-                    state,
-                };
-            }
-            freed.await;
-        }
-    }
-
-    fn try_take(&self) -> Option<(u64, Arc<SlotState>)> {
-        let mut table = self.lock();
-        if table.open.len() >= MAX_CONNECTIONS {
-            let oldest = table
-                .open
-                .iter()
-                .filter_map(|(id, state)| state.waiting_since().map(|since| (since, *id)))
-                .min();
-            if let Some((_, id)) = oldest {
-                if let Some(state) = table.open.remove(&id) {
-                    state.evict.cancel();
-                }
-            }
-        }
-        if table.open.len() >= MAX_CONNECTIONS {
-            return None;
-        }
-        table.next_id += 1;
-        let id = table.next_id;
-        let state = Arc::new(SlotState {
-            waiting_since: std::sync::Mutex::new(Some(Instant::now())),
-            evict: CancellationToken::new(),
-        });
-        table.open.insert(id, state.clone());
-        Some((id, state))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotTable> {
-        self.table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.slots.lock().open.remove(&self.id);
-        self.slots.freed.notify_one();
-    }
-}
-
 /// Serves requests on one connection until the client closes it, sends something invalid, is too slow, or the
 /// daemon stops (between requests only: a request already being read is answered).
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
@@ -279,66 +182,6 @@ async fn evicted<S: AsyncWrite + Unpin>(stream: &mut S, peer: Peer) {
     let _ = timeout_at(deadline, stream.shutdown()).await;
 }
 
-/// The first read of a request: enough for any hook's request.
-const FIRST_READ: usize = 4096;
-/// Largest single read; a frame bigger than this arrives in several.
-const READ_CHUNK: usize = 64 * 1024;
-
-/// Appends up to `max` bytes from one read to `received`; returns how many (0 at end of stream).
-async fn read_some<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    received: &mut Vec<u8>,
-    max: usize,
-) -> std::io::Result<usize> {
-    // `read_buf` on a full Vec would only grow it by 64 bytes at a time.
-    received.reserve(max);
-    let mut limited = (&mut *stream).take(max as u64);
-    limited.read_buf(received).await
-}
-
-/// Takes one frame's payload from `received`, reading more until it is complete. The buffer grows only with
-/// what actually arrives, so a client announcing 1 MiB and sending nothing costs nothing.
-async fn read_frame<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    received: &mut Vec<u8>,
-    deadline: Instant,
-) -> Result<Vec<u8>, (ErrorKind, String)> {
-    let mut needed = 4;
-    let mut len = None;
-    loop {
-        if len.is_none() && received.len() >= 4 {
-            let header = [received[0], received[1], received[2], received[3]];
-            let frame_len = protocol::frame_len(header).map_err(|e| (e.kind(), e.to_string()))?;
-            len = Some(frame_len);
-            needed = 4 + frame_len;
-        }
-        if received.len() >= needed {
-            if let Some(len) = len {
-                debug_assert!(len <= MAX_FRAME_BYTES);
-                let payload = received[4..needed].to_vec();
-                received.drain(..needed);
-                return Ok(payload);
-            }
-        }
-        let want = (needed - received.len()).min(READ_CHUNK);
-        match timeout_at(deadline, read_some(stream, received, want)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return Err((
-                    ErrorKind::Malformed,
-                    "connection closed in the middle of a request".to_owned(),
-                ))
-            }
-            Ok(Ok(_)) => {}
-            Err(_) => {
-                return Err((
-                    ErrorKind::Timeout,
-                    "request not complete within the client timeout".to_owned(),
-                ))
-            }
-        }
-    }
-}
-
 async fn refuse_connection<S: AsyncWrite + Unpin>(
     stream: &mut S,
     peer: Peer,
@@ -356,200 +199,15 @@ async fn refuse_connection<S: AsyncWrite + Unpin>(
     let _ = timeout_at(deadline, stream.shutdown()).await;
 }
 
-fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error {
-        kind,
-        message: message.into(),
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> Response {
-    tracing::error!("request failed: {e}");
-    error(ErrorKind::Internal, e.to_string())
-}
-
-/// Answers one request.
-pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
-    let config = shared.config();
-    let denied = || auth::check(peer.uid, peer.gid, &config);
-    match request {
-        Request::Status => match shared.report() {
-            Ok(report) => Response::Status(Box::new(report)),
-            Err(e) => internal(e),
-        },
-        Request::List { after, limit } => {
-            let limit = limit.unwrap_or(MAX_LIST_PAGE).clamp(1, MAX_LIST_PAGE);
-            match shared.queue.list(after.as_deref(), limit) {
-                Ok(entries) => Response::List {
-                    next: (entries.len() == limit)
-                        .then(|| entries.last().map(|e| e.path.to_string()))
-                        .flatten(),
-                    entries,
-                },
-                Err(e) => internal(e),
-            }
-        }
-        Request::Enqueue {
-            drv_path,
-            out_paths,
-            source,
-        } => {
-            if let Err(reason) = denied() {
-                let input = drv_path.clone().unwrap_or_else(|| out_paths.join(" "));
-                shared.refuse(&input, &reason, peer.uid, "socket");
-                return error(ErrorKind::PermissionDenied, reason);
-            }
-            let source: String = source.chars().take(32).collect();
-            let resolved = shared
-                .resolver
-                .resolve(drv_path.as_deref(), &out_paths, &config)
-                .await;
-            let refused = refusal_messages(&resolved.refused);
-            match shared
-                .enqueue_durably(&resolved, &source, peer.uid, "socket")
-                .await
-            {
-                Ok(_) if resolved.paths.is_empty() => error(ErrorKind::Refused, refused.join("; ")),
-                Ok(enqueued) => Response::Ack {
-                    accepted: enqueued.queued.iter().map(|p| p.to_string()).collect(),
-                    duplicate: enqueued.duplicate.len(),
-                    refused,
-                },
-                Err(e) => internal(e),
-            }
-        }
-        Request::Retry { paths, all } => {
-            if let Err(reason) = denied() {
-                return error(ErrorKind::PermissionDenied, reason);
-            }
-            // A write the filesystem refuses would break the queue until a restart.
-            if let Err(e) = super::state_dir::check(&config.state_dir) {
-                return internal(e);
-            }
-            let selected = if all {
-                None
-            } else {
-                match parse_all(&paths, config.store_dir_str()) {
-                    Ok(paths) => Some(paths),
-                    Err(message) => return error(ErrorKind::Refused, message),
-                }
-            };
-            let now = crate::queue::now_ms();
-            let retried = shared
-                .queue
-                .retry_failed(selected.as_deref(), now)
-                .and_then(|mut retried| {
-                    retried.extend(bring_forward(&*shared.queue, selected.as_deref(), now)?);
-                    Ok(retried)
-                });
-            match retried {
-                Ok(retried) => {
-                    if let Err(e) = shared.commit.make_durable().await {
-                        return internal(e);
-                    }
-                    for path in &retried {
-                        tracing::info!(store_path = %path, "requeued by retry");
-                    }
-                    if !retried.is_empty() {
-                        shared.work_available.notify_one();
-                    }
-                    Response::Changed {
-                        paths: retried.iter().map(|p| p.to_string()).collect(),
-                    }
-                }
-                Err(e) => internal(e),
-            }
-        }
-        Request::Drop { path } => {
-            if let Err(reason) = denied() {
-                return error(ErrorKind::PermissionDenied, reason);
-            }
-            // A write the filesystem refuses would break the queue until a restart.
-            if let Err(e) = super::state_dir::check(&config.state_dir) {
-                return internal(e);
-            }
-            let path = match parse_all(&[path], config.store_dir_str()) {
-                Ok(mut paths) => paths.remove(0),
-                Err(message) => return error(ErrorKind::Refused, message),
-            };
-            match shared.queue.remove(&path) {
-                Ok(removed) => {
-                    if let Err(e) = shared.commit.make_durable().await {
-                        return internal(e);
-                    }
-                    if removed.is_some() {
-                        tracing::info!(store_path = %path, "dropped from the queue");
-                    }
-                    Response::Changed {
-                        paths: removed.map(|e| e.path.to_string()).into_iter().collect(),
-                    }
-                }
-                Err(e) => internal(e),
-            }
-        }
-    }
-}
-
-/// Makes queued paths that wait out a backoff due now (an operator who says "retry" means now); their attempt
-/// counts stay.
-fn bring_forward(
-    queue: &dyn Queue,
-    selected: Option<&[StorePath]>,
-    now_ms: u64,
-) -> Result<Vec<StorePath>, crate::queue::Error> {
-    let candidates = match selected {
-        Some(paths) => {
-            let mut found = Vec::new();
-            for path in paths {
-                found.extend(queue.get(path)?);
-            }
-            found
-        }
-        None => queue.entries()?,
-    };
-    let mut moved = Vec::new();
-    for mut entry in candidates {
-        if entry.state == State::Queued && entry.next_attempt_at_ms > now_ms {
-            entry.next_attempt_at_ms = now_ms;
-            entry.updated_at_ms = now_ms;
-            queue.set(&entry)?;
-            moved.push(entry.path);
-        }
-    }
-    Ok(moved)
-}
-
-/// The refusals as clients see them, capped so an answer stays small whatever the request held.
-fn refusal_messages(refused: &[resolve::Refusal]) -> Vec<String> {
-    let mut messages: Vec<String> = refused
-        .iter()
-        .take(MAX_REFUSALS_SHOWN)
-        .map(|r| r.message())
-        .collect();
-    if refused.len() > MAX_REFUSALS_SHOWN {
-        messages.push(format!(
-            "and {} more refused paths (see `nixpush status`)",
-            refused.len() - MAX_REFUSALS_SHOWN
-        ));
-    }
-    messages
-}
-
-/// Parses store paths named by an operator (they need not exist any more).
-fn parse_all(inputs: &[String], store_dir: &str) -> Result<Vec<StorePath>, String> {
-    inputs
-        .iter()
-        .map(|input| {
-            StorePath::parse(input, store_dir).map_err(|e| format!("refused {input}: {e}"))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::daemon::resolve;
+    use crate::protocol::Request;
     use crate::queue::{Queue, SledQueue};
+    use crate::store_path::StorePath;
+    use tokio::io::AsyncReadExt;
     use tokio::io::DuplexStream;
 
     const ROOT: Peer = Peer {
@@ -832,33 +490,5 @@ mod tests {
             }
         );
         assert_eq!(f.shared.queue.counts().queued, 0);
-    }
-
-    #[tokio::test]
-    async fn a_full_table_evicts_the_longest_waiting_idle_connection() {
-        let slots = Arc::new(Slots::default());
-        let mut held = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            held.push(slots.clone().take().await);
-        }
-        // The oldest is answering a request: it is skipped, the next oldest goes.
-        held[0].state.set_waiting(false);
-        let newcomer = slots.clone().take().await;
-        assert!(!held[0].state.evict.is_cancelled());
-        assert!(held[1].state.evict.is_cancelled());
-        assert!(held[2..].iter().all(|s| !s.state.evict.is_cancelled()));
-        // Every connection busy: a newcomer waits until one finishes.
-        for slot in held.iter().skip(2).chain([&newcomer]) {
-            slot.state.set_waiting(false);
-        }
-        let waiting = tokio::spawn(slots.clone().take());
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        held.truncate(MAX_CONNECTIONS - 1);
-        let last = tokio::time::timeout(Duration::from_secs(10), waiting)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(!last.state.evict.is_cancelled());
     }
 }

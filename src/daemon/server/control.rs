@@ -1,0 +1,198 @@
+//! The answers to each request on the hook socket: `enqueue` (validate, resolve, store durably, then ack),
+//! `status`, `list`, `retry`, `drop` and the rest of the control commands, with the checks on who may send them.
+
+use crate::protocol::{ErrorKind, Request, Response, MAX_LIST_PAGE, MAX_REFUSALS_SHOWN};
+use crate::queue::{Queue, State};
+use crate::store_path::StorePath;
+
+use super::super::auth::{self, Peer};
+use super::super::{resolve, Shared};
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!("request failed: {e}");
+    error(ErrorKind::Internal, e.to_string())
+}
+
+/// Answers one request.
+pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
+    let config = shared.config();
+    let denied = || auth::check(peer.uid, peer.gid, &config);
+    match request {
+        Request::Status => match shared.report() {
+            Ok(report) => Response::Status(Box::new(report)),
+            Err(e) => internal(e),
+        },
+        Request::List { after, limit } => {
+            let limit = limit.unwrap_or(MAX_LIST_PAGE).clamp(1, MAX_LIST_PAGE);
+            match shared.queue.list(after.as_deref(), limit) {
+                Ok(entries) => Response::List {
+                    next: (entries.len() == limit)
+                        .then(|| entries.last().map(|e| e.path.to_string()))
+                        .flatten(),
+                    entries,
+                },
+                Err(e) => internal(e),
+            }
+        }
+        Request::Enqueue {
+            drv_path,
+            out_paths,
+            source,
+        } => {
+            if let Err(reason) = denied() {
+                let input = drv_path.clone().unwrap_or_else(|| out_paths.join(" "));
+                shared.refuse(&input, &reason, peer.uid, "socket");
+                return error(ErrorKind::PermissionDenied, reason);
+            }
+            let source: String = source.chars().take(32).collect();
+            let resolved = shared
+                .resolver
+                .resolve(drv_path.as_deref(), &out_paths, &config)
+                .await;
+            let refused = refusal_messages(&resolved.refused);
+            match shared
+                .enqueue_durably(&resolved, &source, peer.uid, "socket")
+                .await
+            {
+                Ok(_) if resolved.paths.is_empty() => error(ErrorKind::Refused, refused.join("; ")),
+                Ok(enqueued) => Response::Ack {
+                    accepted: enqueued.queued.iter().map(|p| p.to_string()).collect(),
+                    duplicate: enqueued.duplicate.len(),
+                    refused,
+                },
+                Err(e) => internal(e),
+            }
+        }
+        Request::Retry { paths, all } => {
+            if let Err(reason) = denied() {
+                return error(ErrorKind::PermissionDenied, reason);
+            }
+            // A write the filesystem refuses would break the queue until a restart.
+            if let Err(e) = crate::daemon::state_dir::check(&config.state_dir) {
+                return internal(e);
+            }
+            let selected = if all {
+                None
+            } else {
+                match parse_all(&paths, config.store_dir_str()) {
+                    Ok(paths) => Some(paths),
+                    Err(message) => return error(ErrorKind::Refused, message),
+                }
+            };
+            let now = crate::queue::now_ms();
+            let retried = shared
+                .queue
+                .retry_failed(selected.as_deref(), now)
+                .and_then(|mut retried| {
+                    retried.extend(bring_forward(&*shared.queue, selected.as_deref(), now)?);
+                    Ok(retried)
+                });
+            match retried {
+                Ok(retried) => {
+                    if let Err(e) = shared.commit.make_durable().await {
+                        return internal(e);
+                    }
+                    for path in &retried {
+                        tracing::info!(store_path = %path, "requeued by retry");
+                    }
+                    if !retried.is_empty() {
+                        shared.work_available.notify_one();
+                    }
+                    Response::Changed {
+                        paths: retried.iter().map(|p| p.to_string()).collect(),
+                    }
+                }
+                Err(e) => internal(e),
+            }
+        }
+        Request::Drop { path } => {
+            if let Err(reason) = denied() {
+                return error(ErrorKind::PermissionDenied, reason);
+            }
+            // A write the filesystem refuses would break the queue until a restart.
+            if let Err(e) = crate::daemon::state_dir::check(&config.state_dir) {
+                return internal(e);
+            }
+            let path = match parse_all(&[path], config.store_dir_str()) {
+                Ok(mut paths) => paths.remove(0),
+                Err(message) => return error(ErrorKind::Refused, message),
+            };
+            match shared.queue.remove(&path) {
+                Ok(removed) => {
+                    if let Err(e) = shared.commit.make_durable().await {
+                        return internal(e);
+                    }
+                    if removed.is_some() {
+                        tracing::info!(store_path = %path, "dropped from the queue");
+                    }
+                    Response::Changed {
+                        paths: removed.map(|e| e.path.to_string()).into_iter().collect(),
+                    }
+                }
+                Err(e) => internal(e),
+            }
+        }
+    }
+}
+
+/// Makes queued paths that wait out a backoff due now (an operator who says "retry" means now); their attempt
+/// counts stay.
+fn bring_forward(
+    queue: &dyn Queue,
+    selected: Option<&[StorePath]>,
+    now_ms: u64,
+) -> Result<Vec<StorePath>, crate::queue::Error> {
+    let candidates = match selected {
+        Some(paths) => {
+            let mut found = Vec::new();
+            for path in paths {
+                found.extend(queue.get(path)?);
+            }
+            found
+        }
+        None => queue.entries()?,
+    };
+    let mut moved = Vec::new();
+    for mut entry in candidates {
+        if entry.state == State::Queued && entry.next_attempt_at_ms > now_ms {
+            entry.next_attempt_at_ms = now_ms;
+            entry.updated_at_ms = now_ms;
+            queue.set(&entry)?;
+            moved.push(entry.path);
+        }
+    }
+    Ok(moved)
+}
+
+/// The refusals as clients see them, capped so an answer stays small whatever the request held.
+fn refusal_messages(refused: &[resolve::Refusal]) -> Vec<String> {
+    let mut messages: Vec<String> = refused
+        .iter()
+        .take(MAX_REFUSALS_SHOWN)
+        .map(|r| r.message())
+        .collect();
+    if refused.len() > MAX_REFUSALS_SHOWN {
+        messages.push(format!(
+            "and {} more refused paths (see `nixpush status`)",
+            refused.len() - MAX_REFUSALS_SHOWN
+        ));
+    }
+    messages
+}
+
+/// Parses store paths named by an operator (they need not exist any more).
+fn parse_all(inputs: &[String], store_dir: &str) -> Result<Vec<StorePath>, String> {
+    inputs
+        .iter()
+        .map(|input| {
+            StorePath::parse(input, store_dir).map_err(|e| format!("refused {input}: {e}"))
+        })
+        .collect()
+}
