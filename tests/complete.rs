@@ -452,3 +452,159 @@ fn cachix_targets_say_what_their_api_cannot_take() {
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(text.contains("cannot take build logs"), "{text}");
 }
+
+/// Pushes both fixtures with every document switched on to `target` (the body of `[target]`, `envs` for the
+/// daemon's environment), then has Nix read each kind of document back through `read_url`.
+fn remote_cache_is_complete(read_url: &str, target: &str, envs: &[(&str, &str)]) {
+    let env = TestEnv::new();
+    let (sec, public) = nix_key(env.dir.path(), "complete-remote-1");
+    let (_, outputs, drvs) = build("complete.nix");
+    let (ca_drv, ca_outputs, _) = build("complete-ca.nix");
+    let top = outputs
+        .iter()
+        .find(|p| p.ends_with("complete-top"))
+        .unwrap();
+    let tree = outputs
+        .iter()
+        .find(|p| p.ends_with("complete-tree"))
+        .unwrap();
+    let ca_top = ca_outputs
+        .iter()
+        .find(|p| p.ends_with("complete-ca-top"))
+        .unwrap();
+    env.write_config_with(
+        "",
+        &format!(
+            "{target}\nsigning_key_file = \"{}\"\nwrite_nar_listing = true\nupload_logs = true",
+            sec.display()
+        ),
+    );
+    let out = Command::new(crate::util::NIXPUSH)
+        .arg("--config")
+        .arg(&env.config_path)
+        .args(["push", top, ca_top])
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nixpush push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let log = nix_ok(&["log", "--store", read_url, top]);
+    assert!(log.contains("building the top"), "{log}");
+    let listed = nix_ok(&["store", "ls", "--store", read_url, "-R", tree]);
+    assert!(
+        listed.contains("link") && listed.contains("empty"),
+        "{listed}"
+    );
+    let sigs = nix_ok(&["path-info", "--sigs", "--store", read_url, top]);
+    assert!(sigs.contains("complete-remote-1:"), "{sigs}");
+
+    // The documents as served equal what Nix writes for the same paths.
+    let reference = env.dir.path().join("reference");
+    let reference_url = format!("file://{}?write-nar-listing=true", reference.display());
+    nix_ok(&["copy", "--to", &reference_url, top, &ca_drv]);
+    for d in &drvs {
+        nix_ok(&["store", "copy-log", "--to", &reference_url, d]);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let get = |key: &str| -> Vec<u8> {
+        runtime.block_on(async {
+            let response = reqwest::get(format!("{read_url}/{key}")).await.unwrap();
+            assert!(
+                response.status().is_success(),
+                "{key}: {}",
+                response.status()
+            );
+            response.bytes().await.unwrap().to_vec()
+        })
+    };
+    for path in &outputs {
+        let key = format!("{}.ls", hash_part(path));
+        let served: serde_json::Value = serde_json::from_slice(&get(&key)).unwrap();
+        assert_eq!(served, json(&reference.join(&key)), "{key}");
+    }
+    for d in &drvs {
+        let key = format!(
+            "log/{}",
+            Path::new(d).file_name().unwrap().to_string_lossy()
+        );
+        assert_eq!(get(&key), fs::read(reference.join(&key)).unwrap(), "{key}");
+    }
+    for doc in fs::read_dir(reference.join("realisations")).unwrap() {
+        let doc = doc.unwrap().path();
+        let key = format!(
+            "realisations/{}",
+            doc.file_name().unwrap().to_string_lossy()
+        );
+        let mut served: serde_json::Value = serde_json::from_slice(&get(&key)).unwrap();
+        let mut theirs = json(&doc);
+        served.as_object_mut().unwrap().remove("signatures");
+        theirs.as_object_mut().unwrap().remove("signatures");
+        assert_eq!(served, theirs, "{key}");
+    }
+
+    // A fresh store substitutes the content-addressed build through the realisations.
+    let fresh = env.dir.path().join("fresh");
+    let fresh_store = fresh.to_str().unwrap();
+    nix_ok(&["copy", "--to", fresh_store, "--derivation", &ca_drv]);
+    let mut args = vec![
+        "build",
+        "--store",
+        fresh_store,
+        "--option",
+        "substituters",
+        read_url,
+        "--option",
+        "trusted-public-keys",
+        public.trim(),
+        "--max-jobs",
+        "0",
+        "--no-link",
+        &ca_drv,
+    ];
+    args.extend(NIX_OPTIONS);
+    let out = Command::new("nix")
+        .args(FEATURES)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix build from {read_url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fresh.join(&ca_top[1..]).exists(),
+        "{ca_top} not substituted"
+    );
+}
+
+#[test]
+fn an_http_cache_holds_every_document_and_nix_reads_them() {
+    let root = tempfile::tempdir().unwrap();
+    let nginx = crate::nginx::Nginx::start(root.path(), "");
+    remote_cache_is_complete(&nginx.url(), &format!("url = \"{}\"", nginx.url()), &[]);
+}
+
+#[test]
+fn an_s3_bucket_holds_every_document_and_nix_reads_them() {
+    let bucket = "nixpush-complete";
+    let server = crate::remote::PyServer::start("s3_server.py", &["--bucket", bucket]);
+    remote_cache_is_complete(
+        &format!("{}/{bucket}", server.base()),
+        &format!(
+            "url = \"s3://{bucket}?endpoint={}&region=us-east-1\"",
+            server.base()
+        ),
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKCOMPLETE"),
+            ("AWS_SECRET_ACCESS_KEY", "complete-s3cr3t"),
+        ],
+    );
+}
