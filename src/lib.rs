@@ -7,9 +7,12 @@
 //! - [`config`]: the TOML configuration, its defaults and validation.
 //! - [`store_path`]: validated store paths.
 //! - [`base32`], [`hash`]: Nix base32 and SHA-256 hash strings.
-//! - [`nar`]: NAR serialisation (streaming writer) and a validating reader.
+//! - [`nar`]: NAR serialisation (streaming writer), a validating reader, and listings built from the stream.
 //! - [`narinfo`]: narinfo rendering, parsing and fingerprints.
 //! - [`signing`]: ed25519 keys in Nix's and Cachix's formats.
+//! - [`realisation`]: realisations of content-addressed derivation outputs (`realisations/*.doi`).
+//! - [`cache_info`]: `nix-cache-info`, written and compared.
+//! - [`buildlog`]: build logs from Nix's log directory.
 //! - [`derivation`]: `.drv` parsing, enough to find outputs.
 //! - [`pathinfo`]: what the local Nix store records about a path and its closure.
 //! - [`protocol`]: the hook socket's wire format.
