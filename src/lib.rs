@@ -14,18 +14,26 @@
 //! - [`cache_info`]: `nix-cache-info`, written and compared.
 //! - [`buildlog`]: build logs from Nix's log directory.
 //! - [`derivation`]: `.drv` parsing, enough to find outputs.
-//! - [`pathinfo`]: what the local Nix store records about a path and its closure.
-//! - [`protocol`]: the hook socket's wire format.
+//! - [`pathinfo`]: everything read from the local Nix store: path info and closures, and
+//!   ([`pathinfo::registry`]) validity and a derivation's outputs for the daemon's request checks.
+//! - [`protocol`]: the hook socket's wire format, with message types of its own (not the queue's records).
 //! - [`hook`]: the post-build-hook client; std only.
 //! - [`spool`]: requests the hook saved while the daemon was unreachable.
-//! - [`queue`]: the durable queue; the only module that knows sled.
-//! - [`daemon`]: the long-running service: socket server, spool import, group commit, shutdown.
-//! - [`status`]: the status report shared by the daemon and `nixpush status`.
+//! - [`queue`]: the durable queue; the only module that knows its storage engine. Its records stay inside: the
+//!   protocol and the status report convert them at the boundary.
+//! - [`daemon`]: the long-running service: socket server ([`daemon::server`]: connection slots, framing, control
+//!   commands), request resolution, spool import, group commit, the scheduler, shutdown.
+//! - [`status`]: the status report shared by the daemon and `nixpush status`, with types of its own.
 //! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
-//! - [`upload`]: the engine: closure, dedup, NAR pipeline, dependency-ordered uploads, retry policy.
-//! - [`backend`]: where NARs go (`file://`, HTTP); the only code that speaks to a cache.
+//! - [`retry`]: the one backoff policy type, used per path, per request and for Cachix.
+//! - [`upload`]: the engine ([`upload::Engine`]), with the dependency ordering ([`upload::order`]), what the
+//!   target and upstreams hold ([`upload::presence`]), NAR preparation, reports and log lines
+//!   ([`upload::report`]).
+//! - [`backend`]: where NARs go; the only code that speaks to a cache. [`backend::target`] decides what a target
+//!   is (backend, token, signing key, name, identity) for the daemon, `push` and `doctor`; `file://`, HTTP, S3
+//!   and Cachix (`backend::cachix`: API, multipart upload, keys) each have a module, upstream caches one more.
 //! - [`secret`]: secrets that never print.
 
 pub mod backend;
@@ -46,6 +54,7 @@ pub mod pathinfo;
 pub mod protocol;
 pub mod queue;
 pub mod realisation;
+pub mod retry;
 pub mod secret;
 pub mod signing;
 pub mod spool;

@@ -23,6 +23,7 @@
 
 mod nix_command;
 mod realisations;
+pub mod registry;
 mod sqlite;
 
 use std::collections::{BTreeSet, HashMap};

@@ -22,8 +22,8 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAdd
 use nix::sys::time::{TimeVal, TimeValLike};
 use serde::{Deserialize, Serialize};
 
-use crate::queue::Entry;
 use crate::status::StatusReport;
+use crate::store_path::StorePath;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -158,7 +158,7 @@ pub enum Response {
     /// One page of the queue's entries.
     List {
         /// In path order.
-        entries: Vec<Entry>,
+        entries: Vec<QueueEntry>,
         /// Where the next page starts (send it as `after`); `None` on the last page.
         next: Option<String>,
     },
@@ -167,6 +167,40 @@ pub enum Response {
         /// The paths requeued or removed.
         paths: Vec<String>,
     },
+}
+
+/// One queued path, as [`Response::List`] sends it. A type of its own, converted from the queue's record by the
+/// daemon, so that how the queue stores paths cannot change the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    /// The store path.
+    pub path: StorePath,
+    /// Where it stands.
+    pub state: EntryState,
+    /// Upload attempts so far.
+    pub attempts: u32,
+    /// Unix time (ms) before which it is not due.
+    pub next_attempt_at_ms: u64,
+    /// The reason the last attempt failed.
+    pub last_error: Option<String>,
+    /// Unix time (ms) it was first queued (or requeued from failed).
+    pub enqueued_at_ms: u64,
+    /// Unix time (ms) of the last change.
+    pub updated_at_ms: u64,
+    /// Who asked for it: `hook`, `spool`, `push`, ….
+    pub source: String,
+}
+
+/// Where a queued path stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryState {
+    /// Waiting for its next attempt.
+    Queued,
+    /// Being uploaded.
+    Uploading,
+    /// Parked after too many attempts or a permanent error, until retried.
+    Failed,
 }
 
 /// Classes of [`Response::Error`].
@@ -398,6 +432,122 @@ mod tests {
         );
         assert_eq!(&frame[..4], &[0, 0, 0, 0x77]);
     }
+
+    /// The JSON of every message, pinned: the hook, the CLI and the daemon of different versions must keep
+    /// understanding each other, so a change here is a protocol change, never an accident.
+    #[test]
+    fn every_message_has_a_pinned_json() {
+        let path = "/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top";
+        let entry = QueueEntry {
+            path: StorePath::parse(path, "/nix/store").unwrap(),
+            state: EntryState::Failed,
+            attempts: 3,
+            next_attempt_at_ms: 1_700_000_000_000,
+            last_error: Some("HTTP 500".into()),
+            enqueued_at_ms: 1_699_999_000_000,
+            updated_at_ms: 1_700_000_000_001,
+            source: "hook".into(),
+        };
+        let requests = [
+            (
+                Request::Enqueue {
+                    drv_path: None,
+                    out_paths: vec![path.into()],
+                    source: "push".into(),
+                },
+                GOLDEN_REQUESTS[0],
+            ),
+            (Request::Status, GOLDEN_REQUESTS[1]),
+            (
+                Request::List {
+                    after: Some(path.into()),
+                    limit: Some(10),
+                },
+                GOLDEN_REQUESTS[2],
+            ),
+            (
+                Request::Retry {
+                    paths: vec![path.into()],
+                    all: false,
+                },
+                GOLDEN_REQUESTS[3],
+            ),
+            (Request::Drop { path: path.into() }, GOLDEN_REQUESTS[4]),
+        ];
+        for (request, golden) in requests {
+            let frame = encode_request(&request);
+            assert_eq!(std::str::from_utf8(payload(&frame)).unwrap(), golden);
+            assert_eq!(decode_request(golden.as_bytes()).unwrap(), request);
+        }
+        let responses = [
+            (
+                Response::Ack {
+                    accepted: vec![path.into()],
+                    duplicate: 1,
+                    refused: vec![
+                        "refused /tmp/x: not inside the store directory /nix/store".into()
+                    ],
+                },
+                GOLDEN_RESPONSES[0],
+            ),
+            (
+                Response::Error {
+                    kind: ErrorKind::PermissionDenied,
+                    message: "uid 1000 may not retry".into(),
+                },
+                GOLDEN_RESPONSES[1],
+            ),
+            (
+                Response::List {
+                    entries: vec![entry],
+                    next: None,
+                },
+                GOLDEN_RESPONSES[2],
+            ),
+            (
+                Response::Changed {
+                    paths: vec![path.into()],
+                },
+                GOLDEN_RESPONSES[3],
+            ),
+        ];
+        for (response, golden) in responses {
+            let frame = encode_response(&response);
+            assert_eq!(std::str::from_utf8(payload(&frame)).unwrap(), golden);
+            assert_eq!(decode_response(golden.as_bytes()).unwrap(), response);
+        }
+        let kinds: Vec<String> = [
+            ErrorKind::Malformed,
+            ErrorKind::TooLarge,
+            ErrorKind::Timeout,
+            ErrorKind::Version,
+            ErrorKind::PermissionDenied,
+            ErrorKind::Refused,
+            ErrorKind::Internal,
+        ]
+        .iter()
+        .map(|k| serde_json::to_string(k).unwrap())
+        .collect();
+        assert_eq!(
+            kinds.join(","),
+            r#""malformed","too_large","timeout","version","permission_denied","refused","internal""#
+        );
+    }
+
+    const GOLDEN_REQUESTS: [&str; 5] = [
+        r#"{"v":1,"op":"enqueue","drv_path":null,"out_paths":["/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top"],"source":"push"}"#,
+        r#"{"v":1,"op":"status"}"#,
+        r#"{"v":1,"op":"list","after":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","limit":10}"#,
+        r#"{"v":1,"op":"retry","paths":["/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top"],"all":false}"#,
+        r#"{"v":1,"op":"drop","path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top"}"#,
+    ];
+
+    const GOLDEN_RESPONSES: [&str; 4] = [
+        r#"{"v":1,"reply":"ack","accepted":["/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top"],"duplicate":1,"refused":["refused /tmp/x: not inside the store directory /nix/store"]}"#,
+        r#"{"v":1,"reply":"error","kind":"permission_denied","message":"uid 1000 may not retry"}"#,
+        r#"{"v":1,"reply":"list","entries":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","state":"failed","attempts":3,"next_attempt_at_ms":1700000000000,"last_error":"HTTP 500","enqueued_at_ms":1699999000000,"updated_at_ms":1700000000001,"source":"hook"}],"next":null}"#,
+        r#"{"v":1,"reply":"changed","paths":["/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top"]}"#,
+    ];
 
     #[test]
     fn status_reply_round_trips() {

@@ -18,7 +18,6 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{HistoryRecord, Outcome, RefusedRecord, Totals, TotalsReport};
 use crate::store_path::StorePath;
 
 /// Sizes read the same in `status`, the log and `push`.
@@ -64,11 +63,11 @@ pub struct StatusReport {
     /// Uploads running now.
     pub in_flight_uploads: Vec<InFlightUpload>,
     /// The most recently finished paths, newest first.
-    pub recent: Vec<HistoryRecord>,
+    pub recent: Vec<FinishedPath>,
     /// Paths parked as failed, and queued paths whose last attempt failed.
     pub failed_paths: Vec<FailedPath>,
     /// The most recent refused requests, newest first.
-    pub refused_requests: Vec<RefusedRecord>,
+    pub refused_requests: Vec<RefusedRequest>,
     /// Counters of finished paths and bytes.
     pub totals: TotalsReport,
 }
@@ -167,6 +166,89 @@ pub struct FailedPath {
     pub last_error: Option<String>,
     /// When it is tried again, in Unix seconds; `null` when parked.
     pub next_attempt_at: Option<u64>,
+}
+
+/// How the engine finished with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// NAR and narinfo written to the target.
+    Uploaded,
+    /// The target already had it.
+    AlreadyPresent,
+    /// An upstream cache serves it.
+    SkippedUpstream,
+    /// Matched an `exclude` pattern.
+    Excluded,
+    /// Garbage-collected before it could be uploaded.
+    SkippedGone,
+    /// Gave up on it.
+    Failed,
+}
+
+/// One finished path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishedPath {
+    /// The store path.
+    pub path: StorePath,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Uncompressed NAR size, when a NAR was made.
+    pub nar_size: Option<u64>,
+    /// Size of the uploaded (compressed) file, when one was uploaded.
+    pub file_size: Option<u64>,
+    /// Time spent on the path, in milliseconds.
+    pub duration_ms: u64,
+    /// Why, for anything but a plain upload.
+    pub reason: Option<String>,
+    /// Unix time (ms) it finished.
+    pub finished_at_ms: u64,
+}
+
+/// One refused request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRequest {
+    /// The path (or raw input) that was refused, truncated.
+    pub input: String,
+    /// Why, e.g. `not inside the store directory /nix/store`.
+    pub reason: String,
+    /// The requester's uid (socket peer or spool file owner), when known.
+    pub peer_uid: Option<u32>,
+    /// `socket` or `spool`.
+    pub source: String,
+    /// Unix time (ms) of the refusal.
+    pub at_ms: u64,
+}
+
+/// Counters of finished paths and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Totals {
+    /// Paths uploaded.
+    pub uploaded: u64,
+    /// Paths the target already had.
+    pub already_present: u64,
+    /// Paths an upstream cache serves.
+    pub skipped_upstream: u64,
+    /// Paths matching `exclude`.
+    pub excluded: u64,
+    /// Paths garbage-collected before upload.
+    pub skipped_gone: u64,
+    /// Paths given up on.
+    pub failed: u64,
+    /// Uncompressed NAR bytes uploaded.
+    pub nar_bytes: u64,
+    /// Compressed bytes uploaded.
+    pub file_bytes: u64,
+}
+
+/// Totals since the daemon started and since its queue was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TotalsReport {
+    /// Since this process opened the queue.
+    pub since_start: Totals,
+    /// Since the queue was created.
+    pub all_time: Totals,
 }
 
 impl StatusReport {
@@ -464,16 +546,54 @@ pub(crate) mod tests {
                 last_error: Some("HTTP 500".into()),
                 next_attempt_at: None,
             }],
-            refused_requests: vec![RefusedRecord::new(
-                "/tmp/x",
-                "not inside the store directory /nix/store",
-                Some(0),
-                "socket",
-                1_700_000_070_000,
-            )],
+            refused_requests: vec![RefusedRequest {
+                input: "/tmp/x".into(),
+                reason: "not inside the store directory /nix/store".into(),
+                peer_uid: Some(0),
+                source: "socket".into(),
+                at_ms: 1_700_000_070_000,
+            }],
             totals: TotalsReport::default(),
         }
     }
+
+    /// `status --json` is a contract for scripts: its JSON is pinned, so a change is deliberate.
+    #[test]
+    fn json_is_pinned() {
+        let mut report = sample();
+        report.recent = vec![FinishedPath {
+            path: report.failed_paths[0].path.clone(),
+            outcome: Outcome::SkippedUpstream,
+            nar_size: Some(400),
+            file_size: None,
+            duration_ms: 12,
+            reason: Some("served by https://cache.nixos.org".into()),
+            finished_at_ms: 1_700_000_080_000,
+        }];
+        report.totals.all_time.uploaded = 7;
+        report.totals.since_start.file_bytes = 216;
+        assert_eq!(serde_json::to_string(&report).unwrap(), GOLDEN_STATUS);
+        let back: StatusReport = serde_json::from_str(GOLDEN_STATUS).unwrap();
+        assert_eq!(back, report);
+    }
+
+    const GOLDEN_STATUS: &str = concat!(
+        r#"{"version":1,"queued":2,"in_flight":0,"done":0,"failed":1,"refused":1,"skipped":0,"excluded":0,"#,
+        r#""spooled":0,"up_to_date":false,"last_upload_at":null,"state_dir_error":null,"daemon":{"pid":42,"#,
+        r#""started_at":1700000000,"uptime_secs":75,"hold":true},"target":{"url":"file:///var/cache/nix","#,
+        r#""state":"hold","message":"uploads held (--hold)","reachable":null,"authorized":null,"#,
+        r#""read_url":null,"stats":null},"in_flight_uploads":[],"#,
+        r#""recent":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","#,
+        r#""outcome":"skipped_upstream","nar_size":400,"file_size":null,"duration_ms":12,"#,
+        r#""reason":"served by https://cache.nixos.org","finished_at_ms":1700000080000}],"#,
+        r#""failed_paths":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","state":"failed","#,
+        r#""attempts":10,"last_error":"HTTP 500","next_attempt_at":null}],"#,
+        r#""refused_requests":[{"input":"/tmp/x","reason":"not inside the store directory /nix/store","#,
+        r#""peer_uid":0,"source":"socket","at_ms":1700000070000}],"totals":{"since_start":{"uploaded":0,"#,
+        r#""already_present":0,"skipped_upstream":0,"excluded":0,"skipped_gone":0,"failed":0,"#,
+        r#""nar_bytes":0,"file_bytes":216},"all_time":{"uploaded":7,"already_present":0,"#,
+        r#""skipped_upstream":0,"excluded":0,"skipped_gone":0,"failed":0,"nar_bytes":0,"file_bytes":0}}}"#,
+    );
 
     #[test]
     fn json_shape_is_flat_and_stable() {
@@ -554,7 +674,7 @@ pub(crate) mod tests {
             read_url: Some("http://127.0.0.1:8080".into()),
             stats: Some(serde_json::json!({"paths": 12, "size": "3 GiB"})),
         };
-        report.recent = vec![HistoryRecord {
+        report.recent = vec![FinishedPath {
             path: path("hello-2.12"),
             outcome: Outcome::Uploaded,
             nar_size: Some(4 * 1024 * 1024),

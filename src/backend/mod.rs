@@ -238,30 +238,25 @@ pub const REQUEST_ATTEMPTS: u32 = 4;
 /// The longest a single request waits on a server's `Retry-After` before giving the error to the engine.
 pub const MAX_REQUEST_WAIT: Duration = Duration::from_secs(30);
 
-/// Runs `request` until it succeeds, fails permanently, or [`REQUEST_ATTEMPTS`] tries failed. Between tries it
-/// waits the server's `Retry-After` (up to [`MAX_REQUEST_WAIT`]) or 250 ms doubling. A transient fault then costs
-/// one request, not a whole path.
-pub async fn with_retries<T, F, Fut>(mut request: F) -> Result<T, Error>
+/// Runs `request` until it succeeds, fails permanently, or [`REQUEST_ATTEMPTS`] tries failed, under
+/// [`crate::retry::Policy::per_request`]: between tries it waits the server's `Retry-After` (up to
+/// [`MAX_REQUEST_WAIT`]) or 250 ms doubling. A transient fault then costs one request, not a whole path.
+pub async fn with_retries<T, F, Fut>(request: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
-    let mut attempt = 1;
-    loop {
-        match request().await {
-            Ok(value) => return Ok(value),
-            Err(e) if e.is_retryable() && attempt < REQUEST_ATTEMPTS => {
-                let wait = match e.retry_after() {
-                    Some(hint) if hint > MAX_REQUEST_WAIT => return Err(e),
-                    Some(hint) => hint,
-                    None => Duration::from_millis(250 << (attempt - 1)),
-                };
-                tracing::debug!("retrying in {wait:?} after: {e}");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
+    let policy = crate::retry::Policy::per_request(REQUEST_ATTEMPTS, MAX_REQUEST_WAIT);
+    crate::retry::with_retries(&policy, "request", request).await
+}
+
+impl crate::retry::Transient for Error {
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        Error::retry_after(self)
     }
 }
 

@@ -1,8 +1,13 @@
-//! Builds the [`StatusReport`] from the queue, the spool and the engine's status.
+//! Builds the [`StatusReport`] from the queue, the spool and the engine's status. The queue's records are
+//! converted here into the report's own types, so a change to how the queue stores them cannot change
+//! `status --json`.
 
 use crate::config::redact_url;
 use crate::queue::{self, Outcome, State};
-use crate::status::{DaemonInfo, FailedPath, StatusReport, TargetInfo, STATUS_VERSION};
+use crate::status::{
+    self, DaemonInfo, FailedPath, FinishedPath, RefusedRequest, StatusReport, TargetInfo,
+    STATUS_VERSION,
+};
 
 use super::Shared;
 
@@ -90,9 +95,76 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
             stats: info.and_then(|i| i.stats.clone()),
         },
         in_flight_uploads: engine.in_flight.clone(),
-        recent: shared.queue.recent(RECENT_SHOWN)?,
+        recent: shared
+            .queue
+            .recent(RECENT_SHOWN)?
+            .into_iter()
+            .map(FinishedPath::from)
+            .collect(),
         failed_paths,
-        refused_requests: shared.queue.refused(REFUSED_SHOWN)?,
-        totals,
+        refused_requests: shared
+            .queue
+            .refused(REFUSED_SHOWN)?
+            .into_iter()
+            .map(RefusedRequest::from)
+            .collect(),
+        totals: status::TotalsReport {
+            since_start: totals.since_start.into(),
+            all_time: totals.all_time.into(),
+        },
     })
+}
+
+impl From<Outcome> for status::Outcome {
+    fn from(outcome: Outcome) -> status::Outcome {
+        match outcome {
+            Outcome::Uploaded => status::Outcome::Uploaded,
+            Outcome::AlreadyPresent => status::Outcome::AlreadyPresent,
+            Outcome::SkippedUpstream => status::Outcome::SkippedUpstream,
+            Outcome::Excluded => status::Outcome::Excluded,
+            Outcome::SkippedGone => status::Outcome::SkippedGone,
+            Outcome::Failed => status::Outcome::Failed,
+        }
+    }
+}
+
+impl From<queue::HistoryRecord> for FinishedPath {
+    fn from(record: queue::HistoryRecord) -> FinishedPath {
+        FinishedPath {
+            path: record.path,
+            outcome: record.outcome.into(),
+            nar_size: record.nar_size,
+            file_size: record.file_size,
+            duration_ms: record.duration_ms,
+            reason: record.reason,
+            finished_at_ms: record.finished_at_ms,
+        }
+    }
+}
+
+impl From<queue::RefusedRecord> for RefusedRequest {
+    fn from(record: queue::RefusedRecord) -> RefusedRequest {
+        RefusedRequest {
+            input: record.input,
+            reason: record.reason,
+            peer_uid: record.peer_uid,
+            source: record.source,
+            at_ms: record.at_ms,
+        }
+    }
+}
+
+impl From<queue::Totals> for status::Totals {
+    fn from(totals: queue::Totals) -> status::Totals {
+        status::Totals {
+            uploaded: totals.uploaded,
+            already_present: totals.already_present,
+            skipped_upstream: totals.skipped_upstream,
+            excluded: totals.excluded,
+            skipped_gone: totals.skipped_gone,
+            failed: totals.failed,
+            nar_bytes: totals.nar_bytes,
+            file_bytes: totals.file_bytes,
+        }
+    }
 }

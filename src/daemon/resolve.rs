@@ -1,48 +1,22 @@
 //! Turns what a hook sent into validated store paths, and everything else into a refusal with a reason.
 //!
 //! Every path must be absolute, free of `.`/`..` components, directly inside `store_dir`, a well-formed store path
-//! name, present on disk, and registered as valid in Nix's database (so a file or symlink someone dropped into the
-//! store directory by hand is never uploaded; a symlink is never followed either, its NAR is the link). When `OUT_PATHS` is empty (always, with Nix 2.8.0: NixOS/nix#6446), the outputs
-//! come from `DRV_PATH`: first from Nix's database, opened read-only,
-//!
-//! ```sql
-//! SELECT o.path FROM DerivationOutputs o JOIN ValidPaths v ON v.id = o.drv WHERE v.path = ?1
-//! ```
-//!
-//! and, if that fails, from `nix-store --query --outputs DRV`. The outputs are valid by the time Nix runs the hook,
-//! and each is checked like any other path. Validity comes from `ValidPaths` in the same database, or from
-//! `nix-store --check-validity --print-invalid` when the database cannot be read.
+//! name, present on disk, and registered as valid by Nix (so a file or symlink someone dropped into the store
+//! directory by hand is never uploaded; a symlink is never followed either, its NAR is the link). When
+//! `OUT_PATHS` is empty (always, with Nix 2.8.0: NixOS/nix#6446), the outputs come from `DRV_PATH`. The outputs
+//! are valid by the time Nix runs the hook, and each is checked like any other path. What Nix registered
+//! (validity, a derivation's outputs) comes from [`crate::pathinfo::registry`].
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
-
-use rusqlite::{Connection, OpenFlags};
+use std::path::Path;
 
 use crate::config::Config;
+use crate::pathinfo::registry::Registry;
 use crate::store_path::{self, StorePath};
 
 /// Why a path that exists on disk is refused anyway.
 const NOT_REGISTERED: &str = "not a valid path in Nix's database (not registered by Nix)";
 
-/// How long a `nix-store` query may take.
-const NIX_STORE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a derivation's outputs could not be found.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Nix's database could not be read.
-    #[error("cannot read {db}: {source}")]
-    Db {
-        /// The database file.
-        db: String,
-        /// What SQLite said.
-        source: rusqlite::Error,
-    },
-    /// `nix-store` failed or could not run.
-    #[error("{0}")]
-    NixStore(String),
-}
+pub use crate::pathinfo::registry::Error;
 
 /// A path (or raw input) that was not accepted, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,16 +90,10 @@ pub fn validate(input: &str, store_dir: &str) -> Result<StorePath, String> {
     }
 }
 
-/// Resolves requests. Keeps one read-only connection to Nix's database between requests, because opening it costs
-/// more than the whole rest of a request.
+/// Resolves requests, asking Nix's registry (one cached database connection) what is valid.
 #[derive(Default)]
 pub struct Resolver {
-    db: Arc<Mutex<Option<OpenDb>>>,
-}
-
-struct OpenDb {
-    path: PathBuf,
-    connection: Connection,
+    registry: Registry,
 }
 
 impl Resolver {
@@ -223,190 +191,30 @@ impl Resolver {
         }
     }
 
-    /// Which of `paths` are not valid paths of the store: from the database, else from `nix-store`.
     async fn invalid_paths(
         &self,
         paths: &[StorePath],
         nix_db: &Path,
     ) -> Result<Vec<StorePath>, Error> {
-        let (cache, db, owned) = (self.db.clone(), nix_db.to_owned(), paths.to_vec());
-        let from_db = tokio::task::spawn_blocking(move || invalid_in_db(&cache, &db, &owned)).await;
-        match from_db {
-            Ok(Ok(invalid)) => return Ok(invalid),
-            Ok(Err(e)) => tracing::debug!("database validity check failed: {e}"),
-            Err(e) => tracing::debug!("database validity check panicked: {e}"),
-        }
-        invalid_from_nix_store(paths).await
+        self.registry.invalid_paths(paths, nix_db).await
     }
 
-    /// The output paths of `drv`: from the database, else from `nix-store`.
     async fn derivation_outputs(
         &self,
         drv: &StorePath,
         nix_db: &Path,
     ) -> Result<Vec<String>, Error> {
-        let (cache, db, path) = (self.db.clone(), nix_db.to_owned(), drv.as_str().to_owned());
-        let from_db =
-            tokio::task::spawn_blocking(move || outputs_from_db(&cache, &db, &path)).await;
-        match from_db {
-            Ok(Ok(outputs)) if !outputs.is_empty() => return Ok(outputs),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(store_path = %drv, "database lookup failed: {e}"),
-            Err(e) => tracing::debug!(store_path = %drv, "database lookup panicked: {e}"),
-        }
-        outputs_from_nix_store(drv).await
+        self.registry.derivation_outputs(drv, nix_db).await
     }
 }
 
-fn outputs_from_db(
-    cache: &Mutex<Option<OpenDb>>,
-    db: &Path,
-    drv: &str,
-) -> Result<Vec<String>, Error> {
-    with_db(cache, db, |connection| query_outputs(connection, drv))
-}
-
-fn invalid_in_db(
-    cache: &Mutex<Option<OpenDb>>,
-    db: &Path,
-    paths: &[StorePath],
-) -> Result<Vec<StorePath>, Error> {
-    with_db(cache, db, |connection| {
-        let mut statement =
-            connection.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?1")?;
-        let mut invalid = Vec::new();
-        for path in paths {
-            if !statement.exists([path.as_str()])? {
-                invalid.push(path.clone());
-            }
-        }
-        Ok(invalid)
-    })
-}
-
-/// Runs `query` on the cached read-only connection to `db`, opening it first if needed.
-fn with_db<T>(
-    cache: &Mutex<Option<OpenDb>>,
-    db: &Path,
-    query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
-) -> Result<T, Error> {
-    let db_error = |source| Error::Db {
-        db: db.display().to_string(),
-        source,
-    };
-    // A panic while querying leaves at worst no cached connection.
-    let mut cached = cache.lock().unwrap_or_else(PoisonError::into_inner);
-    let open = match cached.take() {
-        Some(open) if open.path == db => open,
-        _ => OpenDb {
-            path: db.to_owned(),
-            connection: open_read_only(db).map_err(db_error)?,
-        },
-    };
-    let answer = query(&open.connection).map_err(db_error)?;
-    // Kept only after a successful query, so a connection that went bad is reopened next time.
-    *cached = Some(open);
-    Ok(answer)
-}
-
-fn open_read_only(db: &Path) -> Result<Connection, rusqlite::Error> {
-    // A URI so that `mode=ro` applies; '?', '#' and '%' would otherwise be read as URI syntax.
-    let escaped = db
-        .display()
-        .to_string()
-        .replace('%', "%25")
-        .replace('?', "%3f")
-        .replace('#', "%23");
-    let connection = Connection::open_with_flags(
-        format!("file:{escaped}?mode=ro"),
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    connection.busy_timeout(Duration::from_millis(500))?;
-    Ok(connection)
-}
-
-fn query_outputs(connection: &Connection, drv: &str) -> Result<Vec<String>, rusqlite::Error> {
-    let mut statement = connection.prepare_cached(
-        "SELECT o.path FROM DerivationOutputs o JOIN ValidPaths v ON v.id = o.drv \
-         WHERE v.path = ?1 ORDER BY o.id",
-    )?;
-    let rows = statement.query_map([drv], |row| row.get::<_, String>(0))?;
-    rows.collect()
-}
-
-async fn invalid_from_nix_store(paths: &[StorePath]) -> Result<Vec<StorePath>, Error> {
-    let mut args = vec!["--check-validity", "--print-invalid"];
-    args.extend(paths.iter().map(StorePath::as_str));
-    let printed = nix_store(&args).await?;
-    Ok(paths
-        .iter()
-        .filter(|p| printed.iter().any(|line| line == p.as_str()))
-        .cloned()
-        .collect())
-}
-
-async fn outputs_from_nix_store(drv: &StorePath) -> Result<Vec<String>, Error> {
-    nix_store(&["--query", "--outputs", drv.as_str()]).await
-}
-
-/// Runs `nix-store ARGS` with a timeout; its non-empty stdout lines.
-async fn nix_store(args: &[&str]) -> Result<Vec<String>, Error> {
-    let run = tokio::process::Command::new("nix-store")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(NIX_STORE_TIMEOUT, run)
-        .await
-        .map_err(|_| {
-            Error::NixStore(format!(
-                "`nix-store {}` gave no answer within {} s",
-                args[0],
-                NIX_STORE_TIMEOUT.as_secs()
-            ))
-        })?
-        .map_err(|e| Error::NixStore(e.to_string()))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(Error::NixStore(format!(
-            "`nix-store {}`: {}: {}",
-            args[0],
-            output.status,
-            stderr.trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .map(str::to_owned)
-        .collect())
-}
-
-/// Creates (or extends) a Nix-like database at `db` in which `paths` are valid.
 #[cfg(test)]
-pub(crate) fn register_for_tests(db: &Path, paths: &[&str]) {
-    let connection = Connection::open(db).unwrap();
-    connection
-        .execute_batch(
-            "CREATE TABLE IF NOT EXISTS ValidPaths (id integer primary key, path text unique not null);
-             CREATE TABLE IF NOT EXISTS DerivationOutputs (drv integer, id text, path text);",
-        )
-        .unwrap();
-    for path in paths {
-        connection
-            .execute(
-                "INSERT OR IGNORE INTO ValidPaths (path) VALUES (?1)",
-                [path],
-            )
-            .unwrap();
-    }
-}
+pub(crate) use crate::pathinfo::registry::register_for_tests;
 
 #[cfg(test)]
 mod tests {
+    use rusqlite::Connection;
+
     use super::*;
 
     fn store() -> (tempfile::TempDir, Config) {

@@ -17,15 +17,7 @@ pub(super) fn open(db_path: &Path) -> Result<Connection, Error> {
         db: db_path.display().to_string(),
         source,
     };
-    let uri = format!("file:{}?mode=ro", uri_escape(&db_path.to_string_lossy()));
-    let conn = Connection::open_with_flags(
-        uri,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(open_error)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+    let conn = open_read_only(db_path, BUSY_TIMEOUT).map_err(open_error)?;
     // Opening is lazy: these fail now if the file is unreadable or the schema is not what we expect.
     for probe in [
         "SELECT id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths LIMIT 1",
@@ -36,6 +28,24 @@ pub(super) fn open(db_path: &Path) -> Result<Connection, Error> {
             .and_then(|mut s| s.exists([]).map(|_| ()))
             .map_err(open_error)?;
     }
+    Ok(conn)
+}
+
+/// Opens the database read-only, waiting up to `busy_timeout` while Nix holds a write lock. Lazy: nothing is
+/// read until the first query.
+pub(super) fn open_read_only(
+    db_path: &Path,
+    busy_timeout: std::time::Duration,
+) -> Result<Connection, rusqlite::Error> {
+    // A URI so that `mode=ro` applies.
+    let uri = format!("file:{}?mode=ro", uri_escape(&db_path.to_string_lossy()));
+    let conn = Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(busy_timeout)?;
     Ok(conn)
 }
 

@@ -23,7 +23,6 @@ pub mod prepare;
 pub mod presence;
 pub mod report;
 mod resign;
-pub mod retry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -44,6 +43,7 @@ use crate::store_path::StorePath;
 use order::Order;
 use prepare::PreparedNar;
 
+pub use crate::retry;
 pub use error::Error;
 pub use presence::{MemoryPresentCache, PresentCache, PRESENCE_TRIES};
 pub use report::{

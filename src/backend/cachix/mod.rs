@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Config};
 use crate::narinfo::NarInfo;
+use crate::retry;
 use crate::signing::PublicKey;
 use crate::store_path::StorePath;
 
@@ -62,9 +63,9 @@ pub const CANNOT_STORE: &[Document] = &[
 /// Hashes per missing-paths request: Cachix's client sends at most this many (about 1 MB of JSON).
 pub const MISSING_BATCH: usize = 32_768;
 
-/// Cachix's HTTP retry policy (cachix-api.md §7.1): equal-jitter backoff from `base` doubling, each wait at most
-/// `cap`, no retry once the waits would exceed `budget` in total; a server hint replaces the computed wait but
-/// is clamped to `max_hint`.
+/// The parameters of Cachix's HTTP retry policy (cachix-api.md §7.1), as [`crate::retry::Policy::cachix`] takes
+/// them: equal-jitter backoff from `base` doubling, each wait at most `cap`, no retry once the waits would exceed
+/// `budget` in total; a server hint replaces the computed wait but is clamped to `max_hint`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// The first backoff before jitter.
@@ -88,62 +89,9 @@ impl Default for RetryPolicy {
     }
 }
 
-impl RetryPolicy {
-    /// The computed wait before retry number `retry` (0 for the first), `jitter` in `[0, 1]`:
-    /// `t/2 + jitter·t/2` with `t = base·2^retry`, at most `cap`.
-    pub fn backoff(&self, retry: u32, jitter: f64) -> Duration {
-        let t = self.base.saturating_mul(1u32 << retry.min(20));
-        (t / 2 + t.mul_f64(jitter.clamp(0.0, 1.0)) / 2).min(self.cap)
-    }
-}
-
-/// The retries made so far for one request.
-#[derive(Debug, Default)]
-struct Retries {
-    count: u32,
-    spent: Duration,
-}
-
-impl Retries {
-    /// How long to wait before trying `error`'s request again, or `None` to give up.
-    fn next_wait(&mut self, policy: &RetryPolicy, error: &Error) -> Option<Duration> {
-        if !error.is_retryable() {
-            return None;
-        }
-        let computed = policy.backoff(self.count, rand::random::<f64>());
-        if self.spent + computed > policy.budget {
-            return None;
-        }
-        self.spent += computed;
-        self.count += 1;
-        Some(match error.retry_after() {
-            Some(hint) if !hint.is_zero() => hint.min(policy.max_hint),
-            _ => computed,
-        })
-    }
-}
-
-async fn with_policy<T, F, Fut>(
-    policy: &RetryPolicy,
-    what: &str,
-    mut request: F,
-) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Error>>,
-{
-    let mut retries = Retries::default();
-    loop {
-        match request().await {
-            Ok(value) => return Ok(value),
-            Err(e) => match retries.next_wait(policy, &e) {
-                Some(wait) => {
-                    tracing::debug!("{what}: retrying in {wait:?} after: {e}");
-                    tokio::time::sleep(wait).await;
-                }
-                None => return Err(e),
-            },
-        }
+impl From<RetryPolicy> for retry::Policy {
+    fn from(p: RetryPolicy) -> retry::Policy {
+        retry::Policy::cachix(p.base, p.cap, p.budget, p.max_hint)
     }
 }
 
@@ -157,7 +105,7 @@ pub struct CachixBackend {
     credentials: Credentials,
     signing_key_file: Option<PathBuf>,
     part_size: u64,
-    policy: RetryPolicy,
+    policy: retry::Policy,
     /// The cache's public keys, from the last `prepare`.
     public_keys: RwLock<Vec<PublicKey>>,
 }
@@ -191,14 +139,14 @@ impl CachixBackend {
             credentials,
             signing_key_file: config.target.signing_key_file.clone(),
             part_size: config.target.part_size,
-            policy: RetryPolicy::default(),
+            policy: RetryPolicy::default().into(),
             public_keys: RwLock::new(Vec::new()),
         })
     }
 
     /// Replaces the retry policy (tests use short waits).
     pub fn with_policy(mut self, policy: RetryPolicy) -> CachixBackend {
-        self.policy = policy;
+        self.policy = policy.into();
         self
     }
 
@@ -284,10 +232,11 @@ impl CachixBackend {
         let url = self.url("/narinfo", &[])?;
         let mut missing = HashSet::new();
         for batch in hashes.chunks(MISSING_BATCH) {
-            let answer: Vec<String> = with_policy(&self.policy, "missing-paths query", || {
-                self.call_json(Method::POST, &url, Some(&batch))
-            })
-            .await?;
+            let answer: Vec<String> =
+                retry::with_retries(&self.policy, "missing-paths query", || {
+                    self.call_json(Method::POST, &url, Some(&batch))
+                })
+                .await?;
             missing.extend(answer);
         }
         Ok(missing)
@@ -336,7 +285,7 @@ impl Backend for CachixBackend {
             )));
         }
         let url = self.url("", &[])?;
-        let value: serde_json::Value = with_policy(&self.policy, "cache info", || {
+        let value: serde_json::Value = retry::with_retries(&self.policy, "cache info", || {
             self.call_json(Method::GET, &url, None::<&()>)
         })
         .await?;
@@ -520,50 +469,15 @@ mod tests {
     }
 
     #[test]
-    fn backoff_follows_cachix() {
-        let p = RetryPolicy::default();
-        assert_eq!(p.backoff(0, 0.0), Duration::from_millis(500));
-        assert_eq!(p.backoff(0, 1.0), Duration::from_secs(1));
-        assert_eq!(p.backoff(3, 1.0), Duration::from_secs(8));
-        assert_eq!(p.backoff(10, 0.5), Duration::from_secs(15));
-        // Without hints the waits stop once they would pass 90 s in total.
-        let e = Error::Timeout { url: "u".into() };
-        let mut r = Retries::default();
-        let mut total = Duration::ZERO;
-        while let Some(w) = r.next_wait(&p, &e) {
-            total += w;
-        }
-        assert!(
-            total <= p.budget && r.count >= 7,
-            "{total:?} after {}",
-            r.count
-        );
-    }
-
-    #[test]
-    fn hints_replace_the_wait_and_are_clamped() {
-        let p = RetryPolicy::default();
-        let status = |retry_after| Error::Status {
-            method: "GET".into(),
-            url: "u".into(),
-            code: 429,
-            retry_after,
-            detail: String::new(),
-        };
-        let mut r = Retries::default();
+    fn the_default_policy_is_cachix_s() {
         assert_eq!(
-            r.next_wait(&p, &status(Some(Duration::from_secs(7)))),
-            Some(Duration::from_secs(7))
+            retry::Policy::from(RetryPolicy::default()),
+            retry::Policy::cachix(
+                Duration::from_secs(1),
+                Duration::from_secs(15),
+                Duration::from_secs(90),
+                Duration::from_secs(120),
+            )
         );
-        assert_eq!(
-            r.next_wait(&p, &status(Some(Duration::from_secs(600)))),
-            Some(p.max_hint)
-        );
-        let refused = Error::Unauthorized {
-            url: "u".into(),
-            code: 401,
-            detail: String::new(),
-        };
-        assert_eq!(r.next_wait(&p, &refused), None);
     }
 }

@@ -18,7 +18,8 @@ use super::super::{Error, NarFile};
 use super::api::{
     api_error, CompleteRequest, CompletedPart, CreatedNar, NarInfoCreate, PresignedPart,
 };
-use super::{with_policy, CachixBackend, Retries};
+use super::CachixBackend;
+use crate::retry::{self, Retries};
 
 /// How often one part is presigned again after storage rejected its URL with 403.
 const MAX_REPRESIGNS: u32 = 3;
@@ -40,7 +41,7 @@ enum PutFailure {
 impl CachixBackend {
     pub(super) async fn create(&self, compression: &str) -> Result<Multipart, Error> {
         let url = self.url("/multipart-nar", &[("compression", compression)])?;
-        let created: CreatedNar = with_policy(&self.policy, "create upload", || {
+        let created: CreatedNar = retry::with_retries(&self.policy, "create upload", || {
             self.call_json(Method::POST, &url, None::<&()>)
         })
         .await?;
@@ -57,7 +58,7 @@ impl CachixBackend {
             &[("uploadId", &upload.upload_id), ("partNumber", &number)],
         )?;
         let body = serde_json::json!({ "contentMD5": md5 });
-        let presigned: PresignedPart = with_policy(&self.policy, "presign part", || {
+        let presigned: PresignedPart = retry::with_retries(&self.policy, "presign part", || {
             self.call_json(Method::POST, &url, Some(&body))
         })
         .await?;
@@ -137,7 +138,7 @@ impl CachixBackend {
                 }
                 Err(PutFailure::Other(e)) => e,
             };
-            match retries.next_wait(&self.policy, &error) {
+            match retries.next_wait(&self.policy, &error, rand::random::<f64>()) {
                 Some(wait) => {
                     tracing::debug!("part {number}: retrying in {wait:?} after: {error}");
                     tokio::time::sleep(wait).await;
@@ -222,7 +223,7 @@ impl CachixBackend {
                 }
                 return Err(error);
             }
-            match retries.next_wait(&self.policy, &error) {
+            match retries.next_wait(&self.policy, &error, rand::random::<f64>()) {
                 Some(wait) => {
                     maybe_applied = true;
                     tracing::debug!("complete: retrying in {wait:?} after: {error}");

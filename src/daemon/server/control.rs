@@ -1,7 +1,9 @@
 //! The answers to each request on the hook socket: `enqueue` (validate, resolve, store durably, then ack),
 //! `status`, `list`, `retry`, `drop` and the rest of the control commands, with the checks on who may send them.
 
-use crate::protocol::{ErrorKind, Request, Response, MAX_LIST_PAGE, MAX_REFUSALS_SHOWN};
+use crate::protocol::{
+    EntryState, ErrorKind, QueueEntry, Request, Response, MAX_LIST_PAGE, MAX_REFUSALS_SHOWN,
+};
 use crate::queue::{Queue, State};
 use crate::store_path::StorePath;
 
@@ -36,7 +38,7 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                     next: (entries.len() == limit)
                         .then(|| entries.last().map(|e| e.path.to_string()))
                         .flatten(),
-                    entries,
+                    entries: entries.into_iter().map(QueueEntry::from).collect(),
                 },
                 Err(e) => internal(e),
             }
@@ -195,4 +197,24 @@ fn parse_all(inputs: &[String], store_dir: &str) -> Result<Vec<StorePath>, Strin
             StorePath::parse(input, store_dir).map_err(|e| format!("refused {input}: {e}"))
         })
         .collect()
+}
+
+/// The queue's record as the wire sends it.
+impl From<crate::queue::Entry> for QueueEntry {
+    fn from(entry: crate::queue::Entry) -> QueueEntry {
+        QueueEntry {
+            path: entry.path,
+            state: match entry.state {
+                State::Queued => EntryState::Queued,
+                State::Uploading => EntryState::Uploading,
+                State::Failed => EntryState::Failed,
+            },
+            attempts: entry.attempts,
+            next_attempt_at_ms: entry.next_attempt_at_ms,
+            last_error: entry.last_error,
+            enqueued_at_ms: entry.enqueued_at_ms,
+            updated_at_ms: entry.updated_at_ms,
+            source: entry.source,
+        }
+    }
 }
