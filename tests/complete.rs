@@ -608,3 +608,22 @@ fn an_s3_bucket_holds_every_document_and_nix_reads_them() {
         ],
     );
 }
+
+#[test]
+fn resign_existing_without_a_key_is_refused_naming_the_field() {
+    let env = TestEnv::new();
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"file://{}\"\nresign_existing = true",
+            env.cache_dir().display()
+        ),
+    );
+    let out = env.nixpush(&["check-config", env.config_path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("target.resign_existing") && stderr.contains("signing_key_file"),
+        "{stderr}"
+    );
+}

@@ -42,10 +42,12 @@ impl<B: Backend + 'static> Engine<B> {
             Ok(n) => n,
             Err(e) => return Ok(Resigned::Mismatch(format!("unreadable narinfo: {e}"))),
         };
+        let mut references = narinfo.references.clone();
+        references.sort();
         if narinfo.store_path != info.path
             || narinfo.nar_hash != info.nar_hash
             || narinfo.nar_size != info.nar_size
-            || narinfo.references != info.references
+            || references != info.references
         {
             return Ok(Resigned::Mismatch(
                 "its NarHash, NarSize or References differ from the local store".to_owned(),
