@@ -627,3 +627,43 @@ fn resign_existing_without_a_key_is_refused_naming_the_field() {
         "{stderr}"
     );
 }
+
+#[test]
+fn resign_existing_leaves_a_narinfo_that_differs_from_the_store_alone_and_says_so() {
+    let env = TestEnv::new();
+    let (sec, _) = nix_key(env.dir.path(), "complete-mismatch-1");
+    let paths = crate::util::add_store_paths(1);
+    let cache = env.cache_dir();
+    let url = format!("file://{}", cache.display());
+    nix_ok(&["copy", "--to", &url, &paths[0]]);
+    let narinfo = cache.join(format!("{}.narinfo", hash_part(&paths[0])));
+    // A narinfo that claims another size: signing it would vouch for bytes nobody checked.
+    let damaged: String = fs::read_to_string(&narinfo)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("NarSize: ") {
+            Some(n) => format!("NarSize: {}\n", n.parse::<u64>().unwrap() + 8),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    fs::write(&narinfo, &damaged).unwrap();
+    env.write_config_with(
+        "",
+        &format!(
+            "url = \"{url}\"\nsigning_key_file = \"{}\"\nresign_existing = true",
+            sec.display()
+        ),
+    );
+    let out = env.nixpush(&["push", &paths[0]]);
+    assert!(
+        !out.status.success(),
+        "a damaged narinfo must not pass silently"
+    );
+    assert_eq!(fs::read_to_string(&narinfo).unwrap(), damaged);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("does not match the local store") && said.contains("NarSize"),
+        "{said}"
+    );
+}

@@ -49,6 +49,17 @@ pub enum Error {
         /// The reference that failed.
         reference: StorePath,
     },
+    /// `resign_existing` found a narinfo in the target that describes other bytes than the local store has:
+    /// damage to report, not something to sign.
+    #[error(
+        "not re-signing {path}: the target's narinfo does not match the local store ({reason})"
+    )]
+    TargetMismatch {
+        /// The store path.
+        path: StorePath,
+        /// What differs.
+        reason: String,
+    },
     /// The build log could not be read from Nix's log directory.
     #[error(transparent)]
     Log(#[from] crate::buildlog::Error),
@@ -71,6 +82,7 @@ impl Error {
             Error::Prepare(prepare::Error::Nar { .. } | prepare::Error::Listing { .. }) => false,
             // An unreadable log file (permissions, a disk error) may be fixed; the path waits for it.
             Error::Log(_) => true,
+            Error::TargetMismatch { .. } => false,
             Error::Gone(_) | Error::Corrupt { .. } => false,
             Error::DependencyFailed { .. } => true,
             Error::Cancelled | Error::Internal(_) => true,
@@ -88,6 +100,7 @@ impl Error {
             | Error::DependencyFailed { .. }
             | Error::Cancelled
             | Error::Log(_)
+            | Error::TargetMismatch { .. }
             | Error::Internal(_) => false,
         }
     }

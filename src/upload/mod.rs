@@ -461,11 +461,12 @@ impl<B: Backend + 'static> Engine<B> {
             resign::Resigned::Signed => {
                 tracing::info!(store_path = %info.path, "re-signed {} (narinfo only)", info.path)
             }
-            resign::Resigned::Mismatch(why) => tracing::warn!(
-                store_path = %info.path,
-                "not re-signing {}: the target's narinfo does not match the local store ({why})",
-                info.path
-            ),
+            resign::Resigned::Mismatch(reason) => {
+                return Err(Error::TargetMismatch {
+                    path: info.path.clone(),
+                    reason,
+                })
+            }
         }
         self.put_missing_realisations(&info.path).await
     }

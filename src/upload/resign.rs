@@ -2,7 +2,8 @@
 //! its narinfo rewritten with our signatures added (and the existing ones kept); the NAR is not sent again.
 //!
 //! Only a narinfo that describes the same bytes as the local store (NarHash, NarSize, references) is signed:
-//! nixpush vouches for what it has checked, never for what a target claims.
+//! nixpush vouches for what it has checked, never for what a target claims, and a mismatch fails the path so the
+//! damage shows in `status` and `push`.
 
 use crate::backend::documents::{self, Document};
 use crate::backend::Backend;
