@@ -299,15 +299,25 @@ pub fn transport_error(method: &str, url: &str, e: &reqwest::Error) -> Error {
 pub async fn status_error(method: &str, url: &str, response: Response) -> Error {
     let code = response.status().as_u16();
     let retry_after = retry_after(response.headers());
-    let detail = small_body(response).await.unwrap_or_default();
-    let detail: String = detail
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect();
+    let body = small_body(response).await.unwrap_or_default();
+    answer_error(method, url, code, retry_after, &body, true)
+}
+
+/// The error for an answer with status `code` and body `body` (its start, without control characters, becomes
+/// the detail). 401/403 mean the credentials were refused when `from_target` is set (not when a presigned
+/// storage URL answers).
+pub fn answer_error(
+    method: &str,
+    url: &str,
+    code: u16,
+    retry_after: Option<Duration>,
+    body: &str,
+    from_target: bool,
+) -> Error {
+    let detail: String = body.chars().filter(|c| !c.is_control()).take(200).collect();
     let url = redact_url(url);
     match code {
-        401 | 403 => Error::Unauthorized { url, code, detail },
+        401 | 403 if from_target => Error::Unauthorized { url, code, detail },
         _ => Error::Status {
             method: method.to_owned(),
             url,

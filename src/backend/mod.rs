@@ -81,19 +81,25 @@ pub trait Backend: Send + Sync {
     }
 
     /// Stores a small document (see [`documents`]) at `key`, replacing any there. Only called for documents
-    /// the target can hold (not in [`Backend::cannot_store`]).
+    /// the target can hold (not in [`Backend::cannot_store`]). The default refuses, for targets (and test
+    /// fakes) that hold only NARs and narinfos.
     fn put_document(
         &self,
         key: &str,
-        content_type: &'static str,
-        bytes: Vec<u8>,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+        _content_type: &'static str,
+        _bytes: Vec<u8>,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let key = key.to_owned();
+        async move { Err(Error::Config(format!("this target cannot store {key}"))) }
+    }
 
-    /// Reads a small document; `None` when the target has nothing at `key`.
+    /// Reads a small document; `None` when the target has nothing at `key`. The default has nothing.
     fn get_document(
         &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<Vec<u8>>, Error>> + Send;
+        _key: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, Error>> + Send {
+        async { Ok(None) }
+    }
 
     /// What of a complete cache this target's API cannot take; empty for a plain binary cache.
     fn cannot_store(&self) -> &'static [documents::Document] {

@@ -556,3 +556,68 @@ async fn report_progress(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::queue::SledQueue;
+
+    fn shared() -> (tempfile::TempDir, Arc<Shared>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: tmp.path().join("state"),
+            ..Config::default()
+        };
+        let queue: Arc<dyn Queue> = Arc::new(SledQueue::temporary().unwrap());
+        (tmp, Shared::new(config, queue, false))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_target_is_probed_again_after_the_interval() {
+        let (_tmp, shared) = shared();
+        let (stop, secrets) = (CancellationToken::new(), Notify::new());
+        let started = Instant::now();
+        let changed = wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await;
+        assert!(!changed);
+        assert_eq!(started.elapsed(), AUTH_PROBE_INTERVAL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rotated_secret_or_new_work_ends_the_wait_at_once() {
+        let (_tmp, shared) = shared();
+        let (stop, secrets) = (CancellationToken::new(), Notify::new());
+        let started = Instant::now();
+        secrets.notify_one();
+        assert!(wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
+        shared.work_available.notify_one();
+        assert!(!wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
+        stop.cancel();
+        assert!(!wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_transient_presence_failures_are_outages() {
+        let status = |code| {
+            upload::Error::Presence(crate::backend::Error::Status {
+                method: "HEAD".into(),
+                url: "u".into(),
+                code,
+                retry_after: None,
+                detail: String::new(),
+            })
+        };
+        assert!(is_presence_outage(&status(503)));
+        assert!(!is_presence_outage(&status(404)));
+        let refused = upload::Error::Presence(crate::backend::Error::Unauthorized {
+            url: "u".into(),
+            code: 401,
+            detail: String::new(),
+        });
+        assert!(!is_presence_outage(&refused));
+        let upload = upload::Error::Backend(crate::backend::Error::Timeout { url: "u".into() });
+        assert!(!is_presence_outage(&upload));
+    }
+}

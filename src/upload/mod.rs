@@ -18,15 +18,15 @@
 
 mod documents;
 mod error;
+mod in_flight;
 pub mod order;
 pub mod prepare;
 pub mod presence;
 pub mod report;
 mod resign;
+mod settings;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -34,12 +34,12 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, Backend, NarFile};
-use crate::config::{Compression, Config};
 use crate::narinfo::NarInfo;
 use crate::pathinfo::{LocalStore, PathInfo};
 use crate::signing::SecretKey;
 use crate::store_path::StorePath;
 
+use in_flight::InFlightTable;
 use order::Order;
 use prepare::PreparedNar;
 
@@ -50,72 +50,7 @@ pub use report::{
     human_bytes, log_report, upload_line, BatchReport, InFlight, LogObserver, Observer,
     PathOutcome, PathReport, Plan, RootOutcome,
 };
-
-/// Engine settings derived from the configuration.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// NAR compression.
-    pub compression: Compression,
-    /// Compression level.
-    pub level: i32,
-    /// Parallel NAR preparations and uploads.
-    pub workers: usize,
-    /// Where compressed NARs are written when the backend has no staging directory.
-    pub temp_dir: PathBuf,
-    /// Patterns of paths never pushed.
-    pub exclude: globset::GlobSet,
-    /// Upstream caches whose paths are skipped.
-    pub upstream: Vec<String>,
-    /// Backoff between tries of the target's presence query within one batch.
-    pub presence_retry: retry::Policy,
-    /// Tries of the presence query within one batch before the batch gives up on it.
-    pub presence_tries: u32,
-    /// Write `<hash>.ls` NAR listings.
-    pub write_nar_listing: bool,
-    /// Upload build logs from `nix_log_dir`.
-    pub upload_logs: bool,
-    /// Nix's log directory.
-    pub nix_log_dir: PathBuf,
-    /// Re-sign present paths whose narinfo lacks our signature.
-    pub resign_existing: bool,
-}
-
-impl Settings {
-    /// Settings from a validated configuration.
-    pub fn from_config(config: &Config) -> Result<Settings, crate::config::Error> {
-        let mut exclude = globset::GlobSetBuilder::new();
-        for pattern in &config.exclude {
-            exclude.add(globset::Glob::new(pattern).map_err(|e| {
-                crate::config::Error::Invalid {
-                    field: "exclude",
-                    problem: format!("has an invalid pattern {pattern:?}: {e}"),
-                }
-            })?);
-        }
-        Ok(Settings {
-            compression: config.target.compression,
-            level: config.compression_level(),
-            workers: config.workers(),
-            temp_dir: config.state_dir.join("tmp"),
-            exclude: exclude.build().map_err(|e| crate::config::Error::Invalid {
-                field: "exclude",
-                problem: e.to_string(),
-            })?,
-            upstream: config.upstream.clone(),
-            presence_retry: retry::Policy::default(),
-            presence_tries: PRESENCE_TRIES,
-            write_nar_listing: config.target.write_nar_listing,
-            upload_logs: config.target.upload_logs,
-            nix_log_dir: config.nix_log_dir.clone(),
-            resign_existing: config.target.resign_existing,
-        })
-    }
-
-    /// Whether an `exclude` pattern matches the path's name or base name.
-    pub fn is_excluded(&self, path: &StorePath) -> bool {
-        self.exclude.is_match(path.name()) || self.exclude.is_match(path.base_name())
-    }
-}
+pub use settings::Settings;
 
 /// The upload engine for one backend.
 pub struct Engine<B> {
@@ -130,15 +65,7 @@ pub struct Engine<B> {
     present: Arc<dyn PresentCache>,
     observer: Arc<dyn Observer>,
     upstreams: backend::upstream::Upstreams,
-    in_flight: Mutex<BTreeMap<StorePath, Tracked>>,
-}
-
-#[derive(Debug)]
-struct Tracked {
-    nar_size: u64,
-    nar_done: Arc<AtomicU64>,
-    uploading: bool,
-    started: Instant,
+    in_flight: InFlightTable,
 }
 
 impl<B: Backend + 'static> Engine<B> {
@@ -162,7 +89,7 @@ impl<B: Backend + 'static> Engine<B> {
             present,
             observer,
             upstreams,
-            in_flight: Mutex::new(BTreeMap::new()),
+            in_flight: InFlightTable::default(),
         })
     }
 
@@ -202,22 +129,7 @@ impl<B: Backend + 'static> Engine<B> {
 
     /// What is being prepared or uploaded right now.
     pub fn in_flight(&self) -> Vec<InFlight> {
-        let Ok(map) = self.in_flight.lock() else {
-            return Vec::new();
-        };
-        map.iter()
-            .map(|(path, t)| InFlight {
-                path: path.clone(),
-                nar_size: t.nar_size,
-                nar_done: t.nar_done.load(Ordering::Relaxed),
-                phase: if t.uploading {
-                    "uploading"
-                } else {
-                    "preparing"
-                },
-                elapsed_ms: t.started.elapsed().as_millis() as u64,
-            })
-            .collect()
+        self.in_flight.snapshot()
     }
 
     /// Uploads the closures of `roots`. Never panics on bad input; every failure is reported per root.
@@ -560,7 +472,7 @@ impl<B: Backend + 'static> Engine<B> {
                             continue;
                         };
                         let (narinfo, prepared, prep_time) = *boxed;
-                        self.mark_uploading(&paths[i].path);
+                        self.in_flight.mark_uploading(&paths[i].path);
                         tasks.push(Box::pin(self.upload_one(i, narinfo, prepared, prep_time))
                             as std::pin::Pin<
                                 Box<dyn std::future::Future<Output = _> + Send + '_>,
@@ -581,7 +493,7 @@ impl<B: Backend + 'static> Engine<B> {
                 }
                 Event::Prepared(i, Err(e)) | Event::Uploaded(i, Err(e)) => {
                     order.failed(i);
-                    self.untrack(&paths[i].path);
+                    self.in_flight.untrack(&paths[i].path);
                     let e = Arc::new(e);
                     if e.is_auth() {
                         // Nothing else can succeed until the credentials change.
@@ -594,7 +506,7 @@ impl<B: Backend + 'static> Engine<B> {
                 }
                 Event::Uploaded(i, Ok(done)) => {
                     order.uploaded(i);
-                    self.untrack(&paths[i].path);
+                    self.in_flight.untrack(&paths[i].path);
                     results.push((paths[i].path.clone(), Ok(done)));
                 }
             }
@@ -622,7 +534,7 @@ impl<B: Backend + 'static> Engine<B> {
         if self.query(&info.path).await?.is_none() {
             return Err(Error::Gone(info.path.clone()));
         }
-        let progress = self.track(&info.path, info.nar_size);
+        let progress = self.in_flight.track(&info.path, info.nar_size);
         let dir = self
             .backend
             .staging_dir()
@@ -726,36 +638,6 @@ impl<B: Backend + 'static> Engine<B> {
                 )
             }
             Err(e) => Event::Uploaded(i, Err(e)),
-        }
-    }
-
-    fn track(&self, path: &StorePath, nar_size: u64) -> Arc<AtomicU64> {
-        let counter = Arc::new(AtomicU64::new(0));
-        if let Ok(mut map) = self.in_flight.lock() {
-            map.insert(
-                path.clone(),
-                Tracked {
-                    nar_size,
-                    nar_done: Arc::clone(&counter),
-                    uploading: false,
-                    started: Instant::now(),
-                },
-            );
-        }
-        counter
-    }
-
-    fn mark_uploading(&self, path: &StorePath) {
-        if let Ok(mut map) = self.in_flight.lock() {
-            if let Some(t) = map.get_mut(path) {
-                t.uploading = true;
-            }
-        }
-    }
-
-    fn untrack(&self, path: &StorePath) {
-        if let Ok(mut map) = self.in_flight.lock() {
-            map.remove(path);
         }
     }
 }

@@ -97,3 +97,124 @@ impl<B: Backend> Presence<'_, B> {
         self.upstreams.serving(paths).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::backend::{self, NarFile, TargetInfo};
+    use crate::narinfo::NarInfo;
+
+    /// A target whose `missing` query fails `failures` times with a 503 asking to come back after `hint`.
+    struct Flaky {
+        failures: AtomicU32,
+        hint: Duration,
+    }
+
+    impl Backend for Flaky {
+        async fn prepare(&self) -> Result<TargetInfo, backend::Error> {
+            Ok(TargetInfo::default())
+        }
+
+        async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, backend::Error> {
+            if self.failures.load(Ordering::SeqCst) == 0 {
+                return Ok(paths.to_vec());
+            }
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            Err(backend::Error::Status {
+                method: "HEAD".into(),
+                url: "http://127.0.0.1:1/x.narinfo".into(),
+                code: 503,
+                retry_after: Some(self.hint),
+                detail: String::new(),
+            })
+        }
+
+        async fn upload(&self, _: &NarInfo, _: NarFile<'_>) -> Result<(), backend::Error> {
+            Ok(())
+        }
+    }
+
+    fn paths() -> Vec<StorePath> {
+        vec![StorePath::parse(
+            "/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top",
+            "/nix/store",
+        )
+        .unwrap()]
+    }
+
+    async fn ask(
+        failures: u32,
+        hint: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<usize, Error> {
+        let backend = Flaky {
+            failures: AtomicU32::new(failures),
+            hint,
+        };
+        let upstreams = Upstreams::new(Vec::new()).unwrap();
+        let policy = retry::Policy::default();
+        let presence = Presence {
+            backend: &backend,
+            upstreams: &upstreams,
+            retry: &policy,
+            tries: PRESENCE_TRIES,
+        };
+        presence
+            .target_lacks(&paths(), cancel)
+            .await
+            .map(|lacking| lacking.len())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_query_is_asked_again_after_the_server_s_delay() {
+        let started = Instant::now();
+        let lacking = ask(2, Duration::from_secs(3), &CancellationToken::new()).await;
+        assert_eq!(lacking.unwrap(), 1);
+        assert_eq!(started.elapsed(), Duration::from_secs(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_batch_gives_up_after_its_tries() {
+        let started = Instant::now();
+        let err = ask(
+            PRESENCE_TRIES,
+            Duration::from_secs(2),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Presence(_)), "{err}");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2) * (PRESENCE_TRIES - 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_asking_for_more_than_the_longest_wait_gets_the_batch_back_at_once() {
+        let started = Instant::now();
+        let err = ask(1, PRESENCE_MAX_WAIT * 2, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Presence(_)), "{err}");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_wait() {
+        let cancel = CancellationToken::new();
+        let stopper = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stopper.cancel();
+        });
+        let started = Instant::now();
+        let err = ask(1, Duration::from_secs(20), &cancel).await.unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+}

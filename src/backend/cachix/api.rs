@@ -8,10 +8,9 @@ use reqwest::header::{HeaderMap, CONTENT_TYPE};
 use reqwest::Response;
 use serde::{Deserialize, Serialize};
 
-use crate::config;
 use crate::narinfo::NarInfo;
 
-use super::super::http::{retry_after, small_body};
+use super::super::http::{answer_error, retry_after, small_body};
 use super::super::{Error, NarFile};
 
 /// `GET /api/v1/cache/NAME`.
@@ -109,18 +108,7 @@ pub(super) async fn api_error(method: &str, url: &str, response: Response, api: 
     let headers: HeaderMap = response.headers().clone();
     let body = small_body(response).await.unwrap_or_default();
     let retry_after = retry_after(&headers).or_else(|| json_retry_after(&headers, &body));
-    let detail: String = body.chars().filter(|c| !c.is_control()).take(200).collect();
-    let url = config::redact_url(url);
-    match code {
-        401 | 403 if api => Error::Unauthorized { url, code, detail },
-        _ => Error::Status {
-            method: method.to_owned(),
-            url,
-            code,
-            retry_after,
-            detail,
-        },
-    }
+    answer_error(method, url, code, retry_after, &body, api)
 }
 
 /// `retry_after` (seconds) from an `application/problem+json` or `application/json` body.

@@ -1,0 +1,76 @@
+//! The engine's settings, derived once from the configuration: compression, parallelism, exclusions,
+//! upstream caches and the presence query's retries.
+
+use std::path::PathBuf;
+
+use crate::config::{Compression, Config};
+use crate::store_path::StorePath;
+
+use super::presence::PRESENCE_TRIES;
+use super::retry;
+
+/// Engine settings derived from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// NAR compression.
+    pub compression: Compression,
+    /// Compression level.
+    pub level: i32,
+    /// Parallel NAR preparations and uploads.
+    pub workers: usize,
+    /// Where compressed NARs are written when the backend has no staging directory.
+    pub temp_dir: PathBuf,
+    /// Patterns of paths never pushed.
+    pub exclude: globset::GlobSet,
+    /// Upstream caches whose paths are skipped.
+    pub upstream: Vec<String>,
+    /// Backoff between tries of the target's presence query within one batch.
+    pub presence_retry: retry::Policy,
+    /// Tries of the presence query within one batch before the batch gives up on it.
+    pub presence_tries: u32,
+    /// Write `<hash>.ls` NAR listings.
+    pub write_nar_listing: bool,
+    /// Upload build logs from `nix_log_dir`.
+    pub upload_logs: bool,
+    /// Nix's log directory.
+    pub nix_log_dir: PathBuf,
+    /// Re-sign present paths whose narinfo lacks our signature.
+    pub resign_existing: bool,
+}
+
+impl Settings {
+    /// Settings from a validated configuration.
+    pub fn from_config(config: &Config) -> Result<Settings, crate::config::Error> {
+        let mut exclude = globset::GlobSetBuilder::new();
+        for pattern in &config.exclude {
+            exclude.add(globset::Glob::new(pattern).map_err(|e| {
+                crate::config::Error::Invalid {
+                    field: "exclude",
+                    problem: format!("has an invalid pattern {pattern:?}: {e}"),
+                }
+            })?);
+        }
+        Ok(Settings {
+            compression: config.target.compression,
+            level: config.compression_level(),
+            workers: config.workers(),
+            temp_dir: config.state_dir.join("tmp"),
+            exclude: exclude.build().map_err(|e| crate::config::Error::Invalid {
+                field: "exclude",
+                problem: e.to_string(),
+            })?,
+            upstream: config.upstream.clone(),
+            presence_retry: retry::Policy::default(),
+            presence_tries: PRESENCE_TRIES,
+            write_nar_listing: config.target.write_nar_listing,
+            upload_logs: config.target.upload_logs,
+            nix_log_dir: config.nix_log_dir.clone(),
+            resign_existing: config.target.resign_existing,
+        })
+    }
+
+    /// Whether an `exclude` pattern matches the path's name or base name.
+    pub fn is_excluded(&self, path: &StorePath) -> bool {
+        self.exclude.is_match(path.name()) || self.exclude.is_match(path.base_name())
+    }
+}
