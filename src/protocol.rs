@@ -11,6 +11,9 @@
 //!
 //! A connection may carry several requests, one after the other. The daemon answers a malformed, oversized or
 //! too-slow request with an [`Response::Error`] and closes the connection.
+//!
+//! Over 600 lines because of its tests: a golden string per message and the round-trip properties pin the
+//! wire format.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;

@@ -13,6 +13,9 @@
 //!                       "source":"socket","at_ms":1732600005000}],
 //!  "totals":{"since_start":{"uploaded":0,…},"all_time":{"uploaded":0,…}}}
 //! ```
+//!
+//! Over 600 lines because of its tests: the golden `status --json` string and the rendering cases pin the
+//! contract.
 
 use std::fmt::Write as _;
 

@@ -187,6 +187,15 @@ impl Target {
             kind,
         })
     }
+
+    /// Only the backend, with credentials already loaded: for `doctor`, which checks the token, the key and the
+    /// target one at a time.
+    pub fn backend_with(
+        config: &Config,
+        credentials: Credentials,
+    ) -> Result<AnyBackend, super::Error> {
+        AnyBackend::from_config(config, credentials)
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::backend::{AnyBackend, Backend, Credentials, Kind, TargetInfo};
+use crate::backend::{Backend, Credentials, Kind, Target, TargetInfo};
 use crate::config::{redact_url, Config, DEFAULT_CONFIG_PATH};
 use crate::protocol::{self, Request, Response};
 use crate::signing::SecretKey;
@@ -755,7 +755,7 @@ async fn check_target(
             None,
         );
     };
-    let backend = match AnyBackend::from_config(config, credentials) {
+    let backend = match Target::backend_with(config, credentials) {
         Ok(backend) => backend,
         Err(e) => {
             return (
