@@ -827,7 +827,7 @@ async fn check_cache_info(
     let (Some(credentials), true) = (credentials, target_ok) else {
         return Check::skip(NAME, "needs a reachable target (see target)");
     };
-    let backend = match AnyBackend::from_config(config, credentials) {
+    let backend = match Target::backend_with(config, credentials) {
         Ok(backend) => backend,
         Err(e) => return Check::skip(NAME, e.to_string()),
     };
