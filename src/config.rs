@@ -180,6 +180,8 @@ pub struct Config {
     pub store_dir: PathBuf,
     /// Nix's SQLite database, read read-only for path info.
     pub nix_db: PathBuf,
+    /// Nix's log directory (`drvs/<2 chars>/<rest>.bz2` below it), read when `target.upload_logs` is set.
+    pub nix_log_dir: PathBuf,
     /// Users besides root allowed to enqueue.
     pub allowed_users: Vec<String>,
     /// Groups whose members may enqueue.
@@ -208,6 +210,19 @@ pub struct Target {
     pub compression_level: Option<i32>,
     /// Secret key in Nix's `name:base64` format (or Cachix's bare base64) used to sign narinfos.
     pub signing_key_file: Option<PathBuf>,
+    /// More secret keys (Nix's `name:base64`); each adds its own signature to every narinfo and realisation.
+    pub signing_key_files: Vec<PathBuf>,
+    /// Re-sign paths the target already has when their narinfo lacks a signature by our keys (narinfo only, the
+    /// NAR is not sent again).
+    pub resign_existing: bool,
+    /// Upload the build log of each derivation whose outputs are pushed, to `log/<drv>`.
+    pub upload_logs: bool,
+    /// Write `<hash>.ls` NAR listings, as Nix's `write-nar-listing=true` does.
+    pub write_nar_listing: bool,
+    /// `Priority` written to a `nix-cache-info` that nixpush creates (lower is preferred by Nix).
+    pub priority: Option<u32>,
+    /// `WantMassQuery` written to a `nix-cache-info` that nixpush creates.
+    pub want_mass_query: Option<bool>,
     /// Bearer token (HTTP, Cachix). Re-read when the file changes.
     pub auth_token_file: Option<PathBuf>,
     /// Parallel uploads. Defaults to the number of CPUs.
@@ -234,6 +249,7 @@ impl Default for Config {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             store_dir: PathBuf::from("/nix/store"),
             nix_db: PathBuf::from("/nix/var/nix/db/db.sqlite"),
+            nix_log_dir: PathBuf::from("/nix/var/log/nix"),
             allowed_users: Vec::new(),
             allowed_groups: Vec::new(),
             upstream: vec!["https://cache.nixos.org".to_owned()],
@@ -252,6 +268,12 @@ impl Default for Target {
             compression: Compression::Zstd,
             compression_level: None,
             signing_key_file: None,
+            signing_key_files: Vec::new(),
+            resign_existing: false,
+            upload_logs: false,
+            write_nar_listing: false,
+            priority: None,
+            want_mass_query: None,
             auth_token_file: None,
             workers: None,
             max_attempts: 10,
@@ -272,6 +294,12 @@ impl fmt::Debug for Target {
             .field("compression", &self.compression)
             .field("compression_level", &self.compression_level)
             .field("signing_key_file", &self.signing_key_file)
+            .field("signing_key_files", &self.signing_key_files)
+            .field("resign_existing", &self.resign_existing)
+            .field("upload_logs", &self.upload_logs)
+            .field("write_nar_listing", &self.write_nar_listing)
+            .field("priority", &self.priority)
+            .field("want_mass_query", &self.want_mass_query)
             .field("auth_token_file", &self.auth_token_file)
             .field("workers", &self.workers)
             .field("max_attempts", &self.max_attempts)
@@ -363,6 +391,15 @@ impl Config {
         }
         if self.target.timeout_secs == 0 {
             return Err(invalid("target.timeout_secs", "must be greater than 0"));
+        }
+        if self.target.resign_existing
+            && self.target.signing_key_file.is_none()
+            && self.target.signing_key_files.is_empty()
+        {
+            return Err(invalid(
+                "target.resign_existing",
+                "needs a key to sign with: set target.signing_key_file or target.signing_key_files",
+            ));
         }
         if self.client_timeout_ms == 0 {
             return Err(invalid("client_timeout_ms", "must be greater than 0"));

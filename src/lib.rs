@@ -7,9 +7,12 @@
 //! - [`config`]: the TOML configuration, its defaults and validation.
 //! - [`store_path`]: validated store paths.
 //! - [`base32`], [`hash`]: Nix base32 and SHA-256 hash strings.
-//! - [`nar`]: NAR serialisation (streaming writer) and a validating reader.
+//! - [`nar`]: NAR serialisation (streaming writer), a validating reader, and listings built from the stream.
 //! - [`narinfo`]: narinfo rendering, parsing and fingerprints.
 //! - [`signing`]: ed25519 keys in Nix's and Cachix's formats.
+//! - [`realisation`]: realisations of content-addressed derivation outputs (`realisations/*.doi`).
+//! - [`cache_info`]: `nix-cache-info`, written and compared.
+//! - [`buildlog`]: build logs from Nix's log directory.
 //! - [`derivation`]: `.drv` parsing, enough to find outputs.
 //! - [`pathinfo`]: everything read from the local Nix store: path info and closures, and
 //!   ([`pathinfo::registry`]) validity and a derivation's outputs for the daemon's request checks.
@@ -35,6 +38,8 @@
 
 pub mod backend;
 pub mod base32;
+pub mod buildlog;
+pub mod cache_info;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -48,6 +53,7 @@ pub mod narinfo;
 pub mod pathinfo;
 pub mod protocol;
 pub mod queue;
+pub mod realisation;
 pub mod retry;
 pub mod secret;
 pub mod signing;

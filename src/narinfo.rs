@@ -309,6 +309,27 @@ impl NarInfo {
         self.sigs.push(sig);
     }
 
+    /// Signs with every key in `keys` (ours first, so a target that takes one signature gets ours), then keeps
+    /// each of `kept` (signatures Nix already holds, or the target's narinfo had) not made under one of our key
+    /// names. The result has no duplicates.
+    pub fn add_signatures<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a SecretKey>,
+        kept: &[String],
+    ) {
+        let mut ours: Vec<&str> = Vec::new();
+        for key in keys {
+            self.sign(key);
+            ours.push(key.name());
+        }
+        for sig in kept {
+            let by_us = sig_key_name(sig).is_some_and(|name| ours.contains(&name));
+            if !by_us && !self.sigs.contains(sig) {
+                self.sigs.push(sig.clone());
+            }
+        }
+    }
+
     /// Whether some `Sig` made under `key`'s name verifies against the fingerprint.
     pub fn verify(&self, key: &PublicKey) -> bool {
         let fp = self.fingerprint();

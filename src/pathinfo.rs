@@ -22,6 +22,7 @@
 //! protocol implementation for a fallback that `nix path-info` already covers.
 
 mod nix_command;
+mod realisations;
 pub mod registry;
 mod sqlite;
 
@@ -205,6 +206,11 @@ impl LocalStore {
         }
     }
 
+    /// The store directory, e.g. `/nix/store`.
+    pub fn store_dir(&self) -> &str {
+        &self.store_dir
+    }
+
     /// Whether queries go to the database (`true`) or to the `nix` command.
     pub fn uses_database(&self) -> bool {
         matches!(self.source, Source::Sqlite(_))
@@ -268,6 +274,18 @@ impl LocalStore {
             }
         }
         Ok(derivation::read(drv.as_path())?.output_paths(&self.store_dir)?)
+    }
+
+    /// The realisations (content-addressed derivation outputs) whose output is `path`, with the signatures Nix
+    /// holds. Only the database records them; without it (no root) there are none to push.
+    pub fn realisations(
+        &self,
+        path: &StorePath,
+    ) -> Result<Vec<crate::realisation::Realisation>, Error> {
+        match &self.source {
+            Source::Sqlite(conn) => realisations::of_output(&lock(conn), path),
+            Source::NixCommand => Ok(Vec::new()),
+        }
     }
 }
 

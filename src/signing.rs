@@ -117,6 +117,11 @@ impl SecretKey {
         SecretKey::parse(text.expose()).map_err(|e| in_file(e, path))
     }
 
+    /// Reads every file of `signing_key_files`, in order; the first that fails is the error.
+    pub fn load_all(paths: &[std::path::PathBuf]) -> Result<Vec<SecretKey>, Error> {
+        paths.iter().map(|p| SecretKey::load(p)).collect()
+    }
+
     /// Reads a key file holding either form [`SecretKey::parse_cachix`] accepts.
     pub fn load_cachix(path: &Path, name: &str) -> Result<SecretKey, Error> {
         let text = read_key_file(path)?;

@@ -3,6 +3,7 @@
 mod cachix;
 mod ci_example;
 mod cli;
+mod complete;
 mod daemon_upload;
 mod faultproxy;
 mod formats;

@@ -26,7 +26,8 @@ const TMP_PREFIX: &str = ".nixpush-tmp-";
 pub struct FileBackend {
     root: PathBuf,
     url: String,
-    store_dir: String,
+    /// The `nix-cache-info` written when the target has none.
+    cache_info: String,
 }
 
 impl FileBackend {
@@ -39,7 +40,7 @@ impl FileBackend {
         Ok(FileBackend {
             root,
             url: url.to_owned(),
-            store_dir: config.store_dir_str().to_owned(),
+            cache_info: crate::cache_info::CacheInfo::from_config(config).render(),
         })
     }
 
@@ -57,7 +58,7 @@ impl FileBackend {
         std::fs::create_dir_all(&nar_dir).map_err(|e| Error::io(&nar_dir, e))?;
         let info = self.root.join("nix-cache-info");
         if !info.exists() {
-            write_atomically(&info, format!("StoreDir: {}\n", self.store_dir).as_bytes())?;
+            write_atomically(&info, self.cache_info.as_bytes())?;
         }
         remove_stale_temporaries(&nar_dir);
         remove_stale_temporaries(&self.root);
@@ -133,6 +134,32 @@ impl Backend for FileBackend {
 
     fn staging_dir(&self) -> Option<PathBuf> {
         Some(self.root.join("nar"))
+    }
+
+    async fn put_document(
+        &self,
+        key: &str,
+        _content_type: &'static str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        let path = self.root.join(key);
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            write_atomically(&path, &bytes)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("document task failed: {e}")))?
+    }
+
+    async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let path = self.root.join(key);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
     }
 }
 

@@ -40,7 +40,8 @@ pub struct HttpBackend {
     client: reqwest::Client,
     credentials: Credentials,
     basic: Option<(String, Secret)>,
-    store_dir: String,
+    /// The `nix-cache-info` written when the target has none.
+    cache_info: String,
 }
 
 impl HttpBackend {
@@ -68,7 +69,7 @@ impl HttpBackend {
             client: client(Duration::from_secs(config.target.timeout_secs))?,
             credentials,
             basic,
-            store_dir: config.store_dir_str().to_owned(),
+            cache_info: crate::cache_info::CacheInfo::from_config(config).render(),
         })
     }
 
@@ -164,7 +165,7 @@ impl Backend for HttpBackend {
         })
         .await?;
         if response.status() == StatusCode::NOT_FOUND {
-            let text = format!("StoreDir: {}\n", self.store_dir);
+            let text = self.cache_info.clone();
             self.put_bytes("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
                 .await?;
         }
@@ -202,6 +203,39 @@ impl Backend for HttpBackend {
             "text/x-nix-narinfo",
             narinfo.render().into_bytes(),
         )
+        .await
+    }
+
+    async fn put_document(
+        &self,
+        key: &str,
+        content_type: &'static str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        self.put_bytes(key, content_type, bytes).await
+    }
+
+    async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let url = self.url(key);
+        super::with_retries(|| async {
+            let response = send(self.request(Method::GET, &url), "GET", &url).await?;
+            match response.status() {
+                s if s.is_success() => {
+                    let (bytes, truncated) = bounded_body(response)
+                        .await
+                        .map_err(|e| transport_error("GET", &url, &e))?;
+                    if truncated {
+                        return Err(Error::Protocol {
+                            url: redact_url(&url),
+                            message: format!("document larger than {MAX_SMALL_BODY} bytes"),
+                        });
+                    }
+                    Ok(Some(bytes))
+                }
+                StatusCode::NOT_FOUND => Ok(None),
+                _ => Err(status_error("GET", &url, response).await),
+            }
+        })
         .await
     }
 }

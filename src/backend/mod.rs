@@ -6,6 +6,7 @@
 
 pub mod cachix;
 pub mod credentials;
+pub mod documents;
 pub mod file;
 pub mod http;
 pub mod parts;
@@ -78,6 +79,32 @@ pub trait Backend: Send + Sync {
     /// `upload` can rename instead of copy. `None`: the engine's temporary directory.
     fn staging_dir(&self) -> Option<PathBuf> {
         None
+    }
+
+    /// Stores a small document (see [`documents`]) at `key`, replacing any there. Only called for documents
+    /// the target can hold (not in [`Backend::cannot_store`]). The default refuses, for targets (and test
+    /// fakes) that hold only NARs and narinfos.
+    fn put_document(
+        &self,
+        key: &str,
+        _content_type: &'static str,
+        _bytes: Vec<u8>,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let key = key.to_owned();
+        async move { Err(Error::Config(format!("this target cannot store {key}"))) }
+    }
+
+    /// Reads a small document; `None` when the target has nothing at `key`. The default has nothing.
+    fn get_document(
+        &self,
+        _key: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, Error>> + Send {
+        async { Ok(None) }
+    }
+
+    /// What of a complete cache this target's API cannot take; empty for a plain binary cache.
+    fn cannot_store(&self) -> &'static [documents::Document] {
+        &[]
     }
 }
 
@@ -405,6 +432,48 @@ impl Backend for AnyBackend {
             AnyBackend::Http(b) => b.staging_dir(),
             AnyBackend::Cachix(b) => b.staging_dir(),
             AnyBackend::S3(b) => b.staging_dir(),
+        }
+    }
+
+    async fn put_document(
+        &self,
+        key: &str,
+        content_type: &'static str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        if !documents::is_safe_key(key) {
+            return Err(Error::Config(format!(
+                "document key {key:?} points outside the cache"
+            )));
+        }
+        match self {
+            AnyBackend::File(b) => b.put_document(key, content_type, bytes).await,
+            AnyBackend::Http(b) => b.put_document(key, content_type, bytes).await,
+            AnyBackend::Cachix(b) => b.put_document(key, content_type, bytes).await,
+            AnyBackend::S3(b) => b.put_document(key, content_type, bytes).await,
+        }
+    }
+
+    async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        if !documents::is_safe_key(key) {
+            return Err(Error::Config(format!(
+                "document key {key:?} points outside the cache"
+            )));
+        }
+        match self {
+            AnyBackend::File(b) => b.get_document(key).await,
+            AnyBackend::Http(b) => b.get_document(key).await,
+            AnyBackend::Cachix(b) => b.get_document(key).await,
+            AnyBackend::S3(b) => b.get_document(key).await,
+        }
+    }
+
+    fn cannot_store(&self) -> &'static [documents::Document] {
+        match self {
+            AnyBackend::File(b) => b.cannot_store(),
+            AnyBackend::Http(b) => b.cannot_store(),
+            AnyBackend::Cachix(b) => b.cannot_store(),
+            AnyBackend::S3(b) => b.cannot_store(),
         }
     }
 }

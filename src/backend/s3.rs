@@ -5,6 +5,7 @@
 //! nix-cache-info                          text/x-nix-cache-info, written by prepare when absent
 //! <hash>.narinfo                          text/x-nix-narinfo; HEAD 200 = present, 404 (or 403) = missing
 //! nar/<filehash>.nar.zst                  application/x-nix-nar; one PUT, or a multipart upload above part_size
+//! <hash>.ls, log/…, realisations/…        the documents of `backend::documents`, one PUT each
 //! ```
 //!
 //! The NAR lands before its narinfo, so a reader never sees a narinfo without its NAR. With a custom `endpoint`
@@ -29,7 +30,7 @@ use crate::narinfo::NarInfo;
 use crate::secret::Secret;
 use crate::store_path::StorePath;
 
-use super::http::{send, small_body, status_error, transport_error};
+use super::http::{bounded_body, send, small_body, status_error, transport_error};
 use super::parts::{file_range_body, part_ranges, part_size_for, PARALLEL_PARTS};
 use super::{with_retries, Backend, Error, NarFile, TargetInfo};
 
@@ -54,7 +55,8 @@ pub struct S3Backend {
     credentials: RwLock<Option<Arc<rusty_s3::Credentials>>>,
     client: reqwest::Client,
     part_size: u64,
-    store_dir: String,
+    /// The `nix-cache-info` written when the target has none.
+    cache_info: String,
 }
 
 /// The pieces of an `s3://` URL.
@@ -288,7 +290,7 @@ impl S3Backend {
             credentials: RwLock::new(Some(Arc::new(credentials))),
             client,
             part_size: config.target.part_size,
-            store_dir: config.store_dir_str().to_owned(),
+            cache_info: crate::cache_info::CacheInfo::from_config(config).render(),
         })
     }
 
@@ -532,7 +534,7 @@ impl Backend for S3Backend {
             *guard = Some(Arc::new(credentials));
         }
         if !self.exists("nix-cache-info").await? {
-            let text = format!("StoreDir: {}\n", self.store_dir);
+            let text = self.cache_info.clone();
             self.put_bytes("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
                 .await?;
         }
@@ -571,6 +573,44 @@ impl Backend for S3Backend {
             "text/x-nix-narinfo",
             narinfo.render().into_bytes(),
         )
+        .await
+    }
+
+    async fn put_document(
+        &self,
+        key: &str,
+        content_type: &'static str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        self.put_bytes(key, content_type, bytes).await
+    }
+
+    async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        with_retries(|| async {
+            let creds = self.credentials();
+            let url = self
+                .bucket
+                .get_object(creds.as_deref(), key)
+                .sign(PRESIGN_FOR);
+            let (response, shown) = self.send("GET", &url, |c, u| c.get(u)).await?;
+            match response.status() {
+                s if s.is_success() => {
+                    let (bytes, truncated) = bounded_body(response)
+                        .await
+                        .map_err(|e| transport_error("GET", &shown, &e))?;
+                    if truncated {
+                        return Err(Error::Protocol {
+                            url: shown,
+                            message: "document larger than 64 KiB".to_owned(),
+                        });
+                    }
+                    Ok(Some(bytes))
+                }
+                // Without s3:ListBucket, S3 answers 403 for a key that does not exist.
+                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(None),
+                _ => Err(status_error("GET", &shown, response).await),
+            }
+        })
         .await
     }
 }

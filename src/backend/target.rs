@@ -72,6 +72,14 @@ impl Kind {
         matches!(self, Kind::Cachix { .. })
     }
 
+    /// What of a complete cache this kind of target cannot hold (see [`super::Backend::cannot_store`]).
+    pub fn cannot_store(&self) -> &'static [super::documents::Document] {
+        match self {
+            Kind::Cachix { .. } => cachix::CANNOT_STORE,
+            Kind::File | Kind::Http | Kind::S3 | Kind::Other => &[],
+        }
+    }
+
     /// Whether the target is a directory on this machine rather than a server.
     pub fn is_local(&self) -> bool {
         matches!(self, Kind::File)
@@ -151,6 +159,8 @@ pub struct Target {
     pub credentials: Credentials,
     /// The key narinfos are signed with, if any.
     pub signing_key: Option<SecretKey>,
+    /// The keys of `signing_key_files`, each adding a signature after the main key's.
+    pub extra_signing_keys: Vec<SecretKey>,
     /// The kind of cache.
     pub kind: Kind,
     /// The URL for logs, status and errors, passwords and signatures redacted.
@@ -166,10 +176,12 @@ impl Target {
         let credentials = kind.load_credentials(config)?;
         let backend = AnyBackend::from_config(config, credentials.clone())?;
         let signing_key = kind.load_signing_key(config)?;
+        let extra_signing_keys = SecretKey::load_all(&config.target.signing_key_files)?;
         Ok(Target {
             backend,
             credentials,
             signing_key,
+            extra_signing_keys,
             display_name: redact_url(&config.target.url),
             identity: kind.identity(config),
             kind,

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use crate::backend::Kind;
+use crate::backend::{documents, Kind};
 use crate::config::{self, line_of, Config, DEFAULT_CONFIG_PATH};
 
 /// Arguments of `check-config`.
@@ -53,6 +53,11 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
         return match checked {
             Ok(config) => {
                 print!("{}", config.to_effective_toml());
+                // On stderr, so the effective configuration on stdout stays a file one can use as is.
+                let kind = Kind::of(&config);
+                if let Some(note) = documents::cannot_store_note(kind.cannot_store(), &config) {
+                    eprintln!("note: {note}");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(Problem::Config(e)) => Err(e.into()),
@@ -113,5 +118,7 @@ fn check_secret_files(config: &Config, path: &Path) -> anyhow::Result<()> {
         .with_context(|| at("target.signing_key_file"))?;
     kind.load_credentials(config)
         .with_context(|| at("target.auth_token_file"))?;
+    crate::signing::SecretKey::load_all(&config.target.signing_key_files)
+        .with_context(|| at("target.signing_key_files"))?;
     Ok(())
 }

@@ -190,6 +190,7 @@ fn run_checks(config_path: Option<&Path>) -> anyhow::Result<Vec<Check>> {
             "trusted-public-key",
             "token-file",
             "target",
+            "cache-info",
             "spool",
             "failed-paths",
             "last-upload",
@@ -208,7 +209,8 @@ fn run_checks(config_path: Option<&Path>) -> anyhow::Result<Vec<Check>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (target, info) = runtime.block_on(check_target(&config, credentials));
+    let (target, info) = runtime.block_on(check_target(&config, credentials.clone()));
+    let cache_info = runtime.block_on(check_cache_info(&config, credentials, info.is_some()));
     let (signing_key, key) = check_signing_key(&config, &nix);
     let now = SystemTime::now();
     Ok(vec![
@@ -220,6 +222,7 @@ fn run_checks(config_path: Option<&Path>) -> anyhow::Result<Vec<Check>> {
         check_public_key(key.as_ref(), info.as_ref(), &nix),
         token,
         target,
+        cache_info,
         check_spool(&config, report.is_some(), now),
         check_failed_paths(report.as_ref()),
         check_last_upload(report.as_ref(), now),
@@ -796,6 +799,66 @@ async fn check_target(
                 "check the network path to the cache and that it is up",
             ),
             None,
+        ),
+    }
+}
+
+/// What the target cannot hold of a complete cache, and whether its `nix-cache-info` says what the configuration
+/// asks for. A differing one is reported, never rewritten: other readers and writers may rely on it.
+async fn check_cache_info(
+    config: &Config,
+    credentials: Option<Credentials>,
+    target_ok: bool,
+) -> Check {
+    const NAME: &str = "cache-info";
+    let kind = Kind::of(config);
+    if let Some(note) = crate::backend::documents::cannot_store_note(kind.cannot_store(), config) {
+        let requested = kind.cannot_store().iter().any(|d| d.is_requested(config));
+        return if requested {
+            Check::fail(
+                NAME,
+                note,
+                "remove those keys from [target], or push to a file://, http(s):// or s3:// cache for them",
+            )
+        } else {
+            Check::skip(NAME, note)
+        };
+    }
+    let (Some(credentials), true) = (credentials, target_ok) else {
+        return Check::skip(NAME, "needs a reachable target (see target)");
+    };
+    let backend = match Target::backend_with(config, credentials) {
+        Ok(backend) => backend,
+        Err(e) => return Check::skip(NAME, e.to_string()),
+    };
+    let wanted = crate::cache_info::CacheInfo::from_config(config);
+    match tokio::time::timeout(TARGET_TIMEOUT, backend.get_document("nix-cache-info")).await {
+        Ok(Ok(Some(bytes))) => {
+            let existing = crate::cache_info::CacheInfo::parse(&String::from_utf8_lossy(&bytes));
+            let differences = wanted.differences(&existing);
+            if differences.is_empty() {
+                Check::pass(NAME, "nix-cache-info matches the configuration")
+            } else {
+                Check::fail(
+                    NAME,
+                    format!("the target's nix-cache-info differs: {}", differences.join("; ")),
+                    "nixpush never rewrites an existing nix-cache-info: edit it in the cache, or set \
+                     target.priority / target.want_mass_query to what it says",
+                )
+            }
+        }
+        Ok(Ok(None)) => Check::pass(
+            NAME,
+            "no nix-cache-info yet; nixpush writes one with the configured fields",
+        ),
+        Ok(Err(e)) => Check::fail(NAME, e.to_string(), "check that the cache is readable"),
+        Err(_) => Check::fail(
+            NAME,
+            format!(
+                "nix-cache-info did not arrive within {} s",
+                TARGET_TIMEOUT.as_secs()
+            ),
+            "check the network path to the cache and that it is up",
         ),
     }
 }

@@ -341,6 +341,7 @@ async fn push(
         Arc::new(MemoryPresentCache::default()),
         progress.clone(),
     )?);
+    engine.set_extra_signing_keys(target.extra_signing_keys);
     engine
         .backend()
         .prepare()

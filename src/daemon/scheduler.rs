@@ -199,6 +199,7 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
             target: target.display_name,
         }),
     )?;
+    engine.set_extra_signing_keys(target.extra_signing_keys);
     Ok(Built {
         config,
         engine: Arc::new(engine),
@@ -393,6 +394,10 @@ fn reload_secrets(built: &Built) {
             built.engine.set_signing_key(key);
         }
         Err(e) => tracing::warn!("keeping the previous signing key: {e}"),
+    }
+    match crate::signing::SecretKey::load_all(&built.config.target.signing_key_files) {
+        Ok(keys) => built.engine.set_extra_signing_keys(keys),
+        Err(e) => tracing::warn!("keeping the previous signing_key_files keys: {e}"),
     }
 }
 

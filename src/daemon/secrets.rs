@@ -36,6 +36,7 @@ fn secret_files(shared: &Shared) -> Vec<PathBuf> {
     ]
     .into_iter()
     .flatten()
+    .chain(config.target.signing_key_files.iter().cloned())
     .collect()
 }
 

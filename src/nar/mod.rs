@@ -19,6 +19,7 @@
 //!
 //! Written here rather than taken from the `nix-nar` crate, which only handles UTF-8 file names.
 
+pub mod listing;
 pub mod reader;
 
 use std::ffi::OsString;

@@ -52,6 +52,20 @@ pub enum Error {
         /// Why the reference failed.
         cause: Arc<Error>,
     },
+    /// `resign_existing` found a narinfo in the target that describes other bytes than the local store has:
+    /// damage to report, not something to sign.
+    #[error(
+        "not re-signing {path}: the target's narinfo does not match the local store ({reason})"
+    )]
+    TargetMismatch {
+        /// The store path.
+        path: StorePath,
+        /// What differs.
+        reason: String,
+    },
+    /// The build log could not be read from Nix's log directory.
+    #[error(transparent)]
+    Log(#[from] crate::buildlog::Error),
     /// The upload was interrupted by shutdown.
     #[error("interrupted by shutdown")]
     Cancelled,
@@ -68,7 +82,10 @@ impl Error {
             // A store that cannot be read now (locked DB, transient I/O) may be readable later.
             Error::Store(_) => true,
             Error::Prepare(prepare::Error::Temp { .. }) => true,
-            Error::Prepare(prepare::Error::Nar { .. }) => false,
+            Error::Prepare(prepare::Error::Nar { .. } | prepare::Error::Listing { .. }) => false,
+            // An unreadable log file (permissions, a disk error) may be fixed; the path waits for it.
+            Error::Log(_) => true,
+            Error::TargetMismatch { .. } => false,
             Error::Gone(_) | Error::Corrupt { .. } => false,
             Error::DependencyFailed { .. } => true,
             Error::Cancelled | Error::Internal(_) => true,
@@ -83,9 +100,11 @@ impl Error {
             Error::Prepare(prepare::Error::Temp { source, .. }) => backend::io_target_fault(source),
             Error::DependencyFailed { cause, .. } => cause.target_fault(),
             Error::Store(_)
-            | Error::Prepare(prepare::Error::Nar { .. })
+            | Error::Prepare(prepare::Error::Nar { .. } | prepare::Error::Listing { .. })
             | Error::Gone(_)
             | Error::Corrupt { .. }
+            | Error::Log(_)
+            | Error::TargetMismatch { .. }
             | Error::Cancelled
             | Error::Internal(_) => None,
         }
@@ -101,6 +120,8 @@ impl Error {
             | Error::Corrupt { .. }
             | Error::DependencyFailed { .. }
             | Error::Cancelled
+            | Error::Log(_)
+            | Error::TargetMismatch { .. }
             | Error::Internal(_) => false,
         }
     }

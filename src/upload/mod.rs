@@ -16,16 +16,18 @@
 //! [`order`] decides what may start, [`presence`] asks what the target and upstreams hold, [`prepare`] makes
 //! the NAR file, [`report`] tells of outcomes, [`retry`] times the retries, and `error` classifies failures.
 
+mod documents;
 mod error;
 mod in_flight;
 pub mod order;
 pub mod prepare;
 pub mod presence;
 pub mod report;
+mod resign;
 mod settings;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -56,6 +58,10 @@ pub struct Engine<B> {
     store: Arc<LocalStore>,
     settings: Settings,
     signing_key: RwLock<Option<Arc<SecretKey>>>,
+    /// Keys from `signing_key_files`, each adding its signature after the main key's.
+    extra_keys: RwLock<Vec<Arc<SecretKey>>>,
+    /// Derivations whose build log was sent (see `documents`).
+    logs_sent: Mutex<HashSet<StorePath>>,
     present: Arc<dyn PresentCache>,
     observer: Arc<dyn Observer>,
     upstreams: backend::upstream::Upstreams,
@@ -78,6 +84,8 @@ impl<B: Backend + 'static> Engine<B> {
             store,
             settings,
             signing_key: RwLock::new(signing_key.map(Arc::new)),
+            extra_keys: RwLock::new(Vec::new()),
+            logs_sent: Mutex::new(HashSet::new()),
             present,
             observer,
             upstreams,
@@ -95,6 +103,28 @@ impl<B: Backend + 'static> Engine<B> {
         if let Ok(mut guard) = self.signing_key.write() {
             *guard = key.map(Arc::new);
         }
+    }
+
+    /// Replaces the keys from `signing_key_files` (at start and after a key file changed).
+    pub fn set_extra_signing_keys(&self, keys: Vec<SecretKey>) {
+        if let Ok(mut guard) = self.extra_keys.write() {
+            *guard = keys.into_iter().map(Arc::new).collect();
+        }
+    }
+
+    /// Every key that signs, the main one first.
+    fn signing_keys(&self) -> Vec<Arc<SecretKey>> {
+        let mut keys: Vec<Arc<SecretKey>> = self
+            .signing_key
+            .read()
+            .ok()
+            .and_then(|k| k.clone())
+            .into_iter()
+            .collect();
+        if let Ok(extra) = self.extra_keys.read() {
+            keys.extend(extra.iter().cloned());
+        }
+        keys
     }
 
     /// What is being prepared or uploaded right now.
@@ -302,6 +332,14 @@ impl<B: Backend + 'static> Engine<B> {
         for info in candidates {
             if missing.contains(&info.path) {
                 to_check_upstream.push(info);
+            } else if let Err(e) = self.complete_present(info).await {
+                // Not remembered as present, so the next try completes it.
+                let e = Arc::new(e);
+                if e.is_auth() && report.auth_failure.is_none() {
+                    report.auth_failure = Some(Arc::clone(&e));
+                }
+                finish(report, info, PathOutcome::Failed(e.to_string()));
+                outcomes.insert(info.path.clone(), Some(e));
             } else {
                 present_now.push(info.path.hash_part().to_owned());
                 outcomes.insert(info.path.clone(), None);
@@ -352,6 +390,23 @@ impl<B: Backend + 'static> Engine<B> {
             }
         }
         outcomes
+    }
+
+    /// What a path the target already has may still lack: our signature (`resign_existing`) and realisations.
+    async fn complete_present(&self, info: &PathInfo) -> Result<(), Error> {
+        match self.resign_if_unsigned(info).await? {
+            resign::Resigned::Unchanged => {}
+            resign::Resigned::Signed => {
+                tracing::info!(store_path = %info.path, "re-signed {} (narinfo only)", info.path)
+            }
+            resign::Resigned::Mismatch(reason) => {
+                return Err(Error::TargetMismatch {
+                    path: info.path.clone(),
+                    reason,
+                })
+            }
+        }
+        self.put_missing_realisations(&info.path).await
     }
 
     fn presence(&self) -> presence::Presence<'_, B> {
@@ -526,13 +581,14 @@ impl<B: Backend + 'static> Engine<B> {
             file: dir.clone(),
             source,
         })?;
-        let (path, compression, level) = (
+        let (path, compression, level, listing) = (
             info.path.clone(),
             self.settings.compression,
             self.settings.level,
+            self.wants_listing(),
         );
         let prepared = tokio::task::spawn_blocking(move || {
-            prepare::prepare(&path, compression, level, &dir, &progress)
+            prepare::prepare(&path, compression, level, &dir, &progress, listing)
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -560,10 +616,19 @@ impl<B: Backend + 'static> Engine<B> {
             sigs: Vec::new(),
             ca: info.ca.clone(),
         };
-        let key = self.signing_key.read().ok().and_then(|k| k.clone());
-        if let Some(key) = key {
-            narinfo.sign(&key);
-        }
+        // Ours first, then the signatures Nix holds (a path substituted from cache.nixos.org keeps its
+        // `cache.nixos.org-1` signature), unless the target takes only one.
+        let kept = if self
+            .backend
+            .cannot_store()
+            .contains(&backend::documents::Document::ExtraSignatures)
+        {
+            &[][..]
+        } else {
+            &info.sigs[..]
+        };
+        let keys = self.signing_keys();
+        narinfo.add_signatures(keys.iter().map(|k| k.as_ref()), kept);
         Ok((narinfo, prepared))
     }
 
@@ -580,13 +645,26 @@ impl<B: Backend + 'static> Engine<B> {
             size: prepared.file_size,
             sha256: prepared.file_hash,
         };
-        let result = self.backend.upload(&narinfo, nar).await;
+        let result = match self
+            .put_before_narinfo(&narinfo, prepared.listing.as_deref())
+            .await
+        {
+            Ok(()) => self
+                .backend
+                .upload(&narinfo, nar)
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
         let (nar_size, file_size) = (prepared.nar_size, prepared.file_size);
         match result {
             Ok(()) => {
                 // A backend that renamed the file into place owns it now.
                 if !prepared.file.exists() {
                     prepared.keep();
+                }
+                if let Err(e) = self.put_after_narinfo(&narinfo).await {
+                    return Event::Uploaded(i, Err(e));
                 }
                 Event::Uploaded(
                     i,
@@ -597,7 +675,7 @@ impl<B: Backend + 'static> Engine<B> {
                     }),
                 )
             }
-            Err(e) => Event::Uploaded(i, Err(Error::Backend(e))),
+            Err(e) => Event::Uploaded(i, Err(e)),
         }
     }
 }

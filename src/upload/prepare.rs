@@ -4,6 +4,7 @@
 //! compressed bytes go straight to a temporary file (in the backend's staging directory when it has one, so a
 //! `file://` cache renames instead of copying). The file name of a NAR in a cache depends on the hash of the
 //! compressed bytes, known only at the end, which is why the bytes land in a file rather than going out directly.
+//! The NAR listing, when wanted, is built from the same stream as it passes ([`crate::nar::listing`]).
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use crate::config::Compression;
 use crate::hash::{HashingWriter, Sha256Hash};
 use crate::nar;
+use crate::nar::listing::ListingWriter;
 use crate::store_path::StorePath;
 
 /// Prefix of temporary NAR files; backends clean up stale ones with it.
@@ -29,6 +31,14 @@ pub enum Error {
         path: StorePath,
         /// What went wrong.
         source: Box<nar::Error>,
+    },
+    /// The NAR listing could not be built from the stream (a bug: the stream comes from our own NAR writer).
+    #[error("cannot build the NAR listing of {path}: {reason}")]
+    Listing {
+        /// The store path.
+        path: StorePath,
+        /// What was wrong with the stream.
+        reason: String,
     },
     /// Writing the temporary file failed (disk full, read-only).
     #[error("cannot write temporary NAR file {file}: {source}")]
@@ -53,6 +63,8 @@ pub struct PreparedNar {
     pub file_hash: Sha256Hash,
     /// Size of the file (`FileSize`).
     pub file_size: u64,
+    /// The NAR listing (`<hash>.ls`), when asked for.
+    pub listing: Option<String>,
     keep: bool,
 }
 
@@ -71,14 +83,16 @@ impl Drop for PreparedNar {
     }
 }
 
-/// Streams `path` as a compressed NAR into a new temporary file in `dir`. `progress` counts uncompressed NAR bytes
-/// as they are produced. Blocking: run it on a blocking thread.
+/// Streams `path` as a compressed NAR into a new temporary file in `dir`, building its listing on the way when
+/// `listing` is set. `progress` counts uncompressed NAR bytes as they are produced. Blocking: run it on a
+/// blocking thread.
 pub fn prepare(
     path: &StorePath,
     compression: Compression,
     level: i32,
     dir: &Path,
     progress: &Arc<AtomicU64>,
+    listing: bool,
 ) -> Result<PreparedNar, Error> {
     let file_path = dir.join(format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>()));
     let temp_error = |source| Error::Temp {
@@ -93,6 +107,7 @@ pub fn prepare(
         nar_size: 0,
         file_hash: Sha256Hash([0; 32]),
         file_size: 0,
+        listing: None,
         keep: false,
     };
     let file_hasher = HashingWriter::new(BufWriter::with_capacity(256 * 1024, file));
@@ -101,14 +116,26 @@ pub fn prepare(
         inner: compressor,
         count: Arc::clone(progress),
     });
-    nar::dump(path.as_path(), &mut nar_hasher).map_err(|source| match source {
+    let nar_error = |source| match source {
         // The NAR writes into our temporary file: a full disk there is the file's problem, not the path's.
         nar::Error::Write(io) => temp_error(io),
         other => Error::Nar {
             path: path.clone(),
             source: Box::new(other),
         },
-    })?;
+    };
+    if listing {
+        let mut lister = ListingWriter::new(nar_hasher);
+        nar::dump(path.as_path(), &mut lister).map_err(nar_error)?;
+        let (inner, built) = lister.finish();
+        nar_hasher = inner;
+        guard.listing = Some(built.map_err(|reason| Error::Listing {
+            path: path.clone(),
+            reason,
+        })?);
+    } else {
+        nar::dump(path.as_path(), &mut nar_hasher).map_err(nar_error)?;
+    }
     let (counting, nar_hash, nar_size) = nar_hasher.finish();
     let file_hasher = counting.inner.finish().map_err(temp_error)?;
     let (buffered, file_hash, file_size) = file_hasher.finish();

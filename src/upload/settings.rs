@@ -28,6 +28,14 @@ pub struct Settings {
     pub presence_retry: retry::Policy,
     /// Tries of the presence query within one batch before the batch gives up on it.
     pub presence_tries: u32,
+    /// Write `<hash>.ls` NAR listings.
+    pub write_nar_listing: bool,
+    /// Upload build logs from `nix_log_dir`.
+    pub upload_logs: bool,
+    /// Nix's log directory.
+    pub nix_log_dir: PathBuf,
+    /// Re-sign present paths whose narinfo lacks our signature.
+    pub resign_existing: bool,
 }
 
 impl Settings {
@@ -54,6 +62,10 @@ impl Settings {
             upstream: config.upstream.clone(),
             presence_retry: retry::Policy::default(),
             presence_tries: PRESENCE_TRIES,
+            write_nar_listing: config.target.write_nar_listing,
+            upload_logs: config.target.upload_logs,
+            nix_log_dir: config.nix_log_dir.clone(),
+            resign_existing: config.target.resign_existing,
         })
     }
 

@@ -38,6 +38,7 @@ use crate::retry;
 use crate::signing::PublicKey;
 use crate::store_path::StorePath;
 
+use super::documents::Document;
 use super::http::{bounded_body, send, transport_error, MAX_SMALL_BODY};
 use super::parts::{part_ranges, part_size_for};
 use super::{Backend, Credentials, Error, NarFile, TargetInfo};
@@ -47,6 +48,17 @@ pub use keys::{cache_name, key_name, load_signing_key, SIGNING_KEY_ENV};
 
 use api::{api_error, shorten, BinaryCache};
 use multipart::part_md5;
+
+/// What Cachix's API has no endpoint for: no build logs, listings or realisations, one signature per narinfo
+/// (`cSig`), a `nix-cache-info` the service writes itself, and no narinfo without its NAR upload.
+pub const CANNOT_STORE: &[Document] = &[
+    Document::BuildLog,
+    Document::NarListing,
+    Document::Realisation,
+    Document::CacheInfoFields,
+    Document::ExtraSignatures,
+    Document::Resign,
+];
 
 /// Hashes per missing-paths request: Cachix's client sends at most this many (about 1 MB of JSON).
 pub const MISSING_BATCH: usize = 32_768;
@@ -364,6 +376,27 @@ impl Backend for CachixBackend {
             self.abort(&upload).await;
         }
         result
+    }
+
+    async fn put_document(
+        &self,
+        key: &str,
+        _content_type: &'static str,
+        _bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        Err(Error::Config(format!(
+            "Cachix's API cannot store {key}; the engine should not have asked"
+        )))
+    }
+
+    async fn get_document(&self, _key: &str) -> Result<Option<Vec<u8>>, Error> {
+        // Narinfos are only created with a NAR upload and read through the cache's own URL; nothing here needs
+        // them back.
+        Ok(None)
+    }
+
+    fn cannot_store(&self) -> &'static [Document] {
+        CANNOT_STORE
     }
 }
 
