@@ -85,6 +85,25 @@ struct Row {
     ca: Option<String>,
 }
 
+impl Row {
+    /// Columns [`Row::read`] takes: `id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca`.
+    const COLUMNS: usize = 8;
+
+    /// The row from the first [`Row::COLUMNS`] columns of a `ValidPaths` query.
+    fn read(r: &rusqlite::Row<'_>) -> Result<Row, rusqlite::Error> {
+        Ok(Row {
+            id: r.get(0)?,
+            hash: r.get(1)?,
+            registration_time: r.get(2)?,
+            deriver: r.get(3)?,
+            nar_size: r.get(4)?,
+            ultimate: r.get(5)?,
+            sigs: r.get(6)?,
+            ca: r.get(7)?,
+        })
+    }
+}
+
 pub(super) fn query(
     conn: &Connection,
     store_dir: &str,
@@ -94,20 +113,7 @@ pub(super) fn query(
         "SELECT id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca \
          FROM ValidPaths WHERE path = ?1",
     )?;
-    let row = info_stmt
-        .query_row([path], |r| {
-            Ok(Row {
-                id: r.get(0)?,
-                hash: r.get(1)?,
-                registration_time: r.get(2)?,
-                deriver: r.get(3)?,
-                nar_size: r.get(4)?,
-                ultimate: r.get(5)?,
-                sigs: r.get(6)?,
-                ca: r.get(7)?,
-            })
-        })
-        .optional()?;
+    let row = info_stmt.query_row([path], Row::read).optional()?;
     let Some(row) = row else {
         return Ok(None);
     };
@@ -179,23 +185,14 @@ pub(super) fn closure(
     const CLOSURE: &str = "WITH RECURSIVE c(id) AS (SELECT value FROM json_each(?1) \
                            UNION SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id) ";
     let mut rows_stmt = conn.prepare(&format!(
-        "{CLOSURE} SELECT v.id, v.path, v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, \
-         v.sigs, v.ca FROM c JOIN ValidPaths v ON v.id = c.id"
+        "{CLOSURE} SELECT v.id, v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca, \
+         v.path FROM c JOIN ValidPaths v ON v.id = c.id"
     ))?;
     let mut by_id: HashMap<i64, PathInfo> = HashMap::new();
     let mut rows = rows_stmt.query([&roots_json])?;
     while let Some(r) = rows.next()? {
-        let path: String = r.get(1)?;
-        let row = Row {
-            id: r.get(0)?,
-            hash: r.get(2)?,
-            registration_time: r.get(3)?,
-            deriver: r.get(4)?,
-            nar_size: r.get(5)?,
-            ultimate: r.get(6)?,
-            sigs: r.get(7)?,
-            ca: r.get(8)?,
-        };
+        let row = Row::read(r)?;
+        let path: String = r.get(Row::COLUMNS)?;
         by_id.insert(row.id, path_info(store_dir, &path, row, Vec::new())?);
     }
     let mut refs_stmt = conn.prepare(&format!(
