@@ -9,7 +9,9 @@ pub mod credentials;
 pub mod file;
 pub mod http;
 pub mod parts;
+pub mod race;
 pub mod s3;
+pub mod throttle;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -138,6 +140,15 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+    /// Another writer of the same cache got in the way (its upload of the same object superseded ours, or its
+    /// conditional write is in flight) and the object is not there yet: the path is tried again.
+    #[error("{url}: another writer of the same object got in the way and it is not complete yet ({detail})")]
+    Contended {
+        /// The object's URL, redacted.
+        url: String,
+        /// What the target answered.
+        detail: String,
+    },
     /// A local file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -165,6 +176,8 @@ impl Error {
         match self {
             Error::Connect { .. } | Error::Timeout { .. } | Error::Transfer { .. } => true,
             Error::Status { code, .. } => matches!(code, 408 | 429 | 500..=599),
+            // The other writer finishes or gives up; either way a later try succeeds.
+            Error::Contended { .. } => true,
             // A full or flaky local disk recovers; the path is still worth uploading.
             Error::Io { .. } => true,
             // Auth failures pause the whole target instead of burning attempts; see `is_auth`.
@@ -181,6 +194,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Transfer { .. }
             | Error::Status { .. }
+            | Error::Contended { .. }
             | Error::Io { .. }
             | Error::Protocol { .. }
             | Error::Config(_) => false,
@@ -195,6 +209,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Transfer { .. }
             | Error::Unauthorized { .. }
+            | Error::Contended { .. }
             | Error::Protocol { .. }
             | Error::Io { .. }
             | Error::Config(_) => None,
