@@ -809,9 +809,10 @@ impl<B: Backend + 'static> Engine<B> {
         };
 
         loop {
-            // Fail paths whose references failed; they must not be published.
+            // Fail paths whose references failed; they must not be published. A prepared one too: left waiting, it
+            // would be reported as cut short by shutdown (#22).
             for i in 0..paths.len() {
-                if !matches!(states[i], State::Waiting) {
+                if !matches!(states[i], State::Waiting | State::Prepared(_)) {
                     continue;
                 }
                 if let Some(&j) = deps[i]
