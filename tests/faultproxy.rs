@@ -17,6 +17,8 @@ pub enum Fault {
     ServerError,
     /// `429 Too Many Requests` with `Retry-After: 1`.
     TooManyRequests,
+    /// `503 Slow Down` with S3's `<Code>SlowDown</Code>` body, as S3 throttles a bucket.
+    SlowDown,
     /// Read half of the request body, then close the connection without answering.
     ResetMidBody,
     /// Read the request, then say nothing for `stall` before closing.
@@ -36,6 +38,8 @@ pub struct Stats {
     pub by_target: Mutex<BTreeMap<String, (u64, u64)>>,
     /// Faults injected, per kind.
     pub by_fault: Mutex<BTreeMap<String, u64>>,
+    /// Forwarded requests in the order they were answered: `METHOD /path?query` and the upstream's status code.
+    pub answered: Mutex<Vec<(String, u16)>>,
 }
 
 impl Stats {
@@ -257,6 +261,10 @@ fn handle(
                 Fault::TooManyRequests => client.write_all(
                     b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 )?,
+                Fault::SlowDown => client.write_all(
+                    b"HTTP/1.1 503 Slow Down\r\nContent-Length: 87\r\nConnection: close\r\n\r\n\
+                      <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+                )?,
                 Fault::Stall => std::thread::sleep(stall),
                 Fault::ResetMidBody => {}
             }
@@ -273,5 +281,17 @@ fn handle(
     upstream.read_to_end(&mut response)?;
     client.write_all(&response)?;
     stats.forwarded.fetch_add(1, Ordering::SeqCst);
+    // "HTTP/1.1 412 Precondition Failed" → 412
+    let status = String::from_utf8_lossy(&response[..response.len().min(32)])
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let target = request_line
+        .split(' ')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    stats.answered.lock().unwrap().push((target, status));
     Ok(())
 }

@@ -31,8 +31,8 @@ fn backend(server: &PyServer, part_size: u64) -> S3Backend {
 }
 
 /// Points `AWS_SHARED_CREDENTIALS_FILE` at a file with a `[nixpush]` profile, once per test process (before any
-/// S3 backend reads it; the value never changes afterwards).
-fn shared_credentials_file() {
+/// S3 backend reads it; the value never changes afterwards). `s3s::S3sFs` accepts the same keys.
+pub fn shared_credentials_file() {
     static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     FILE.get_or_init(|| {
         let file = std::env::temp_dir().join(format!(
