@@ -19,6 +19,9 @@ pub enum Fault {
     TooManyRequests,
     /// `503 Slow Down` with S3's `<Code>SlowDown</Code>` body, as S3 throttles a bucket.
     SlowDown,
+    /// Forward the request, then answer `404 NoSuchUpload` whatever the upstream said: what a writer sees when
+    /// another writer's upload of the same key superseded its own.
+    Superseded,
     /// Read half of the request body, then close the connection without answering.
     ResetMidBody,
     /// Read the request, then say nothing for `stall` before closing.
@@ -241,7 +244,8 @@ fn handle(
         .to_owned();
     let fault = decide.fault_for(&request_line);
     let mut client = client;
-    match fault {
+    let superseded = fault == Some(Fault::Superseded);
+    match fault.filter(|f| *f != Fault::Superseded) {
         Some(Fault::ResetMidBody) => {
             stats.faults.fetch_add(1, Ordering::SeqCst);
             let mut half = vec![0u8; content_length / 2];
@@ -266,7 +270,7 @@ fn handle(
                       <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
                 )?,
                 Fault::Stall => std::thread::sleep(stall),
-                Fault::ResetMidBody => {}
+                Fault::ResetMidBody | Fault::Superseded => {}
             }
             return Ok(());
         }
@@ -279,6 +283,15 @@ fn handle(
     upstream.write_all(&body)?;
     let mut response = Vec::new();
     upstream.read_to_end(&mut response)?;
+    if superseded {
+        stats.faults.fetch_add(1, Ordering::SeqCst);
+        let body = "<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist.</Message></Error>";
+        response = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+    }
     client.write_all(&response)?;
     stats.forwarded.fetch_add(1, Ordering::SeqCst);
     // "HTTP/1.1 412 Precondition Failed" → 412

@@ -458,3 +458,97 @@ fn issue_22_an_unreachable_target_is_the_reason_given() {
         );
     }
 }
+
+/// The library backend for `s3s-fs` behind `proxy`.
+fn proxied_backend(proxy: &FaultProxy) -> S3Backend {
+    shared_credentials_file();
+    let url = format!(
+        "s3://{BUCKET}?endpoint={}&region=us-east-1&profile=nixpush",
+        proxy.url()
+    );
+    let mut config = Config::default();
+    config.target.url = url.clone();
+    config.target.part_size = PART_SIZE;
+    S3Backend::new(&url, &config).unwrap()
+}
+
+/// Our CompleteMultipartUpload is answered `404 NoSuchUpload` although the object is complete (another writer
+/// won): the NAR there counts as ours and the narinfo is written. See: #22
+#[tokio::test]
+async fn issue_22_a_superseded_upload_counts_when_the_nar_is_there() {
+    let server = S3sFs::start(&[BUCKET]);
+    let proxy = FaultProxy::start(
+        server.port,
+        0.0,
+        &[Fault::Superseded],
+        std::time::Duration::ZERO,
+        6,
+    );
+    // The complete request (a part PUT has partNumber= before its uploadId=).
+    proxy.only_matching("SignedHeaders=host&uploadId=");
+    proxy.fail_next(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, public) = nix_key(dir.path(), "nixpush-writers-won-1");
+    let key = SecretKey::load(&sec).unwrap();
+    let paths = build_paths(dir.path(), "writerswon", 12 * 1024 * 1024);
+    let backend = proxied_backend(&proxy);
+    backend.prepare().await.unwrap();
+    for path in &paths {
+        let p = prepare(path, Compression::Zstd, Some(&key));
+        backend.upload(&p.narinfo, p.nar()).await.unwrap();
+    }
+    assert_eq!(
+        proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let creates = request_counts(&proxy)
+        .get("POST nar create upload")
+        .copied();
+    assert_eq!(creates, Some(1), "{:?}", request_counts(&proxy));
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+}
+
+/// A part PUT answered `404 NoSuchUpload` and the object is not there: the NAR is uploaded again (a new upload of
+/// ours, the old one aborted), not given up. See: #22
+#[tokio::test]
+async fn issue_22_a_superseded_upload_is_sent_again_when_the_nar_is_not_there() {
+    let server = S3sFs::start(&[BUCKET]);
+    let proxy = FaultProxy::start(
+        server.port,
+        0.0,
+        &[Fault::Superseded],
+        std::time::Duration::ZERO,
+        7,
+    );
+    proxy.only_matching("partNumber=");
+    proxy.fail_next(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (sec, public) = nix_key(dir.path(), "nixpush-writers-lost-1");
+    let key = SecretKey::load(&sec).unwrap();
+    let paths = build_paths(dir.path(), "writerslost", 12 * 1024 * 1024);
+    let backend = proxied_backend(&proxy);
+    backend.prepare().await.unwrap();
+    for path in &paths {
+        let p = prepare(path, Compression::Zstd, Some(&key));
+        backend.upload(&p.narinfo, p.nar()).await.unwrap();
+    }
+    assert_eq!(
+        proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let counts = request_counts(&proxy);
+    assert_eq!(counts.get("POST nar create upload"), Some(&2), "{counts:?}");
+    assert!(
+        server.open_uploads().is_empty(),
+        "{:?}",
+        server.open_uploads()
+    );
+    assert!(
+        server.stored_parts().is_empty(),
+        "{:?}",
+        server.stored_parts()
+    );
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
+    assert!(ok, "nix copy failed: {err}");
+}
