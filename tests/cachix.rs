@@ -247,8 +247,13 @@ async fn giving_up_aborts_the_upload() {
             json!({"route": "put_part", "action": "status", "status": 404, "body": "NoSuchUpload"}),
         )
         .await;
+    // NoSuchUpload can mean another writer completed the path; the cache does not have it, so the path is tried
+    // again later, never given up for good (#22).
     let err = backend.upload(&p.narinfo, p.nar()).await.unwrap_err();
-    assert!(!err.is_retryable() && !err.is_auth(), "{err}");
+    assert!(
+        err.is_retryable() && !err.is_auth() && matches!(err, Error::Contended { .. }),
+        "{err}"
+    );
     assert_eq!(
         server.uploads("gone").await,
         json!({"open": 0, "aborted": 1, "completed": 0})
@@ -259,6 +264,32 @@ async fn giving_up_aborts_the_upload() {
         .await;
     let err = backend.upload(&p.narinfo, p.nar()).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
+}
+
+/// Another writer completed the path while our multipart upload of it was superseded (`NoSuchUpload`): the cache
+/// has it, so it counts as ours; our own upload is aborted. See: #22
+#[tokio::test]
+async fn issue_22_a_lost_multipart_race_counts_when_the_cache_has_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = CachixServer::start(json!({"caches": [{
+        "name": "race", "signing": "managed", "tokens": {TOKEN: "write"}}]}));
+    let config = config(5 * 1024 * 1024, None);
+    let other_writer = backend(&server, "race", &config, Some(TOKEN));
+    let ours = backend(&server, "race", &config, Some(TOKEN));
+    ours.prepare().await.unwrap();
+    let paths = build_paths(dir.path(), "cxrace", 1_000);
+    let p = prepare(&paths[0], Compression::Zstd, None);
+    other_writer.upload(&p.narinfo, p.nar()).await.unwrap();
+    server
+        .faults(
+            json!({"route": "put_part", "action": "status", "status": 404, "body": "NoSuchUpload"}),
+        )
+        .await;
+    ours.upload(&p.narinfo, p.nar()).await.unwrap();
+    assert_eq!(
+        server.uploads("race").await,
+        json!({"open": 0, "aborted": 1, "completed": 1})
+    );
 }
 
 #[tokio::test]

@@ -17,6 +17,11 @@ pub enum Fault {
     ServerError,
     /// `429 Too Many Requests` with `Retry-After: 1`.
     TooManyRequests,
+    /// `503 Slow Down` with S3's `<Code>SlowDown</Code>` body, as S3 throttles a bucket.
+    SlowDown,
+    /// Forward the request, then answer `404 NoSuchUpload` whatever the upstream said: what a writer sees when
+    /// another writer's upload of the same key superseded its own.
+    Superseded,
     /// Read half of the request body, then close the connection without answering.
     ResetMidBody,
     /// Read the request, then say nothing for `stall` before closing.
@@ -41,6 +46,8 @@ pub struct Stats {
     pub by_target: Mutex<BTreeMap<String, (u64, u64)>>,
     /// Faults injected, per kind.
     pub by_fault: Mutex<BTreeMap<String, u64>>,
+    /// Forwarded requests in the order they were answered: `METHOD /path?query` and the upstream's status code.
+    pub answered: Mutex<Vec<(String, u16)>>,
 }
 
 impl Stats {
@@ -242,7 +249,8 @@ fn handle(
         .to_owned();
     let fault = decide.fault_for(&request_line);
     let mut client = client;
-    match fault {
+    let superseded = fault == Some(Fault::Superseded);
+    match fault.filter(|f| *f != Fault::Superseded) {
         Some(Fault::ResetMidBody) => {
             stats.faults.fetch_add(1, Ordering::SeqCst);
             let mut half = vec![0u8; content_length / 2];
@@ -273,8 +281,12 @@ fn handle(
                 Fault::InsufficientStorage => client.write_all(
                     b"HTTP/1.1 507 Insufficient Storage\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 )?,
+                Fault::SlowDown => client.write_all(
+                    b"HTTP/1.1 503 Slow Down\r\nContent-Length: 87\r\nConnection: close\r\n\r\n\
+                      <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+                )?,
                 Fault::Stall => std::thread::sleep(stall),
-                Fault::ResetMidBody => {}
+                Fault::ResetMidBody | Fault::Superseded => {}
             }
             return Ok(());
         }
@@ -287,7 +299,28 @@ fn handle(
     upstream.write_all(&body)?;
     let mut response = Vec::new();
     upstream.read_to_end(&mut response)?;
+    if superseded {
+        stats.faults.fetch_add(1, Ordering::SeqCst);
+        let body = "<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist.</Message></Error>";
+        response = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+    }
     client.write_all(&response)?;
     stats.forwarded.fetch_add(1, Ordering::SeqCst);
+    // "HTTP/1.1 412 Precondition Failed" → 412
+    let status = String::from_utf8_lossy(&response[..response.len().min(32)])
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let target = request_line
+        .split(' ')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    stats.answered.lock().unwrap().push((target, status));
     Ok(())
 }

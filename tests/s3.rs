@@ -1,5 +1,7 @@
-//! The S3 backend against a real S3 server (moto, `tests/servers/s3_server.py`) on 127.0.0.1, read back by real
-//! Nix through the bucket's HTTP endpoint.
+//! The S3 backend against a real S3 server on 127.0.0.1, read back by real Nix: `s3s-fs` (SigV4 checked; Nix reads
+//! the bucket's directory as a `file://` cache), and moto (`tests/servers/s3_server.py`, read over HTTP) for
+//! virtual-host addressing (s3s-fs only serves it on a port known before it starts) and a missing bucket (s3s-fs
+//! creates one on the first PUT).
 
 use std::process::Command;
 
@@ -10,6 +12,7 @@ use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 
 use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, Prepared, PyServer};
+use crate::s3s::{S3sFs, ACCESS_KEY, SECRET_KEY};
 
 const BUCKET: &str = "nixpush-test";
 
@@ -20,8 +23,8 @@ fn config(url: &str, part_size: u64) -> Config {
     config
 }
 
-/// moto accepts any keys; the backend must still find some: here a `[nixpush]` profile in a credentials file.
-fn backend(server: &PyServer, part_size: u64) -> S3Backend {
+/// The backend for `s3s-fs`, with its keys from a `[nixpush]` profile in a credentials file.
+fn backend(server: &S3sFs, part_size: u64) -> S3Backend {
     shared_credentials_file();
     let url = format!(
         "s3://{BUCKET}?endpoint={}&region=us-east-1&profile=nixpush",
@@ -30,9 +33,49 @@ fn backend(server: &PyServer, part_size: u64) -> S3Backend {
     S3Backend::new(&url, &config(&url, part_size)).unwrap()
 }
 
+/// A SigV4-presigned request for `key` straight to the server: (status, content type, ETag, body).
+async fn signed(server: &S3sFs, method: &str, key: &str) -> (u16, String, String, Vec<u8>) {
+    use rusty_s3::S3Action;
+    let bucket = rusty_s3::Bucket::new(
+        url::Url::parse(&server.base()).unwrap(),
+        rusty_s3::UrlStyle::Path,
+        BUCKET.to_owned(),
+        "us-east-1".to_owned(),
+    )
+    .unwrap();
+    let creds = rusty_s3::Credentials::new(ACCESS_KEY, SECRET_KEY);
+    let expires = std::time::Duration::from_secs(600);
+    let client = reqwest::Client::new();
+    let response = match method {
+        "HEAD" => client.head(bucket.head_object(Some(&creds), key).sign(expires)),
+        _ => client.get(bucket.get_object(Some(&creds), key).sign(expires)),
+    }
+    .send()
+    .await
+    .unwrap();
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let (status, content_type, etag) = (
+        response.status().as_u16(),
+        header(reqwest::header::CONTENT_TYPE),
+        header(reqwest::header::ETAG),
+    );
+    (
+        status,
+        content_type,
+        etag,
+        response.bytes().await.unwrap().to_vec(),
+    )
+}
+
 /// Points `AWS_SHARED_CREDENTIALS_FILE` at a file with a `[nixpush]` profile, once per test process (before any
-/// S3 backend reads it; the value never changes afterwards).
-fn shared_credentials_file() {
+/// S3 backend reads it; the value never changes afterwards). `s3s::S3sFs` accepts the same keys.
+pub fn shared_credentials_file() {
     static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     FILE.get_or_init(|| {
         let file = std::env::temp_dir().join(format!(
@@ -47,21 +90,6 @@ fn shared_credentials_file() {
         std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &file);
         file
     });
-}
-
-async fn get(url: &str) -> (u16, String, Vec<u8>) {
-    let response = reqwest::get(url).await.unwrap();
-    let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (
-        status,
-        content_type,
-        response.bytes().await.unwrap().to_vec(),
-    )
 }
 
 #[test]
@@ -80,7 +108,7 @@ fn server_selftest_against_real_nix() {
 #[tokio::test]
 async fn bucket_written_like_nix_and_substituted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    let server = S3sFs::start(&[BUCKET]);
     // 5 MiB parts: the 12 MiB path goes up as a three-part multipart upload.
     let backend = backend(&server, 5 * 1024 * 1024);
     let (sec, public) = nix_key(dir.path(), "nixpush-s3-test-1");
@@ -88,8 +116,7 @@ async fn bucket_written_like_nix_and_substituted() {
     let key = SecretKey::load(&sec).unwrap();
 
     backend.prepare().await.unwrap();
-    let bucket_url = format!("{}/{BUCKET}", server.base());
-    let (status, content_type, body) = get(&format!("{bucket_url}/nix-cache-info")).await;
+    let (status, content_type, _, body) = signed(&server, "GET", "nix-cache-info").await;
     assert_eq!(
         (status, content_type.as_str()),
         (200, "text/x-nix-cache-info")
@@ -113,11 +140,11 @@ async fn bucket_written_like_nix_and_substituted() {
 
     // Every object is where Nix's S3 store puts it, with its content type and exact bytes.
     for p in &prepared {
-        let narinfo_url = format!("{bucket_url}/{}.narinfo", p.narinfo.store_path.hash_part());
-        let (status, content_type, body) = get(&narinfo_url).await;
+        let narinfo_key = format!("{}.narinfo", p.narinfo.store_path.hash_part());
+        let (status, content_type, _, body) = signed(&server, "GET", &narinfo_key).await;
         assert_eq!((status, content_type.as_str()), (200, "text/x-nix-narinfo"));
         assert_eq!(String::from_utf8(body).unwrap(), p.narinfo.render());
-        let (status, content_type, body) = get(&format!("{bucket_url}/{}", p.narinfo.url)).await;
+        let (status, content_type, _, body) = signed(&server, "GET", &p.narinfo.url).await;
         assert_eq!(
             (status, content_type.as_str()),
             (200, "application/x-nix-nar")
@@ -127,20 +154,12 @@ async fn bucket_written_like_nix_and_substituted() {
 
     // The big NAR went up in parts: S3 gives a multipart object the ETag `"<md5 of md5s>-<parts>"`.
     let big = prepared.iter().max_by_key(|p| p.size).unwrap();
-    let head = reqwest::Client::new()
-        .head(format!("{bucket_url}/{}", big.narinfo.url))
-        .send()
-        .await
-        .unwrap();
-    let etag = head.headers()[reqwest::header::ETAG]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let (_, _, etag, _) = signed(&server, "HEAD", &big.narinfo.url).await;
     assert!(etag.trim_matches('"').ends_with("-3"), "{etag}");
 
-    let (ok, err) = nix_copy_from(&bucket_url, &public, &paths);
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
     assert!(ok, "nix copy failed: {err}");
-    let (ok, err) = nix_copy_from(&bucket_url, &other, &paths);
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &other, &paths);
     assert!(!ok && err.contains("lacks a valid signature"), "{err}");
 
     // Pushing again is harmless.
@@ -178,19 +197,27 @@ async fn virtual_host_addressing() {
 
 #[tokio::test]
 async fn a_missing_bucket_is_a_clear_error() {
+    // moto: s3s-fs creates a bucket's directory on the first PUT instead of answering NoSuchBucket.
     let server = PyServer::start("s3_server.py", &[]);
-    let err = backend(&server, 5 * 1024 * 1024)
+    shared_credentials_file();
+    let url = format!(
+        "s3://{BUCKET}?endpoint={}&region=us-east-1&profile=nixpush",
+        server.base()
+    );
+    let err = S3Backend::new(&url, &config(&url, 5 * 1024 * 1024))
+        .unwrap()
         .prepare()
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Status { code: 404, .. }), "{err}");
-    assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    assert!(err.to_string().contains("NoSuchBucket"), "{err}");
+    assert!(!err.to_string().contains(SECRET_KEY), "{err}");
 }
 
 #[test]
 fn nixpush_push_fills_a_bucket_nix_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    let server = S3sFs::start(&[BUCKET]);
     let (sec, public) = nix_key(dir.path(), "nixpush-s3-cli-1");
     let paths = build_paths(dir.path(), "s3cli", 6 * 1024 * 1024);
     let out = Command::new(env!("CARGO_BIN_EXE_nixpush"))
@@ -205,8 +232,8 @@ fn nixpush_push_fills_a_bucket_nix_reads() {
         .args(["--no-upstream", "--json"])
         .arg(&paths[1])
         .arg(&paths[2])
-        .env("AWS_ACCESS_KEY_ID", "AKCLI")
-        .env("AWS_SECRET_ACCESS_KEY", "cli-s3cr3t")
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("TMPDIR", dir.path())
         .output()
         .unwrap();
@@ -215,10 +242,10 @@ fn nixpush_push_fills_a_bucket_nix_reads() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(!stdout.contains("cli-s3cr3t") && !stderr.contains("cli-s3cr3t"));
+    assert!(!stdout.contains(SECRET_KEY) && !stderr.contains(SECRET_KEY));
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["uploaded"], 3, "{summary}");
-    let (ok, err) = nix_copy_from(&format!("{}/{BUCKET}", server.base()), &public, &paths);
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
     assert!(ok, "nix copy failed: {err}");
 }
 
@@ -227,7 +254,7 @@ async fn hook_builds_reach_the_bucket_and_nix_substitutes() {
     use crate::util::{nix_build_with_hook, TestDaemon, TestEnv};
 
     let env = TestEnv::new();
-    let server = PyServer::start("s3_server.py", &["--bucket", BUCKET]);
+    let server = S3sFs::start(&[BUCKET]);
     let (sec, public) = nix_key(env.dir.path(), "nixpush-s3-e2e-1");
     // The daemon inherits AWS_SHARED_CREDENTIALS_FILE and reads the [nixpush] profile.
     shared_credentials_file();
@@ -245,10 +272,6 @@ async fn hook_builds_reach_the_bucket_and_nix_substitutes() {
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}\n{}", daemon.log());
     assert!(!daemon.log().contains("s3cr3t"));
-    let (ok, err) = nix_copy_from(
-        &format!("{}/{BUCKET}", server.base()),
-        &public,
-        &build.outputs,
-    );
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &build.outputs);
     assert!(ok, "nix copy failed: {err}");
 }

@@ -14,6 +14,8 @@ mod ops;
 mod proof;
 mod remote;
 mod s3;
+mod s3_writers;
+mod s3s;
 mod security;
 mod spine;
 mod trust;

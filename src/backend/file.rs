@@ -90,7 +90,17 @@ impl FileBackend {
                 copy_synced(nar.path, &tmp)?;
                 tmp
             };
-            std::fs::rename(&staged, &nar_path).map_err(|e| Error::io(&nar_path, e))?;
+            if let Err(e) = std::fs::rename(&staged, &nar_path) {
+                // Another writer's rename of the same NAR may have won (#22): its file has the same name, so the
+                // same bytes.
+                let theirs = std::fs::metadata(&nar_path).is_ok_and(|m| m.len() == nar.size);
+                if !theirs {
+                    return Err(Error::io(&nar_path, e));
+                }
+                if staged != nar.path {
+                    let _ = std::fs::remove_file(&staged);
+                }
+            }
             sync_dir(&self.root.join("nar"))?;
         }
         write_atomically(

@@ -195,8 +195,23 @@ impl Backend for HttpBackend {
 
     async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
         if !self.exists(&narinfo.url).await? {
-            self.put_file(&narinfo.url, "application/x-nix-nar", nar)
-                .await?;
+            match self
+                .put_file(&narinfo.url, "application/x-nix-nar", nar)
+                .await
+            {
+                Ok(()) => {}
+                // WebDAV answers 409/412 when another writer's PUT of the same file got in the way (#22); the
+                // NAR it stored has the same name, so the same bytes.
+                Err(
+                    e @ Error::Status {
+                        code: 409 | 412, ..
+                    },
+                ) => {
+                    let present = self.exists(&narinfo.url).await?;
+                    super::race::after_failure(e, present)?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.put_bytes(
             &format!("{}.narinfo", narinfo.store_path.hash_part()),

@@ -10,8 +10,10 @@ pub mod documents;
 pub mod file;
 pub mod http;
 pub mod parts;
+pub mod race;
 pub mod s3;
 pub mod target;
+pub mod throttle;
 pub mod upstream;
 
 use std::fmt;
@@ -163,6 +165,14 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+    /// Another writer of the same cache got in the way (its upload of the same object superseded ours, or its
+    /// conditional write is in flight) and the object is not there yet: the path is tried again.
+    Contended {
+        /// The object's URL, redacted.
+        url: String,
+        /// What the target answered.
+        detail: String,
+    },
     /// A local file could not be read or written.
     Io {
         /// The file.
@@ -198,6 +208,9 @@ impl Error {
             Error::Protocol { url, message } => {
                 format!("{url} sent an invalid response: {message}")
             }
+            Error::Contended { url, detail } => format!(
+                "{url}: another writer of the same object got in the way and it is not complete yet ({detail})"
+            ),
             Error::Io { path, source } => format!("{}: {source}", path.display()),
             Error::Config(message) => format!("invalid target: {message}"),
         }
@@ -228,6 +241,7 @@ impl std::error::Error for Error {
             | Error::Status { .. }
             | Error::Unauthorized { .. }
             | Error::Protocol { .. }
+            | Error::Contended { .. }
             | Error::Config(_) => None,
         }
     }
@@ -247,6 +261,8 @@ impl Error {
         match self {
             Error::Connect { .. } | Error::Timeout { .. } | Error::Transfer { .. } => true,
             Error::Status { code, .. } => matches!(code, 408 | 429 | 500..=599),
+            // The other writer finishes or gives up; either way a later try succeeds.
+            Error::Contended { .. } => true,
             // A full or flaky local disk recovers; the path is still worth uploading.
             Error::Io { .. } => true,
             // Auth failures pause the whole target instead of burning attempts; see `is_auth`.
@@ -276,6 +292,7 @@ impl Error {
             | Error::Transfer { .. }
             | Error::Unauthorized { .. }
             | Error::Protocol { .. }
+            | Error::Contended { .. }
             | Error::Config(_) => None,
         }
     }
@@ -288,6 +305,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Transfer { .. }
             | Error::Status { .. }
+            | Error::Contended { .. }
             | Error::Io { .. }
             | Error::Protocol { .. }
             | Error::Config(_) => false,
@@ -302,6 +320,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Transfer { .. }
             | Error::Unauthorized { .. }
+            | Error::Contended { .. }
             | Error::Protocol { .. }
             | Error::Io { .. }
             | Error::Config(_) => None,

@@ -8,43 +8,51 @@
 //! <hash>.ls, log/…, realisations/…        the documents of `backend::documents`, one PUT each
 //! ```
 //!
-//! The NAR lands before its narinfo, so a reader never sees a narinfo without its NAR. With a custom `endpoint`
+//! The NAR lands before its narinfo, so a reader never sees a narinfo without its NAR. Many hosts may write one
+//! bucket: narinfos and `nix-cache-info` are written with `If-None-Match: *`, so a path is described once and a
+//! `412` means another writer was first (servers without conditional writes ignore the header and overwrite the
+//! same content); a multipart upload that lost to another writer's (see [`super::race`]) is settled by a HEAD of
+//! the NAR. A failed multipart upload is aborted, only ever with the upload id this backend created. `503
+//! SlowDown` and `429` lower the number of requests in flight ([`Throttle`]) and never fail a path. With a custom `endpoint`
 //! addressing is path-style (`http://host:port/bucket/key`), as Nix's store does; otherwise
 //! `https://bucket.s3.<region>.amazonaws.com/key`. Credentials: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
 //! `AWS_SESSION_TOKEN`, else the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`,
 //! profile from `profile=`, `AWS_PROFILE` or `default`); an explicit `profile=` always uses the file. They are
 //! read again on every `prepare`, so rotated keys take effect after an authentication pause.
 
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use reqwest::{RequestBuilder, StatusCode};
 use rusty_s3::actions::CreateMultipartUpload;
 use rusty_s3::{Bucket, S3Action, UrlStyle};
 
 use crate::config::{redact_url, Config};
 use crate::narinfo::NarInfo;
-use crate::secret::Secret;
 use crate::store_path::StorePath;
 
 use super::http::{bounded_body, send, small_body, status_error, transport_error};
 use super::parts::{file_range_body, part_ranges, part_size_for, PARALLEL_PARTS};
-use super::{with_retries, Backend, Error, NarFile, TargetInfo};
+use super::throttle::Throttle;
+use super::{race, Backend, Error, NarFile, TargetInfo, MAX_REQUEST_WAIT, REQUEST_ATTEMPTS};
+
+mod credentials;
+
+use credentials::{load_credentials, CredentialSource};
 
 /// How long a presigned request stays valid; requests are signed right before they are sent.
 const PRESIGN_FOR: Duration = Duration::from_secs(3600);
 /// How many HEAD requests run at once when asking which paths are missing.
 const PARALLEL_HEADS: usize = 16;
-
-/// Where the AWS credentials come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct CredentialSource {
-    /// `profile=` from the URL.
-    profile: Option<String>,
-}
+/// Requests in flight to one bucket at most, before any `SlowDown` lowers it.
+const MAX_IN_FLIGHT: usize = 64;
+/// How often one request is sent again after throttling answers (`503`, `429`) before the error goes to the
+/// engine, which then backs off the path; with waits up to 8 s that is minutes of patience.
+const THROTTLED_TRIES: u32 = 24;
+/// How often a NAR upload that lost to another writer's is tried again here before the engine retries the path.
+const CONTENDED_TRIES: u32 = 3;
 
 /// An S3 (or S3-compatible) bucket.
 #[derive(Debug)]
@@ -57,6 +65,7 @@ pub struct S3Backend {
     part_size: u64,
     /// The `nix-cache-info` written when the target has none.
     cache_info: String,
+    throttle: Throttle,
 }
 
 /// The pieces of an `s3://` URL.
@@ -155,105 +164,6 @@ fn loopback_client(host: &str, port: u16, timeout: Duration) -> Result<reqwest::
         .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
 }
 
-/// Keys from the process environment, or from a profile of the shared credentials file.
-fn load_credentials(source: &CredentialSource) -> Result<rusty_s3::Credentials, Error> {
-    load_credentials_with(source, &|name| std::env::var(name).ok())
-}
-
-/// [`load_credentials`] with environment lookups through `getenv`.
-fn load_credentials_with(
-    source: &CredentialSource,
-    getenv: &dyn Fn(&str) -> Option<String>,
-) -> Result<rusty_s3::Credentials, Error> {
-    let env = |name| getenv(name).filter(|v: &String| !v.is_empty());
-    if source.profile.is_none() {
-        if let (Some(key), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
-        {
-            return Ok(remembered_credentials(
-                key,
-                secret,
-                env("AWS_SESSION_TOKEN"),
-            ));
-        }
-    }
-    let file = match env("AWS_SHARED_CREDENTIALS_FILE") {
-        Some(file) => PathBuf::from(file),
-        None => PathBuf::from(env("HOME").unwrap_or_default()).join(".aws/credentials"),
-    };
-    let profile = source
-        .profile
-        .clone()
-        .or_else(|| env("AWS_PROFILE"))
-        .unwrap_or_else(|| "default".to_owned());
-    let text = match std::fs::read_to_string(&file) {
-        Ok(text) => Secret::new(text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Config(format!(
-                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or create {} with a \
-                 [{profile}] profile",
-                file.display()
-            )))
-        }
-        Err(e) => return Err(Error::io(&file, e)),
-    };
-    let values = profile_values(text.expose(), &profile);
-    let get = |key: &str| {
-        values
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
-    match (get("aws_access_key_id"), get("aws_secret_access_key")) {
-        (Some(key), Some(secret)) => Ok(remembered_credentials(
-            key,
-            secret,
-            get("aws_session_token"),
-        )),
-        _ => Err(Error::Config(format!(
-            "{}: profile [{profile}] has no aws_access_key_id and aws_secret_access_key",
-            file.display()
-        ))),
-    }
-}
-
-/// S3 credentials whose secret parts are remembered, so that no server's echo of them reaches a message.
-fn remembered_credentials(
-    key: String,
-    secret: String,
-    token: Option<String>,
-) -> rusty_s3::Credentials {
-    crate::secret::remember(&secret);
-    match token {
-        Some(token) => {
-            crate::secret::remember(&token);
-            rusty_s3::Credentials::new_with_token(key, secret, token)
-        }
-        None => rusty_s3::Credentials::new(key, secret),
-    }
-}
-
-/// `key = value` pairs of one `[profile]` section of an INI credentials file.
-fn profile_values(text: &str, profile: &str) -> Vec<(String, String)> {
-    let mut in_profile = false;
-    let mut values = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            in_profile = section.trim() == profile;
-            continue;
-        }
-        if in_profile {
-            if let Some((key, value)) = line.split_once('=') {
-                values.push((key.trim().to_ascii_lowercase(), value.trim().to_owned()));
-            }
-        }
-    }
-    values
-}
-
 impl S3Backend {
     /// A backend for `url`; fails when the URL is malformed or no credentials are found.
     pub fn new(url: &str, config: &Config) -> Result<S3Backend, Error> {
@@ -291,6 +201,7 @@ impl S3Backend {
             client,
             part_size: config.target.part_size,
             cache_info: crate::cache_info::CacheInfo::from_config(config).render(),
+            throttle: Throttle::new(MAX_IN_FLIGHT),
         })
     }
 
@@ -316,13 +227,59 @@ impl S3Backend {
         build: impl FnOnce(&reqwest::Client, &str) -> RequestBuilder,
     ) -> Result<(reqwest::Response, String), Error> {
         let shown = without_query(url);
+        let _permit = self.throttle.acquire().await;
         let response = send(build(&self.client, url.as_str()), method, &shown).await?;
+        match response.status().as_u16() {
+            429 | 503 => {
+                self.throttle.slow_down();
+            }
+            code if code < 500 => self.throttle.succeeded(),
+            _ => {}
+        }
         Ok((response, shown))
+    }
+
+    /// Runs `request` until it succeeds or fails for good, like [`super::with_retries`], except that throttling
+    /// answers (`503 SlowDown`, `429`) do not use up its tries: the [`Throttle`] has already lowered the load.
+    async fn retrying<T, F, Fut>(&self, mut request: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let (mut attempt, mut throttled) = (1, 0);
+        loop {
+            let e = match request().await {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            let wait = if is_throttling(&e) && throttled < THROTTLED_TRIES {
+                throttled += 1;
+                let backoff = Duration::from_millis(250 << throttled.min(5));
+                let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+                e.retry_after().unwrap_or(backoff).min(MAX_REQUEST_WAIT) + jitter
+            } else if e.is_retryable() && !is_throttling(&e) && attempt < REQUEST_ATTEMPTS {
+                attempt += 1;
+                match e.retry_after() {
+                    Some(hint) if hint > MAX_REQUEST_WAIT => return Err(e),
+                    Some(hint) => hint,
+                    None => Duration::from_millis(250 << (attempt - 2)),
+                }
+            } else {
+                return Err(e);
+            };
+            tracing::debug!("retrying in {wait:?} after: {e}");
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Whether `key` exists.
     async fn exists(&self, key: &str) -> Result<bool, Error> {
-        with_retries(|| async {
+        Ok(self.object_size(key).await?.is_some())
+    }
+
+    /// The size of object `key`, `None` when it does not exist.
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, Error> {
+        self.retrying(|| async {
             let creds = self.credentials();
             let url = self
                 .bucket
@@ -330,17 +287,28 @@ impl S3Backend {
                 .sign(PRESIGN_FOR);
             let (response, shown) = self.send("HEAD", &url, |c, u| c.head(u)).await?;
             match response.status() {
-                s if s.is_success() => Ok(true),
+                // The header, not the (empty) body of a HEAD answer.
+                s if s.is_success() => Ok(Some(
+                    response
+                        .headers()
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                )),
                 // Without s3:ListBucket, S3 answers 403 for a key that does not exist.
-                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(false),
-                _ => Err(status_error("HEAD", &shown, response).await),
+                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(None),
+                _ => Err(s3_error("HEAD", &shown, response).await),
             }
         })
         .await
     }
 
+    /// PUTs a small document unless `key` exists (`If-None-Match: *`). Another writer's copy counts as ours:
+    /// a `412` means it was first, a `409` that its write is in flight (settled by a HEAD).
+    /// An unconditional PUT: documents that may be replaced (a re-signed narinfo, listings, logs).
     async fn put_bytes(&self, key: &str, content_type: &str, bytes: Vec<u8>) -> Result<(), Error> {
-        with_retries(|| async {
+        self.retrying(|| async {
             let creds = self.credentials();
             let url = self
                 .bucket
@@ -359,6 +327,80 @@ impl S3Backend {
         .await
     }
 
+    async fn put_bytes_if_absent(
+        &self,
+        key: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        let mut tries = 1;
+        loop {
+            let result = self
+                .retrying(|| async {
+                    let creds = self.credentials();
+                    let url = self
+                        .bucket
+                        .put_object(creds.as_deref(), key)
+                        .sign(PRESIGN_FOR);
+                    let (response, shown) = self
+                        .send("PUT", &url, |c, u| {
+                            c.put(u)
+                                .header(CONTENT_TYPE, content_type)
+                                .header(CONTENT_LENGTH, bytes.len())
+                                .header(IF_NONE_MATCH, "*")
+                                .body(bytes.clone())
+                        })
+                        .await?;
+                    expect_success("PUT", &shown, response).await.map(drop)
+                })
+                .await;
+            let error = match result {
+                Ok(()) => return Ok(()),
+                Err(e) if !race::another_writer_may_have_won(&e) => return Err(e),
+                Err(e) => e,
+            };
+            let present = self.exists(key).await?;
+            match race::after_failure(error, present) {
+                Ok(()) => {
+                    tracing::debug!("{key} was written by another writer first");
+                    return Ok(());
+                }
+                Err(e) if tries < CONTENDED_TRIES => {
+                    tracing::debug!("{key}: {e}");
+                    tokio::time::sleep(contended_wait(tries)).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores the NAR `key`. When the upload lost to another writer's upload of the same key, the NAR that writer
+    /// completed (same key, so same bytes, and the expected size) counts as ours.
+    async fn put_nar(&self, key: &str, nar: &NarFile<'_>) -> Result<(), Error> {
+        let mut tries = 1;
+        loop {
+            let error = match self.put_file(key, "application/x-nix-nar", nar).await {
+                Ok(()) => return Ok(()),
+                Err(e) if !race::another_writer_may_have_won(&e) => return Err(e),
+                Err(e) => e,
+            };
+            let present = self.object_size(key).await? == Some(nar.size);
+            match race::after_failure(error, present) {
+                Ok(()) => {
+                    tracing::debug!("{key} was completed by another writer");
+                    return Ok(());
+                }
+                Err(e) if tries < CONTENDED_TRIES => {
+                    tracing::debug!("{key}: {e}; uploading it again");
+                    tokio::time::sleep(contended_wait(tries)).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn put_file(
         &self,
         key: &str,
@@ -368,7 +410,7 @@ impl S3Backend {
         if nar.size > self.part_size {
             return self.put_multipart(key, content_type, nar).await;
         }
-        with_retries(|| async {
+        self.retrying(|| async {
             let creds = self.credentials();
             let url = self
                 .bucket
@@ -394,33 +436,35 @@ impl S3Backend {
         content_type: &str,
         nar: &NarFile<'_>,
     ) -> Result<(), Error> {
-        let upload_id = with_retries(|| async {
-            let creds = self.credentials();
-            let url = self
-                .bucket
-                .create_multipart_upload(creds.as_deref(), key)
-                .sign(PRESIGN_FOR);
-            let (response, shown) = self
-                .send("POST", &url, |c, u| {
-                    c.post(u)
-                        .header(CONTENT_TYPE, content_type)
-                        .header(CONTENT_LENGTH, 0)
-                })
-                .await?;
-            let response = expect_success("POST", &shown, response).await?;
-            let text = small_body(response)
-                .await
-                .map_err(|e| transport_error("POST", &shown, &e))?;
-            CreateMultipartUpload::parse_response(&text)
-                .map(|r| r.upload_id().to_owned())
-                .map_err(|e| Error::Protocol {
-                    url: shown.clone(),
-                    message: format!("cannot read the multipart upload id ({e})"),
-                })
-        })
-        .await?;
+        let upload_id = self
+            .retrying(|| async {
+                let creds = self.credentials();
+                let url = self
+                    .bucket
+                    .create_multipart_upload(creds.as_deref(), key)
+                    .sign(PRESIGN_FOR);
+                let (response, shown) = self
+                    .send("POST", &url, |c, u| {
+                        c.post(u)
+                            .header(CONTENT_TYPE, content_type)
+                            .header(CONTENT_LENGTH, 0)
+                    })
+                    .await?;
+                let response = expect_success("POST", &shown, response).await?;
+                let text = small_body(response)
+                    .await
+                    .map_err(|e| transport_error("POST", &shown, &e))?;
+                CreateMultipartUpload::parse_response(&text)
+                    .map(|r| r.upload_id().to_owned())
+                    .map_err(|e| Error::Protocol {
+                        url: shown.clone(),
+                        message: format!("cannot read the multipart upload id ({e})"),
+                    })
+            })
+            .await?;
         let result = self.send_parts(key, &upload_id, nar).await;
         if result.is_err() {
+            // Only the upload id created above: another writer's upload of the same key is never touched.
             self.abort(key, &upload_id).await;
         }
         result
@@ -437,7 +481,7 @@ impl S3Backend {
             .try_collect()
             .await?;
         etags.sort_unstable_by_key(|(number, _)| *number);
-        with_retries(|| async {
+        self.retrying(|| async {
             let creds = self.credentials();
             let action = self.bucket.complete_multipart_upload(
                 creds.as_deref(),
@@ -466,7 +510,7 @@ impl S3Backend {
                     url: shown,
                     code: 500,
                     retry_after: None,
-                    detail: text.chars().filter(|c| !c.is_control()).take(200).collect(),
+                    detail: error_summary(&text),
                 });
             }
             Ok(())
@@ -484,7 +528,7 @@ impl S3Backend {
         let part = u16::try_from(number).map_err(|_| {
             Error::Config(format!("part {number} is beyond S3's 10,000-part limit"))
         })?;
-        with_retries(|| async {
+        self.retrying(|| async {
             let creds = self.credentials();
             let url = self
                 .bucket
@@ -510,19 +554,29 @@ impl S3Backend {
         .await
     }
 
+    /// Aborts our multipart upload `upload_id` of `key`, so no orphaned parts stay billed to the bucket's owner.
     async fn abort(&self, key: &str, upload_id: &str) {
-        let creds = self.credentials();
-        let url = self
-            .bucket
-            .abort_multipart_upload(creds.as_deref(), key, upload_id)
-            .sign(PRESIGN_FOR);
-        let result = async {
-            let (response, shown) = self.send("DELETE", &url, |c, u| c.delete(u)).await?;
-            expect_success("DELETE", &shown, response).await.map(drop)
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::debug!("aborting the multipart upload of {key} failed (ignored): {e}");
+        let result = self
+            .retrying(|| async {
+                let creds = self.credentials();
+                let url = self
+                    .bucket
+                    .abort_multipart_upload(creds.as_deref(), key, upload_id)
+                    .sign(PRESIGN_FOR);
+                let (response, shown) = self.send("DELETE", &url, |c, u| c.delete(u)).await?;
+                match response.status() {
+                    // Already gone: completed, aborted, or superseded by another writer's upload.
+                    StatusCode::NOT_FOUND => Ok(()),
+                    _ => expect_success("DELETE", &shown, response).await.map(drop),
+                }
+            })
+            .await;
+        match result {
+            Ok(()) => tracing::debug!("aborted the multipart upload of {key}"),
+            Err(e) => tracing::warn!(
+                "cannot abort the multipart upload of {key}; its parts stay in the bucket until a lifecycle rule \
+                 removes incomplete uploads: {e}"
+            ),
         }
     }
 }
@@ -535,7 +589,7 @@ impl Backend for S3Backend {
         }
         if !self.exists("nix-cache-info").await? {
             let text = self.cache_info.clone();
-            self.put_bytes("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
+            self.put_bytes_if_absent("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
                 .await?;
         }
         Ok(TargetInfo {
@@ -564,11 +618,10 @@ impl Backend for S3Backend {
 
     async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
         // As Nix does: a NAR already there (same file hash, same bytes) is not sent again.
-        if !self.exists(&narinfo.url).await? {
-            self.put_file(&narinfo.url, "application/x-nix-nar", &nar)
-                .await?;
+        if self.object_size(&narinfo.url).await? != Some(nar.size) {
+            self.put_nar(&narinfo.url, &nar).await?;
         }
-        self.put_bytes(
+        self.put_bytes_if_absent(
             &format!("{}.narinfo", narinfo.store_path.hash_part()),
             "text/x-nix-narinfo",
             narinfo.render().into_bytes(),
@@ -586,7 +639,7 @@ impl Backend for S3Backend {
     }
 
     async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        with_retries(|| async {
+        self.retrying(|| async {
             let creds = self.credentials();
             let url = self
                 .bucket
@@ -623,8 +676,70 @@ async fn expect_success(
     if response.status().is_success() {
         Ok(response)
     } else {
-        Err(status_error(method, shown, response).await)
+        Err(s3_error(method, shown, response).await)
     }
+}
+
+/// The error for an S3 error answer, its detail reduced to S3's `Code: Message`. S3 echoes the request back
+/// (`StringToSign`, `CanonicalRequest` with the presigned query); none of that reaches a log line.
+async fn s3_error(method: &str, shown: &str, response: reqwest::Response) -> Error {
+    match status_error(method, shown, response).await {
+        Error::Status {
+            method,
+            url,
+            code,
+            retry_after,
+            detail,
+        } => Error::Status {
+            method,
+            url,
+            code,
+            retry_after,
+            detail: error_summary(&detail),
+        },
+        Error::Unauthorized { url, code, detail } => {
+            let mut detail = error_summary(&detail);
+            if detail.starts_with("SignatureDoesNotMatch") {
+                detail.push_str(
+                    " (the secret access key does not belong to the access key id: check \
+                     AWS_SECRET_ACCESS_KEY or the profile's aws_secret_access_key)",
+                );
+            }
+            Error::Unauthorized { url, code, detail }
+        }
+        other => other,
+    }
+}
+
+/// `Code: Message` of an S3 `<Error>` document; other text unchanged.
+fn error_summary(body: &str) -> String {
+    let element = |name: &str| {
+        let start = body.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = body[start..].find(&format!("</{name}>"))? + start;
+        Some(body[start..end].to_owned())
+    };
+    match (element("Code"), element("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code,
+        _ if body.contains("<Error>") => "an S3 error without a <Code>".to_owned(),
+        _ => body.to_owned(),
+    }
+}
+
+/// Whether the target asked us to send fewer requests.
+fn is_throttling(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Status {
+            code: 429 | 503,
+            ..
+        }
+    )
+}
+
+/// A pause before writing an object again that another writer was busy with.
+fn contended_wait(tries: u32) -> Duration {
+    Duration::from_millis((500 << tries) + rand::random::<u64>() % 500)
 }
 
 /// A presigned URL without its query (which holds the signature and credentials).
@@ -681,51 +796,5 @@ mod tests {
             virt.object_url("abc.narinfo").unwrap().as_str(),
             "https://cache.s3.eu-west-1.amazonaws.com/abc.narinfo"
         );
-    }
-
-    #[test]
-    fn credentials_file_profiles() {
-        let text = "# keys\n[default]\naws_access_key_id = AKDEFAULT\naws_secret_access_key=sdefault\n\n\
-                    [ci]\n AWS_ACCESS_KEY_ID = AKCI \naws_secret_access_key = sci\naws_session_token = tci\n";
-        assert_eq!(
-            profile_values(text, "ci"),
-            vec![
-                ("aws_access_key_id".to_owned(), "AKCI".to_owned()),
-                ("aws_secret_access_key".to_owned(), "sci".to_owned()),
-                ("aws_session_token".to_owned(), "tci".to_owned()),
-            ]
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("credentials");
-        std::fs::write(&file, text).unwrap();
-        let file = file.to_str().unwrap().to_owned();
-        let env = |name: &str| match name {
-            "AWS_SHARED_CREDENTIALS_FILE" => Some(file.clone()),
-            "AWS_ACCESS_KEY_ID" => Some("AKENV".to_owned()),
-            "AWS_SECRET_ACCESS_KEY" => Some("senv".to_owned()),
-            "AWS_PROFILE" => Some("ci".to_owned()),
-            _ => None,
-        };
-        let source = |profile: Option<&str>| CredentialSource {
-            profile: profile.map(str::to_owned),
-        };
-        // Environment keys win unless the URL names a profile.
-        let creds = load_credentials_with(&source(None), &env).unwrap();
-        assert_eq!((creds.key(), creds.token()), ("AKENV", None));
-        let creds = load_credentials_with(&source(Some("ci")), &env).unwrap();
-        assert_eq!((creds.key(), creds.token()), ("AKCI", Some("tci")));
-        let creds = load_credentials_with(&source(Some("default")), &env).unwrap();
-        assert_eq!(creds.key(), "AKDEFAULT");
-        let only_file = |name: &str| (name == "AWS_SHARED_CREDENTIALS_FILE").then(|| file.clone());
-        assert_eq!(
-            load_credentials_with(&source(None), &only_file)
-                .unwrap()
-                .key(),
-            "AKDEFAULT"
-        );
-        let err = load_credentials_with(&source(Some("nope")), &env)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("[nope]") && !err.contains("sci"), "{err}");
     }
 }

@@ -372,10 +372,18 @@ impl Backend for CachixBackend {
         let result = self
             .send_parts_and_complete(&upload, &nar, &info, first_md5)
             .await;
-        if result.is_err() {
-            self.abort(&upload).await;
+        let Err(error) = result else {
+            return Ok(());
+        };
+        // Only our own upload (narId and uploadId from `create` above) is ever aborted.
+        self.abort(&upload).await;
+        if !super::race::another_writer_may_have_won(&error) {
+            return Err(error);
         }
-        result
+        // Another host pushing the same path may have completed it first (#22): then it is there.
+        let hash = info.c_store_hash.as_str();
+        let present = !self.missing_hashes(&[hash]).await?.contains(hash);
+        super::race::after_failure(error, present)
     }
 
     async fn put_document(
