@@ -2,6 +2,7 @@
 
 mod cachix;
 mod daemon_upload;
+mod durability;
 mod faultproxy;
 mod formats;
 mod nginx;
