@@ -549,7 +549,7 @@ fn parse_all(inputs: &[String], store_dir: &str) -> Result<Vec<StorePath>, Strin
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::queue::{Queue, SledQueue};
+    use crate::queue::{Queue, SqliteQueue};
     use tokio::io::DuplexStream;
 
     const ROOT: Peer = Peer {
@@ -580,7 +580,7 @@ mod tests {
             ..Config::default()
         };
         resolve::register_for_tests(&config.nix_db, &[good.to_str().unwrap()]);
-        let queue: Arc<dyn Queue> = Arc::new(SledQueue::temporary().unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::temporary().unwrap());
         Fixture {
             shared: Shared::new(config, queue, true),
             good: good.display().to_string(),
