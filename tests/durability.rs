@@ -383,3 +383,121 @@ fn durability_power_cut_keeps_spool_files_of_a_non_root_hook() {
     );
     assert_eq!(lost_total, 0);
 }
+
+/// Damages `db` in one of several ways; the name says how.
+fn damage(name: &str, original: &[u8]) -> Vec<u8> {
+    let mut bytes = original.to_vec();
+    let len = bytes.len();
+    match name {
+        "truncated to half" => bytes.truncate(len / 2),
+        "truncated to one page" => bytes.truncate(4096),
+        "empty" => bytes.clear(),
+        "zeroed" => bytes.iter_mut().for_each(|b| *b = 0),
+        "a page zeroed in the middle" => {
+            let page = (len / 4096 / 2) * 4096;
+            bytes[page..page + 4096].iter_mut().for_each(|b| *b = 0);
+        }
+        "8 bytes flipped in the header" => flip(&mut bytes, 24),
+        "8 bytes flipped in the middle" => flip(&mut bytes, len / 2),
+        "8 bytes flipped near the end" => flip(&mut bytes, len - 200),
+        "8 bytes flipped in the last record" => {
+            let at = bytes
+                .windows(8)
+                .rposition(|w| w == b"{\"path\":")
+                .expect("a record in the file");
+            flip(&mut bytes, at + 30)
+        }
+        other => panic!("unknown damage {other}"),
+    }
+    bytes
+}
+
+fn flip(bytes: &mut [u8], at: usize) {
+    for b in &mut bytes[at..at + 8] {
+        *b ^= 0xa5;
+    }
+}
+
+// A damaged queue file never starts silently with fewer entries: the daemon logs an error naming the file,
+// `status` shows `queue_damage`, the damaged files are kept aside, and what can be read is queued again.
+// See: #15
+#[test]
+fn durability_a_damaged_queue_is_loud_and_salvaged() {
+    let mut daemon = TestDaemon::start();
+    let paths = add_store_paths(50);
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let hook = daemon.env.run_hook(&refs, None);
+    assert!(hook.stderr.is_empty(), "{hook:?}");
+    assert_eq!(daemon.queued_paths().len(), 50);
+    daemon.stop();
+    // The cost of a group commit on this disk, for the README's design notes.
+    if let Some(line) = daemon.log().lines().find(|l| l.contains("queue commits")) {
+        eprintln!("{line}");
+    }
+    let queue_dir = daemon.env.state_dir.join("queue");
+    let db = queue_dir.join("queue.sqlite3");
+    let original = std::fs::read(&db).unwrap();
+    assert!(
+        original.len() > 3 * 4096,
+        "all 50 entries are in the database file after a clean stop"
+    );
+    let cases = [
+        "truncated to half",
+        "truncated to one page",
+        "empty",
+        "zeroed",
+        "a page zeroed in the middle",
+        "8 bytes flipped in the header",
+        "8 bytes flipped in the middle",
+        "8 bytes flipped near the end",
+        "8 bytes flipped in the last record",
+    ];
+    for case in cases {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(queue_dir.join(format!("queue.sqlite3{suffix}")));
+        }
+        std::fs::write(&db, damage(case, &original)).unwrap();
+        let log_before = daemon.log().len();
+        daemon.restart();
+        let status = daemon.status();
+        let log = daemon.log()[log_before..].to_owned();
+        let queued: BTreeSet<String> = daemon.queued_paths().into_iter().collect();
+        let kept = paths.iter().filter(|p| queued.contains(*p)).count();
+        let reported = &status["queue_damage"];
+        eprintln!(
+            "damage {case:?}: {kept} of 50 queued after restart; queue_damage = {reported}"
+        );
+        if kept < 50 {
+            assert!(
+                reported.is_object(),
+                "{case}: {kept} of 50 entries and no queue_damage in status: {status}"
+            );
+        }
+        if reported.is_object() {
+            assert!(
+                log.contains("ERROR") && log.contains(&db.display().to_string()),
+                "{case}: the error names the file:\n{log}"
+            );
+            let kept_at = Path::new(reported["kept_at"].as_str().unwrap());
+            assert!(kept_at.join("queue.sqlite3").exists(), "{case}: kept aside");
+            assert_eq!(
+                reported["requeued"].as_u64().unwrap() as usize,
+                queued.len(),
+                "{case}: every recovered path is queued"
+            );
+            let text = daemon.env.nixpush(&["status"]);
+            let text = String::from_utf8_lossy(&text.stdout);
+            assert!(text.contains("DAMAGED QUEUE"), "{case}: {text}");
+        }
+        match case {
+            // Nothing readable is left: the damage is reported, nothing is invented.
+            "empty" | "zeroed" => assert!(reported.is_object(), "{case}: {status}"),
+            // Some records survive these, in the pages that are left; the salvage must find them.
+            "truncated to half" | "a page zeroed in the middle" => {
+                assert!(kept > 0, "{case}: nothing recovered")
+            }
+            _ => {}
+        }
+        daemon.stop();
+    }
+}

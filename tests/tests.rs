@@ -2,6 +2,7 @@
 
 mod cachix;
 mod daemon_upload;
+mod degraded;
 mod durability;
 mod faultproxy;
 mod formats;

@@ -43,8 +43,14 @@ fn identity(dir: &Path) -> Option<(u64, u64)> {
 fn start_watch(dir: &Path) -> Result<SpoolWatch, String> {
     let identity = identity(dir).ok_or_else(|| format!("{} is missing", dir.display()))?;
     let (changed_tx, changed) = mpsc::channel::<()>(1);
+    let watched = dir.to_owned();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|event| is_new_file(&event.kind)) {
+        // The directory itself going away matters too: the importer then sets it up again at once.
+        let wake = event.is_ok_and(|event| {
+            is_new_file(&event.kind)
+                || (matches!(event.kind, EventKind::Remove(_)) && event.paths.contains(&watched))
+        });
+        if wake {
             // A full channel already means "rescan"; one pending signal is enough.
             let _ = changed_tx.try_send(());
         }
@@ -117,8 +123,9 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let spool_dir = shared.config().spool_dir();
     let mut watch = ensure_watch(&shared, &spool_dir, None);
     loop {
-        import_all(&shared, &spool_dir, &stop).await;
-        let interval = if watch.is_some() {
+        let kept = import_all(&shared, &spool_dir, &stop).await;
+        // A file kept for later (Nix could not be asked about its paths) is tried again soon, not in 30 s.
+        let interval = if watch.is_some() && !kept {
             RESCAN_INTERVAL
         } else {
             RESCAN_WITHOUT_WATCHER
@@ -143,6 +150,8 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     };
                     tracing::warn!("spool watcher stopped; rescanning every {} s", RESCAN_WITHOUT_WATCHER.as_secs());
                     watch = None;
+                } else {
+                    watch = ensure_watch(&shared, &spool_dir, watch.take());
                 }
             }
             _ = tokio::time::sleep(interval) => {
@@ -165,36 +174,40 @@ fn is_new_file(kind: &EventKind) -> bool {
     }
 }
 
-async fn import_all(shared: &Shared, spool_dir: &Path, stop: &CancellationToken) {
+/// Imports every file; whether one was kept to be tried again.
+async fn import_all(shared: &Shared, spool_dir: &Path, stop: &CancellationToken) -> bool {
     let files = match spool::list(spool_dir) {
         Ok(files) => files,
         Err(e) => {
             tracing::error!("cannot list the spool: {e}");
-            return;
+            return false;
         }
     };
     if files.is_empty() {
-        return;
+        return false;
     }
     // Hooks of other users could not fsync the directory after their rename; do it for them, so a file whose
     // paths are queued is never the only durable trace of a request (and none is lost before its import).
     if let Err(e) = spool::sync_dir(spool_dir) {
         tracing::warn!("{e}");
     }
+    let mut kept = false;
     for file in files {
         // Between files only: a file being imported is finished first.
         if stop.is_cancelled() {
-            return;
+            return kept;
         }
-        import_one(shared, spool_dir, &file).await;
+        kept |= import_one(shared, spool_dir, &file).await;
     }
+    kept
 }
 
-async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) {
+/// Imports one file; true when it was kept to be tried again.
+async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) -> bool {
     let file = match spool::read(path) {
         Ok(file) => file,
         Err(spool::Error::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return
+            return false
         }
         Err(e) => {
             match spool::move_aside(spool_dir, path, &e.to_string()) {
@@ -205,7 +218,7 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) {
                     let _ = std::fs::remove_file(path);
                 }
             }
-            return;
+            return false;
         }
     };
     let request = &file.request;
@@ -222,7 +235,7 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) {
             "spool",
         );
         finish(shared, path).await;
-        return;
+        return false;
     }
     let resolved = shared
         .resolver
@@ -244,18 +257,21 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) {
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::error!("cannot delete imported spool file {}: {e}", path.display());
             }
+            false
         }
         Err(e @ super::Error::Unchecked(_)) => {
             tracing::warn!(
                 "spool file {}: {e}; keeping it for the next scan",
                 path.display()
             );
+            true
         }
         Err(e) => {
             tracing::error!(
                 "cannot queue spool file {}: {e}; keeping it for the next scan",
                 path.display()
             );
+            true
         }
     }
 }

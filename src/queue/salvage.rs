@@ -66,19 +66,20 @@ fn read_rows(db: &Path, store_dir: &str, salvaged: &mut Salvaged) {
     };
     let mut consecutive_errors = 0;
     for rowid in 1..=max_rowid {
+        // Raw bytes, not text: a flipped byte may leave invalid UTF-8 in one column but not the other.
         let row = statement.query_row([rowid], |row| {
             Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
+                String::from_utf8_lossy(row.get_ref(0)?.as_bytes()?).into_owned(),
+                String::from_utf8(row.get_ref(1)?.as_bytes()?.to_vec()).ok(),
                 row.get::<_, i64>(2)?,
             ))
         });
         match row {
             Ok((path, record, sum)) => {
                 consecutive_errors = 0;
-                let entry = (checksum(&record) == sum)
-                    .then(|| serde_json::from_str::<Entry>(&record).ok())
-                    .flatten()
+                let entry = record
+                    .filter(|record| checksum(record) == sum)
+                    .and_then(|record| serde_json::from_str::<Entry>(&record).ok())
                     .filter(|e| e.path.as_str() == path);
                 match entry {
                     Some(entry) => salvaged.entries.push(entry),
