@@ -80,7 +80,11 @@ impl CustomDaemon {
             if let Some(status) = daemon.child.try_wait().unwrap() {
                 panic!("daemon exited with {status}:\n{}", daemon.log());
             }
-            assert!(started.elapsed() < DEADLINE, "no READY=1:\n{}", daemon.log());
+            assert!(
+                started.elapsed() < DEADLINE,
+                "no READY=1:\n{}",
+                daemon.log()
+            );
         }
     }
 
@@ -134,11 +138,17 @@ fn cpu_time(pid: u32) -> Duration {
     // The command name may hold spaces; fields are counted after its closing parenthesis.
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .parse::<u64>()
-        .unwrap();
+    let per_second = String::from_utf8(
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse::<u64>()
+    .unwrap();
     Duration::from_millis(ticks * 1000 / per_second)
 }
 
@@ -200,7 +210,8 @@ fn degraded_a_failure_to_check_validity_is_not_final() {
     assert_eq!(report["queued"], 0, "{report}");
     let log = daemon.log();
     assert!(
-        log.contains("WARN") && (log.contains("/nonexistent/db.sqlite") || log.contains("nix-db.sqlite")),
+        log.contains("WARN")
+            && (log.contains("/nonexistent/db.sqlite") || log.contains("nix-db.sqlite")),
         "the real cause is logged at warn:\n{log}"
     );
 
@@ -208,9 +219,16 @@ fn degraded_a_failure_to_check_validity_is_not_final() {
     fs::remove_file(&nix_db).unwrap();
     std::os::unix::fs::symlink("/nix/var/nix/db/db.sqlite", &nix_db).unwrap();
     let hash = &path["/nix/store/".len()..][..32];
-    wait_until("the spooled path uploaded", || {
-        cache.join(format!("{hash}.narinfo")).exists() && status(&env)["queued"] == 0
-    });
+    let started = Instant::now();
+    while !(cache.join(format!("{hash}.narinfo")).exists() && status(&env)["queued"] == 0) {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the spooled path not uploaded: {}\n{}",
+            status(&env),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let report = status(&env);
     assert_eq!(report["refused"], 0, "{report}");
     assert_eq!(report["spooled"], 0, "{report}");
@@ -252,7 +270,11 @@ fn degraded_a_removed_spool_directory_is_set_up_again_without_spinning() {
     wait_until("the spool directory recreated", || {
         daemon.env.spool_dir.join("bad").is_dir()
     });
-    let mode = fs::metadata(&daemon.env.spool_dir).unwrap().permissions().mode() & 0o7777;
+    let mode = fs::metadata(&daemon.env.spool_dir)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, 0o1733);
     let path = add_store_paths(1).remove(0);
     spool_one(&daemon.env, &path);
@@ -266,7 +288,13 @@ fn test_user() -> (u32, u32) {
     let id = |flag: &str| Command::new("id").args([flag, TEST_USER]).output().unwrap();
     if !id("-u").status.success() {
         let _ = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                TEST_USER,
+            ])
             .output()
             .unwrap();
     }
@@ -328,7 +356,10 @@ fn chown(path: &Path, (uid, gid): (u32, u32)) {
 fn degraded_no_inotify_means_rescans_not_a_busy_loop() {
     let user = test_user();
     let env = TestEnv::new();
-    for dir in [env.state_dir.clone(), env.socket.parent().unwrap().to_owned()] {
+    for dir in [
+        env.state_dir.clone(),
+        env.socket.parent().unwrap().to_owned(),
+    ] {
         fs::create_dir_all(&dir).unwrap();
         chown(&dir, user);
     }

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::util::{
-    add_store_paths, send_signal, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK,
-};
+use crate::util::{add_store_paths, send_signal, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK};
 
 /// An ext4 filesystem in a file, attached to a loop device and mounted; detached and removed on drop.
 pub struct LoopFs {
@@ -85,13 +83,19 @@ impl LoopFs {
             );
             return None;
         }
-        let device = String::from_utf8(attached.stdout).unwrap().trim().to_owned();
+        let device = String::from_utf8(attached.stdout)
+            .unwrap()
+            .trim()
+            .to_owned();
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
         let mounted = run("mount", &[&device, mount.to_str().unwrap()]);
         if !mounted.status.success() {
             run("losetup", &["-d", &device]);
-            panic!("mount {device}: {}", String::from_utf8_lossy(&mounted.stderr));
+            panic!(
+                "mount {device}: {}",
+                String::from_utf8_lossy(&mounted.stderr)
+            );
         }
         Some(LoopFs {
             dir,
@@ -106,7 +110,10 @@ impl Drop for LoopFs {
     fn drop(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         // A daemon that just exited may still be closing files; retry, then detach lazily.
-        while !run("umount", &[self.mount.to_str().unwrap()]).status.success() {
+        while !run("umount", &[self.mount.to_str().unwrap()])
+            .status
+            .success()
+        {
             if Instant::now() > deadline {
                 run("umount", &["-l", self.mount.to_str().unwrap()]);
                 break;
@@ -208,9 +215,7 @@ fn trials() -> usize {
 /// The paths a daemon booted on `fs` holds: queued (spool files included, once imported).
 fn paths_after_boot(fs: &LoopFs, extra: &str) -> (BTreeSet<String>, String) {
     let daemon = TestDaemon::start_in(env_on(fs, extra));
-    wait_until("the spool imported", || {
-        daemon.env.spool_files().is_empty()
-    });
+    wait_until("the spool imported", || daemon.env.spool_files().is_empty());
     let queued = daemon.queued_paths().into_iter().collect();
     (queued, daemon.log())
 }
@@ -280,7 +285,10 @@ fn power_cut(moment: Moment) {
         total.1,
         total.2
     );
-    assert_eq!(total.2, 0, "acknowledged or spooled paths lost at {moment:?}");
+    assert_eq!(
+        total.2, 0,
+        "acknowledged or spooled paths lost at {moment:?}"
+    );
 }
 
 // See: #15
@@ -309,7 +317,13 @@ fn test_user() -> (u32, u32) {
     if !id("-u").status.success() {
         let output = run(
             "useradd",
-            &["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            &[
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                TEST_USER,
+            ],
         );
         assert!(
             output.status.success() || id("-u").status.success(),
@@ -464,9 +478,7 @@ fn durability_a_damaged_queue_is_loud_and_salvaged() {
         let queued: BTreeSet<String> = daemon.queued_paths().into_iter().collect();
         let kept = paths.iter().filter(|p| queued.contains(*p)).count();
         let reported = &status["queue_damage"];
-        eprintln!(
-            "damage {case:?}: {kept} of 50 queued after restart; queue_damage = {reported}"
-        );
+        eprintln!("damage {case:?}: {kept} of 50 queued after restart; queue_damage = {reported}");
         if kept < 50 {
             assert!(
                 reported.is_object(),

@@ -101,7 +101,10 @@ fn ensure_watch(shared: &Shared, dir: &PathBuf, current: Option<SpoolWatch>) -> 
             },
         ),
     };
-    let mut shown = shared.watcher.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut shown = shared
+        .watcher
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     if *shown != status {
         match &status.reason {
             Some(reason) => tracing::warn!(

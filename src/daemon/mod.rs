@@ -197,7 +197,11 @@ impl Shared {
             self.refuse(&refusal.input, &refusal.reason, peer_uid, via);
         }
         // On a blocking thread: the write may wait for a commit (an fsync) in progress.
-        let (queue, paths, from) = (self.queue.clone(), resolved.paths.clone(), source.to_owned());
+        let (queue, paths, from) = (
+            self.queue.clone(),
+            resolved.paths.clone(),
+            source.to_owned(),
+        );
         let enqueued =
             tokio::task::spawn_blocking(move || queue.enqueue(&paths, &from, queue::now_ms()))
                 .await
@@ -265,7 +269,11 @@ pub async fn run(
         tracing::error!("{}", damage.describe());
     }
     if let Some(imported) = imported_from_sled {
-        tracing::info!(imported, "the queue now lives in {}", queue.path().display());
+        tracing::info!(
+            imported,
+            "the queue now lives in {}",
+            queue.path().display()
+        );
     }
     let requeued = queue.requeue_interrupted(queue::now_ms())?;
     if requeued > 0 {

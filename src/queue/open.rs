@@ -196,7 +196,9 @@ pub fn open(dir: &Path, store_dir: &str) -> Result<Opened, Error> {
 fn import_sled(dir: &Path, files: &[PathBuf], queue: &SqliteQueue) -> Result<usize, Error> {
     let contents = sled_import::read(dir)?;
     for key in &contents.undecodable {
-        tracing::warn!("the old sled queue has an entry that does not decode, not imported: {key:?}");
+        tracing::warn!(
+            "the old sled queue has an entry that does not decode, not imported: {key:?}"
+        );
     }
     for entry in &contents.entries {
         if queue.get(&entry.path)?.is_none() {
@@ -312,7 +314,10 @@ mod tests {
         std::fs::write(dir.path().join(DB_FILE), b"").unwrap();
         let opened = open(dir.path(), "/nix/store").unwrap();
         let damage = opened.damage.unwrap();
-        assert!(damage.problem.starts_with("the file is empty"), "{damage:?}");
+        assert!(
+            damage.problem.starts_with("the file is empty"),
+            "{damage:?}"
+        );
         assert!(damage.kept_at.join(DB_FILE).exists());
     }
 

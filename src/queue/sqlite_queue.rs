@@ -236,7 +236,11 @@ impl SqliteQueue {
         Ok(())
     }
 
-    fn read_entry(&self, connection: &Connection, path: &StorePath) -> Result<Option<Entry>, Error> {
+    fn read_entry(
+        &self,
+        connection: &Connection,
+        path: &StorePath,
+    ) -> Result<Option<Entry>, Error> {
         let row: Option<(String, i64)> = connection
             .query_row(
                 "SELECT record, checksum FROM entries WHERE path = ?1",
@@ -263,7 +267,11 @@ impl SqliteQueue {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = statement
             .query_map(params![after.unwrap_or(""), limit], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get(2)?))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get(2)?,
+                ))
             })
             .map_err(self.error("reading entries"))?;
         let mut out = Vec::new();
@@ -313,9 +321,7 @@ impl SqliteQueue {
         let cap = i64::try_from(cap).unwrap_or(i64::MAX);
         connection
             .execute(
-                &format!(
-                    "DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"
-                ),
+                &format!("DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"),
                 [cap],
             )
             .map_err(self.error("trimming a list"))?;
