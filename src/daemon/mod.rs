@@ -360,7 +360,7 @@ pub async fn run(
             .checked_div(stats.commits)
             .unwrap_or(0),
         longest_us = stats.longest.as_micros() as u64,
-        "queue commits (one fsync of the write-ahead log each)"
+        "queue commits (one fdatasync of the write-ahead log each)"
     );
     let _ = systemd::notify("STOPPING=1");
     tracing::info!("stopped");
