@@ -15,7 +15,7 @@
 //! - [`protocol`]: the hook socket's wire format.
 //! - [`hook`]: the post-build-hook client; std only.
 //! - [`spool`]: requests the hook saved while the daemon was unreachable.
-//! - [`queue`]: the durable queue; the only module that knows sled.
+//! - [`queue`]: the durable queue (SQLite; `queue::open` checks and salvages it, and imports an older sled queue).
 //! - [`daemon`]: the long-running service: socket server, spool import, group commit, shutdown.
 //! - [`status`]: the status report shared by the daemon and `nixpush status`.
 //! - [`cli`]: the `nixpush` command line.

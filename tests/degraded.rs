@@ -279,7 +279,10 @@ fn degraded_a_removed_spool_directory_is_set_up_again_without_spinning() {
     let path = add_store_paths(1).remove(0);
     spool_one(&daemon.env, &path);
     daemon.wait_queued(std::slice::from_ref(&path));
-    assert!(daemon.env.spool_files().is_empty());
+    // Deleted right after its paths are durably queued.
+    wait_until("the imported spool file deleted", || {
+        daemon.env.spool_files().is_empty()
+    });
 }
 
 const TEST_USER: &str = "nixpush-test";
@@ -386,5 +389,7 @@ fn degraded_no_inotify_means_rescans_not_a_busy_loop() {
     wait_until("the spool file imported by the rescan", || {
         queued_paths(&env).contains(&path)
     });
-    assert!(env.spool_files().is_empty());
+    wait_until("the imported spool file deleted", || {
+        env.spool_files().is_empty()
+    });
 }

@@ -1,7 +1,7 @@
 //! The durable queue of store paths waiting to be pushed; the only module that knows SQLite's queue schema (and
 //! sled, read once to import an older queue).
 //!
-//! One SQLite database (`state_dir/queue/queue.sqlite3`, WAL mode, `synchronous=FULL`) with these tables, each
+//! One SQLite database (`state_dir/queue/queue.sqlite3`, WAL mode) with these tables, each
 //! record JSON with a checksum beside it:
 //!
 //! - `entries`: store path → [`Entry`], for example
@@ -14,7 +14,7 @@
 //! - `meta`: all-time counters ([`Totals`] under `totals`, the refused count under `refused_total`).
 //!
 //! Nothing written is durable until [`Queue::flush`] returns: writes collect in one open transaction, and the
-//! flush commits it, which fsyncs the write-ahead log. The daemon acknowledges a request only after a flush that
+//! flush commits it and fdatasyncs the write-ahead log. The daemon acknowledges a request only after a flush that
 //! started after the request's writes: read [`Queue::writes`] after writing, then wait until a flush that began at
 //! or after that count has finished (`daemon::commit`). Every write happens under one lock that also bumps the
 //! write counter, so a request that finds its path already queued by someone else also waits for that write.
@@ -363,7 +363,7 @@ pub trait Queue: Send + Sync {
     /// How many writes this queue has made since it was opened. A flush that starts after reading `n` makes the
     /// first `n` writes durable.
     fn writes(&self) -> u64;
-    /// Makes every write so far durable (commits, which fsyncs the write-ahead log).
+    /// Makes every write so far durable (commits, then fdatasyncs the write-ahead log).
     fn flush(&self) -> Result<(), Error>;
 }
 

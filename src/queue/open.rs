@@ -346,4 +346,29 @@ mod tests {
         assert_eq!(damage.requeued, 2, "{damage:?}");
         assert_eq!(opened.queue.counts().queued, 2);
     }
+
+    #[test]
+    fn an_older_sled_queue_is_imported_once_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let entries = db.open_tree("entries").unwrap();
+            for n in [1, 2] {
+                let entry = super::super::Entry::new(path(n), "hook", 5);
+                entries
+                    .insert(path(n).as_str(), serde_json::to_vec(&entry).unwrap())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let opened = open(dir.path(), "/nix/store").unwrap();
+        assert_eq!(opened.imported_from_sled, Some(2));
+        assert_eq!(opened.queue.counts().queued, 2);
+        assert!(!dir.path().join("db").exists(), "sled's files moved aside");
+        drop(opened);
+        let again = open(dir.path(), "/nix/store").unwrap();
+        assert_eq!(again.imported_from_sled, None);
+        assert_eq!(again.queue.counts().queued, 2);
+        assert!(again.damage.is_none());
+    }
 }
