@@ -9,7 +9,7 @@
 //! and `status` says why it is off. It never waits on a channel that can no longer deliver.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -67,7 +67,7 @@ fn start_watch(dir: &Path) -> Result<SpoolWatch, String> {
 }
 
 /// Makes sure the spool directory exists and is watched; returns the watch, if any, and tells `status`.
-fn ensure_watch(shared: &Shared, dir: &PathBuf, current: Option<SpoolWatch>) -> Option<SpoolWatch> {
+fn ensure_watch(shared: &Shared, dir: &Path, current: Option<SpoolWatch>) -> Option<SpoolWatch> {
     if let Some(watch) = current {
         if identity(dir) == Some(watch.identity) {
             return Some(watch);
