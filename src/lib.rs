@@ -19,7 +19,8 @@
 //! - [`protocol`]: the hook socket's wire format, with message types of its own (not the queue's records).
 //! - [`hook`]: the post-build-hook client; std only.
 //! - [`spool`]: requests the hook saved while the daemon was unreachable.
-//! - [`queue`]: the durable queue; the only module that knows its storage engine. Its records stay inside: the
+//! - [`queue`]: the durable queue (SQLite; `queue::open` checks and salvages it, and imports an older sled
+//!   queue); the only module that knows its storage engine. Its records stay inside: the
 //!   protocol and the status report convert them at the boundary.
 //! - [`daemon`]: the long-running service: socket server ([`daemon::server`]: connection slots, framing, control
 //!   commands), request resolution, spool import, group commit, the scheduler, shutdown.

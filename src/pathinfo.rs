@@ -170,8 +170,17 @@ pub struct LocalStore {
 
 enum Source {
     Sqlite(Mutex<Connection>),
-    NixCommand,
+    /// The database was not readable at open: the `nix` command, and the database again every
+    /// [`DB_RETRY_INTERVAL`], since an unreadable database is often a passing state (locked, being replaced).
+    NixCommand {
+        db_path: Option<std::path::PathBuf>,
+        reopened: std::sync::OnceLock<Mutex<Connection>>,
+        next_try: Mutex<std::time::Instant>,
+    },
 }
+
+/// How often a store that fell back to the `nix` command tries the database again.
+const DB_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl LocalStore {
     /// Opens the store: the database at `db_path` read-only when it is readable, else the `nix` command.
@@ -184,7 +193,11 @@ impl LocalStore {
                     error = %e,
                     "cannot read the Nix database directly; asking `nix path-info` instead"
                 );
-                Ok(LocalStore::open_nix_command(store_dir))
+                let mut store = LocalStore::open_nix_command(store_dir);
+                if let Source::NixCommand { db_path: retry, .. } = &mut store.source {
+                    *retry = Some(db_path.to_owned());
+                }
+                Ok(store)
             }
         }
     }
@@ -202,7 +215,40 @@ impl LocalStore {
     pub fn open_nix_command(store_dir: &str) -> LocalStore {
         LocalStore {
             store_dir: store_dir.trim_end_matches('/').to_owned(),
-            source: Source::NixCommand,
+            source: Source::NixCommand {
+                db_path: None,
+                reopened: std::sync::OnceLock::new(),
+                next_try: Mutex::new(std::time::Instant::now()),
+            },
+        }
+    }
+
+    /// The database connection, if the database is (or has become) readable.
+    fn database(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
+        match &self.source {
+            Source::Sqlite(conn) => Some(lock(conn)),
+            Source::NixCommand {
+                db_path: Some(db_path),
+                reopened,
+                next_try,
+            } => {
+                if let Some(conn) = reopened.get() {
+                    return Some(lock(conn));
+                }
+                let mut next = next_try
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let now = std::time::Instant::now();
+                if now < *next {
+                    return None;
+                }
+                *next = now + DB_RETRY_INTERVAL;
+                let conn = sqlite::open(db_path).ok()?;
+                tracing::info!(db = %db_path.display(), "the Nix database is readable again; using it");
+                let _ = reopened.set(Mutex::new(conn));
+                reopened.get().map(lock)
+            }
+            Source::NixCommand { db_path: None, .. } => None,
         }
     }
 
@@ -213,32 +259,27 @@ impl LocalStore {
 
     /// Whether queries go to the database (`true`) or to the `nix` command.
     pub fn uses_database(&self) -> bool {
-        matches!(self.source, Source::Sqlite(_))
+        self.database().is_some()
     }
 
     /// What the store recorded about `path`; `None` if it is not valid.
     pub fn query(&self, path: &StorePath) -> Result<Option<PathInfo>, Error> {
-        match &self.source {
-            Source::Sqlite(conn) => {
-                let conn = lock(conn);
-                sqlite::query(&conn, &self.store_dir, path.as_str())
-            }
-            Source::NixCommand => {
-                Ok(
-                    nix_command::path_info(&self.store_dir, std::slice::from_ref(path), false)?
-                        .into_iter()
-                        .find(|(p, _)| p == path.as_str())
-                        .and_then(|(_, info)| info),
-                )
-            }
+        match self.database() {
+            Some(conn) => sqlite::query(&conn, &self.store_dir, path.as_str()),
+            None => Ok(
+                nix_command::path_info(&self.store_dir, std::slice::from_ref(path), false)?
+                    .into_iter()
+                    .find(|(p, _)| p == path.as_str())
+                    .and_then(|(_, info)| info),
+            ),
         }
     }
 
     /// Whether `path` is valid (registered and not garbage-collected).
     pub fn is_valid(&self, path: &StorePath) -> Result<bool, Error> {
-        match &self.source {
-            Source::Sqlite(conn) => sqlite::is_valid(&lock(conn), path),
-            Source::NixCommand => Ok(self.query(path)?.is_some()),
+        match self.database() {
+            Some(conn) => sqlite::is_valid(&conn, path),
+            None => Ok(self.query(path)?.is_some()),
         }
     }
 
@@ -247,16 +288,15 @@ impl LocalStore {
     /// the smallest path string goes first, so the order is deterministic. A root that is not valid is
     /// [`Error::NotValid`].
     pub fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
-        let infos = match &self.source {
-            Source::Sqlite(conn) => {
-                let mut conn = lock(conn);
+        let infos = match self.database() {
+            Some(mut conn) => {
                 // One read transaction: a consistent snapshot even while Nix registers new paths.
                 let tx = conn.transaction()?;
                 let infos = sqlite::closure(&tx, &self.store_dir, roots)?;
                 tx.finish()?;
                 infos
             }
-            Source::NixCommand => nix_command::closure(&self.store_dir, roots)?,
+            None => nix_command::closure(&self.store_dir, roots)?,
         };
         topo_sort(infos)
     }
@@ -264,8 +304,8 @@ impl LocalStore {
     /// The output paths of the derivation `drv`, by output name. From the `DerivationOutputs` table when the
     /// derivation is registered there, else from the `.drv` file itself. The outputs need not be valid (yet).
     pub fn derivation_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, Error> {
-        if let Source::Sqlite(conn) = &self.source {
-            let paths = sqlite::derivation_outputs(&lock(conn), drv)?;
+        if let Some(conn) = self.database() {
+            let paths = sqlite::derivation_outputs(&conn, drv)?;
             if !paths.is_empty() {
                 return paths
                     .iter()
@@ -282,9 +322,9 @@ impl LocalStore {
         &self,
         path: &StorePath,
     ) -> Result<Vec<crate::realisation::Realisation>, Error> {
-        match &self.source {
-            Source::Sqlite(conn) => realisations::of_output(&lock(conn), path),
-            Source::NixCommand => Ok(Vec::new()),
+        match self.database() {
+            Some(conn) => realisations::of_output(&conn, path),
+            None => Ok(Vec::new()),
         }
     }
 }

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Files are written atomically (a `.`-prefixed temporary name, fsync, rename, fsync of the directory), so the
-//! daemon never sees half a request. The directory is mode 01733, like `/tmp` without listing: any user's hook can
+//! daemon never sees half a request. A hook that may not open the directory (any user but its owner) makes the
+//! rename durable with `syncfs` instead; the daemon also fsyncs the directory before it imports what it lists. The directory is mode 01733, like `/tmp` without listing: any user's hook can
 //! drop a file, nobody can list or delete other users' files, and the daemon judges each file by its owner exactly
 //! as it judges a socket peer. Files that cannot be read as a request are moved to `spool/bad/` with a `.reason`
 //! file beside them, so a bad file is looked at once, not on every scan.
@@ -158,7 +159,7 @@ pub fn write(dir: &Path, request: &SpoolRequest) -> Result<PathBuf, Error> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !created_dir => {
                 created_dir = true;
-                fs::create_dir_all(dir).map_err(write_error)?;
+                create_spool_dir(dir).map_err(write_error)?;
                 continue;
             }
             Err(e) => return Err(write_error(e)),
@@ -171,13 +172,59 @@ pub fn write(dir: &Path, request: &SpoolRequest) -> Result<PathBuf, Error> {
             let _ = fs::remove_file(&temporary);
             return Err(write_error(e));
         }
-        // Make the rename durable. Users other than the directory's owner cannot open a 01733 directory for
-        // reading; their file is still written and synced, and the owner's next fsync covers the entry.
-        if let Ok(dir_handle) = File::open(dir) {
-            let _ = dir_handle.sync_all();
-        }
+        sync_entry(dir, &file).map_err(write_error)?;
         return Ok(dir.join(name));
     }
+}
+
+/// Makes the name of `file` in `dir` durable: an fsync of the directory where we may open it; otherwise (a
+/// non-root hook cannot read the 01733 spool directory) a `syncfs` of the filesystem holding `file`, which
+/// commits every metadata change on it, the rename included.
+fn sync_entry(dir: &Path, file: &File) -> io::Result<()> {
+    match File::open(dir) {
+        Ok(handle) => handle.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            use std::os::fd::AsRawFd;
+            nix::unistd::syncfs(file.as_raw_fd()).map_err(io::Error::from)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates the spool directory (and its parents) as the daemon would, mode 01733, and makes its name durable.
+fn create_spool_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(SPOOL_DIR_MODE).create(dir) {
+        Ok(()) => {
+            // The umask clears bits from the mode given at creation.
+            fs::set_permissions(dir, fs::Permissions::from_mode(SPOOL_DIR_MODE))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    match File::open(parent) {
+        Ok(handle) => handle.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            use std::os::fd::AsRawFd;
+            let handle = File::open(dir)?;
+            nix::unistd::syncfs(handle.as_raw_fd()).map_err(io::Error::from)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `fsync`s the spool directory, so the renames of hooks that could not sync it themselves are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|source| Error::Dir {
+            dir: dir.to_owned(),
+            source,
+        })
 }
 
 /// Spool files waiting in `dir`, oldest first. A missing directory holds none.
@@ -295,7 +342,14 @@ pub fn move_aside(dir: &Path, file: &Path, reason: &str) -> Result<PathBuf, Erro
     })?;
     let mut reason_name = name;
     reason_name.push(".reason");
-    let _ = fs::write(bad.join(reason_name), format!("{reason}\n"));
+    let _ = File::create(bad.join(reason_name)).and_then(|mut f| {
+        f.write_all(format!("{reason}\n").as_bytes())?;
+        f.sync_all()
+    });
+    // Both directories changed; without these a power cut could bring the file back to be judged again, or
+    // lose it and its reason.
+    sync_dir(&bad)?;
+    sync_dir(dir)?;
     Ok(target)
 }
 
@@ -347,6 +401,9 @@ mod tests {
         let dir = tmp.path().join("state/spool");
         let req = request(vec!["/nix/store/x".into()]);
         let a = write(&dir, &req).unwrap();
+        // See: #15 (a hook that creates the spool gives it the daemon's mode, not 0777)
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, SPOOL_DIR_MODE);
         let b = write(&dir, &req).unwrap();
         assert_ne!(a, b);
         assert_eq!(list(&dir).unwrap(), vec![a.clone(), b]);

@@ -59,6 +59,12 @@ pub struct StatusReport {
     /// Why the state directory cannot take new work (full or read-only), while it cannot.
     #[serde(default)]
     pub state_dir_error: Option<String>,
+    /// What was wrong with the queue database at startup and what was recovered; `null` when it was whole.
+    #[serde(default)]
+    pub queue_damage: Option<crate::queue::Damage>,
+    /// Whether the spool watcher runs; when it does not, the spool is rescanned periodically.
+    #[serde(default)]
+    pub watcher: WatcherStatus,
     /// The daemon process.
     pub daemon: DaemonInfo,
     /// The cache paths are pushed to.
@@ -73,6 +79,28 @@ pub struct StatusReport {
     pub refused_requests: Vec<RefusedRequest>,
     /// Counters of finished paths and bytes.
     pub totals: TotalsReport,
+}
+
+/// The spool watcher's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WatcherStatus {
+    /// Whether inotify reports new spool files; when false they are found by the rescan.
+    pub active: bool,
+    /// Why it is off.
+    pub reason: Option<String>,
+    /// Seconds between rescans of the spool directory.
+    pub rescan_secs: u64,
+}
+
+impl Default for WatcherStatus {
+    fn default() -> WatcherStatus {
+        WatcherStatus {
+            active: false,
+            reason: Some("not started yet".to_owned()),
+            rescan_secs: 0,
+        }
+    }
 }
 
 /// The daemon process.
@@ -353,6 +381,17 @@ impl StatusReport {
             "queue:    {} queued, {} in flight, {} failed, {} spooled; {} refused request(s) all time",
             self.queued, self.in_flight, self.failed, self.spooled, self.refused
         );
+        if let Some(damage) = &self.queue_damage {
+            let _ = writeln!(out, "DAMAGED QUEUE at startup: {}", damage.describe());
+        }
+        if !self.watcher.active {
+            let _ = writeln!(
+                out,
+                "spool:    watcher off ({}); rescanning every {} s",
+                self.watcher.reason.as_deref().unwrap_or("unknown"),
+                self.watcher.rescan_secs
+            );
+        }
         let _ = writeln!(
             out,
             "since start: {}",
@@ -531,6 +570,12 @@ pub(crate) mod tests {
             up_to_date: false,
             last_upload_at: None,
             state_dir_error: None,
+            queue_damage: None,
+            watcher: WatcherStatus {
+                active: true,
+                reason: None,
+                rescan_secs: 30,
+            },
             daemon: DaemonInfo {
                 pid: 42,
                 started_at: 1_700_000_000,

@@ -5,6 +5,8 @@ mod ci_example;
 mod cli;
 mod complete;
 mod daemon_upload;
+mod degraded;
+mod durability;
 mod faultproxy;
 mod formats;
 mod hook;

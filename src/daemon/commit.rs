@@ -88,12 +88,12 @@ async fn committer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::SledQueue;
+    use crate::queue::SqliteQueue;
     use crate::store_path::StorePath;
 
     #[tokio::test]
     async fn concurrent_writers_all_become_durable() {
-        let queue: Arc<dyn Queue> = Arc::new(SledQueue::temporary().unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::temporary().unwrap());
         let commit = Arc::new(GroupCommit::start(queue.clone()));
         let mut handles = Vec::new();
         for n in 0..50u32 {

@@ -18,7 +18,7 @@ pub mod socket;
 pub mod state_dir;
 
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Notify};
@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::queue::{self, Enqueued, Queue, RefusedRecord, SledQueue};
-use crate::status::{InFlightUpload, StatusReport, TargetState};
+use crate::queue::{self, Enqueued, Queue, RefusedRecord};
+use crate::status::{InFlightUpload, StatusReport, TargetState, WatcherStatus};
 use crate::{spool, systemd};
 
 pub use shutdown::Shutdown;
@@ -64,6 +64,9 @@ pub enum Error {
     /// A blocking task died.
     #[error("a background task failed: {0}")]
     Task(String),
+    /// Nix could not be asked whether the paths are valid; the request is to be tried again later.
+    #[error("{0}; not queued for now, the request will be tried again")]
+    Unchecked(String),
 }
 
 /// How the daemon runs.
@@ -128,6 +131,10 @@ pub struct Shared {
     pub resolver: resolve::Resolver,
     /// Whether uploads are held.
     pub hold: bool,
+    /// What was wrong with the queue database at startup, if anything.
+    pub queue_damage: OnceLock<queue::Damage>,
+    /// Whether the spool watcher runs, for `status`.
+    pub watcher: Mutex<WatcherStatus>,
     started_at: SystemTime,
     started: Instant,
 }
@@ -143,6 +150,8 @@ impl Shared {
             engine: watch::channel(EngineStatus::initial(hold)).0,
             resolver: resolve::Resolver::new(),
             hold,
+            queue_damage: OnceLock::new(),
+            watcher: Mutex::new(WatcherStatus::default()),
             started_at: SystemTime::now(),
             started: Instant::now(),
         })
@@ -182,14 +191,24 @@ impl Shared {
         peer_uid: Option<u32>,
         via: &str,
     ) -> Result<Enqueued, Error> {
-        // Before any write: a write that fails for lack of space would break the queue until a restart.
+        if let Some(reason) = &resolved.unchecked {
+            return Err(Error::Unchecked(reason.clone()));
+        }
+        // Before any write: a full filesystem would fail the commit and every write until space returns.
         state_dir::check(&self.config().state_dir)?;
         for refusal in &resolved.refused {
             self.refuse(&refusal.input, &refusal.reason, peer_uid, via);
         }
-        let enqueued = self
-            .queue
-            .enqueue(&resolved.paths, source, queue::now_ms())?;
+        // On a blocking thread: the write may wait for a commit (an fsync) in progress.
+        let (queue, paths, from) = (
+            self.queue.clone(),
+            resolved.paths.clone(),
+            source.to_owned(),
+        );
+        let enqueued =
+            tokio::task::spawn_blocking(move || queue.enqueue(&paths, &from, queue::now_ms()))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??;
         self.commit.make_durable().await?;
         for path in &enqueued.queued {
             tracing::info!(store_path = %path, source, via, "queued");
@@ -238,13 +257,41 @@ pub async fn run(
     create_private_dir(&config.state_dir, 0o711)?;
     create_private_dir(&queue_dir, 0o700)?;
     spool::prepare_dir(&config.spool_dir())?;
-    let queue = tokio::task::spawn_blocking(move || SledQueue::open(&queue_dir))
+    let store_dir = config.store_dir.to_string_lossy().into_owned();
+    let present_ttl_ms = config.present_ttl_secs.saturating_mul(1000);
+    let opened = tokio::task::spawn_blocking(move || queue::open(&queue_dir, &store_dir))
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
+    let queue::Opened {
+        queue,
+        damage,
+        imported_from_sled,
+        lock: _queue_lock,
+    } = opened;
+    if let Some(damage) = &damage {
+        tracing::error!("{}", damage.describe());
+    }
+    if let Some(imported) = imported_from_sled {
+        tracing::info!(
+            imported,
+            "the queue now lives in {}",
+            queue.path().display()
+        );
+    }
     let requeued = queue.requeue_interrupted(queue::now_ms())?;
     if requeued > 0 {
         tracing::info!(requeued, "requeued paths whose upload was interrupted");
     }
+    let clamped =
+        queue.clamp_future_times(queue::now_ms(), queue::MAX_RETRY_DELAY_MS, present_ttl_ms)?;
+    if clamped > 0 {
+        tracing::warn!(
+            clamped,
+            "the clock went back since these were queued; they are due now"
+        );
+    }
+    queue.flush()?;
+    let queue = Arc::new(queue);
     let description = listener.describe();
     let socket = tokio::net::UnixListener::from_std(listener.socket).map_err(|source| {
         socket::Error::Setup {
@@ -253,7 +300,10 @@ pub async fn run(
             source,
         }
     })?;
-    let shared = Shared::new(config, Arc::new(queue), options.hold);
+    let shared = Shared::new(config, queue.clone(), options.hold);
+    if let Some(damage) = damage {
+        let _ = shared.queue_damage.set(damage);
+    }
     let tasks = TaskTracker::new();
     tasks.spawn(importer::run(shared.clone(), stop.clone()));
     tokio::spawn(watchdog(shared.clone(), stop.clone()));
@@ -302,10 +352,19 @@ pub async fn run(
             DRAIN_TIMEOUT.as_secs()
         );
     }
-    let queue = shared.queue.clone();
-    tokio::task::spawn_blocking(move || queue.flush())
+    let closing = queue.clone();
+    tokio::task::spawn_blocking(move || closing.checkpoint())
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
+    let stats = queue.commit_stats();
+    tracing::info!(
+        commits = stats.commits,
+        mean_us = (stats.total.as_micros() as u64)
+            .checked_div(stats.commits)
+            .unwrap_or(0),
+        longest_us = stats.longest.as_micros() as u64,
+        "queue commits (one fdatasync of the write-ahead log each)"
+    );
     let _ = systemd::notify("STOPPING=1");
     tracing::info!("stopped");
     Ok(())

@@ -75,6 +75,12 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         state_dir_error: super::state_dir::check(&config.state_dir)
             .err()
             .map(|e| e.to_string()),
+        queue_damage: shared.queue_damage.get().cloned(),
+        watcher: shared
+            .watcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
         daemon: DaemonInfo {
             pid: std::process::id(),
             started_at: shared

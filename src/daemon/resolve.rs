@@ -47,6 +47,10 @@ pub struct Resolved {
     pub paths: Vec<StorePath>,
     /// What was refused.
     pub refused: Vec<Refusal>,
+    /// Set when Nix could not be asked whether the paths are valid (its database unreadable and `nix-store`
+    /// failing): not an answer about the paths, so nothing is refused or queued, and the request is tried again
+    /// later (the hook spools it, the importer keeps the spool file).
+    pub unchecked: Option<String>,
 }
 
 impl Resolved {
@@ -56,6 +60,14 @@ impl Resolved {
             Ok(_) => {}
             Err(reason) => self.refuse(input, reason),
         }
+    }
+
+    /// Nix could not be asked about `input`: drops every path of the request, to be tried again later.
+    fn uncheckable(&mut self, input: &str, reason: String) {
+        tracing::warn!(store_path = %input, "not queued for now, will be tried again: {reason}");
+        self.paths.clear();
+        self.refused.clear();
+        self.unchecked = Some(reason);
     }
 
     fn refuse(&mut self, input: &str, reason: String) {
@@ -146,7 +158,7 @@ impl Resolver {
                         return resolved;
                     }
                     Err(e) => {
-                        resolved.refuse(drv_input, format!("cannot check its validity: {e}"));
+                        resolved.uncheckable(drv_input, format!("cannot check its validity: {e}"));
                         return resolved;
                     }
                 }
@@ -167,7 +179,7 @@ impl Resolver {
                 }
             }
             Ok(_) => resolved.refuse(drv_input, "the derivation has no valid outputs".to_owned()),
-            Err(e) => resolved.refuse(drv_input, format!("cannot resolve its outputs: {e}")),
+            Err(e) => resolved.uncheckable(drv_input, format!("cannot resolve its outputs: {e}")),
         }
         resolved
     }
@@ -177,17 +189,22 @@ impl Resolver {
         if resolved.paths.is_empty() {
             return;
         }
-        let (reason, rejected): (String, Vec<StorePath>) =
-            match self.invalid_paths(&resolved.paths, nix_db).await {
-                Ok(invalid) => (NOT_REGISTERED.to_owned(), invalid),
-                Err(e) => (
-                    format!("cannot check its validity: {e}"),
-                    resolved.paths.clone(),
-                ),
-            };
-        for path in rejected {
-            resolved.paths.retain(|p| *p != path);
-            resolved.refuse(path.as_str(), reason.clone());
+        match self.invalid_paths(&resolved.paths, nix_db).await {
+            Ok(invalid) => {
+                for path in invalid {
+                    resolved.paths.retain(|p| *p != path);
+                    resolved.refuse(path.as_str(), NOT_REGISTERED.to_owned());
+                }
+            }
+            Err(e) => {
+                let what = resolved
+                    .paths
+                    .iter()
+                    .map(StorePath::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                resolved.uncheckable(&what, format!("cannot check their validity: {e}"));
+            }
         }
     }
 

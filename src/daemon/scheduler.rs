@@ -674,7 +674,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::queue::SledQueue;
+    use crate::queue::SqliteQueue;
 
     fn shared() -> (tempfile::TempDir, Arc<Shared>) {
         let tmp = tempfile::tempdir().unwrap();
@@ -682,7 +682,7 @@ mod tests {
             state_dir: tmp.path().join("state"),
             ..Config::default()
         };
-        let queue: Arc<dyn Queue> = Arc::new(SledQueue::temporary().unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::temporary().unwrap());
         (tmp, Shared::new(config, queue, false))
     }
 
@@ -737,7 +737,8 @@ mod tests {
     #[test]
     fn presence_is_per_target_per_lifetime_and_ignores_stored_times_from_the_future() {
         let dir = tempfile::tempdir().unwrap();
-        let queue: Arc<dyn Queue> = Arc::new(SledQueue::open(dir.path()).unwrap());
+        let queue: Arc<dyn Queue> =
+            Arc::new(SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap());
         let first = QueuePresence::new(Arc::clone(&queue), 3600, "file:///a");
         assert_eq!(first.presence("h1"), PresenceMemory::Unknown);
         first.remember_present(&["h1"]);

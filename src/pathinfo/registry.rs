@@ -68,8 +68,8 @@ impl Registry {
         let from_db = tokio::task::spawn_blocking(move || invalid_in_db(&cache, &db, &owned)).await;
         match from_db {
             Ok(Ok(invalid)) => return Ok(invalid),
-            Ok(Err(e)) => tracing::debug!("database validity check failed: {e}"),
-            Err(e) => tracing::debug!("database validity check panicked: {e}"),
+            Ok(Err(e)) => tracing::warn!("database validity check failed, asking nix-store: {e}"),
+            Err(e) => tracing::warn!("database validity check panicked, asking nix-store: {e}"),
         }
         invalid_from_nix_store(paths).await
     }
@@ -86,8 +86,12 @@ impl Registry {
         match from_db {
             Ok(Ok(outputs)) if !outputs.is_empty() => return Ok(outputs),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(store_path = %drv, "database lookup failed: {e}"),
-            Err(e) => tracing::debug!(store_path = %drv, "database lookup panicked: {e}"),
+            Ok(Err(e)) => {
+                tracing::warn!(store_path = %drv, "database lookup failed, asking nix-store: {e}")
+            }
+            Err(e) => {
+                tracing::warn!(store_path = %drv, "database lookup panicked, asking nix-store: {e}")
+            }
         }
         outputs_from_nix_store(drv).await
     }

@@ -1,34 +1,47 @@
-//! The durable queue of store paths waiting to be pushed; the only module that knows sled.
+//! The durable queue of store paths waiting to be pushed; the only module that knows SQLite's queue schema (and
+//! sled, read once to import an older queue).
 //!
-//! One sled database (`state_dir/queue`) with these trees:
+//! One SQLite database (`state_dir/queue/queue.sqlite3`, WAL mode) with these tables, each
+//! record JSON with a checksum beside it:
 //!
-//! - `entries`: store path → [`Entry`] as JSON, for example
+//! - `entries`: store path → [`Entry`], for example
 //!   `{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","state":"queued","attempts":0,
 //!   "next_attempt_at_ms":1732600000000,"last_error":null,"enqueued_at_ms":1732600000000,
 //!   "updated_at_ms":1732600000000,"source":"hook"}`;
-//! - `present`: hash part → expiry (unix ms, 8 bytes big-endian) of "the target or an upstream has this path";
+//! - `present`: hash part → expiry (unix ms) of "the target or an upstream has this path";
 //! - `history`: id → [`HistoryRecord`], the last [`HISTORY_CAP`] finished paths;
 //! - `refused`: id → [`RefusedRecord`], the last [`REFUSED_CAP`] refused requests;
 //! - `meta`: all-time counters ([`Totals`] under `totals`, the refused count under `refused_total`).
 //!
-//! Nothing written is durable until [`Queue::flush`] returns. The daemon acknowledges a request only after a flush
-//! that started after the request's writes: read [`Queue::writes`] after writing, then wait until a flush that
-//! began at or after that count has finished (`daemon::commit`). Every write happens under one lock that also bumps
-//! the write counter, so a request that finds its path already queued by someone else also waits for that write.
+//! Nothing written is durable until [`Queue::flush`] returns: writes collect in one open transaction, and the
+//! flush commits it and fdatasyncs the write-ahead log. The daemon acknowledges a request only after a flush that
+//! started after the request's writes: read [`Queue::writes`] after writing, then wait until a flush that began at
+//! or after that count has finished (`daemon::commit`). Every write happens under one lock that also bumps the
+//! write counter, so a request that finds its path already queued by someone else also waits for that write.
 //!
-//! Counts per state and the due order live in memory and are rebuilt from `entries` at open, so they cannot
-//! disagree with what is on disk after a crash. Everything else talks to the [`Queue`] trait.
+//! [`open`] takes the directory's lock, checks the database and salvages a damaged one. Counts per state and the
+//! due order live in memory and are rebuilt from `entries` at open, so they cannot disagree with what is on disk
+//! after a crash. Everything else talks to the [`Queue`] trait.
 
-mod sled_queue;
+mod open;
+mod salvage;
+mod sled_import;
+mod sqlite_queue;
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::store_path::StorePath;
 
-pub use sled_queue::SledQueue;
+pub use open::{open, Damage, Opened};
+pub use sqlite_queue::{sync_dir, CommitStats, SqliteQueue, DB_FILE};
+
+/// The longest retry delay the engine ever sets (a server's `Retry-After` is capped at ten minutes). A stored
+/// retry time further ahead than this was written under a clock that has since gone back.
+pub const MAX_RETRY_DELAY_MS: u64 = 600_000;
 
 /// How many finished paths the history keeps.
 pub const HISTORY_CAP: usize = 100;
@@ -40,18 +53,48 @@ pub const MAX_REFUSED_INPUT_CHARS: usize = 300;
 /// Why the queue could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The database could not be opened (often: another daemon holds its lock).
-    #[error("cannot open the queue database {path}: {source}")]
+    /// Another daemon holds the queue directory's lock.
+    #[error(
+        "another nixpush daemon is already using the state directory {}: stop it first (systemctl stop nixpush), \
+         or give this one its own state_dir",
+        dir.parent().unwrap_or(dir).display()
+    )]
+    Locked {
+        /// The queue directory.
+        dir: PathBuf,
+    },
+    /// A file of the queue could not be created, moved, locked or synced.
+    #[error("cannot use {path} ({operation}): {source}; check that the daemon's user owns the state directory")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the queue was doing, e.g. "syncing".
+        operation: &'static str,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// An SQLite operation failed.
+    #[error("queue database {path}: error while {operation}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What the queue was doing, e.g. "committing".
+        operation: &'static str,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The old sled queue could not be opened for import.
+    #[error("cannot open the old queue database {path} to import it: {source}")]
     Open {
-        /// The database directory.
+        /// The sled directory.
         path: PathBuf,
         /// What sled said.
         source: sled::Error,
     },
-    /// A read, write or flush failed.
-    #[error("queue database error while {operation}: {source}")]
+    /// Reading the old sled queue failed.
+    #[error("old queue database error while {operation}: {source}")]
     Db {
-        /// What the queue was doing, e.g. "flushing".
+        /// What the import was doing.
         operation: &'static str,
         /// What sled said.
         source: sled::Error,
@@ -63,6 +106,12 @@ pub enum Error {
         key: String,
         /// What the decoder said.
         source: serde_json::Error,
+    },
+    /// A stored record does not match its checksum.
+    #[error("corrupt queue record {key:?}: its checksum does not match")]
+    Checksum {
+        /// The record's key, as text.
+        key: String,
     },
 }
 
@@ -265,7 +314,8 @@ pub struct TotalsReport {
 }
 
 /// The queue as the daemon and the upload engine see it. All methods are quick (no fsync) except
-/// [`Queue::flush`], which callers on an async runtime run on a blocking thread.
+/// [`Queue::flush`], which callers on an async runtime run on a blocking thread (a write may wait for a flush in
+/// progress to finish).
 pub trait Queue: Send + Sync {
     /// Queues each path. A path already queued or uploading is left alone and reported as a duplicate; a failed
     /// one is requeued with its attempts reset.
@@ -313,14 +363,28 @@ pub trait Queue: Send + Sync {
     /// How many writes this queue has made since it was opened. A flush that starts after reading `n` makes the
     /// first `n` writes durable.
     fn writes(&self) -> u64;
-    /// Makes every write so far durable (fsync).
+    /// Makes every write so far durable (commits, then fdatasyncs the write-ahead log).
     fn flush(&self) -> Result<(), Error>;
 }
 
-/// Milliseconds since the Unix epoch, the time unit of every record.
+/// Milliseconds since the Unix epoch, the time unit of every record. Never goes back within a process: it follows
+/// the wall clock forward, but a backward jump of the wall clock is ignored (monotonic time carries on from the
+/// last reading), so retry times and "present" expiry do not stall for the size of the jump.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    static ANCHOR: Mutex<Option<(u64, Instant)>> = Mutex::new(None);
+    let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let now = Instant::now();
+    let mut anchor = ANCHOR.lock().unwrap_or_else(PoisonError::into_inner);
+    let (anchor_wall, anchor_at) = *anchor.get_or_insert((wall, now));
+    let monotonic = anchor_wall + now.duration_since(anchor_at).as_millis() as u64;
+    if wall >= monotonic {
+        // Re-anchor on the wall clock, so a forward jump (or time spent suspended) is followed.
+        *anchor = Some((wall, now));
+        wall
+    } else {
+        monotonic
+    }
 }

@@ -205,7 +205,7 @@ mod tests {
     use crate::config::Config;
     use crate::daemon::resolve;
     use crate::protocol::Request;
-    use crate::queue::{Queue, SledQueue};
+    use crate::queue::{Queue, SqliteQueue};
     use crate::store_path::StorePath;
     use tokio::io::AsyncReadExt;
     use tokio::io::DuplexStream;
@@ -238,7 +238,7 @@ mod tests {
             ..Config::default()
         };
         resolve::register_for_tests(&config.nix_db, &[good.to_str().unwrap()]);
-        let queue: Arc<dyn Queue> = Arc::new(SledQueue::temporary().unwrap());
+        let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::temporary().unwrap());
         Fixture {
             shared: Shared::new(config, queue, true),
             good: good.display().to_string(),

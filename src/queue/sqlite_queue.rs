@@ -1,0 +1,988 @@
+//! [`SqliteQueue`]: the [`Queue`] in one SQLite database in WAL mode, with an in-memory index of counts and due
+//! order rebuilt at open.
+//!
+//! Writes go into one open transaction; [`Queue::flush`] commits it and then `fdatasync`s the write-ahead log
+//! itself. So a flush is a real group commit: every write before it reaches stable storage with one fdatasync.
+//! This is `synchronous=FULL` done by hand, for two reasons: SQLite (as bundled) syncs with `fsync`, which on ext4
+//! also journals the log's mtime and so waits for the commit of everyone's dirty data, and it syncs while holding
+//! the connection, blocking every other write for the length of the sync. With `synchronous=NORMAL` SQLite still
+//! syncs the log before and the database after every checkpoint, so a checkpoint never loses a commit; our sync
+//! covers what the commit itself wrote.
+//!
+//! Every record carries a checksum of its text ([`checksum`]), verified whenever it is read: SQLite checks the
+//! structure of its pages but not their contents, and a flipped byte inside a record must not pass as data.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension as _};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{
+    Counts, Enqueued, Entry, Error, HistoryRecord, Queue, RefusedRecord, State, Totals,
+    TotalsReport, HISTORY_CAP, REFUSED_CAP,
+};
+use crate::store_path::StorePath;
+
+/// The database file inside the queue directory.
+pub const DB_FILE: &str = "queue.sqlite3";
+/// The "path" of a database in memory.
+const MEMORY: &str = "(memory)";
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS entries (path TEXT PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS present (hash_part TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS refused (id INTEGER PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+";
+
+const TOTALS_KEY: &str = "totals";
+const REFUSED_TOTAL_KEY: &str = "refused_total";
+
+/// The first 8 bytes of the SHA-256 of `text`, as SQLite's signed integer.
+pub fn checksum(text: &str) -> i64 {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// In-memory view of `entries`, plus list lengths and since-start totals.
+#[derive(Default)]
+struct Index {
+    counts: Counts,
+    due: BTreeSet<(u64, StorePath)>,
+    since_start: Totals,
+}
+
+impl Index {
+    fn add(&mut self, entry: &Entry) {
+        match entry.state {
+            State::Queued => {
+                self.counts.queued += 1;
+                self.due
+                    .insert((entry.next_attempt_at_ms, entry.path.clone()));
+            }
+            State::Uploading => self.counts.uploading += 1,
+            State::Failed => self.counts.failed += 1,
+        }
+    }
+
+    fn remove(&mut self, entry: &Entry) {
+        match entry.state {
+            State::Queued => {
+                self.counts.queued = self.counts.queued.saturating_sub(1);
+                self.due
+                    .remove(&(entry.next_attempt_at_ms, entry.path.clone()));
+            }
+            State::Uploading => self.counts.uploading = self.counts.uploading.saturating_sub(1),
+            State::Failed => self.counts.failed = self.counts.failed.saturating_sub(1),
+        }
+    }
+}
+
+/// The connection and whether a transaction is open, guarded by one lock that every read and write takes.
+struct Inner {
+    connection: Connection,
+    in_transaction: bool,
+    index: Index,
+}
+
+/// How many commits were made and how long they took, for the design notes and the shutdown log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Commits that wrote something (each one fsync of the write-ahead log).
+    pub commits: u64,
+    /// Time spent in them.
+    pub total: Duration,
+    /// The longest.
+    pub longest: Duration,
+}
+
+/// The SQLite-backed [`Queue`].
+pub struct SqliteQueue {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+    writes: AtomicU64,
+    stats: Mutex<CommitStats>,
+    /// The write-ahead log, opened at the first flush (SQLite creates it at the first write).
+    wal: Mutex<Option<File>>,
+}
+
+impl SqliteQueue {
+    /// Opens (or creates) the database at `path`. The caller holds the queue directory's lock and has checked
+    /// for damage (`queue::open`).
+    pub fn open(path: &Path) -> Result<SqliteQueue, Error> {
+        let connection = Connection::open(path).map_err(sqlite_error(path, "opening"))?;
+        SqliteQueue::from_connection(path, connection)
+    }
+
+    /// A queue in memory, for tests.
+    pub fn temporary() -> Result<SqliteQueue, Error> {
+        let path = Path::new(MEMORY);
+        let connection = Connection::open_in_memory().map_err(sqlite_error(path, "opening"))?;
+        SqliteQueue::from_connection(path, connection)
+    }
+
+    fn from_connection(path: &Path, connection: Connection) -> Result<SqliteQueue, Error> {
+        // `journal_mode` answers with a row, so it is queried rather than executed.
+        let mode: String = connection
+            .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+            .map_err(sqlite_error(path, "switching to WAL mode"))?;
+        if mode != "wal" && mode != "memory" {
+            return Err(Error::Sqlite {
+                path: path.to_owned(),
+                operation: "switching to WAL mode",
+                source: rusqlite::Error::InvalidParameterName(format!("journal_mode is {mode}")),
+            });
+        }
+        connection
+            .execute_batch(
+                "PRAGMA synchronous=NORMAL; PRAGMA cell_size_check=ON; PRAGMA busy_timeout=5000;",
+            )
+            .map_err(sqlite_error(path, "setting up"))?;
+        connection
+            .execute_batch(SCHEMA)
+            .map_err(sqlite_error(path, "creating tables"))?;
+        let queue = SqliteQueue {
+            path: path.to_owned(),
+            inner: Mutex::new(Inner {
+                connection,
+                in_transaction: false,
+                index: Index::default(),
+            }),
+            writes: AtomicU64::new(0),
+            stats: Mutex::new(CommitStats::default()),
+            wal: Mutex::new(None),
+        };
+        {
+            let mut inner = queue.lock();
+            let mut index = Index::default();
+            for entry in queue.read_entries(&inner.connection, None, usize::MAX)? {
+                index.add(&entry);
+            }
+            inner.index = index;
+        }
+        Ok(queue)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Commits so far and their cost.
+    pub fn commit_stats(&self) -> CommitStats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Entries whose stored retry time lies more than `max_ahead_ms` after `now_ms` are made due now, and
+    /// "present" answers remembered past `now_ms + max_present_ms` are forgotten: the wall clock went back
+    /// between two runs, and waiting for it to catch up would stall them by the size of the jump.
+    pub fn clamp_future_times(
+        &self,
+        now_ms: u64,
+        max_ahead_ms: u64,
+        max_present_ms: u64,
+    ) -> Result<usize, Error> {
+        let mut clamped = 0;
+        for entry in self.entries()? {
+            if entry.next_attempt_at_ms > now_ms.saturating_add(max_ahead_ms)
+                || entry.enqueued_at_ms > now_ms.saturating_add(max_ahead_ms)
+            {
+                self.set(&Entry {
+                    next_attempt_at_ms: entry.next_attempt_at_ms.min(now_ms),
+                    enqueued_at_ms: entry.enqueued_at_ms.min(now_ms),
+                    updated_at_ms: entry.updated_at_ms.min(now_ms),
+                    ..entry
+                })?;
+                clamped += 1;
+            }
+        }
+        let mut inner = self.lock();
+        self.begin(&mut inner)?;
+        let limit = i64::try_from(now_ms.saturating_add(max_present_ms)).unwrap_or(i64::MAX);
+        inner
+            .connection
+            .execute("DELETE FROM present WHERE until_ms > ?1", [limit])
+            .map_err(self.error("forgetting present answers from the future"))?;
+        self.wrote();
+        Ok(clamped)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves at worst a count off by one; the data itself is in SQLite.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn error(&self, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+        move |source| Error::Sqlite {
+            path: self.path.clone(),
+            operation,
+            source,
+        }
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Opens the transaction the next flush commits, if none is open.
+    fn begin(&self, inner: &mut Inner) -> Result<(), Error> {
+        if !inner.in_transaction {
+            inner
+                .connection
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(self.error("starting a transaction"))?;
+            inner.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    fn read_entry(
+        &self,
+        connection: &Connection,
+        path: &StorePath,
+    ) -> Result<Option<Entry>, Error> {
+        let row: Option<(String, i64)> = connection
+            .query_row(
+                "SELECT record, checksum FROM entries WHERE path = ?1",
+                [path.as_str()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(self.error("reading an entry"))?;
+        row.map(|(record, sum)| decode(path.as_str(), &record, sum))
+            .transpose()
+    }
+
+    fn read_entries(
+        &self,
+        connection: &Connection,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, Error> {
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT path, record, checksum FROM entries WHERE path > ?1 ORDER BY path LIMIT ?2",
+            )
+            .map_err(self.error("reading entries"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = statement
+            .query_map(params![after.unwrap_or(""), limit], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get(2)?,
+                ))
+            })
+            .map_err(self.error("reading entries"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, record, sum) = row.map_err(self.error("reading entries"))?;
+            out.push(decode(&key, &record, sum)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes `new` in place of `old`; the caller holds the lock.
+    fn replace(&self, inner: &mut Inner, old: Option<&Entry>, new: &Entry) -> Result<(), Error> {
+        self.begin(inner)?;
+        let record = encode(new);
+        inner
+            .connection
+            .prepare_cached(
+                "INSERT INTO entries (path, record, checksum) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(path) DO UPDATE SET record = excluded.record, checksum = excluded.checksum",
+            )
+            .and_then(|mut s| s.execute(params![new.path.as_str(), record, checksum(&record)]))
+            .map_err(self.error("writing an entry"))?;
+        if let Some(old) = old {
+            inner.index.remove(old);
+        }
+        inner.index.add(new);
+        self.wrote();
+        Ok(())
+    }
+
+    /// Appends to a bounded list table and trims its oldest rows.
+    fn append_bounded(
+        &self,
+        inner: &mut Inner,
+        table: &'static str,
+        cap: usize,
+        record: &str,
+    ) -> Result<(), Error> {
+        self.begin(inner)?;
+        let connection = &inner.connection;
+        connection
+            .execute(
+                &format!("INSERT INTO {table} (record, checksum) VALUES (?1, ?2)"),
+                params![record, checksum(record)],
+            )
+            .map_err(self.error("appending to a list"))?;
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        connection
+            .execute(
+                &format!("DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"),
+                [cap],
+            )
+            .map_err(self.error("trimming a list"))?;
+        Ok(())
+    }
+
+    fn newest<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+        limit: usize,
+    ) -> Result<Vec<T>, Error> {
+        let inner = self.lock();
+        let mut statement = inner
+            .connection
+            .prepare_cached(&format!(
+                "SELECT id, record, checksum FROM {table} ORDER BY id DESC LIMIT ?1"
+            ))
+            .map_err(self.error("reading a list"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = statement
+            .query_map([limit], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get(2)?))
+            })
+            .map_err(self.error("reading a list"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, record, sum) = row.map_err(self.error("reading a list"))?;
+            out.push(decode(&format!("{table}/{id}"), &record, sum)?);
+        }
+        Ok(out)
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        connection: &Connection,
+        key: &str,
+    ) -> Result<T, Error> {
+        let row: Option<(String, i64)> = connection
+            .query_row(
+                "SELECT record, checksum FROM meta WHERE key = ?1",
+                [key],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(self.error("reading a counter"))?;
+        match row {
+            Some((record, sum)) => decode(key, &record, sum),
+            None => Ok(T::default()),
+        }
+    }
+
+    fn write_meta<T: Serialize>(
+        &self,
+        connection: &Connection,
+        key: &str,
+        value: &T,
+    ) -> Result<(), Error> {
+        let record = encode(value);
+        connection
+            .execute(
+                "INSERT INTO meta (key, record, checksum) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(key) DO UPDATE SET record = excluded.record, checksum = excluded.checksum",
+                params![key, record, checksum(&record)],
+            )
+            .map_err(self.error("writing a counter"))?;
+        Ok(())
+    }
+
+    /// Adds imported history, refusals and totals (from an older queue) without counting them as this run's.
+    pub fn import_records(
+        &self,
+        history: &[HistoryRecord],
+        refused: &[RefusedRecord],
+        totals: Totals,
+        refused_total: u64,
+    ) -> Result<(), Error> {
+        let mut inner = self.lock();
+        for record in history {
+            self.append_bounded(&mut inner, "history", HISTORY_CAP, &encode(record))?;
+        }
+        for record in refused {
+            self.append_bounded(&mut inner, "refused", REFUSED_CAP, &encode(record))?;
+        }
+        self.write_meta(&inner.connection, TOTALS_KEY, &totals)?;
+        self.write_meta(&inner.connection, REFUSED_TOTAL_KEY, &refused_total)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Moves every page into the database file and empties the write-ahead log (at a clean stop).
+    pub fn checkpoint(&self) -> Result<(), Error> {
+        self.flush()?;
+        let inner = self.lock();
+        inner
+            .connection
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(self.error("checkpointing"))?;
+        Ok(())
+    }
+}
+
+fn sqlite_error(path: &Path, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::Sqlite {
+        path,
+        operation,
+        source,
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> String {
+    // Serializing these plain structs (strings, integers, enums) to JSON cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, record: &str, sum: i64) -> Result<T, Error> {
+    if checksum(record) != sum {
+        return Err(Error::Checksum {
+            key: key.to_owned(),
+        });
+    }
+    serde_json::from_str(record).map_err(|source| Error::Corrupt {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+impl Queue for SqliteQueue {
+    fn enqueue(&self, paths: &[StorePath], source: &str, now_ms: u64) -> Result<Enqueued, Error> {
+        let mut inner = self.lock();
+        let mut result = Enqueued::default();
+        for path in paths {
+            let old = self.read_entry(&inner.connection, path)?;
+            match &old {
+                Some(entry) if entry.state != State::Failed => {
+                    result.duplicate.push(path.clone());
+                }
+                _ => {
+                    let new = Entry::new(path.clone(), source, now_ms);
+                    self.replace(&mut inner, old.as_ref(), &new)?;
+                    result.queued.push(path.clone());
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    fn get(&self, path: &StorePath) -> Result<Option<Entry>, Error> {
+        let inner = self.lock();
+        self.read_entry(&inner.connection, path)
+    }
+
+    fn set(&self, entry: &Entry) -> Result<(), Error> {
+        let mut inner = self.lock();
+        let old = self.read_entry(&inner.connection, &entry.path)?;
+        self.replace(&mut inner, old.as_ref(), entry)
+    }
+
+    fn remove(&self, path: &StorePath) -> Result<Option<Entry>, Error> {
+        let mut inner = self.lock();
+        let old = self.read_entry(&inner.connection, path)?;
+        if let Some(old) = &old {
+            self.begin(&mut inner)?;
+            inner
+                .connection
+                .execute("DELETE FROM entries WHERE path = ?1", [path.as_str()])
+                .map_err(self.error("removing an entry"))?;
+            inner.index.remove(old);
+            self.wrote();
+        }
+        Ok(old)
+    }
+
+    fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Entry>, Error> {
+        let inner = self.lock();
+        let paths: Vec<StorePath> = inner
+            .index
+            .due
+            .iter()
+            .take_while(|(at, _)| *at <= now_ms)
+            .take(limit)
+            .map(|(_, path)| path.clone())
+            .collect();
+        let mut out = Vec::with_capacity(paths.len());
+        for path in paths {
+            if let Some(entry) = self.read_entry(&inner.connection, &path)? {
+                if entry.state == State::Queued && entry.next_attempt_at_ms <= now_ms {
+                    out.push(entry);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn next_due_at(&self) -> Option<u64> {
+        self.lock().index.due.first().map(|(at, _)| *at)
+    }
+
+    fn entries(&self) -> Result<Vec<Entry>, Error> {
+        let inner = self.lock();
+        self.read_entries(&inner.connection, None, usize::MAX)
+    }
+
+    fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Entry>, Error> {
+        let inner = self.lock();
+        self.read_entries(&inner.connection, after, limit)
+    }
+
+    fn counts(&self) -> Counts {
+        self.lock().index.counts
+    }
+
+    fn requeue_interrupted(&self, now_ms: u64) -> Result<usize, Error> {
+        let mut requeued = 0;
+        for entry in self.entries()? {
+            if entry.state == State::Uploading {
+                self.set(&Entry {
+                    state: State::Queued,
+                    next_attempt_at_ms: now_ms,
+                    updated_at_ms: now_ms,
+                    ..entry
+                })?;
+                requeued += 1;
+            }
+        }
+        Ok(requeued)
+    }
+
+    fn retry_failed(
+        &self,
+        paths: Option<&[StorePath]>,
+        now_ms: u64,
+    ) -> Result<Vec<StorePath>, Error> {
+        let candidates = match paths {
+            Some(paths) => {
+                let mut found = Vec::new();
+                for path in paths {
+                    found.extend(self.get(path)?);
+                }
+                found
+            }
+            None => self.entries()?,
+        };
+        let mut requeued = Vec::new();
+        for entry in candidates {
+            if entry.state == State::Failed {
+                let path = entry.path.clone();
+                self.set(&Entry {
+                    state: State::Queued,
+                    attempts: 0,
+                    next_attempt_at_ms: now_ms,
+                    last_error: None,
+                    updated_at_ms: now_ms,
+                    ..entry
+                })?;
+                requeued.push(path);
+            }
+        }
+        Ok(requeued)
+    }
+
+    fn remember_present(&self, hash_parts: &[&str], until_ms: u64) -> Result<(), Error> {
+        let mut inner = self.lock();
+        self.begin(&mut inner)?;
+        let until = i64::try_from(until_ms).unwrap_or(i64::MAX);
+        for hash_part in hash_parts {
+            inner
+                .connection
+                .prepare_cached(
+                    "INSERT INTO present (hash_part, until_ms) VALUES (?1, ?2)
+                     ON CONFLICT(hash_part) DO UPDATE SET until_ms = excluded.until_ms",
+                )
+                .and_then(|mut s| s.execute(params![hash_part, until]))
+                .map_err(self.error("writing the present cache"))?;
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    fn is_known_present(&self, hash_part: &str, now_ms: u64) -> Result<bool, Error> {
+        let inner = self.lock();
+        let until: Option<i64> = inner
+            .connection
+            .prepare_cached("SELECT until_ms FROM present WHERE hash_part = ?1")
+            .and_then(|mut s| s.query_row([hash_part], |row| row.get(0)).optional())
+            .map_err(self.error("reading the present cache"))?;
+        Ok(until.is_some_and(|until| u64::try_from(until).unwrap_or(0) > now_ms))
+    }
+
+    fn record_finished(&self, record: &HistoryRecord) -> Result<(), Error> {
+        let mut inner = self.lock();
+        self.append_bounded(&mut inner, "history", HISTORY_CAP, &encode(record))?;
+        let mut all_time: Totals = self.read_meta(&inner.connection, TOTALS_KEY)?;
+        all_time.add(record);
+        self.write_meta(&inner.connection, TOTALS_KEY, &all_time)?;
+        inner.index.since_start.add(record);
+        self.wrote();
+        Ok(())
+    }
+
+    fn recent(&self, limit: usize) -> Result<Vec<HistoryRecord>, Error> {
+        self.newest("history", limit)
+    }
+
+    fn record_refused(&self, record: &RefusedRecord) -> Result<(), Error> {
+        let mut inner = self.lock();
+        self.append_bounded(&mut inner, "refused", REFUSED_CAP, &encode(record))?;
+        let total: u64 = self.read_meta(&inner.connection, REFUSED_TOTAL_KEY)?;
+        self.write_meta(&inner.connection, REFUSED_TOTAL_KEY, &(total + 1))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn refused(&self, limit: usize) -> Result<Vec<RefusedRecord>, Error> {
+        self.newest("refused", limit)
+    }
+
+    fn refused_total(&self) -> Result<u64, Error> {
+        let inner = self.lock();
+        self.read_meta(&inner.connection, REFUSED_TOTAL_KEY)
+    }
+
+    fn totals(&self) -> Result<TotalsReport, Error> {
+        let inner = self.lock();
+        Ok(TotalsReport {
+            since_start: inner.index.since_start,
+            all_time: self.read_meta(&inner.connection, TOTALS_KEY)?,
+        })
+    }
+
+    fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        let started = Instant::now();
+        {
+            let mut inner = self.lock();
+            if !inner.in_transaction {
+                return Ok(());
+            }
+            let committed = inner.connection.execute_batch("COMMIT");
+            if committed.is_err() {
+                // A failed COMMIT may leave the transaction open or rolled back; either way the next write starts
+                // afresh, and the writes it covered are reported as not durable.
+                let _ = inner.connection.execute_batch("ROLLBACK");
+            }
+            inner.in_transaction = false;
+            committed.map_err(self.error("committing"))?;
+        }
+        // Outside the connection's lock: writes for the next group go on while this one syncs.
+        self.sync_wal()?;
+        let took = started.elapsed();
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.commits += 1;
+        stats.total += took;
+        stats.longest = stats.longest.max(took);
+        Ok(())
+    }
+}
+
+impl SqliteQueue {
+    /// `fdatasync`s the write-ahead log (nothing to do for a database in memory).
+    fn sync_wal(&self) -> Result<(), Error> {
+        if self.path == Path::new(MEMORY) {
+            return Ok(());
+        }
+        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        let wal_path = PathBuf::from(format!("{}-wal", self.path.display()));
+        let io_error = |source| Error::Io {
+            path: wal_path.clone(),
+            operation: "syncing",
+            source,
+        };
+        if wal.is_none() {
+            let file = File::open(&wal_path).map_err(io_error)?;
+            // The log's name must survive too; SQLite created it in the queue directory.
+            if let Some(dir) = self.path.parent() {
+                sync_dir(dir)?;
+            }
+            *wal = Some(file);
+        }
+        match wal.as_ref() {
+            Some(file) => file.sync_data().map_err(io_error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `fsync`s a directory, so that a file created or renamed in it survives a power cut.
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|source| Error::Io {
+            path: dir.to_owned(),
+            operation: "syncing",
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{Outcome, MAX_REFUSED_INPUT_CHARS};
+
+    fn path(n: u32) -> StorePath {
+        StorePath::parse(&format!("/nix/store/{n:0>32}-p{n}"), "/nix/store").unwrap()
+    }
+
+    #[test]
+    fn enqueue_dedupes_and_requeues_failed() {
+        let q = SqliteQueue::temporary().unwrap();
+        let r = q.enqueue(&[path(1), path(2)], "hook", 10).unwrap();
+        assert_eq!(r.queued, vec![path(1), path(2)]);
+        let r = q.enqueue(&[path(1)], "hook", 11).unwrap();
+        assert_eq!(r.duplicate, vec![path(1)]);
+        assert!(r.queued.is_empty());
+
+        let mut e = q.get(&path(2)).unwrap().unwrap();
+        e.state = State::Uploading;
+        q.set(&e).unwrap();
+        assert_eq!(
+            q.enqueue(&[path(2)], "hook", 12).unwrap().duplicate.len(),
+            1
+        );
+        e.state = State::Failed;
+        e.attempts = 10;
+        e.last_error = Some("HTTP 500".into());
+        q.set(&e).unwrap();
+        assert_eq!(
+            q.counts(),
+            Counts {
+                queued: 1,
+                uploading: 0,
+                failed: 1
+            }
+        );
+        let r = q.enqueue(&[path(2)], "spool", 13).unwrap();
+        assert_eq!(r.queued, vec![path(2)]);
+        let e = q.get(&path(2)).unwrap().unwrap();
+        assert_eq!(
+            (e.state, e.attempts, e.last_error),
+            (State::Queued, 0, None)
+        );
+        assert_eq!(q.counts().queued, 2);
+    }
+
+    #[test]
+    fn due_is_earliest_first_and_respects_time() {
+        let q = SqliteQueue::temporary().unwrap();
+        q.enqueue(&[path(1)], "hook", 30).unwrap();
+        q.enqueue(&[path(2)], "hook", 10).unwrap();
+        q.enqueue(&[path(3)], "hook", 20).unwrap();
+        let mut later = q.get(&path(3)).unwrap().unwrap();
+        later.next_attempt_at_ms = 100;
+        later.attempts = 1;
+        q.set(&later).unwrap();
+        let due: Vec<_> = q.due(50, 10).unwrap().into_iter().map(|e| e.path).collect();
+        assert_eq!(due, vec![path(2), path(1)]);
+        assert_eq!(q.due(50, 1).unwrap().len(), 1);
+        assert_eq!(q.next_due_at(), Some(10));
+        q.remove(&path(2)).unwrap();
+        q.remove(&path(1)).unwrap();
+        assert_eq!(q.next_due_at(), Some(100));
+        assert!(q.due(99, 10).unwrap().is_empty());
+        assert_eq!(q.due(100, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reopen_keeps_flushed_entries_only_and_requeues_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE);
+        {
+            let q = SqliteQueue::open(&file).unwrap();
+            q.enqueue(&[path(1), path(2)], "hook", 5).unwrap();
+            let mut e = q.get(&path(1)).unwrap().unwrap();
+            e.state = State::Uploading;
+            q.set(&e).unwrap();
+            q.record_refused(&RefusedRecord::new(
+                "/tmp/x",
+                "outside",
+                Some(1000),
+                "socket",
+                7,
+            ))
+            .unwrap();
+            q.flush().unwrap();
+            // Not flushed: must not survive.
+            q.enqueue(&[path(3)], "hook", 6).unwrap();
+        }
+        let q = SqliteQueue::open(&file).unwrap();
+        assert_eq!(
+            q.counts(),
+            Counts {
+                queued: 1,
+                uploading: 1,
+                failed: 0
+            }
+        );
+        assert_eq!(q.requeue_interrupted(50).unwrap(), 1);
+        assert_eq!(q.counts().queued, 2);
+        assert_eq!(q.get(&path(1)).unwrap().unwrap().next_attempt_at_ms, 50);
+        assert_eq!(q.refused_total().unwrap(), 1);
+        assert_eq!(q.refused(10).unwrap()[0].input, "/tmp/x");
+        assert_eq!(q.commit_stats().commits, 0);
+        q.flush().unwrap();
+        assert_eq!(q.commit_stats().commits, 1);
+    }
+
+    #[test]
+    fn a_changed_record_is_reported_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE);
+        let q = SqliteQueue::open(&file).unwrap();
+        q.enqueue(&[path(1)], "hook", 5).unwrap();
+        q.flush().unwrap();
+        {
+            let inner = q.lock();
+            inner
+                .connection
+                .execute(
+                    "UPDATE entries SET record = replace(record, '\"hook\"', '\"hoom\"')",
+                    [],
+                )
+                .unwrap();
+        }
+        let e = q.get(&path(1)).unwrap_err();
+        assert!(matches!(e, Error::Checksum { .. }), "{e}");
+    }
+
+    #[test]
+    fn list_pages_in_path_order() {
+        let q = SqliteQueue::temporary().unwrap();
+        q.enqueue(&[path(3), path(1), path(2)], "hook", 1).unwrap();
+        let first = q.list(None, 2).unwrap();
+        assert_eq!(
+            first.iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
+            vec![path(1), path(2)]
+        );
+        let rest = q.list(Some(path(2).as_str()), 2).unwrap();
+        assert_eq!(
+            rest.iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
+            vec![path(3)]
+        );
+        assert!(q.list(Some(path(3).as_str()), 2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn retry_failed_all_or_some() {
+        let q = SqliteQueue::temporary().unwrap();
+        q.enqueue(&[path(1), path(2), path(3)], "hook", 1).unwrap();
+        for n in [1, 2] {
+            let mut e = q.get(&path(n)).unwrap().unwrap();
+            e.state = State::Failed;
+            e.attempts = 3;
+            q.set(&e).unwrap();
+        }
+        assert_eq!(
+            q.retry_failed(Some(&[path(2), path(3)]), 9).unwrap(),
+            vec![path(2)]
+        );
+        assert_eq!(q.counts().failed, 1);
+        assert_eq!(q.retry_failed(None, 9).unwrap(), vec![path(1)]);
+        assert_eq!(
+            q.counts(),
+            Counts {
+                queued: 3,
+                uploading: 0,
+                failed: 0
+            }
+        );
+    }
+
+    #[test]
+    fn lists_are_bounded_and_totals_add_up() {
+        let q = SqliteQueue::temporary().unwrap();
+        for n in 0..(HISTORY_CAP as u32 + 5) {
+            q.record_finished(&HistoryRecord {
+                path: path(n),
+                outcome: if n % 2 == 0 {
+                    Outcome::Uploaded
+                } else {
+                    Outcome::SkippedUpstream
+                },
+                nar_size: Some(100),
+                file_size: Some(40),
+                duration_ms: 3,
+                reason: None,
+                finished_at_ms: u64::from(n),
+            })
+            .unwrap();
+        }
+        let recent = q.recent(1000).unwrap();
+        assert_eq!(recent.len(), HISTORY_CAP);
+        assert_eq!(recent[0].path, path(HISTORY_CAP as u32 + 4));
+        let totals = q.totals().unwrap();
+        assert_eq!(totals.all_time, totals.since_start);
+        assert_eq!(totals.all_time.uploaded, 53);
+        assert_eq!(totals.all_time.skipped_upstream, 52);
+        assert_eq!(totals.all_time.nar_bytes, 5300);
+
+        for n in 0..(REFUSED_CAP + 3) {
+            q.record_refused(&RefusedRecord::new(
+                &"x".repeat(1000),
+                "bad",
+                None,
+                "socket",
+                n as u64,
+            ))
+            .unwrap();
+        }
+        let refused = q.refused(1000).unwrap();
+        assert_eq!(refused.len(), REFUSED_CAP);
+        assert!(refused[0].input.chars().count() <= MAX_REFUSED_INPUT_CHARS + 1);
+        assert_eq!(q.refused_total().unwrap(), REFUSED_CAP as u64 + 3);
+    }
+
+    #[test]
+    fn present_cache_expires() {
+        let q = SqliteQueue::temporary().unwrap();
+        q.remember_present(&["abc", "def"], 100).unwrap();
+        assert!(q.is_known_present("abc", 99).unwrap());
+        assert!(!q.is_known_present("abc", 100).unwrap());
+        assert!(!q.is_known_present("xyz", 0).unwrap());
+    }
+
+    #[test]
+    fn writes_count_every_change() {
+        let q = SqliteQueue::temporary().unwrap();
+        let before = q.writes();
+        q.enqueue(&[path(1)], "hook", 1).unwrap();
+        q.enqueue(&[path(1)], "hook", 1).unwrap();
+        assert_eq!(q.writes(), before + 1);
+        q.flush().unwrap();
+    }
+
+    // See: #15 (a backward clock jump between two runs must not stall retries or keep presence forever)
+    #[test]
+    fn times_from_the_future_are_clamped() {
+        let q = SqliteQueue::temporary().unwrap();
+        q.enqueue(&[path(1), path(2)], "hook", 1_000_000).unwrap();
+        let mut e = q.get(&path(2)).unwrap().unwrap();
+        e.next_attempt_at_ms = 1_000_000 + 30_000;
+        q.set(&e).unwrap();
+        q.remember_present(&["far", "near"], 1_000_000 + 86_400_000)
+            .unwrap();
+        q.remember_present(&["far"], 1_000_000 + 365 * 86_400_000)
+            .unwrap();
+        // The clock now reads 1000 s earlier than when these were written.
+        let now = 1_000_000 - 1_000_000;
+        assert_eq!(q.clamp_future_times(now, 600_000, 86_400_000).unwrap(), 2);
+        assert_eq!(q.due(now, 10).unwrap().len(), 2);
+        assert!(!q.is_known_present("far", now).unwrap());
+    }
+}
