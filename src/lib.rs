@@ -22,6 +22,7 @@
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
 //! - [`upload`]: the engine: closure, dedup, NAR pipeline, dependency-ordered uploads, retry policy.
+//! - [`priority`]: idle CPU and I/O priority for hashing and compression, so uploads yield to builds.
 //! - [`backend`]: where NARs go (`file://`, HTTP); the only code that speaks to a cache.
 //! - [`secret`]: secrets that never print.
 
@@ -38,6 +39,7 @@ pub mod logging;
 pub mod nar;
 pub mod narinfo;
 pub mod pathinfo;
+pub mod priority;
 pub mod protocol;
 pub mod queue;
 pub mod secret;

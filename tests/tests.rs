@@ -7,6 +7,7 @@ mod formats;
 mod nginx;
 mod nixos;
 mod ops;
+mod priority;
 mod proof;
 mod remote;
 mod s3;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{AnyBackend, Backend, Credentials};
 use crate::config::{redact_url, Config};
+use crate::priority::Pool;
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::signing::SecretKey;
 use crate::status::{InFlightUpload, TargetState};
@@ -139,7 +140,7 @@ pub fn load_signing_key(config: &Config) -> Result<Option<SecretKey>, crate::sig
     }
 }
 
-fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
+fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Error> {
     let credentials = Credentials::load(
         config.target.auth_token_file.as_deref(),
         token_env_var(&config),
@@ -148,10 +149,14 @@ fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
     let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
     let key = load_signing_key(&config)?;
     let public_key = key.as_ref().map(|k| k.public_key().to_string());
+    let settings = Settings {
+        prepare_pool: pool.clone(),
+        ..Settings::from_config(&config)?
+    };
     let engine = Engine::new(
         Arc::new(backend),
         Arc::new(store),
-        Settings::from_config(&config)?,
+        settings,
         key,
         Arc::new(QueuePresence {
             queue: Arc::clone(&shared.queue),
@@ -190,7 +195,14 @@ fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) 
 }
 
 /// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
-pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: Arc<Notify>) {
+///
+/// NARs are hashed and compressed on `pool`'s threads.
+pub async fn run(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    secrets_changed: Arc<Notify>,
+    pool: Pool,
+) {
     let mut built: Option<Built> = None;
     let mut paused = false;
     // Set when a wait ended because a secret file changed.
@@ -206,7 +218,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             .as_ref()
             .is_none_or(|b| !Arc::ptr_eq(&b.config, &config))
         {
-            match build(&shared, Arc::clone(&config)) {
+            match build(&shared, Arc::clone(&config), &pool) {
                 Ok(b) => {
                     built = Some(b);
                     paused = false;

@@ -337,6 +337,8 @@ pub struct Settings {
     pub presence_retry: retry::Policy,
     /// Tries of the presence query within one batch before the batch gives up on it.
     pub presence_tries: u32,
+    /// Threads that hash and compress NARs (the daemon's run at idle priority).
+    pub prepare_pool: crate::priority::Pool,
 }
 
 impl Settings {
@@ -363,6 +365,7 @@ impl Settings {
             upstream: config.upstream.clone(),
             presence_retry: retry::Policy::default(),
             presence_tries: PRESENCE_TRIES,
+            prepare_pool: crate::priority::Pool::inherit(),
         })
     }
 
@@ -942,11 +945,12 @@ impl<B: Backend + 'static> Engine<B> {
             self.settings.compression,
             self.settings.level,
         );
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare::prepare(&path, compression, level, &dir, &progress)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        let prepared = self
+            .settings
+            .prepare_pool
+            .spawn_blocking(move || prepare::prepare(&path, compression, level, &dir, &progress))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
         if prepared.nar_hash != info.nar_hash || prepared.nar_size != info.nar_size {
             return Err(Error::Corrupt {
                 path: info.path.clone(),
