@@ -7,13 +7,16 @@
 #   benches/all.sh [--full]             (as root, from anywhere)
 #
 #                     default                          --full
-#   hook_bench.sh     200 hook runs                    1,000
+#   hook_bench.sh     200 hook runs, 5,000 enqueued    1,000 hook runs, 20,000 enqueued
 #   nar_throughput.sh /usr/lib/gcc, 256 MiB file       /usr/lib/x86_64-linux-gnu, 2 GiB file
 #   closure_info.sh   3,000 paths                      3,000 paths
-#   upload.sh         60 paths, >= 200 MiB             300 paths, >= 1,100 MiB
-#   rebuilds.sh       200 derivations, 4 runs          200 derivations, 4 runs (the headline: single runs are
-#                                                      too noisy on a busy machine)
+#   upload.sh         60 paths, >= 200 MiB;            300 paths, >= 1,100 MiB;
+#                     memory at 50 and 500 paths       memory at 50, 3,000 and 12,000 paths
+#   rebuilds.sh       100 derivations, 8 rounds        200 derivations, 10 rounds
 #   backends.sh       its own defaults                 its own defaults
+#
+# Run it on an otherwise idle machine: each script prints the load average, and withholds its verdicts when the
+# 1-minute load average was above 1.0 before it started. Set NIXPUSH_PEER_HOOK for hook_bench.sh's peer column.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 full=false
@@ -23,9 +26,11 @@ case ${1:-} in
   *) echo "usage: benches/all.sh [--full]" >&2; exit 2 ;;
 esac
 if $full; then
-  hook_runs=1000 nar_dir=/usr/lib/x86_64-linux-gnu nar_big_mib=2048 upload_args=(300 1100) rebuild_args=(200 4)
+  hook_args=(1000 20000) nar_dir=/usr/lib/x86_64-linux-gnu nar_big_mib=2048 upload_args=(300 1100)
+  mem_sizes="50 3000 12000" rebuild_args=(200 10)
 else
-  hook_runs=200 nar_dir=/usr/lib/gcc nar_big_mib=256 upload_args=(60 200) rebuild_args=(200 4)
+  hook_args=(200 5000) nar_dir=/usr/lib/gcc nar_big_mib=256 upload_args=(60 200) mem_sizes="50 500"
+  rebuild_args=(100 8)
 fi
 
 logs=$(mktemp -d /var/tmp/nixpush-bench-all.XXXXXX)
@@ -48,10 +53,10 @@ bench() { # name, command…
 
 echo "== $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), $(nix --version)," \
   "nixpush $(git describe --always --dirty 2>/dev/null || echo '?'), $(date -u '+%Y-%m-%d %H:%M UTC')"
-bench hook_bench benches/hook_bench.sh "$hook_runs"
+bench hook_bench benches/hook_bench.sh "${hook_args[@]}"
 bench nar_throughput env NAR_BENCH_DIR="$nar_dir" NAR_BENCH_BIG_MIB="$nar_big_mib" benches/nar_throughput.sh
 bench closure_info benches/closure_info.sh
-bench upload benches/upload.sh "${upload_args[@]}"
+bench upload env MEM_SIZES="$mem_sizes" benches/upload.sh "${upload_args[@]}"
 bench rebuilds benches/rebuilds.sh "${rebuild_args[@]}"
 if [ -x benches/backends.sh ]; then
   bench backends benches/backends.sh
@@ -72,7 +77,7 @@ for name in "${names[@]}"; do
   # (not rebuilds.sh's per-run progress).
   # Progress bars are carriage-return lines; keep only what follows the last \r.
   sed 's/.*\r//' "$logs/$name.log" | grep -E \
-    '^\||^- |^runs:|^ *(true|nixpush-hook) +(median|[0-9])|overhead:|paths/s|peak RSS|Maximum resident|^Closure:|^nixpush vs|agree$|^[0-9]+ derivations' \
-    | grep -v '^   run ' || echo "(no result lines; see the output above)"
+    '^\||^- |^== |^runs:|overhead:|paths/s|peak RSS|Maximum resident|^Closure:|^nixpush|agree$|^[0-9]+ derivations|^daemon per|load average' \
+    | grep -v '^   round ' || echo "(no result lines; see the output above)"
 done
 exit "$failed"

@@ -1,10 +1,10 @@
-//! Enqueue throughput: CLIENTS threads send enqueue requests for TOTAL distinct paths, each request on a new
-//! connection (as hooks do), and wait for every acknowledgement, which the daemon sends only after the paths are
-//! flushed to disk. The paths are empty files with valid store path names in STORE_DIR, which must be the
-//! daemon's `store_dir`. Used by `benches/hook_bench.sh`.
+//! Enqueue throughput: CLIENTS threads send enqueue requests for the paths listed in PATHS_FILE, each request on a
+//! new connection (as hooks do), and wait for every acknowledgement, which the daemon sends only after the paths
+//! are synced to disk. The paths must be real, registered store paths not yet queued (`nix-store --add` of fresh
+//! files): the daemon refuses anything Nix has not registered. Used by `benches/hook_bench.sh`.
 //!
 //! ```text
-//! enqueue_bench SOCKET STORE_DIR [TOTAL=20000] [CLIENTS=32] [PATHS_PER_REQUEST=1]
+//! enqueue_bench SOCKET PATHS_FILE [CLIENTS=32] [PATHS_PER_REQUEST=1]
 //! ```
 
 use std::path::PathBuf;
@@ -14,39 +14,25 @@ use std::time::{Duration, Instant};
 
 use nixpush::protocol::{self, Request, Response};
 
-fn store_path(store_dir: &str, run: u64, i: usize) -> String {
-    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-    let mut n = (run << 24) ^ i as u64;
-    let hash: String = (0..32)
-        .map(|_| {
-            let c = ALPHABET[(n % 32) as usize] as char;
-            n /= 32;
-            c
-        })
-        .collect();
-    format!("{store_dir}/{hash}-bench-{i}")
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: enqueue_bench SOCKET STORE_DIR [TOTAL] [CLIENTS] [PATHS_PER_REQUEST]");
+        eprintln!("usage: enqueue_bench SOCKET PATHS_FILE [CLIENTS] [PATHS_PER_REQUEST]");
         std::process::exit(2);
     }
     let socket = PathBuf::from(&args[1]);
-    let store_dir = args[2].trim_end_matches('/').to_owned();
     let arg =
         |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
-    let (total, clients, per_request) = (arg(3, 20_000), arg(4, 32), arg(5, 1));
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let paths: Arc<Vec<String>> =
-        Arc::new((0..total).map(|i| store_path(&store_dir, run, i)).collect());
-    for path in paths.iter() {
-        std::fs::write(path, b"").expect("cannot create a path in STORE_DIR");
-    }
+    let (clients, per_request) = (arg(3, 32), arg(4, 1));
+    let paths: Arc<Vec<String>> = Arc::new(
+        std::fs::read_to_string(&args[2])
+            .expect("cannot read PATHS_FILE")
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    );
+    let total = paths.len();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..clients)
@@ -68,6 +54,7 @@ fn main() {
                     };
                     let t = Instant::now();
                     match protocol::call(&socket, &request, Duration::from_secs(30)) {
+                        // Every path must be newly queued: a refused or duplicate one did no durable write.
                         Ok(Response::Ack { accepted, .. }) if accepted.len() == sent => {}
                         other => panic!("unexpected answer: {other:?}"),
                     }
@@ -93,7 +80,4 @@ fn main() {
         pct(0.5),
         pct(0.99)
     );
-    for path in paths.iter() {
-        let _ = std::fs::remove_file(path);
-    }
 }

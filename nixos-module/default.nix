@@ -389,6 +389,9 @@ in
           Restart = "on-failure";
           RestartSec = "2s";
           TimeoutStopSec = "30s";
+          # No CPUSchedulingPolicy = "idle" (nor Nice, IOSchedulingClass): acks would wait behind builds, and
+          # every build waits for its hook. The daemon lowers only its hashing and compression threads
+          # (settings.upload_priority).
           User = "nixpush";
           Group = "nixpush";
           RuntimeDirectory = "nixpush";

@@ -194,6 +194,8 @@ pub struct Config {
     pub client_timeout_ms: u64,
     /// How long "the target or an upstream has this path" is remembered, in seconds.
     pub present_ttl_secs: u64,
+    /// CPU and I/O priority of NAR hashing and compression in the daemon; read at start.
+    pub upload_priority: crate::priority::UploadPriority,
     /// The cache everything is pushed to.
     pub target: Target,
 }
@@ -256,6 +258,7 @@ impl Default for Config {
             exclude: Vec::new(),
             client_timeout_ms: 2_000,
             present_ttl_secs: 24 * 3600,
+            upload_priority: crate::priority::UploadPriority::Idle,
             target: Target::default(),
         }
     }

@@ -35,6 +35,7 @@
 //! - [`backend`]: where NARs go; the only code that speaks to a cache. [`backend::target`] decides what a target
 //!   is (backend, token, signing key, name, identity) for the daemon, `push` and `doctor`; `file://`, HTTP, S3
 //!   and Cachix (`backend::cachix`: API, multipart upload, keys) each have a module, upstream caches one more.
+//! - [`priority`]: idle CPU and I/O priority for hashing and compression, so uploads yield to builds.
 //! - [`secret`]: secrets that never print.
 
 pub mod backend;
@@ -52,6 +53,7 @@ pub mod logging;
 pub mod nar;
 pub mod narinfo;
 pub mod pathinfo;
+pub mod priority;
 pub mod protocol;
 pub mod queue;
 pub mod realisation;

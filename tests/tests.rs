@@ -13,6 +13,7 @@ mod hook;
 mod nginx;
 mod nixos;
 mod ops;
+mod priority;
 mod proof;
 mod remote;
 mod s3;

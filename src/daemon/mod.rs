@@ -300,6 +300,11 @@ pub async fn run(
             source,
         }
     })?;
+    // Hashing and compression yield to builds; the socket, acks and group commit stay on this runtime. Dropped
+    // when `run` returns, abandoning a NAR still being prepared rather than waiting for it behind the builds: its
+    // path is still `uploading` in the queue and starts over after a restart.
+    let upload_threads = crate::priority::UploadThreads::start(config.upload_priority)
+        .map_err(|e| Error::Task(format!("cannot start the upload threads: {e}")))?;
     let shared = Shared::new(config, queue.clone(), options.hold);
     if let Some(damage) = damage {
         let _ = shared.queue_damage.set(damage);
@@ -326,6 +331,7 @@ pub async fn run(
             shared.clone(),
             stop.clone(),
             secrets_changed,
+            upload_threads.pool(),
         ));
     }
 
@@ -450,6 +456,10 @@ async fn reload_on_signal(
             tracing::warn!("`socket` and `state_dir` changes take effect after a restart");
             new.socket = old.socket.clone();
             new.state_dir = old.state_dir.clone();
+        }
+        if new.upload_priority != old.upload_priority {
+            tracing::warn!("`upload_priority` changes take effect after a restart");
+            new.upload_priority = old.upload_priority;
         }
         shared.replace_config(new);
         // The scheduler rebuilds its engine for the new configuration, re-reading the token and key.

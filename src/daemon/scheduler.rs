@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{AnyBackend, Backend, Credentials, Kind, Target};
 use crate::config::{redact_url, Config};
+use crate::priority::Pool;
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::status::{InFlightUpload, TargetState};
 use crate::upload::{
@@ -177,17 +178,21 @@ struct Built {
     public_key: std::sync::Mutex<Option<String>>,
 }
 
-fn build(shared: &Shared, config: Arc<Config>) -> Result<Built, Error> {
+fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Error> {
     let target = Target::from_config(&config)?;
     let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
     let public_key = target
         .signing_key
         .as_ref()
         .map(|k| k.public_key().to_string());
+    let settings = Settings {
+        prepare_pool: pool.clone(),
+        ..Settings::from_config(&config)?
+    };
     let engine = Engine::new(
         Arc::new(target.backend),
         Arc::new(store),
-        Settings::from_config(&config)?,
+        settings,
         target.signing_key,
         Arc::new(QueuePresence::new(
             Arc::clone(&shared.queue),
@@ -229,7 +234,14 @@ fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) 
 }
 
 /// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
-pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: Arc<Notify>) {
+///
+/// NARs are hashed and compressed on `pool`'s threads.
+pub async fn run(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    secrets_changed: Arc<Notify>,
+    pool: Pool,
+) {
     let mut built: Option<Built> = None;
     let mut paused = false;
     // Set when a wait ended because a secret file changed.
@@ -244,7 +256,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken, secrets_changed: 
             .as_ref()
             .is_none_or(|b| !Arc::ptr_eq(&b.config, &config))
         {
-            match build(&shared, Arc::clone(&config)) {
+            match build(&shared, Arc::clone(&config), &pool) {
                 Ok(b) => {
                     built = Some(b);
                     paused = false;

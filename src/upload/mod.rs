@@ -587,11 +587,14 @@ impl<B: Backend + 'static> Engine<B> {
             self.settings.level,
             self.wants_listing(),
         );
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare::prepare(&path, compression, level, &dir, &progress, listing)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        let prepared = self
+            .settings
+            .prepare_pool
+            .spawn_blocking(move || {
+                prepare::prepare(&path, compression, level, &dir, &progress, listing)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
         if prepared.nar_hash != info.nar_hash || prepared.nar_size != info.nar_size {
             return Err(Error::Corrupt {
                 path: info.path.clone(),

@@ -36,6 +36,8 @@ pub struct Settings {
     pub nix_log_dir: PathBuf,
     /// Re-sign present paths whose narinfo lacks our signature.
     pub resign_existing: bool,
+    /// Threads that hash and compress NARs (the daemon's run at idle priority).
+    pub prepare_pool: crate::priority::Pool,
 }
 
 impl Settings {
@@ -66,6 +68,7 @@ impl Settings {
             upload_logs: config.target.upload_logs,
             nix_log_dir: config.nix_log_dir.clone(),
             resign_existing: config.target.resign_existing,
+            prepare_pool: crate::priority::Pool::inherit(),
         })
     }
 
