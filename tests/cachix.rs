@@ -12,6 +12,7 @@ use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 use serde_json::json;
 
+use crate::harness::process::Run;
 use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, CachixServer, Prepared};
 
 const TOKEN: &str = "write-token-1";
@@ -73,7 +74,9 @@ fn server_selftest_against_real_nix() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/servers/cachix_selftest.py"
     );
-    let out = Command::new("python3").arg(script).output().unwrap();
+    let out = Command::new(crate::harness::servers::python3())
+        .arg(script)
+        .run();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -321,8 +324,7 @@ async fn refused_tokens_are_auth_errors_and_rotation_recovers() {
         .args(["--option", "netrc-file", netrc.to_str().unwrap()])
         .arg(&paths[0])
         .env("XDG_CACHE_HOME", dir.path().join("xdg"))
-        .output()
-        .unwrap();
+        .run();
     assert!(
         out.status.success(),
         "{}",
@@ -417,8 +419,7 @@ async fn nixpush_push_lands_a_closure_through_faults() {
         .arg(&paths[1])
         .arg(&paths[2])
         .env("TMPDIR", dir.path())
-        .output()
-        .unwrap();
+        .run();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -468,8 +469,7 @@ fn push_cli(
         .env_remove("CACHIX_SIGNING_KEY")
         .envs(env.iter().copied())
         .env("TMPDIR", dir)
-        .output()
-        .unwrap();
+        .run();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::harness::process::Run;
+
 const NIXPUSH: &str = env!("CARGO_BIN_EXE_nixpush");
 const NIXPUSH_HOOK: &str = env!("CARGO_BIN_EXE_nixpush-hook");
 /// Where `systemd/nixpush.service` expects the binaries (`cargo install --root /usr/local`).
@@ -32,9 +34,7 @@ fn fixtures() -> PathBuf {
 
 /// Runs `command`, panicking if it cannot start.
 fn output(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+    command.run()
 }
 
 /// Runs `command` and returns its stdout, panicking with everything it said if it fails.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::harness::process::{Guard, Run};
 use crate::nginx::Nginx;
 use crate::util::{self, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK, NIXPUSH};
 
@@ -43,7 +44,7 @@ fn nixpush(args: &[&str]) -> Output {
     for var in FOREIGN_ENV {
         command.env_remove(var);
     }
-    command.args(args).stdin(Stdio::null()).output().unwrap()
+    command.args(args).stdin(Stdio::null()).run()
 }
 
 /// The test signing key, copied to `dir` with mode 0600, and its public key in `trusted-public-keys` form.
@@ -259,8 +260,7 @@ impl Tmux {
         let output = self
             .command()
             .args(["capture-pane", "-p", "-J", "-t", "push"])
-            .output()
-            .unwrap();
+            .run();
         assert!(output.status.success(), "{}", text(&output.stderr));
         text(&output.stdout)
     }
@@ -463,14 +463,15 @@ fn ops_status_json_after_a_success_a_failure_and_skips() {
     assert!(text(&output.stdout).contains("nothing to retry"));
 
     // `--watch` on a pipe appends one plain report per interval.
-    let mut watch = Command::new(NIXPUSH)
-        .arg("--config")
-        .arg(config)
-        .args(["status", "--watch", "1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = watch.stdout.take().unwrap();
+    let mut watch = Guard::spawn(
+        Command::new(NIXPUSH)
+            .arg("--config")
+            .arg(config)
+            .args(["status", "--watch", "1"])
+            .stdout(Stdio::piped()),
+        "nixpush status --watch",
+    );
+    let mut stdout = watch.child_mut().stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut seen = String::new();
         let mut buf = [0u8; 4096];
@@ -486,8 +487,7 @@ fn ops_status_json_after_a_success_a_failure_and_skips() {
     while !reader.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    watch.kill().unwrap();
-    watch.wait().unwrap();
+    watch.kill();
     let seen = reader.join().unwrap();
     assert_eq!(seen.matches("daemon:   pid").count(), 2, "{seen}");
     assert_plain("status --watch", &seen);
@@ -569,8 +569,7 @@ impl DoctorSetup {
             .arg("--config")
             .arg(&self.daemon.env.config_path)
             .args(["doctor", "--json"])
-            .output()
-            .unwrap();
+            .run();
         let out = text(&output.stdout);
         let verdict: Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("{e}: {out}\n{}", text(&output.stderr)));
@@ -643,8 +642,7 @@ fn ops_doctor_passes_a_good_setup_and_names_each_broken_one() {
         .arg("--config")
         .arg(&setup.daemon.env.config_path)
         .arg("doctor")
-        .output()
-        .unwrap();
+        .run();
     let report = text(&output.stdout);
     assert!(output.status.success(), "{report}");
     assert_plain("doctor", &report);

@@ -9,6 +9,7 @@ use nixpush::config::{Compression, Config};
 use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 
+use crate::harness::process::Run;
 use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, Prepared, PyServer};
 
 const BUCKET: &str = "nixpush-test";
@@ -67,7 +68,9 @@ async fn get(url: &str) -> (u16, String, Vec<u8>) {
 #[test]
 fn server_selftest_against_real_nix() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers/s3_selftest.py");
-    let out = Command::new("python3").arg(script).output().unwrap();
+    let out = Command::new(crate::harness::servers::python3())
+        .arg(script)
+        .run();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -208,8 +211,7 @@ fn nixpush_push_fills_a_bucket_nix_reads() {
         .env("AWS_ACCESS_KEY_ID", "AKCLI")
         .env("AWS_SECRET_ACCESS_KEY", "cli-s3cr3t")
         .env("TMPDIR", dir.path())
-        .output()
-        .unwrap();
+        .run();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

@@ -1,10 +1,10 @@
-//! nixpush's integration tests: one binary, real Nix, real servers.
+//! nixpush's integration tests: one binary, real Nix, real servers. `harness/` holds what the tests share; each
+//! other module holds one area's scenarios.
 
 mod cachix;
 mod daemon_upload;
-mod faultproxy;
 mod formats;
-mod nginx;
+mod harness;
 mod nixos;
 mod ops;
 mod proof;
@@ -14,3 +14,7 @@ mod security;
 mod spine;
 mod upload;
 mod util;
+
+#[allow(unused_imports)]
+// Historical paths (`crate::nginx::Nginx`, `crate::faultproxy::FaultProxy`) for the files that use them.
+use harness::{faultproxy, nginx};
