@@ -70,20 +70,7 @@ async fn push_all(backend: &CachixBackend, prepared: &[Prepared]) {
 
 #[test]
 fn server_selftest_against_real_nix() {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/servers/cachix_selftest.py"
-    );
-    let out = Command::new(crate::harness::servers::python3())
-        .arg(script)
-        .run();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    crate::harness::servers::assert_selftest_passes("cachix_selftest.py");
 }
 
 #[tokio::test]

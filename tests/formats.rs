@@ -20,22 +20,11 @@ use nixpush::{base32, derivation, nar};
 use proptest::prelude::*;
 use serde_json::Value;
 
+use crate::harness::nix::NIX_OPTIONS;
 use crate::harness::process::Run;
 
 const STORE: &str = "/nix/store";
 const NIX_DB: &str = "/nix/var/nix/db/db.sqlite";
-/// Build as root without the daemon, a sandbox or any network (see the fixtures README).
-const BUILD_OPTIONS: &[&str] = &[
-    "--option",
-    "build-users-group",
-    "",
-    "--option",
-    "sandbox",
-    "false",
-    "--option",
-    "substituters",
-    "",
-];
 
 fn vectors_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors")
@@ -90,7 +79,8 @@ fn realised_vectors() -> &'static Vec<StorePath> {
         let out = run_ok(
             Command::new("nix-build")
                 .arg(vectors_dir().join("vectors.nix"))
-                .args(BUILD_OPTIONS)
+                .args(NIX_OPTIONS)
+                .args(["--option", "substituters", ""])
                 .arg("--no-out-link"),
         );
         let mut paths: Vec<StorePath> = stdout_lines(&out).iter().map(|p| sp(p)).collect();
@@ -682,7 +672,8 @@ fn nix_copy_accepts_our_signed_cache_and_rejects_other_keys() {
             .arg(root)
             .args(["--option", "trusted-public-keys", trusted])
             .args(["--option", "narinfo-cache-negative-ttl", "0"])
-            .args(BUILD_OPTIONS)
+            .args(NIX_OPTIONS)
+            .args(["--option", "substituters", ""])
             .arg(path.as_str())
             .run()
     };

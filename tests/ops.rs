@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::harness::cache::{hash_part, narinfo_file};
+use crate::harness::keys::{self, signing_key_file};
 use crate::harness::process::{Guard, Run};
 use crate::nginx::Nginx;
 use crate::util::{self, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK, NIXPUSH};
@@ -45,28 +47,6 @@ fn nixpush(args: &[&str]) -> Output {
         command.env_remove(var);
     }
     command.args(args).stdin(Stdio::null()).run()
-}
-
-/// The test signing key, copied to `dir` with mode 0600, and its public key in `trusted-public-keys` form.
-fn signing_key(dir: &Path) -> (PathBuf, String) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors/test-key.sec");
-    let file = dir.join("signing-key");
-    fs::copy(&fixture, &file).unwrap();
-    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
-    let public = nixpush::signing::SecretKey::load(&file)
-        .unwrap()
-        .public_key()
-        .to_string();
-    (file, public)
-}
-
-/// The 32-character hash part of a store path.
-fn hash_part(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
-}
-
-fn narinfo_in(root: &Path, path: &str) -> PathBuf {
-    root.join(format!("{}.narinfo", hash_part(path)))
 }
 
 /// nginx lines that refuse the narinfo of `path` with 405 (a permanent error; 401/403 would pause the target).
@@ -122,7 +102,7 @@ fn settled(status: &Value) -> bool {
 fn ops_push_to_a_file_cache_without_a_terminal_prints_plain_lines() {
     let env = TestEnv::new();
     let cache = cache_dir(&env, "cache");
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     let paths = util::add_store_paths(2);
     let url = format!("file://{}", cache.display());
     let mut args = vec![
@@ -145,7 +125,7 @@ fn ops_push_to_a_file_cache_without_a_terminal_prints_plain_lines() {
             .find(|l| l.starts_with(&format!("uploaded {path} (")))
             .unwrap_or_else(|| panic!("no upload line for {path}:\n{err}"));
         assert!(line.contains(" zstd, ") && line.ends_with(" s)"), "{line}");
-        assert!(narinfo_in(&cache, path).exists());
+        assert!(narinfo_file(&cache, path).exists());
     }
     assert!(
         err.contains(&format!(
@@ -168,7 +148,7 @@ fn ops_push_json_to_nginx_reports_the_summary() {
     let env = TestEnv::new();
     let root = cache_dir(&env, "www");
     let nginx = Nginx::start(&root, "");
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     env.write_config_with(
         "",
         &format!(
@@ -196,7 +176,7 @@ fn ops_push_json_to_nginx_reports_the_summary() {
     assert!(summary["nar_bytes"].as_u64().unwrap() > 0, "{summary}");
     assert!(summary["file_bytes"].as_u64().unwrap() > 0, "{summary}");
     assert!(summary["wall_time_ms"].is_u64(), "{summary}");
-    assert!(narinfo_in(&root, &paths[0]).exists());
+    assert!(narinfo_file(&root, &paths[0]).exists());
     assert!(err.contains(&format!("uploaded {} (", paths[0])), "{err}");
 }
 
@@ -281,7 +261,7 @@ impl Drop for Tmux {
 fn ops_push_on_a_terminal_draws_progress_then_the_summary() {
     let env = TestEnv::new();
     let cache = cache_dir(&env, "cache");
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     let paths = util::add_store_paths(2);
     let marker = env.dir.path().join("push-exit");
     let script = env.dir.path().join("push.sh");
@@ -343,7 +323,7 @@ fn ops_status_json_after_a_success_a_failure_and_skips() {
     // nixpush-test-0 lands, -1 is refused by the cache, -2 is excluded.
     let paths = util::add_store_paths(3);
     let nginx = Nginx::start(&root, &refuse_narinfo(&root, &paths[1]));
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     env.write_config_with(
         "exclude = [\"*-nixpush-test-2\"]",
         &format!(
@@ -510,7 +490,7 @@ impl DoctorSetup {
         let root = cache_dir(&env, "www");
         let token = format!("doctor-{}", util::fresh_nonce());
         let nginx = Nginx::start(&root, &require_token(&token));
-        let (key, public_key) = signing_key(env.dir.path());
+        let (key, public_key) = (signing_key_file(env.dir.path()), keys::public_key());
         let token_file = env.dir.path().join("auth-token");
         fs::write(&token_file, format!("{token}\n")).unwrap();
         fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
@@ -694,7 +674,7 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     let nonce = util::fresh_nonce();
     let (old_token, new_token) = (format!("old-{nonce}"), format!("new-{nonce}"));
     let nginx = Nginx::start(&root, &require_token(&new_token));
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     let secrets = env.dir.path().join("secrets");
     fs::create_dir_all(&secrets).unwrap();
     let token_file = secrets.join("auth-token");
@@ -733,7 +713,7 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     assert!(report.contains("credentials REJECTED"), "{report}");
     let queued = daemon.queued_paths();
     assert_eq!(queued, [paths[0].clone()]);
-    assert!(!narinfo_in(&root, &paths[0]).exists());
+    assert!(!narinfo_file(&root, &paths[0]).exists());
 
     replace_by_rename(&token_file, &format!("{new_token}\n"));
     let status = wait_status(&daemon, "the path to land after rotation", |s| {
@@ -741,7 +721,7 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     });
     assert_eq!(status["target"]["authorized"], true, "{status:#}");
     assert_ne!(status["target"]["state"], "paused", "{status:#}");
-    assert!(narinfo_in(&root, &paths[0]).exists());
+    assert!(narinfo_file(&root, &paths[0]).exists());
 
     let log = daemon.log();
     assert!(log.contains("uploads paused"), "{log}");
@@ -764,7 +744,7 @@ fn ops_signing_key_rotation_by_rename_takes_effect_without_restart() {
     let cache = cache_dir(&env, "cache");
     let secrets = env.dir.path().join("secrets");
     fs::create_dir_all(&secrets).unwrap();
-    let (key_file, _) = signing_key(&secrets);
+    let key_file = signing_key_file(&secrets);
     let old_key = nixpush::signing::SecretKey::load(&key_file).unwrap();
     env.write_config_with(
         "",
@@ -777,7 +757,7 @@ fn ops_signing_key_rotation_by_rename_takes_effect_without_restart() {
     let daemon = TestDaemon::start_uploading(env);
     let paths = util::add_store_paths(2);
     let narinfo = |path: &str| {
-        let text = fs::read_to_string(narinfo_in(&cache, path)).unwrap();
+        let text = fs::read_to_string(narinfo_file(&cache, path)).unwrap();
         nixpush::narinfo::NarInfo::parse(&text, "/nix/store").unwrap()
     };
 

@@ -465,6 +465,23 @@ fn env_with_state_dir(state: &Path) -> TestEnv {
     env
 }
 
+/// Restarts the stopped `daemon` uploading, waits until it drained, verifies the cache, and asserts that every
+/// path in `expected` landed. Returns what landed.
+fn upload_and_verify(daemon: &mut TestDaemon, expected: &[&String]) -> BTreeSet<String> {
+    daemon.set_hold(false);
+    daemon.restart();
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    let landed = verify_cache(
+        &daemon.env.cache_dir(),
+        &PublicKey::parse(&public_key()).unwrap(),
+    );
+    for path in expected {
+        assert!(landed.contains(*path), "{path} did not land: {landed:?}");
+    }
+    landed
+}
+
 /// Asserts that `text` names `cause` exactly once: a clear error says why, and only once.
 fn assert_says_once(text: &str, cause: &str) {
     assert_eq!(
@@ -526,18 +543,7 @@ fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
     );
     assert_eq!(daemon.status()["state_dir_error"], serde_json::Value::Null);
     daemon.stop();
-    daemon.set_hold(false);
-    daemon.restart();
-    let status = daemon.wait_drained();
-    assert_eq!(status["failed"], 0, "{status}");
-    let landed = verify_cache(
-        &daemon.env.cache_dir(),
-        &PublicKey::parse(&public_key()).unwrap(),
-    );
-    assert!(
-        landed.contains(&paths[0]) && landed.contains(&paths[2]),
-        "{landed:?}"
-    );
+    let landed = upload_and_verify(&mut daemon, &[&paths[0], &paths[2]]);
     eprintln!(
         "proof: disk full: refused with {stderr:?}; {} queued paths landed and verified; {:.1} s",
         landed.len(),
@@ -585,18 +591,7 @@ fn read_only_state_dir_refuses_to_start_and_loses_nothing_queued() {
     assert!(stderr.contains("will not be pushed"), "{stderr}");
 
     tmpfs.remount("rw");
-    daemon.set_hold(false);
-    daemon.restart();
-    let status = daemon.wait_drained();
-    assert_eq!(status["failed"], 0, "{status}");
-    let landed = verify_cache(
-        &daemon.env.cache_dir(),
-        &PublicKey::parse(&public_key()).unwrap(),
-    );
-    assert!(
-        landed.contains(&paths[0]) && landed.contains(&paths[1]),
-        "{landed:?}"
-    );
+    let landed = upload_and_verify(&mut daemon, &[&paths[0], &paths[1]]);
     eprintln!(
         "proof: disk read-only: daemon said {:?}, hook said {stderr:?}; {} queued paths landed and verified; {:.1} s",
         error.trim(),

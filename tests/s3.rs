@@ -67,17 +67,7 @@ async fn get(url: &str) -> (u16, String, Vec<u8>) {
 
 #[test]
 fn server_selftest_against_real_nix() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers/s3_selftest.py");
-    let out = Command::new(crate::harness::servers::python3())
-        .arg(script)
-        .run();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    crate::harness::servers::assert_selftest_passes("s3_selftest.py");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::process::{wait_until, Guard};
+use super::process::{output, wait_until, Guard};
 
 /// The Python that has the servers' packages: `NIXPUSH_TEST_PYTHON` if set, else the virtual environment
 /// `scripts/install-test-deps` makes (Debian's own Python refuses `pip install`), else `python3` from `PATH`.
@@ -22,6 +22,18 @@ pub fn python3() -> PathBuf {
 
 fn servers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers")
+}
+
+/// Runs `tests/servers/SCRIPT` (a server's self-test against real Nix), which must report no failure.
+pub fn assert_selftest_passes(script: &str) {
+    let out = output(Command::new(python3()).arg(servers_dir().join(script)));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{script}: {stdout}");
 }
 
 /// A Python server from `tests/servers/`, on 127.0.0.1; stopped when dropped.
