@@ -13,7 +13,9 @@ use nixpush::store_path::StorePath;
 use serde_json::json;
 
 use crate::harness::process::Run;
-use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, CachixServer, Prepared};
+use crate::remote::{
+    build_paths, nix_copy_from, nix_key, prepare, prepare_all, CachixServer, Prepared,
+};
 
 const TOKEN: &str = "write-token-1";
 
@@ -94,10 +96,7 @@ async fn self_signed_push_is_substituted_by_nix() {
 
     let paths = build_paths(dir.path(), "cxss", 300_000);
     let key = SecretKey::load(&sec).unwrap();
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     let all = store_paths(&paths);
     assert_eq!(backend.missing(&all).await.unwrap(), all);
     push_all(&backend, &prepared).await;
@@ -139,10 +138,7 @@ async fn managed_cache_signs_and_xz_works() {
     assert_eq!(info.preferred_compression, Some(Compression::Xz));
     let server_key = info.public_keys[0].clone();
     let paths = build_paths(dir.path(), "cxmg", 10_000);
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Xz, None))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Xz, None);
     push_all(&backend, &prepared).await;
     let (ok, err) = nix_copy_from(&format!("{}/managed", server.base()), &server_key, &paths);
     assert!(ok, "nix copy failed: {err}");
@@ -175,10 +171,7 @@ async fn everything_lands_through_faults() {
     backend.prepare().await.unwrap();
     let paths = build_paths(dir.path(), "cxft", 300_000);
     let key = SecretKey::load(&sec).unwrap();
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     let all = store_paths(&paths);
     assert_eq!(backend.missing(&all).await.unwrap().len(), all.len());
     push_all(&backend, &prepared).await;
@@ -363,10 +356,7 @@ async fn bare_base64_signing_key_without_token() {
     backend.prepare().await.unwrap();
     let paths = build_paths(dir.path(), "cxko", 1_000);
     let key = SecretKey::load_cachix(&bare, "keyonly.cachix.org-1").unwrap();
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     push_all(&backend, &prepared).await;
     assert!(server.log().await.iter().all(|e| e["auth"] != "bearer"));
     let (ok, err) = nix_copy_from(&format!("{}/keyonly", server.base()), &public, &paths);

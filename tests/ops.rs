@@ -288,9 +288,8 @@ fn ops_push_on_a_terminal_draws_progress_then_the_summary() {
         .command()
         .args(["new-session", "-d", "-s", "push", "-x", "200", "-y", "50"])
         .arg(format!("sh {}", script.display()))
-        .status()
-        .expect("tmux is installed (scripts/install-test-deps)");
-    assert!(started.success());
+        .run();
+    assert!(started.status.success(), "{}", text(&started.stderr));
     wait_until("push in tmux to finish", || marker.exists());
     assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "0");
     let screen = tmux.screen();

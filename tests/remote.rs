@@ -5,5 +5,7 @@
 
 pub use crate::harness::cache::nix_copy_from;
 pub use crate::harness::keys::nix_key;
-pub use crate::harness::nix::{build_paths, prepare, Prepared, NIX_OPTIONS as BUILD_OPTS};
+pub use crate::harness::nix::{
+    build_paths, prepare, prepare_all, Prepared, NIX_OPTIONS as BUILD_OPTS,
+};
 pub use crate::harness::servers::{CachixServer, PyServer};

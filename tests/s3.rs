@@ -10,7 +10,7 @@ use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 
 use crate::harness::process::Run;
-use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, Prepared, PyServer};
+use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, prepare_all, PyServer};
 
 const BUCKET: &str = "nixpush-test";
 
@@ -90,10 +90,7 @@ async fn bucket_written_like_nix_and_substituted() {
     assert_eq!(body, b"StoreDir: /nix/store\n");
 
     let paths = build_paths(dir.path(), "s3be", 12 * 1024 * 1024);
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     let all: Vec<StorePath> = paths
         .iter()
         .map(|p| StorePath::parse(p, "/nix/store").unwrap())

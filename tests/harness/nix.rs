@@ -249,3 +249,12 @@ pub fn prepare(path: &str, compression: Compression, key: Option<&SecretKey>) ->
         sha256,
     }
 }
+
+/// [`prepare`] for each of `paths`.
+pub fn prepare_all(
+    paths: &[String],
+    compression: Compression,
+    key: Option<&SecretKey>,
+) -> Vec<Prepared> {
+    paths.iter().map(|p| prepare(p, compression, key)).collect()
+}
