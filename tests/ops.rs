@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::harness::cache::{hash_part, narinfo_file};
 use crate::harness::keys::{self, signing_key_file};
 use crate::harness::process::{Guard, Run};
+use crate::harness::setup::configure_signed_target;
 use crate::nginx::Nginx;
 use crate::util::{self, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK, NIXPUSH};
 
@@ -489,19 +490,12 @@ impl DoctorSetup {
         let root = cache_dir(&env, "www");
         let token = format!("doctor-{}", util::fresh_nonce());
         let nginx = Nginx::start(&root, &require_token(&token));
-        let (key, public_key) = (signing_key_file(env.dir.path()), keys::public_key());
+        let public_key = keys::public_key();
         let token_file = env.dir.path().join("auth-token");
         fs::write(&token_file, format!("{token}\n")).unwrap();
         fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
-        env.write_config_with(
-            "",
-            &format!(
-                "url = \"{}\"\nsigning_key_file = \"{}\"\nauth_token_file = \"{}\"",
-                nginx.url(),
-                key.display(),
-                token_file.display()
-            ),
-        );
+        let token_line = format!("auth_token_file = \"{}\"", token_file.display());
+        configure_signed_target(&env, &nginx.url(), &token_line);
         let nix_conf_dir = env.dir.path().join("nix");
         fs::create_dir_all(&nix_conf_dir).unwrap();
         let setup = DoctorSetup {
@@ -673,20 +667,12 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     let nonce = util::fresh_nonce();
     let (old_token, new_token) = (format!("old-{nonce}"), format!("new-{nonce}"));
     let nginx = Nginx::start(&root, &require_token(&new_token));
-    let key = signing_key_file(env.dir.path());
     let secrets = env.dir.path().join("secrets");
     fs::create_dir_all(&secrets).unwrap();
     let token_file = secrets.join("auth-token");
     fs::write(&token_file, &old_token).unwrap();
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"{}\"\nsigning_key_file = \"{}\"\nauth_token_file = \"{}\"",
-            nginx.url(),
-            key.display(),
-            token_file.display()
-        ),
-    );
+    let token_line = format!("auth_token_file = \"{}\"", token_file.display());
+    configure_signed_target(&env, &nginx.url(), &token_line);
     let daemon = TestDaemon::start_uploading(env);
     let paths = util::add_store_paths(1);
     let hook = daemon.env.run_hook(&[&paths[0]], None);
