@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// How long any awaited condition or command may take before the test fails.
+/// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long a command run to completion ([`output`], [`Run::run`]) may take: a server's self-test or a Nix build
+/// on a loaded machine takes well over a minute, a hung one is stopped long before nextest's 10 minutes.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
 
 /// How long a process has between its stop signal and SIGKILL.
 const GRACE: Duration = Duration::from_secs(10);
@@ -239,10 +243,10 @@ fn collect(reader: Option<mpsc::Receiver<Vec<u8>>>, deadline: Duration, name: &s
     }
 }
 
-/// Runs `command` to completion within [`DEADLINE`], capturing stdout and stderr (as `Command::output` does);
+/// Runs `command` to completion within [`COMMAND_DEADLINE`], capturing stdout and stderr (as `Command::output` does);
 /// kills it and fails the test naming it if it takes longer.
 pub fn output(command: &mut Command) -> Output {
-    output_within(command, DEADLINE)
+    output_within(command, COMMAND_DEADLINE)
 }
 
 /// [`output`] with a deadline of its own.
@@ -258,7 +262,7 @@ pub fn output_within(command: &mut Command, deadline: Duration) -> Output {
 
 /// [`Command::output`] with a deadline: `command.run()` instead of `command.output().unwrap()`.
 pub trait Run {
-    /// Runs to completion within [`DEADLINE`], capturing stdout and stderr.
+    /// Runs to completion within [`COMMAND_DEADLINE`], capturing stdout and stderr.
     fn run(&mut self) -> Output;
 }
 

@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use super::process::{output, wait_until, Guard};
+use super::process::{output, wait_until_within, Guard};
 
 /// The Python that has the servers' packages: `NIXPUSH_TEST_PYTHON` if set, else the virtual environment
 /// `scripts/install-test-deps` makes (Debian's own Python refuses `pip install`), else `python3` from `PATH`.
@@ -57,12 +58,17 @@ impl PyServer {
                 .stdout(Stdio::null()),
             script,
         );
-        wait_until(&format!("{script} to listen"), || {
-            if let Some(status) = child.try_wait() {
-                panic!("{script} exited with {status} before it listened");
-            }
-            port_file.exists()
-        });
+        // Importing moto alone takes many seconds on a loaded machine.
+        wait_until_within(
+            &format!("{script} to listen"),
+            Duration::from_secs(180),
+            || {
+                if let Some(status) = child.try_wait() {
+                    panic!("{script} exited with {status} before it listened");
+                }
+                port_file.exists()
+            },
+        );
         let port = std::fs::read_to_string(&port_file)
             .unwrap()
             .trim()
