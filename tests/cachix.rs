@@ -12,7 +12,10 @@ use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 use serde_json::json;
 
-use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, CachixServer, Prepared};
+use crate::harness::process::Run;
+use crate::remote::{
+    build_paths, nix_copy_from, nix_key, prepare, prepare_all, CachixServer, Prepared,
+};
 
 const TOKEN: &str = "write-token-1";
 
@@ -69,18 +72,7 @@ async fn push_all(backend: &CachixBackend, prepared: &[Prepared]) {
 
 #[test]
 fn server_selftest_against_real_nix() {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/servers/cachix_selftest.py"
-    );
-    let out = Command::new("python3").arg(script).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    crate::harness::servers::assert_selftest_passes("cachix_selftest.py");
 }
 
 #[tokio::test]
@@ -104,10 +96,7 @@ async fn self_signed_push_is_substituted_by_nix() {
 
     let paths = build_paths(dir.path(), "cxss", 300_000);
     let key = SecretKey::load(&sec).unwrap();
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     let all = store_paths(&paths);
     assert_eq!(backend.missing(&all).await.unwrap(), all);
     push_all(&backend, &prepared).await;
@@ -149,10 +138,7 @@ async fn managed_cache_signs_and_xz_works() {
     assert_eq!(info.preferred_compression, Some(Compression::Xz));
     let server_key = info.public_keys[0].clone();
     let paths = build_paths(dir.path(), "cxmg", 10_000);
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Xz, None))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Xz, None);
     push_all(&backend, &prepared).await;
     let (ok, err) = nix_copy_from(&format!("{}/managed", server.base()), &server_key, &paths);
     assert!(ok, "nix copy failed: {err}");
@@ -185,10 +171,7 @@ async fn everything_lands_through_faults() {
     backend.prepare().await.unwrap();
     let paths = build_paths(dir.path(), "cxft", 300_000);
     let key = SecretKey::load(&sec).unwrap();
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     let all = store_paths(&paths);
     assert_eq!(backend.missing(&all).await.unwrap().len(), all.len());
     push_all(&backend, &prepared).await;
@@ -352,8 +335,7 @@ async fn refused_tokens_are_auth_errors_and_rotation_recovers() {
         .args(["--option", "netrc-file", netrc.to_str().unwrap()])
         .arg(&paths[0])
         .env("XDG_CACHE_HOME", dir.path().join("xdg"))
-        .output()
-        .unwrap();
+        .run();
     assert!(
         out.status.success(),
         "{}",
@@ -405,10 +387,7 @@ async fn bare_base64_signing_key_without_token() {
     backend.prepare().await.unwrap();
     let paths = build_paths(dir.path(), "cxko", 1_000);
     let key = SecretKey::load_cachix(&bare, "keyonly.cachix.org-1").unwrap();
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     push_all(&backend, &prepared).await;
     assert!(server.log().await.iter().all(|e| e["auth"] != "bearer"));
     let (ok, err) = nix_copy_from(&format!("{}/keyonly", server.base()), &public, &paths);
@@ -448,8 +427,7 @@ async fn nixpush_push_lands_a_closure_through_faults() {
         .arg(&paths[1])
         .arg(&paths[2])
         .env("TMPDIR", dir.path())
-        .output()
-        .unwrap();
+        .run();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -499,8 +477,7 @@ fn push_cli(
         .env_remove("CACHIX_SIGNING_KEY")
         .envs(env.iter().copied())
         .env("TMPDIR", dir)
-        .output()
-        .unwrap();
+        .run();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr).into_owned(),

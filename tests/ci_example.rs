@@ -24,7 +24,7 @@ const TOKEN: &str = "ci-write-token";
 
 /// The workflow as JSON, parsed by PyYAML.
 fn workflow() -> Value {
-    let out = Command::new("python3")
+    let out = Command::new(crate::harness::servers::python3())
         .args([
             "-c",
             "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",

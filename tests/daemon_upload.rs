@@ -1,92 +1,27 @@
 //! The daemon drains real Nix builds into real caches: a `file://` directory and nginx, with an upstream skip, a
 //! flaky target, and a crash in the middle of a large upload. Every check ends with real Nix substituting.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use nixpush::narinfo::NarInfo;
-use nixpush::store_path::StorePath;
 
-use crate::faultproxy::{Fault, FaultProxy};
-use crate::nginx::Nginx;
-use crate::upload::nix_copy_from;
+use crate::harness::cache::{
+    assert_every_narinfo_has_its_nar, assert_nix_substitutes, assert_nix_verifies, narinfo_file,
+};
+use crate::harness::faultproxy::Fault;
+use crate::harness::keys::public_key;
+use crate::harness::process::output;
+use crate::harness::setup::{configure_signed_target, file_url, signed_target, HttpCache};
 use crate::util::{nix, nix_build_with_hook, wait_until, TestDaemon, TestEnv, NIX_OPTIONS};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors")
-}
-
-pub(crate) fn public_key() -> String {
-    std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap()
-}
-
-/// The test key, copied to a private file as a real secret would be.
-pub(crate) fn signing_key(env: &TestEnv) -> PathBuf {
-    let path = env.dir.path().join("signing.sec");
-    std::fs::copy(fixtures().join("test-key.sec"), &path).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
-
-fn wrong_key() -> String {
-    nixpush::signing::generate("nixpush-test-1")
-        .public_key()
-        .to_string()
-}
-
-fn hash_part(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
-}
-
-/// Every narinfo in `dir` names a NAR that exists; returns how many there are.
-fn assert_every_narinfo_has_its_nar(dir: &Path) -> usize {
-    let mut count = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "narinfo") {
-            let info =
-                NarInfo::parse(&std::fs::read_to_string(&path).unwrap(), "/nix/store").unwrap();
-            assert!(
-                dir.join(&info.url).exists(),
-                "{} has no NAR",
-                path.display()
-            );
-            count += 1;
-        }
-    }
-    count
-}
-
-fn assert_substitutes(cache_url: &str, outputs: &[String]) {
-    for output in outputs {
-        let path = StorePath::parse(output, "/nix/store").unwrap();
-        let ok = nix_copy_from(cache_url, &path, &public_key());
-        assert!(
-            ok.status.success(),
-            "{output}: {}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
-        let bad = nix_copy_from(cache_url, &path, &wrong_key());
-        assert!(!bad.status.success(), "{output} accepted under a wrong key");
-        assert!(String::from_utf8_lossy(&bad.stderr).contains("lacks a valid signature"));
-    }
-}
 
 #[test]
 fn daemon_pushes_hook_builds_to_a_file_cache() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
     let cache = env.cache_dir();
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"file://{}\"\nsigning_key_file = \"{}\"",
-            cache.display(),
-            key.display()
-        ),
-    );
+    configure_signed_target(&env, &file_url(&env), "");
     let daemon = TestDaemon::start_uploading(env);
     let build = nix_build_with_hook(&daemon.env);
     assert!(build.output.status.success(), "{}", build.stderr());
@@ -94,9 +29,7 @@ fn daemon_pushes_hook_builds_to_a_file_cache() {
     assert_eq!(status["failed"], 0, "{status}");
     for output in &build.outputs {
         assert!(
-            cache
-                .join(format!("{}.narinfo", hash_part(output)))
-                .exists(),
+            narinfo_file(&cache, output).exists(),
             "{output} not in the cache:\n{}",
             daemon.log()
         );
@@ -106,7 +39,7 @@ fn daemon_pushes_hook_builds_to_a_file_cache() {
         status["done"].as_u64().unwrap() >= build.outputs.len() as u64,
         "{status}"
     );
-    assert_substitutes(&format!("file://{}", cache.display()), &build.outputs);
+    assert_nix_substitutes(&file_url(&daemon.env), &public_key(), &build.outputs);
     assert!(
         daemon.log().contains("uploaded /nix/store/"),
         "{}",
@@ -117,22 +50,20 @@ fn daemon_pushes_hook_builds_to_a_file_cache() {
 #[test]
 fn daemon_pushes_hook_builds_to_nginx_and_skips_upstream_paths() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
-    let www = env.dir.path().join("www");
-    std::fs::create_dir_all(www.join("cache")).unwrap();
+    let http = HttpCache::start(env.dir.path());
+    let www = &http.www;
     std::fs::create_dir_all(www.join("upstream")).unwrap();
-    let nginx = Nginx::start(&www, "");
 
     // Build first without a hook, put the dependency (ht-a) into the upstream cache, then hand the outputs to
     // the daemon as the hook would.
     let nonce = crate::util::fresh_nonce();
-    let out = Command::new("nix-build")
-        .arg(crate::util::hooktest_nix())
-        .args(["--argstr", "nonce", &nonce])
-        .args(NIX_OPTIONS)
-        .args(["--option", "substituters", "", "--no-out-link"])
-        .output()
-        .unwrap();
+    let out = output(
+        Command::new("nix-build")
+            .arg(crate::util::hooktest_nix())
+            .args(["--argstr", "nonce", &nonce])
+            .args(NIX_OPTIONS)
+            .args(["--option", "substituters", "", "--no-out-link"]),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -145,17 +76,17 @@ fn daemon_pushes_hook_builds_to_nginx_and_skips_upstream_paths() {
         .find(|l| l.ends_with("-ht-a"))
         .expect("ht-a in the closure")
         .to_owned();
-    let copied = Command::new("nix")
-        .args([
-            "--extra-experimental-features",
-            "nix-command",
-            "copy",
-            "--to",
-        ])
-        .arg(format!("file://{}/upstream", www.display()))
-        .arg(&dep)
-        .output()
-        .unwrap();
+    let copied = output(
+        Command::new("nix")
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "copy",
+                "--to",
+            ])
+            .arg(format!("file://{}/upstream", www.display()))
+            .arg(&dep),
+    );
     assert!(
         copied.status.success(),
         "{}",
@@ -163,12 +94,8 @@ fn daemon_pushes_hook_builds_to_nginx_and_skips_upstream_paths() {
     );
 
     env.write_config_with(
-        &format!("upstream = [\"{}/upstream\"]", nginx.url()),
-        &format!(
-            "url = \"{}/cache\"\nsigning_key_file = \"{}\"",
-            nginx.url(),
-            key.display()
-        ),
+        &format!("upstream = [\"{}/upstream\"]", http.nginx.url()),
+        &signed_target(&env, &http.direct_url(), ""),
     );
     let daemon = TestDaemon::start_uploading(env);
     let hook = daemon.env.run_hook(&[&top], None);
@@ -176,19 +103,16 @@ fn daemon_pushes_hook_builds_to_nginx_and_skips_upstream_paths() {
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}");
 
-    let cache = www.join("cache");
+    let cache = http.dir();
+    assert!(narinfo_file(&cache, &top).exists(), "{}", daemon.log());
     assert!(
-        cache.join(format!("{}.narinfo", hash_part(&top))).exists(),
-        "{}",
-        daemon.log()
-    );
-    assert!(
-        !cache.join(format!("{}.narinfo", hash_part(&dep))).exists(),
+        !narinfo_file(&cache, &dep).exists(),
         "the upstream path was uploaded anyway"
     );
-    assert!(nginx
-        .access_log()
-        .contains(&format!("HEAD /upstream/{}.narinfo", hash_part(&dep))));
+    assert!(http.nginx.access_log().contains(&format!(
+        "HEAD /upstream/{}",
+        narinfo_file(Path::new(""), &dep).display()
+    )));
     let recent = status["recent"].as_array().unwrap();
     assert!(
         recent
@@ -198,7 +122,7 @@ fn daemon_pushes_hook_builds_to_nginx_and_skips_upstream_paths() {
     );
     assert_every_narinfo_has_its_nar(&cache);
     // The uploaded narinfo still names the upstream path as a reference, signed.
-    let text = std::fs::read_to_string(cache.join(format!("{}.narinfo", hash_part(&top)))).unwrap();
+    let text = std::fs::read_to_string(narinfo_file(&cache, &top)).unwrap();
     let info = NarInfo::parse(&text, "/nix/store").unwrap();
     assert!(info.references.iter().any(|r| r.as_str() == dep), "{text}");
     let public = nixpush::signing::PublicKey::parse(&public_key()).unwrap();
@@ -208,30 +132,15 @@ fn daemon_pushes_hook_builds_to_nginx_and_skips_upstream_paths() {
 #[test]
 fn daemon_retries_failed_uploads_and_reports_attempts() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
-    let www = env.dir.path().join("www");
-    std::fs::create_dir_all(www.join("cache")).unwrap();
-    let nginx = Nginx::start(&www, "");
-    let proxy = FaultProxy::start(
-        nginx.port,
-        1.0,
-        &[
-            Fault::ServerError,
-            Fault::TooManyRequests,
-            Fault::ResetMidBody,
-        ],
-        std::time::Duration::from_secs(3),
-        11,
-    );
+    let faults = [
+        Fault::ServerError,
+        Fault::TooManyRequests,
+        Fault::ResetMidBody,
+    ];
+    let http = HttpCache::with_faults(env.dir.path(), 1.0, &faults, Duration::from_secs(3), 11);
+    let proxy = &http.proxy;
     proxy.only_matching("PUT /cache/nar/");
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"{}/cache\"\nsigning_key_file = \"{}\"\ntimeout_secs = 2",
-            proxy.url(),
-            key.display()
-        ),
-    );
+    configure_signed_target(&env, &http.url(), "timeout_secs = 2");
     let daemon = TestDaemon::start_uploading(env);
     let build = nix_build_with_hook(&daemon.env);
     assert!(build.output.status.success(), "{}", build.stderr());
@@ -251,22 +160,18 @@ fn daemon_retries_failed_uploads_and_reports_attempts() {
     proxy.set_rate(0.3);
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}");
-    assert_every_narinfo_has_its_nar(&www.join("cache"));
-    assert_substitutes(&format!("{}/cache", nginx.url()), &build.outputs);
+    assert_every_narinfo_has_its_nar(&http.dir());
+    assert_nix_substitutes(&http.direct_url(), &public_key(), &build.outputs);
 }
 
 #[test]
 fn daemon_killed_mid_upload_finishes_after_restart() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
     let cache = env.cache_dir();
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"file://{}\"\nsigning_key_file = \"{}\"\ncompression = \"xz\"\ncompression_level = 6",
-            cache.display(),
-            key.display()
-        ),
+    configure_signed_target(
+        &env,
+        &file_url(&env),
+        "compression = \"xz\"\ncompression_level = 6",
     );
     // A large, compressible path, so that xz keeps the daemon busy long enough to be killed mid-upload.
     let big = big_store_path(&env.dir.path().join("big"), 32);
@@ -279,29 +184,12 @@ fn daemon_killed_mid_upload_finishes_after_restart() {
             .is_some_and(|a| !a.is_empty())
     });
     daemon.kill();
-    assert!(!cache.join(format!("{}.narinfo", hash_part(&big))).exists());
+    assert!(!narinfo_file(&cache, &big).exists());
     daemon.restart();
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}");
-    assert!(cache.join(format!("{}.narinfo", hash_part(&big))).exists());
-    let verify = Command::new("nix")
-        .args([
-            "--extra-experimental-features",
-            "nix-command",
-            "store",
-            "verify",
-            "--store",
-        ])
-        .arg(format!("file://{}", cache.display()))
-        .args(["--trusted-public-keys", &public_key()])
-        .arg(&big)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    assert!(narinfo_file(&cache, &big).exists());
+    assert_nix_verifies(&file_url(&daemon.env), &public_key(), &[big]);
 }
 
 /// A store path of `mib` MiB of text, added with `nix-store --add`.
@@ -324,26 +212,16 @@ fn big_store_path(dir: &Path, mib: usize) -> String {
 #[test]
 fn daemon_skips_a_path_garbage_collected_while_queued() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
-    let www = env.dir.path().join("www");
-    std::fs::create_dir_all(www.join("cache")).unwrap();
-    let nginx = Nginx::start(&www, "");
-    let proxy = FaultProxy::start(
-        nginx.port,
+    let http = HttpCache::with_faults(
+        env.dir.path(),
         1.0,
         &[Fault::ServerError],
-        std::time::Duration::ZERO,
+        Duration::ZERO,
         5,
     );
+    let proxy = &http.proxy;
     proxy.only_matching("PUT /cache/nar/");
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"{}/cache\"\nsigning_key_file = \"{}\"\nmax_attempts = 1",
-            proxy.url(),
-            key.display()
-        ),
-    );
+    configure_signed_target(&env, &http.url(), "max_attempts = 1");
     let daemon = TestDaemon::start_uploading(env);
     let path = crate::util::add_store_paths(1).remove(0);
     assert!(daemon.env.run_hook(&[&path], None).status.success());
@@ -375,36 +253,23 @@ fn daemon_skips_a_path_garbage_collected_while_queued() {
             .contains("garbage-collected"),
         "{record}"
     );
-    assert!(!www
-        .join("cache")
-        .join(format!("{}.narinfo", hash_part(&path)))
-        .exists());
+    assert!(!narinfo_file(&http.dir(), &path).exists());
 }
 
 #[test]
 fn daemon_waits_out_a_failing_presence_query_without_spending_attempts() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
-    let www = env.dir.path().join("www");
-    std::fs::create_dir_all(www.join("cache")).unwrap();
-    let nginx = Nginx::start(&www, "");
-    let proxy = FaultProxy::start(
-        nginx.port,
+    let http = HttpCache::with_faults(
+        env.dir.path(),
         1.0,
         &[Fault::ServerError],
-        std::time::Duration::ZERO,
+        Duration::ZERO,
         13,
     );
+    let proxy = &http.proxy;
     // Every HEAD fails: the target cannot say which paths it has, though nothing is wrong with the paths.
     proxy.only_matching("HEAD /cache/");
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"{}/cache\"\nsigning_key_file = \"{}\"\nmax_attempts = 1",
-            proxy.url(),
-            key.display()
-        ),
-    );
+    configure_signed_target(&env, &http.url(), "max_attempts = 1");
     let daemon = TestDaemon::start_uploading(env);
     let paths = crate::util::add_store_paths(2);
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
@@ -440,9 +305,6 @@ fn daemon_waits_out_a_failing_presence_query_without_spending_attempts() {
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}");
     for path in &paths {
-        assert!(www
-            .join("cache")
-            .join(format!("{}.narinfo", hash_part(path)))
-            .exists());
+        assert!(narinfo_file(&http.dir(), path).exists());
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::daemon_upload::{public_key, signing_key};
+use crate::harness::keys::{public_key, signing_key_file};
 use crate::util::{
     add_store_paths, send_signal, wait_until, TestDaemon, TestEnv, DEADLINE, NIXPUSH,
 };
@@ -180,7 +180,7 @@ fn spool_one(env: &TestEnv, path: &str) {
 #[test]
 fn degraded_a_failure_to_check_validity_is_not_final() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
+    let key = signing_key_file(env.dir.path());
     let nix_db = env.dir.path().join("nix-db.sqlite");
     std::os::unix::fs::symlink("/nonexistent/db.sqlite", &nix_db).unwrap();
     let cache = env.cache_dir();

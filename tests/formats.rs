@@ -20,20 +20,11 @@ use nixpush::{base32, derivation, nar};
 use proptest::prelude::*;
 use serde_json::Value;
 
+use crate::harness::nix::NIX_OPTIONS;
+use crate::harness::process::Run;
+
 const STORE: &str = "/nix/store";
 const NIX_DB: &str = "/nix/var/nix/db/db.sqlite";
-/// Build as root without the daemon, a sandbox or any network (see the fixtures README).
-const BUILD_OPTIONS: &[&str] = &[
-    "--option",
-    "build-users-group",
-    "",
-    "--option",
-    "sandbox",
-    "false",
-    "--option",
-    "substituters",
-    "",
-];
 
 fn vectors_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors")
@@ -54,9 +45,7 @@ fn sp(path: &str) -> StorePath {
 
 /// Runs a command and returns its output, panicking with its stderr if it fails.
 fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.run();
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
@@ -90,7 +79,8 @@ fn realised_vectors() -> &'static Vec<StorePath> {
         let out = run_ok(
             Command::new("nix-build")
                 .arg(vectors_dir().join("vectors.nix"))
-                .args(BUILD_OPTIONS)
+                .args(NIX_OPTIONS)
+                .args(["--option", "substituters", ""])
                 .arg("--no-out-link"),
         );
         let mut paths: Vec<StorePath> = stdout_lines(&out).iter().map(|p| sp(p)).collect();
@@ -345,7 +335,7 @@ fn dump_nar_is_nix_store_dump_for_every_store_path() {
         .collect();
     assert!(all.len() >= closure.len());
     for chunk in all.chunks(500) {
-        let out = nixpush().arg("verify").args(chunk).output().unwrap();
+        let out = nixpush().arg("verify").args(chunk).run();
         for line in stdout_lines(&out) {
             if line.starts_with("ok ") {
                 continue;
@@ -355,12 +345,8 @@ fn dump_nar_is_nix_store_dump_for_every_store_path() {
                 .nth(1)
                 .unwrap()
                 .trim_end_matches(':');
-            let ours = nixpush().arg("dump-nar").arg(path).output().unwrap();
-            let theirs = Command::new("nix-store")
-                .arg("--dump")
-                .arg(path)
-                .output()
-                .unwrap();
+            let ours = nixpush().arg("dump-nar").arg(path).run();
+            let theirs = Command::new("nix-store").arg("--dump").arg(path).run();
             if !theirs.status.success() && !Path::new(path).exists() {
                 continue;
             }
@@ -571,8 +557,7 @@ fn verify_reports_corruption_with_both_hashes() {
         .arg("verify")
         .arg(&path)
         .arg("/nix/store/00000000000000000000000000000000-nixpush-missing")
-        .output()
-        .unwrap();
+        .run();
     let _ = Command::new("nix-store").args(["--delete", &path]).output();
 
     let VerifyOutcome::Corrupt {
@@ -687,10 +672,10 @@ fn nix_copy_accepts_our_signed_cache_and_rejects_other_keys() {
             .arg(root)
             .args(["--option", "trusted-public-keys", trusted])
             .args(["--option", "narinfo-cache-negative-ttl", "0"])
-            .args(BUILD_OPTIONS)
+            .args(NIX_OPTIONS)
+            .args(["--option", "substituters", ""])
             .arg(path.as_str())
-            .output()
-            .unwrap()
+            .run()
     };
     let public = key.public_key().to_string();
     let root = dir.path().join("root");
@@ -727,8 +712,7 @@ fn nix_copy_accepts_our_signed_cache_and_rejects_other_keys() {
             &public,
             "--all",
         ])
-        .output()
-        .unwrap();
+        .run();
     assert!(
         out.status.success(),
         "nix store verify: {}",

@@ -16,9 +16,10 @@ mod units;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+use crate::harness::process::{wait_until_within as wait_for, Run};
 
 const NIXPUSH: &str = env!("CARGO_BIN_EXE_nixpush");
 const NIXPUSH_HOOK: &str = env!("CARGO_BIN_EXE_nixpush-hook");
@@ -35,9 +36,7 @@ fn fixtures() -> PathBuf {
 
 /// Runs `command`, panicking if it cannot start.
 fn output(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+    command.run()
 }
 
 /// Runs `command` and returns its stdout, panicking with everything it said if it fails.
@@ -114,12 +113,4 @@ fn installed_service_text(package: &Path) -> String {
     let text = fs::read_to_string(repo().join("systemd/nixpush.service")).unwrap();
     assert!(text.contains(&format!("ExecStart={INSTALLED_BIN_DIR}nixpush daemon")));
     text.replace(INSTALLED_BIN_DIR, &format!("{}/bin/", package.display()))
-}
-
-fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::harness::cache::{hash_part, narinfo_file};
+use crate::harness::keys::{self, signing_key_file};
+use crate::harness::process::{Guard, Run};
+use crate::harness::setup::configure_signed_target;
 use crate::nginx::Nginx;
 use crate::util::{self, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK, NIXPUSH};
 
@@ -43,29 +47,7 @@ fn nixpush(args: &[&str]) -> Output {
     for var in FOREIGN_ENV {
         command.env_remove(var);
     }
-    command.args(args).stdin(Stdio::null()).output().unwrap()
-}
-
-/// The test signing key, copied to `dir` with mode 0600, and its public key in `trusted-public-keys` form.
-fn signing_key(dir: &Path) -> (PathBuf, String) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors/test-key.sec");
-    let file = dir.join("signing-key");
-    fs::copy(&fixture, &file).unwrap();
-    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
-    let public = nixpush::signing::SecretKey::load(&file)
-        .unwrap()
-        .public_key()
-        .to_string();
-    (file, public)
-}
-
-/// The 32-character hash part of a store path.
-fn hash_part(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
-}
-
-fn narinfo_in(root: &Path, path: &str) -> PathBuf {
-    root.join(format!("{}.narinfo", hash_part(path)))
+    command.args(args).stdin(Stdio::null()).run()
 }
 
 /// nginx lines that refuse the narinfo of `path` with 405 (a permanent error; 401/403 would pause the target).
@@ -121,7 +103,7 @@ fn settled(status: &Value) -> bool {
 fn ops_push_to_a_file_cache_without_a_terminal_prints_plain_lines() {
     let env = TestEnv::new();
     let cache = cache_dir(&env, "cache");
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     let paths = util::add_store_paths(2);
     let url = format!("file://{}", cache.display());
     let mut args = vec![
@@ -144,7 +126,7 @@ fn ops_push_to_a_file_cache_without_a_terminal_prints_plain_lines() {
             .find(|l| l.starts_with(&format!("uploaded {path} (")))
             .unwrap_or_else(|| panic!("no upload line for {path}:\n{err}"));
         assert!(line.contains(" zstd, ") && line.ends_with(" s)"), "{line}");
-        assert!(narinfo_in(&cache, path).exists());
+        assert!(narinfo_file(&cache, path).exists());
     }
     assert!(
         err.contains(&format!(
@@ -167,7 +149,7 @@ fn ops_push_json_to_nginx_reports_the_summary() {
     let env = TestEnv::new();
     let root = cache_dir(&env, "www");
     let nginx = Nginx::start(&root, "");
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     env.write_config_with(
         "",
         &format!(
@@ -195,7 +177,7 @@ fn ops_push_json_to_nginx_reports_the_summary() {
     assert!(summary["nar_bytes"].as_u64().unwrap() > 0, "{summary}");
     assert!(summary["file_bytes"].as_u64().unwrap() > 0, "{summary}");
     assert!(summary["wall_time_ms"].is_u64(), "{summary}");
-    assert!(narinfo_in(&root, &paths[0]).exists());
+    assert!(narinfo_file(&root, &paths[0]).exists());
     assert!(err.contains(&format!("uploaded {} (", paths[0])), "{err}");
 }
 
@@ -259,8 +241,7 @@ impl Tmux {
         let output = self
             .command()
             .args(["capture-pane", "-p", "-J", "-t", "push"])
-            .output()
-            .unwrap();
+            .run();
         assert!(output.status.success(), "{}", text(&output.stderr));
         text(&output.stdout)
     }
@@ -281,7 +262,7 @@ impl Drop for Tmux {
 fn ops_push_on_a_terminal_draws_progress_then_the_summary() {
     let env = TestEnv::new();
     let cache = cache_dir(&env, "cache");
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     let paths = util::add_store_paths(2);
     let marker = env.dir.path().join("push-exit");
     let script = env.dir.path().join("push.sh");
@@ -308,9 +289,8 @@ fn ops_push_on_a_terminal_draws_progress_then_the_summary() {
         .command()
         .args(["new-session", "-d", "-s", "push", "-x", "200", "-y", "50"])
         .arg(format!("sh {}", script.display()))
-        .status()
-        .expect("tmux is installed (scripts/install-test-deps)");
-    assert!(started.success());
+        .run();
+    assert!(started.status.success(), "{}", text(&started.stderr));
     wait_until("push in tmux to finish", || marker.exists());
     assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "0");
     let screen = tmux.screen();
@@ -343,7 +323,7 @@ fn ops_status_json_after_a_success_a_failure_and_skips() {
     // nixpush-test-0 lands, -1 is refused by the cache, -2 is excluded.
     let paths = util::add_store_paths(3);
     let nginx = Nginx::start(&root, &refuse_narinfo(&root, &paths[1]));
-    let (key, _) = signing_key(env.dir.path());
+    let key = signing_key_file(env.dir.path());
     env.write_config_with(
         "exclude = [\"*-nixpush-test-2\"]",
         &format!(
@@ -464,14 +444,15 @@ fn ops_status_json_after_a_success_a_failure_and_skips() {
     assert!(text(&output.stdout).contains("nothing to retry"));
 
     // `--watch` on a pipe appends one plain report per interval.
-    let mut watch = Command::new(NIXPUSH)
-        .arg("--config")
-        .arg(config)
-        .args(["status", "--watch", "1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = watch.stdout.take().unwrap();
+    let mut watch = Guard::spawn(
+        Command::new(NIXPUSH)
+            .arg("--config")
+            .arg(config)
+            .args(["status", "--watch", "1"])
+            .stdout(Stdio::piped()),
+        "nixpush status --watch",
+    );
+    let mut stdout = watch.child_mut().stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut seen = String::new();
         let mut buf = [0u8; 4096];
@@ -487,8 +468,7 @@ fn ops_status_json_after_a_success_a_failure_and_skips() {
     while !reader.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    watch.kill().unwrap();
-    watch.wait().unwrap();
+    watch.kill();
     let seen = reader.join().unwrap();
     assert_eq!(seen.matches("daemon:   pid").count(), 2, "{seen}");
     assert_plain("status --watch", &seen);
@@ -511,19 +491,12 @@ impl DoctorSetup {
         let root = cache_dir(&env, "www");
         let token = format!("doctor-{}", util::fresh_nonce());
         let nginx = Nginx::start(&root, &require_token(&token));
-        let (key, public_key) = signing_key(env.dir.path());
+        let public_key = keys::public_key();
         let token_file = env.dir.path().join("auth-token");
         fs::write(&token_file, format!("{token}\n")).unwrap();
         fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
-        env.write_config_with(
-            "",
-            &format!(
-                "url = \"{}\"\nsigning_key_file = \"{}\"\nauth_token_file = \"{}\"",
-                nginx.url(),
-                key.display(),
-                token_file.display()
-            ),
-        );
+        let token_line = format!("auth_token_file = \"{}\"", token_file.display());
+        configure_signed_target(&env, &nginx.url(), &token_line);
         let nix_conf_dir = env.dir.path().join("nix");
         fs::create_dir_all(&nix_conf_dir).unwrap();
         let setup = DoctorSetup {
@@ -570,8 +543,7 @@ impl DoctorSetup {
             .arg("--config")
             .arg(&self.daemon.env.config_path)
             .args(["doctor", "--json"])
-            .output()
-            .unwrap();
+            .run();
         let out = text(&output.stdout);
         let verdict: Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("{e}: {out}\n{}", text(&output.stderr)));
@@ -644,8 +616,7 @@ fn ops_doctor_passes_a_good_setup_and_names_each_broken_one() {
         .arg("--config")
         .arg(&setup.daemon.env.config_path)
         .arg("doctor")
-        .output()
-        .unwrap();
+        .run();
     let report = text(&output.stdout);
     assert!(output.status.success(), "{report}");
     assert_plain("doctor", &report);
@@ -697,20 +668,12 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     let nonce = util::fresh_nonce();
     let (old_token, new_token) = (format!("old-{nonce}"), format!("new-{nonce}"));
     let nginx = Nginx::start(&root, &require_token(&new_token));
-    let (key, _) = signing_key(env.dir.path());
     let secrets = env.dir.path().join("secrets");
     fs::create_dir_all(&secrets).unwrap();
     let token_file = secrets.join("auth-token");
     fs::write(&token_file, &old_token).unwrap();
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"{}\"\nsigning_key_file = \"{}\"\nauth_token_file = \"{}\"",
-            nginx.url(),
-            key.display(),
-            token_file.display()
-        ),
-    );
+    let token_line = format!("auth_token_file = \"{}\"", token_file.display());
+    configure_signed_target(&env, &nginx.url(), &token_line);
     let daemon = TestDaemon::start_uploading(env);
     let paths = util::add_store_paths(1);
     let hook = daemon.env.run_hook(&[&paths[0]], None);
@@ -736,7 +699,7 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     assert!(report.contains("credentials REJECTED"), "{report}");
     let queued = daemon.queued_paths();
     assert_eq!(queued, [paths[0].clone()]);
-    assert!(!narinfo_in(&root, &paths[0]).exists());
+    assert!(!narinfo_file(&root, &paths[0]).exists());
 
     replace_by_rename(&token_file, &format!("{new_token}\n"));
     let status = wait_status(&daemon, "the path to land after rotation", |s| {
@@ -744,7 +707,7 @@ fn ops_token_rotation_by_rename_resumes_a_paused_target_without_restart() {
     });
     assert_eq!(status["target"]["authorized"], true, "{status:#}");
     assert_ne!(status["target"]["state"], "paused", "{status:#}");
-    assert!(narinfo_in(&root, &paths[0]).exists());
+    assert!(narinfo_file(&root, &paths[0]).exists());
 
     let log = daemon.log();
     assert!(log.contains("uploads paused"), "{log}");
@@ -767,7 +730,7 @@ fn ops_signing_key_rotation_by_rename_takes_effect_without_restart() {
     let cache = cache_dir(&env, "cache");
     let secrets = env.dir.path().join("secrets");
     fs::create_dir_all(&secrets).unwrap();
-    let (key_file, _) = signing_key(&secrets);
+    let key_file = signing_key_file(&secrets);
     let old_key = nixpush::signing::SecretKey::load(&key_file).unwrap();
     env.write_config_with(
         "",
@@ -780,7 +743,7 @@ fn ops_signing_key_rotation_by_rename_takes_effect_without_restart() {
     let daemon = TestDaemon::start_uploading(env);
     let paths = util::add_store_paths(2);
     let narinfo = |path: &str| {
-        let text = fs::read_to_string(narinfo_in(&cache, path)).unwrap();
+        let text = fs::read_to_string(narinfo_file(&cache, path)).unwrap();
         nixpush::narinfo::NarInfo::parse(&text, "/nix/store").unwrap()
     };
 

@@ -17,9 +17,11 @@ use nixpush::hash::Sha256Hash;
 use nixpush::narinfo::NarInfo;
 use nixpush::signing::PublicKey;
 
-use crate::daemon_upload::{public_key, signing_key};
-use crate::faultproxy::{Fault, FaultProxy};
-use crate::nginx::Nginx;
+use crate::harness::cache::{assert_nix_verifies, hash_part};
+use crate::harness::faultproxy::Fault;
+use crate::harness::keys::public_key;
+use crate::harness::process::{output, Guard};
+use crate::harness::setup::{configure_signed_target, file_url, signed_target, HttpCache};
 use crate::util::{fresh_nonce, nix, TestDaemon, TestEnv};
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -143,42 +145,6 @@ fn verify_cache(dir: &Path, key: &PublicKey) -> BTreeSet<String> {
     landed
 }
 
-/// Real Nix's opinion of the same cache: `nix store verify` reads every NAR back and checks its hash and the
-/// narinfo's signature.
-fn nix_verifies(cache_url: &str, paths: &[String]) {
-    for chunk in paths.chunks(256) {
-        let out = std::process::Command::new("nix")
-            .args([
-                "--extra-experimental-features",
-                "nix-command",
-                "store",
-                "verify",
-            ])
-            .args([
-                "--store",
-                cache_url,
-                "--trusted-public-keys",
-                public_key().trim(),
-            ])
-            .args(chunk)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nix store verify: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-fn file_target(env: &TestEnv) -> String {
-    format!(
-        "url = \"file://{}\"\nsigning_key_file = \"{}\"",
-        env.cache_dir().display(),
-        signing_key(env).display()
-    )
-}
-
 /// When a cycle's SIGKILL comes, counted from the moment the hooks start.
 #[derive(Debug, Clone, Copy)]
 enum KillPoint {
@@ -197,7 +163,7 @@ fn crash_loop_loses_nothing_acknowledged_or_spooled() {
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
     let env = TestEnv::new();
-    env.write_config_with("", &file_target(&env));
+    configure_signed_target(&env, &file_url(&env), "");
     let key = PublicKey::parse(&public_key()).unwrap();
     let mut made = StorePaths(Vec::new());
     let mut handed_over: Vec<(String, HookResult)> = Vec::new();
@@ -231,20 +197,21 @@ fn crash_loop_loses_nothing_acknowledged_or_spooled() {
         let children: Vec<_> = paths
             .iter()
             .map(|p| {
-                daemon
-                    .env
-                    .hook_command(&[p], None)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap()
+                Guard::spawn(
+                    daemon
+                        .env
+                        .hook_command(&[p], None)
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped()),
+                    "nixpush-hook",
+                )
             })
             .collect();
         // The delay is the experiment (where the kill lands), not a wait for anything.
         std::thread::sleep(Duration::from_millis(delay));
         daemon.kill();
         for (child, path) in children.into_iter().zip(&paths) {
-            let output = child.wait_with_output().unwrap();
+            let output = child.wait_with_output(crate::util::DEADLINE);
             handed_over.push((path.clone(), hook_result(&output, path)));
         }
         eprintln!(
@@ -271,7 +238,11 @@ fn crash_loop_loses_nothing_acknowledged_or_spooled() {
         daemon.log()
     );
     let cache_url = format!("file://{}", daemon.env.cache_dir().display());
-    nix_verifies(&cache_url, &landed.iter().cloned().collect::<Vec<_>>());
+    assert_nix_verifies(
+        &cache_url,
+        &public_key(),
+        &landed.iter().cloned().collect::<Vec<_>>(),
+    );
     let acked = handed_over
         .iter()
         .filter(|(_, r)| *r == HookResult::Acked)
@@ -332,31 +303,19 @@ fn closure_of_text_files(leaves: usize) -> (String, Vec<String>) {
 fn faults_on_the_wire_delay_but_lose_nothing() {
     let started = Instant::now();
     let env = TestEnv::new();
-    let key_file = signing_key(&env);
-    let www = env.dir.path().join("www");
-    std::fs::create_dir_all(www.join("cache")).unwrap();
-    let nginx = Nginx::start(&www, "");
     let seed = env_number("NIXPUSH_PROOF_SEED", 0x5eed_0009);
-    let proxy = FaultProxy::start(
-        nginx.port,
-        0.3,
-        &[
-            Fault::ServerError,
-            Fault::TooManyRequests,
-            Fault::ResetMidBody,
-            Fault::Stall,
-        ],
-        Duration::from_secs(3),
-        seed,
-    );
+    let faults = [
+        Fault::ServerError,
+        Fault::TooManyRequests,
+        Fault::ResetMidBody,
+        Fault::Stall,
+    ];
+    let http = HttpCache::with_faults(env.dir.path(), 0.3, &faults, Duration::from_secs(3), seed);
     // A stall outlasts the 1 s request timeout; per-path retries start at 100 ms so the test stays short.
-    env.write_config_with(
-        "",
-        &format!(
-            "url = \"{}/cache\"\nsigning_key_file = \"{}\"\ntimeout_secs = 1\nretry_base_ms = 100\nmax_attempts = 50",
-            proxy.url(),
-            key_file.display()
-        ),
+    configure_signed_target(
+        &env,
+        &http.url(),
+        "timeout_secs = 1\nretry_base_ms = 100\nmax_attempts = 50",
     );
     let (top, closure) = closure_of_text_files(24);
     let _made = StorePaths(closure.clone());
@@ -369,18 +328,22 @@ fn faults_on_the_wire_delay_but_lose_nothing() {
     assert_eq!(status["failed"], 0, "{status}");
 
     let key = PublicKey::parse(&public_key()).unwrap();
-    let cache = www.join("cache");
+    let cache = http.dir();
     let landed = verify_cache(&cache, &key);
     for path in &closure {
         assert!(landed.contains(path), "{path} not in the cache");
     }
-    nix_verifies(&format!("file://{}", cache.display()), &closure);
+    assert_nix_verifies(
+        &format!("file://{}", cache.display()),
+        &public_key(),
+        &closure,
+    );
     // Attempts per path, from what the proxy saw: PUTs of the NAR and of the narinfo.
-    let stats = &proxy.stats;
+    let stats = &http.proxy.stats;
     let mut total_puts = 0;
     eprintln!("proof: attempts per path (PUT NAR + PUT narinfo; injected faults in brackets):");
     for path in &closure {
-        let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+        let hash = hash_part(path);
         let info = NarInfo::parse(
             &std::fs::read_to_string(cache.join(format!("{hash}.narinfo"))).unwrap(),
             "/nix/store",
@@ -433,17 +396,12 @@ impl Tmpfs {
             .prefix("nixpush-tmpfs")
             .tempdir()
             .unwrap();
-        let out = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .output()
-            .unwrap();
+        let out = output(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+                .arg("tmpfs")
+                .arg(dir.path()),
+        );
         assert!(
             out.status.success(),
             "mount tmpfs (the proof suite runs as root): {}",
@@ -458,11 +416,11 @@ impl Tmpfs {
 
     /// `mount -o remount,OPTION`.
     fn remount(&self, option: &str) {
-        let out = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{option}")])
-            .arg(self.path())
-            .output()
-            .unwrap();
+        let out = output(
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{option}")])
+                .arg(self.path()),
+        );
         assert!(
             out.status.success(),
             "remount {option}: {}",
@@ -503,8 +461,25 @@ fn env_with_state_dir(state: &Path) -> TestEnv {
     let mut env = TestEnv::new();
     env.state_dir = state.join("state");
     env.spool_dir = env.state_dir.join("spool");
-    env.write_config_with("", &file_target(&env));
+    env.write_config_with("", &signed_target(&env, &file_url(&env), ""));
     env
+}
+
+/// Restarts the stopped `daemon` uploading, waits until it drained, verifies the cache, and asserts that every
+/// path in `expected` landed. Returns what landed.
+fn upload_and_verify(daemon: &mut TestDaemon, expected: &[&String]) -> BTreeSet<String> {
+    daemon.set_hold(false);
+    daemon.restart();
+    let status = daemon.wait_drained();
+    assert_eq!(status["failed"], 0, "{status}");
+    let landed = verify_cache(
+        &daemon.env.cache_dir(),
+        &PublicKey::parse(&public_key()).unwrap(),
+    );
+    for path in expected {
+        assert!(landed.contains(*path), "{path} did not land: {landed:?}");
+    }
+    landed
 }
 
 /// Asserts that `text` names `cause` exactly once: a clear error says why, and only once.
@@ -568,18 +543,7 @@ fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
     );
     assert_eq!(daemon.status()["state_dir_error"], serde_json::Value::Null);
     daemon.stop();
-    daemon.set_hold(false);
-    daemon.restart();
-    let status = daemon.wait_drained();
-    assert_eq!(status["failed"], 0, "{status}");
-    let landed = verify_cache(
-        &daemon.env.cache_dir(),
-        &PublicKey::parse(&public_key()).unwrap(),
-    );
-    assert!(
-        landed.contains(&paths[0]) && landed.contains(&paths[2]),
-        "{landed:?}"
-    );
+    let landed = upload_and_verify(&mut daemon, &[&paths[0], &paths[2]]);
     eprintln!(
         "proof: disk full: refused with {stderr:?}; {} queued paths landed and verified; {:.1} s",
         landed.len(),
@@ -606,20 +570,12 @@ fn read_only_state_dir_refuses_to_start_and_loses_nothing_queued() {
     // A running daemon keeps its queue open for writing, which makes the kernel refuse a read-only remount; the
     // filesystem turns read-only while it is down.
     tmpfs.remount("ro");
-    let mut start = std::process::Command::new(crate::util::NIXPUSH)
-        .arg("--config")
-        .arg(&daemon.env.config_path)
-        .arg("daemon")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    crate::util::wait_until(
-        "the daemon to give up on a read-only state directory",
-        || start.try_wait().unwrap().is_some(),
+    let output = output(
+        std::process::Command::new(crate::util::NIXPUSH)
+            .arg("--config")
+            .arg(&daemon.env.config_path)
+            .arg("daemon"),
     );
-    let output = start.wait_with_output().unwrap();
     let error = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(!output.status.success(), "{error}");
     assert_says_once(&error, "Read-only file system");
@@ -635,18 +591,7 @@ fn read_only_state_dir_refuses_to_start_and_loses_nothing_queued() {
     assert!(stderr.contains("will not be pushed"), "{stderr}");
 
     tmpfs.remount("rw");
-    daemon.set_hold(false);
-    daemon.restart();
-    let status = daemon.wait_drained();
-    assert_eq!(status["failed"], 0, "{status}");
-    let landed = verify_cache(
-        &daemon.env.cache_dir(),
-        &PublicKey::parse(&public_key()).unwrap(),
-    );
-    assert!(
-        landed.contains(&paths[0]) && landed.contains(&paths[1]),
-        "{landed:?}"
-    );
+    let landed = upload_and_verify(&mut daemon, &[&paths[0], &paths[1]]);
     eprintln!(
         "proof: disk read-only: daemon said {:?}, hook said {stderr:?}; {} queued paths landed and verified; {:.1} s",
         error.trim(),

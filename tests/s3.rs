@@ -11,7 +11,8 @@ use nixpush::config::{Compression, Config};
 use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 
-use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, Prepared, PyServer};
+use crate::harness::process::Run;
+use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, prepare_all, PyServer};
 use crate::s3s::{S3sFs, ACCESS_KEY, SECRET_KEY};
 
 const BUCKET: &str = "nixpush-test";
@@ -94,15 +95,7 @@ pub fn shared_credentials_file() {
 
 #[test]
 fn server_selftest_against_real_nix() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers/s3_selftest.py");
-    let out = Command::new("python3").arg(script).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    crate::harness::servers::assert_selftest_passes("s3_selftest.py");
 }
 
 #[tokio::test]
@@ -124,10 +117,7 @@ async fn bucket_written_like_nix_and_substituted() {
     assert_eq!(body, b"StoreDir: /nix/store\n");
 
     let paths = build_paths(dir.path(), "s3be", 12 * 1024 * 1024);
-    let prepared: Vec<Prepared> = paths
-        .iter()
-        .map(|p| prepare(p, Compression::Zstd, Some(&key)))
-        .collect();
+    let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     let all: Vec<StorePath> = paths
         .iter()
         .map(|p| StorePath::parse(p, "/nix/store").unwrap())
@@ -235,8 +225,7 @@ fn nixpush_push_fills_a_bucket_nix_reads() {
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("TMPDIR", dir.path())
-        .output()
-        .unwrap();
+        .run();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

@@ -15,6 +15,7 @@ use nixpush::protocol::{self, ErrorKind, Request, Response};
 use proptest::prelude::*;
 use serde_json::Value;
 
+use crate::harness::process::Run;
 use crate::util::{self, TestDaemon, TestEnv, HOOK, NIXPUSH};
 
 fn stderr(output: &Output) -> String {
@@ -232,8 +233,7 @@ fn security_a_registered_symlink_out_of_the_store_uploads_the_link() {
     let uploaded = std::fs::read(&nars[0]).unwrap();
     let dumped = Command::new("nix-store")
         .args(["--dump", &path])
-        .output()
-        .unwrap()
+        .run()
         .stdout;
     assert_eq!(uploaded, dumped);
     assert!(uploaded.windows(7).any(|w| w == b"symlink"));
@@ -391,7 +391,7 @@ const TEST_USER: &str = "nixpush-test";
 
 /// The uid and gid of the unprivileged test user, created if missing.
 fn test_user() -> (u32, u32) {
-    let id = |flag: &str| Command::new("id").args([flag, TEST_USER]).output().unwrap();
+    let id = |flag: &str| Command::new("id").args([flag, TEST_USER]).run();
     if !id("-u").status.success() {
         let output = Command::new("useradd")
             .args([
@@ -401,8 +401,7 @@ fn test_user() -> (u32, u32) {
                 "/usr/sbin/nologin",
             ])
             .arg(TEST_USER)
-            .output()
-            .unwrap();
+            .run();
         // Another test may have created it meanwhile.
         assert!(
             output.status.success() || id("-u").status.success(),
@@ -458,14 +457,13 @@ fn security_socket_and_state_permissions_and_an_unprivileged_user() {
         .arg("--config")
         .arg(&env.config_path)
         .args(["status", "--json"])
-        .output()
-        .unwrap();
+        .run();
     assert!(status.status.success(), "{}", stderr(&status));
     let report: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(report["queued"], 0);
 
     for dir in [&env.state_dir, &env.spool_dir, &env.state_dir.join("queue")] {
-        let listing = as_test_user("ls").arg(dir).output().unwrap();
+        let listing = as_test_user("ls").arg(dir).run();
         assert!(!listing.status.success(), "{} is listable", dir.display());
     }
 
@@ -475,8 +473,7 @@ fn security_socket_and_state_permissions_and_an_unprivileged_user() {
             .envs(env.hook_env())
             .env("OUT_PATHS", path)
             .env("DRV_PATH", "")
-            .output()
-            .unwrap()
+            .run()
     };
     let output = hook(&paths[0]);
     assert!(output.status.success(), "the hook must exit 0");
@@ -489,8 +486,7 @@ fn security_socket_and_state_permissions_and_an_unprivileged_user() {
         .arg("--config")
         .arg(&env.config_path)
         .args(["push", "--via-daemon", &paths[0]])
-        .output()
-        .unwrap();
+        .run();
     assert!(!push.status.success());
     assert!(
         stderr(&push).contains("permission denied"),
@@ -1352,7 +1348,7 @@ async fn security_secrets_never_reach_logs_status_errors_or_state() {
         for (key, value) in envs {
             command.env(key, value);
         }
-        command.output().unwrap()
+        command.run()
     };
     let s3_env = [
         ("AWS_ACCESS_KEY_ID", "AKSECRETS"),

@@ -4,10 +4,11 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use nixpush::protocol::{self, ErrorKind, Response};
 
+use crate::harness::process::{Guard, Run};
 use crate::util::{self, TestDaemon, TestEnv, HOOK};
 
 fn stderr(output: &std::process::Output) -> String {
@@ -97,10 +98,14 @@ fn spine_64_concurrent_hooks_lose_nothing() {
     let paths = util::add_store_paths(64);
     let children: Vec<_> = paths
         .iter()
-        .map(|p| daemon.env.hook_command(&[p], None).spawn().unwrap())
+        .map(|p| {
+            let mut command = daemon.env.hook_command(&[p], None);
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            Guard::spawn(&mut command, "nixpush-hook")
+        })
         .collect();
     for child in children {
-        let output = child.wait_with_output().unwrap();
+        let output = child.wait_with_output(util::DEADLINE);
         // On a loaded machine a hook may miss its deadline and spool; that is allowed, losing a path is not.
         assert!(output.status.success(), "{}", stderr(&output));
     }
@@ -179,8 +184,7 @@ fn spine_unprivileged_hook_is_refused() {
         .envs(daemon.env.hook_env())
         .env("OUT_PATHS", &paths[0])
         .env("DRV_PATH", "")
-        .output()
-        .unwrap();
+        .run();
     assert!(output.status.success(), "the hook must exit 0");
     let message = stderr(&output);
     assert!(
@@ -271,8 +275,7 @@ fn spine_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad() {
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", HOOK])
             .envs(daemon.env.hook_env())
             .env("OUT_PATHS", &paths[0])
-            .output()
-            .unwrap()
+            .run()
     };
     std::fs::write(&daemon.env.config_path, "socket = [nonsense\n").unwrap();
     daemon.signal("HUP");
@@ -315,8 +318,7 @@ fn spine_check_config_names_the_typo_and_line() {
     let output = Command::new(util::NIXPUSH)
         .arg("check-config")
         .arg(fixture.join("config-typo.toml"))
-        .output()
-        .unwrap();
+        .run();
     assert!(!output.status.success());
     let message = stderr(&output);
     assert!(message.contains("compresion"), "{message}");
@@ -325,8 +327,7 @@ fn spine_check_config_names_the_typo_and_line() {
     let output = Command::new(util::NIXPUSH)
         .arg("check-config")
         .arg(fixture.join("config-good.toml"))
-        .output()
-        .unwrap();
+        .run();
     assert!(output.status.success(), "{}", stderr(&output));
     let effective = String::from_utf8(output.stdout).unwrap();
     for needle in [
@@ -362,8 +363,7 @@ fn spine_spool_dir_is_drop_only() {
         )
         .env("NIXPUSH_SPOOL", &daemon.env.spool_dir)
         .env("OUT_PATHS", &paths[0])
-        .output()
-        .unwrap();
+        .run();
     assert!(output.status.success());
     assert!(
         stderr(&output).contains("saved the request"),

@@ -1,4 +1,5 @@
-//! nixpush's integration tests: one binary, real Nix, real servers.
+//! nixpush's integration tests: one binary, real Nix, real servers. `harness/` holds what the tests share; each
+//! other module holds one area's scenarios.
 
 mod cachix;
 mod ci_example;
@@ -7,10 +8,9 @@ mod complete;
 mod daemon_upload;
 mod degraded;
 mod durability;
-mod faultproxy;
 mod formats;
+mod harness;
 mod hook;
-mod nginx;
 mod nixos;
 mod ops;
 mod priority;
@@ -24,3 +24,7 @@ mod spine;
 mod trust;
 mod upload;
 mod util;
+
+#[allow(unused_imports)]
+// Historical paths (`crate::nginx::Nginx`, `crate::faultproxy::FaultProxy`) for the files that use them.
+use harness::{faultproxy, nginx};

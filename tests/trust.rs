@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rand::RngCore;
 
-use crate::daemon_upload::{public_key, signing_key};
 use crate::faultproxy::{Fault, FaultProxy};
+use crate::harness::keys::{public_key, signing_key_file};
 use crate::nginx::Nginx;
 use crate::util::{fresh_nonce, nix, wait_until, TestDaemon, TestEnv, NIXPUSH};
 
@@ -188,7 +188,7 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
     let env = TestEnv::new();
     let dir = env.dir.path();
     let cache = format!("url = \"file://{}/cache\"", dir.display());
-    let good_key = signing_key(&env);
+    let good_key = signing_key_file(env.dir.path());
     let write = |name: &str, bytes: &[u8]| {
         let file = dir.join(name);
         fs::write(&file, bytes).unwrap();
@@ -347,7 +347,7 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
 #[test]
 fn a_full_target_filesystem_is_waited_out_and_uploads_resume_when_it_grows() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
+    let key = signing_key_file(env.dir.path());
     let cache = env.cache_dir();
     let Some(filesystem) = Tmpfs::mount(&cache, "64k") else {
         return;
@@ -393,7 +393,7 @@ fn a_full_target_filesystem_is_waited_out_and_uploads_resume_when_it_grows() {
 #[test]
 fn a_new_target_or_a_cache_that_lost_paths_never_gets_a_narinfo_without_its_references() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
+    let key = signing_key_file(env.dir.path());
     let (cache_a, cache_b) = (
         env.dir.path().join("cache-a"),
         env.dir.path().join("cache-b"),
@@ -451,7 +451,7 @@ fn a_new_target_or_a_cache_that_lost_paths_never_gets_a_narinfo_without_its_refe
 fn a_target_that_echoes_the_request_headers_leaks_no_token() {
     const TOKEN: &str = "trust-echo-token-5f3a9c1e7b";
     let env = TestEnv::new();
-    let key = signing_key(&env);
+    let key = signing_key_file(env.dir.path());
     let token_file = env.dir.path().join("token");
     fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
@@ -527,7 +527,7 @@ fn a_target_that_echoes_the_request_headers_leaks_no_token() {
 #[test]
 fn an_http_target_answering_507_is_waited_out_without_parking() {
     let env = TestEnv::new();
-    let key = signing_key(&env);
+    let key = signing_key_file(env.dir.path());
     let www = env.dir.path().join("www");
     fs::create_dir_all(www.join("cache")).unwrap();
     let nginx = Nginx::start(&www, "");

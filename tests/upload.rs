@@ -2,29 +2,27 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nixpush::backend::{AnyBackend, Credentials};
 use nixpush::config::Config;
 use nixpush::narinfo::NarInfo;
 use nixpush::pathinfo::LocalStore;
-use nixpush::signing::{PublicKey, SecretKey};
+use nixpush::signing::PublicKey;
 use nixpush::store_path::StorePath;
 use nixpush::upload::{
     Engine, LogObserver, MemoryPresentCache, PathOutcome, RootOutcome, Settings,
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::nginx::Nginx;
-
-const BUILD_OPTIONS: [&str; 6] = [
-    "--option",
-    "build-users-group",
-    "",
-    "--option",
-    "sandbox",
-    "false",
-];
+use crate::harness::cache::{assert_nix_substitutes, nix_copy_from};
+use crate::harness::faultproxy::Fault;
+use crate::harness::keys::{public_key, secret_key};
+use crate::harness::nix::NIX_OPTIONS;
+use crate::harness::process::output;
+use crate::harness::setup::HttpCache;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vectors")
@@ -32,12 +30,12 @@ fn fixtures() -> PathBuf {
 
 /// Realises `vectors.nix` (instant once built) and returns the `vec-top` output.
 fn vec_top() -> StorePath {
-    let out = Command::new("nix-build")
-        .arg(fixtures().join("vectors.nix"))
-        .args(BUILD_OPTIONS)
-        .args(["--option", "substituters", "", "--no-out-link", "-A", "top"])
-        .output()
-        .expect("nix-build runs");
+    let out = output(
+        Command::new("nix-build")
+            .arg(fixtures().join("vectors.nix"))
+            .args(NIX_OPTIONS)
+            .args(["--option", "substituters", "", "--no-out-link", "-A", "top"]),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -49,10 +47,6 @@ fn vec_top() -> StorePath {
         .find(|l| l.ends_with("-vec-top"))
         .expect("vec-top output");
     StorePath::parse(line, "/nix/store").unwrap()
-}
-
-fn test_key() -> SecretKey {
-    SecretKey::load(&fixtures().join("test-key.sec")).unwrap()
 }
 
 fn config_for(url: &str, state: &Path) -> Config {
@@ -70,32 +64,11 @@ fn engine(config: &Config) -> Engine<AnyBackend> {
         Arc::new(backend),
         Arc::new(store),
         Settings::from_config(config).unwrap(),
-        Some(test_key()),
+        Some(secret_key()),
         Arc::new(MemoryPresentCache::default()),
         Arc::new(LogObserver),
     )
     .unwrap()
-}
-
-/// Real Nix substitutes `path` from `cache` into a fresh store root, trusting `public_key`.
-pub fn nix_copy_from(cache: &str, path: &StorePath, public_key: &str) -> std::process::Output {
-    let root = tempfile::tempdir().unwrap();
-    Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command", "copy"])
-        .args(["--from", cache, "--to"])
-        .arg(root.path())
-        .args(["--option", "trusted-public-keys", public_key])
-        .args(["--option", "narinfo-cache-negative-ttl", "0"])
-        .args(["--option", "narinfo-cache-positive-ttl", "0"])
-        .arg(path.as_str())
-        .output()
-        .expect("nix copy runs")
-}
-
-fn wrong_key() -> String {
-    nixpush::signing::generate("nixpush-test-1")
-        .public_key()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,9 +100,7 @@ async fn engine_fills_a_file_cache_that_nix_accepts() {
     // References go first.
     assert_eq!(uploaded, ["vec-dep", "vec-top"]);
 
-    let public =
-        PublicKey::parse(&std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap())
-            .unwrap();
+    let public = PublicKey::parse(&public_key()).unwrap();
     for report in &report.paths {
         let text =
             std::fs::read_to_string(cache.join(format!("{}.narinfo", report.path.hash_part())))
@@ -144,19 +115,7 @@ async fn engine_fills_a_file_cache_that_nix_accepts() {
         "StoreDir: /nix/store\n"
     );
 
-    let ok = nix_copy_from(&url, &top, &public.to_string());
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let bad = nix_copy_from(&url, &top, &wrong_key());
-    assert!(!bad.status.success());
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("lacks a valid signature"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
+    assert_nix_substitutes(&url, &public_key(), &[top.as_str().to_owned()]);
 
     // A second push finds everything present and uploads nothing.
     let again = engine
@@ -175,10 +134,8 @@ async fn engine_fills_a_file_cache_that_nix_accepts() {
 async fn engine_fills_nginx_over_http_put() {
     let top = vec_top();
     let dir = tempfile::tempdir().unwrap();
-    let served = dir.path().join("www");
-    std::fs::create_dir_all(served.join("cache")).unwrap();
-    let nginx = Nginx::start(&served, "");
-    let url = format!("{}/cache", nginx.url());
+    let http = HttpCache::start(dir.path());
+    let url = http.direct_url();
     let config = config_for(&url, &dir.path().join("state"));
     let engine = engine(&config);
     nixpush::backend::Backend::prepare(engine.backend().as_ref())
@@ -193,7 +150,7 @@ async fn engine_fills_nginx_over_http_put() {
     );
 
     // NAR before narinfo, dependency before dependant, as nginx saw it.
-    let log = nginx.access_log();
+    let log = http.nginx.access_log();
     let puts: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("\"PUT "))
@@ -208,40 +165,21 @@ async fn engine_fills_nginx_over_http_put() {
         "{puts:?}"
     );
 
-    let public = std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap();
-    let ok = nix_copy_from(&url, &top, &public);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let bad = nix_copy_from(&url, &top, &wrong_key());
-    assert!(!bad.status.success());
+    assert_nix_substitutes(&url, &public_key(), &[top.as_str().to_owned()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_survives_a_faulty_wire() {
-    use crate::faultproxy::{Fault, FaultProxy};
-    use std::sync::atomic::Ordering;
     let top = vec_top();
     let dir = tempfile::tempdir().unwrap();
-    let served = dir.path().join("www");
-    std::fs::create_dir_all(served.join("cache")).unwrap();
-    let nginx = Nginx::start(&served, "");
     let faults = [
         Fault::ServerError,
         Fault::TooManyRequests,
         Fault::ResetMidBody,
         Fault::Stall,
     ];
-    let proxy = FaultProxy::start(
-        nginx.port,
-        0.3,
-        &faults,
-        std::time::Duration::from_secs(3),
-        7,
-    );
-    let url = format!("{}/cache", proxy.url());
+    let http = HttpCache::with_faults(dir.path(), 0.3, &faults, Duration::from_secs(3), 7);
+    let url = http.url();
     let mut config = config_for(&url, &dir.path().join("state"));
     config.target.timeout_secs = 1;
     let engine = engine(&config);
@@ -259,13 +197,13 @@ async fn engine_survives_a_faulty_wire() {
             .push(std::slice::from_ref(&top), &CancellationToken::new())
             .await;
         // Whatever the faults, a published narinfo always has its NAR.
-        for entry in std::fs::read_dir(served.join("cache")).unwrap() {
+        for entry in std::fs::read_dir(http.dir()).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "narinfo") {
                 let info =
                     NarInfo::parse(&std::fs::read_to_string(&path).unwrap(), "/nix/store").unwrap();
                 assert!(
-                    served.join("cache").join(&info.url).exists(),
+                    http.dir().join(&info.url).exists(),
                     "{} has no NAR",
                     path.display()
                 );
@@ -276,39 +214,27 @@ async fn engine_survives_a_faulty_wire() {
         }
     }
     assert!(
-        proxy.stats.faults.load(Ordering::SeqCst) > 0,
+        http.proxy.stats.faults.load(Ordering::SeqCst) > 0,
         "the proxy injected no fault"
     );
-    let public = std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap();
-    let ok = nix_copy_from(&format!("{}/cache", nginx.url()), &top, &public);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    let (ok, stderr) = nix_copy_from(
+        &http.direct_url(),
+        &public_key(),
+        &[top.as_str().to_owned()],
     );
+    assert!(ok, "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_presence_query_is_retried_without_failing_paths() {
-    use crate::faultproxy::{Fault, FaultProxy};
-    use std::sync::atomic::Ordering;
     let top = vec_top();
     let dir = tempfile::tempdir().unwrap();
-    let served = dir.path().join("www");
-    std::fs::create_dir_all(served.join("cache")).unwrap();
-    let nginx = Nginx::start(&served, "");
-    let proxy = FaultProxy::start(
-        nginx.port,
-        0.0,
-        &[Fault::ServerError],
-        std::time::Duration::from_secs(1),
-        3,
-    );
+    let http = HttpCache::with_faults(dir.path(), 0.0, &[Fault::ServerError], Duration::ZERO, 3);
+    let proxy = &http.proxy;
     // Every try the backend makes for one path's HEAD fails, so the whole `missing` query fails once.
     proxy.only_matching(&format!("HEAD /cache/{}.narinfo", top.hash_part()));
     proxy.fail_next(u64::from(nixpush::backend::REQUEST_ATTEMPTS));
-    let url = format!("{}/cache", proxy.url());
-    let config = config_for(&url, &dir.path().join("state"));
+    let config = config_for(&http.url(), &dir.path().join("state"));
     let mut settings = Settings::from_config(&config).unwrap();
     settings.presence_retry = nixpush::upload::retry::Policy {
         base: std::time::Duration::from_millis(20),
@@ -318,7 +244,7 @@ async fn a_failed_presence_query_is_retried_without_failing_paths() {
         Arc::new(AnyBackend::from_config(&config, Credentials::none()).unwrap()),
         Arc::new(LocalStore::open(config.store_dir_str(), &config.nix_db).unwrap()),
         settings,
-        Some(test_key()),
+        Some(secret_key()),
         Arc::new(MemoryPresentCache::default()),
         Arc::new(LogObserver),
     )
@@ -346,11 +272,10 @@ async fn a_failed_presence_query_is_retried_without_failing_paths() {
         "{:?}",
         report.paths
     );
-    let public = std::fs::read_to_string(fixtures().join("test-key.pub")).unwrap();
-    let ok = nix_copy_from(&format!("{}/cache", nginx.url()), &top, &public);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    let (ok, stderr) = nix_copy_from(
+        &http.direct_url(),
+        &public_key(),
+        &[top.as_str().to_owned()],
     );
+    assert!(ok, "{stderr}");
 }

@@ -4,31 +4,18 @@ use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
+
+use crate::harness::process::Guard;
 
 use super::{
     default_file_target, eval_module, fake_package, installed_service_text, strings, succeed,
     wait_for, NIXPUSH,
 };
-
-/// A socket-activated daemon, started the way systemd starts the unit: `systemd-socket-activate` holds the
-/// listening socket and execs the unit's `ExecStart` on the first connection, with `LISTEN_FDS`,
-/// `NOTIFY_SOCKET` and `WATCHDOG_USEC` set.
-struct ActivatedDaemon {
-    child: Child,
-}
-
-impl Drop for ActivatedDaemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Reads sd_notify datagrams until one contains `wanted`.
 fn wait_for_notify(notify: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) {
@@ -94,13 +81,13 @@ fn socket_activation_answers_status(exec_start: &str, environment: &[(String, St
     setenv("NIXPUSH_CONFIG", config.to_str().unwrap());
     setenv("NOTIFY_SOCKET", notify_path.to_str().unwrap());
     setenv("WATCHDOG_USEC", "1000000");
-    let mut daemon = ActivatedDaemon {
-        child: command
-            .args(&words)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("systemd-socket-activate (Debian package systemd) runs"),
-    };
+    // A socket-activated daemon, started the way systemd starts the unit: `systemd-socket-activate` holds the
+    // listening socket and execs the unit's `ExecStart` on the first connection, with `LISTEN_FDS`,
+    // `NOTIFY_SOCKET` and `WATCHDOG_USEC` set.
+    let mut daemon = Guard::spawn(
+        command.args(&words).stdin(Stdio::null()),
+        "systemd-socket-activate (Debian package systemd)",
+    );
     wait_for("the activation socket", Duration::from_secs(10), || {
         fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket())
     });
@@ -118,17 +105,9 @@ fn socket_activation_answers_status(exec_start: &str, environment: &[(String, St
     wait_for_notify(&notify, "READY=1", &mut seen);
     wait_for_notify(&notify, "WATCHDOG=1", &mut seen);
 
-    succeed(
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(daemon.child.id().to_string()),
-    );
-    let mut exit = None;
-    wait_for("the daemon to stop", Duration::from_secs(30), || {
-        exit = daemon.child.try_wait().unwrap();
-        exit.is_some()
-    });
-    assert!(exit.unwrap().success(), "daemon exit: {exit:?}");
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon.wait(Duration::from_secs(30));
+    assert!(exit.success(), "daemon exit: {exit:?}");
     wait_for_notify(&notify, "STOPPING=1", &mut seen);
     // The socket belongs to the socket unit: the daemon must leave it for the next activation.
     assert!(

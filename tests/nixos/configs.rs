@@ -2,10 +2,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use nixpush::config::Config;
+
+use crate::harness::process::Guard;
 
 use super::{
     default_file_target, eval_module, fake_package, output, repo, succeed, wait_for, NIXPUSH,
@@ -84,21 +86,6 @@ fn sample_example_and_module_configs_pass_check_config() {
     assert!(String::from_utf8_lossy(&failed.stderr).contains("workerz"));
 }
 
-/// nginx running `examples/nginx-webdav.conf`, stopped (gracefully, so its workers go too) on drop.
-struct Nginx {
-    child: Child,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
 /// One HTTP/1.0 request; returns the status code and body.
 fn http(port: u16, request: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -173,17 +160,18 @@ fn nginx_webdav_example_takes_uploads_only_with_the_token() {
     .unwrap();
     fs::write(&conf, wrapper(&served)).unwrap();
     check(&conf);
-    let _nginx = Nginx {
-        child: Command::new("nginx")
+    // nginx running `examples/nginx-webdav.conf`; the guard stops it and its workers.
+    let mut nginx = Guard::spawn(
+        Command::new("nginx")
             .arg("-p")
             .arg(tmp.path())
             .arg("-c")
             .arg(&conf)
-            .args(["-g", "daemon off;"])
-            .spawn()
-            .expect("nginx runs"),
-    };
+            .args(["-g", "daemon off;"]),
+        "nginx",
+    );
     wait_for("nginx to listen", Duration::from_secs(10), || {
+        assert!(nginx.is_running(), "nginx exited before it listened");
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
 

@@ -100,7 +100,7 @@ fn flake_outputs_evaluate() {
     let public_key = fs::read_to_string(fixtures().join("vm-test-key.pub")).unwrap();
     assert!(script.contains(public_key.trim()));
     succeed(
-        Command::new("python3")
+        Command::new(crate::harness::servers::python3())
             .args(["-c", "import ast, sys; ast.parse(sys.stdin.read())"])
             .stdin(fs::File::open(write_temp(script).path()).unwrap()),
     );

@@ -2,12 +2,17 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-/// nginx serving `root` at `http://127.0.0.1:<port>/`, accepting PUT. Stopped on drop.
+use nix::sys::signal::Signal;
+
+use super::process::{wait_until_within, Guard};
+
+/// nginx serving `root` at `http://127.0.0.1:<port>/`, accepting PUT. Stopped gracefully (SIGQUIT, so its
+/// workers go too) on drop.
 pub struct Nginx {
-    child: Child,
+    _child: Guard,
     /// The port it listens on.
     pub port: u16,
     _prefix: tempfile::TempDir,
@@ -55,29 +60,30 @@ http {{
         );
         let conf_path = prefix.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(prefix.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("nginx is installed (scripts/install-test-deps)");
-        let nginx = Nginx {
-            child,
+        let mut child = Guard::spawn(
+            Command::new("nginx")
+                .arg("-p")
+                .arg(prefix.path())
+                .arg("-c")
+                .arg(&conf_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+            "nginx",
+        )
+        .stop_signal(Signal::SIGQUIT);
+        wait_until_within(
+            &format!("nginx to listen on {port}"),
+            Duration::from_secs(10),
+            || {
+                assert!(child.is_running(), "nginx exited before it listened");
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        );
+        Nginx {
+            _child: child,
             port,
             _prefix: prefix,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start listening on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        nginx
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -88,24 +94,6 @@ http {{
     /// The access log so far.
     pub fn access_log(&self) -> String {
         std::fs::read_to_string(self._prefix.path().join("logs/access.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-QUIT")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
