@@ -4,7 +4,7 @@
 //! answered with an error naming the problem, logged, and the connection closed; the loop keeps serving everyone
 //! else. The handler takes any `AsyncRead + AsyncWrite`, so tests drive it over `tokio::io::duplex`.
 //!
-//! [`slots`] holds the connection table and its eviction, [`framing`] reads frames, [`control`] answers
+//! `slots` holds the connection table and its eviction, `framing` reads frames, `control` answers
 //! requests.
 
 mod control;
