@@ -638,7 +638,8 @@ pub(crate) mod tests {
 
     const GOLDEN_STATUS: &str = concat!(
         r#"{"version":1,"queued":2,"in_flight":0,"done":0,"failed":1,"refused":1,"skipped":0,"excluded":0,"#,
-        r#""spooled":0,"up_to_date":false,"last_upload_at":null,"state_dir_error":null,"daemon":{"pid":42,"#,
+        r#""spooled":0,"up_to_date":false,"last_upload_at":null,"state_dir_error":null,"queue_damage":null,"#,
+        r#""watcher":{"active":true,"reason":null,"rescan_secs":30},"daemon":{"pid":42,"#,
         r#""started_at":1700000000,"uptime_secs":75,"hold":true},"target":{"url":"file:///var/cache/nix","#,
         r#""state":"hold","message":"uploads held (--hold)","reachable":null,"authorized":null,"#,
         r#""read_url":null,"stats":null,"degraded":null},"in_flight_uploads":[],"#,

@@ -601,6 +601,7 @@ fn ops_doctor_passes_a_good_setup_and_names_each_broken_one() {
             "trusted-public-key",
             "token-file",
             "target",
+            "cache-info",
             "spool",
             "failed-paths",
             "last-upload",
@@ -622,7 +623,7 @@ fn ops_doctor_passes_a_good_setup_and_names_each_broken_one() {
     assert_plain("doctor", &report);
     assert!(report.contains("pass  post-build-hook"), "{report}");
     assert!(
-        report.contains("11 passed, 0 failed, 0 skipped"),
+        report.contains("12 passed, 0 failed, 0 skipped"),
         "{report}"
     );
 

@@ -236,10 +236,10 @@ impl Backend for HttpBackend {
             let response = send(self.request(Method::GET, &url), "GET", &url).await?;
             match response.status() {
                 s if s.is_success() => {
-                    let (bytes, truncated) = bounded_body(response)
+                    let (bytes, complete) = bounded_body(response)
                         .await
                         .map_err(|e| transport_error("GET", &url, &e))?;
-                    if truncated {
+                    if !complete {
                         return Err(Error::Protocol {
                             url: redact_url(&url),
                             message: format!("document larger than {MAX_SMALL_BODY} bytes"),

@@ -648,10 +648,10 @@ impl Backend for S3Backend {
             let (response, shown) = self.send("GET", &url, |c, u| c.get(u)).await?;
             match response.status() {
                 s if s.is_success() => {
-                    let (bytes, truncated) = bounded_body(response)
+                    let (bytes, complete) = bounded_body(response)
                         .await
                         .map_err(|e| transport_error("GET", &shown, &e))?;
-                    if truncated {
+                    if !complete {
                         return Err(Error::Protocol {
                             url: shown,
                             message: "document larger than 64 KiB".to_owned(),
