@@ -347,8 +347,11 @@ pub async fn run(
         };
         if due.is_empty() {
             set_status(&shared, TargetState::Idle, "queue empty");
-            // Nothing waits on the target, so a fault seen earlier holds nothing back.
-            shared.engine.send_modify(|s| s.degraded = None);
+            // Nothing waits on the target, so a fault seen earlier holds nothing back; paths waiting out a
+            // fault are queued, only not due yet, and keep it shown.
+            if shared.queue.next_due_at().is_none() {
+                shared.engine.send_modify(|s| s.degraded = None);
+            }
             let wait = shared
                 .queue
                 .next_due_at()
@@ -516,7 +519,7 @@ async fn run_batch(
             outages.target_faults = outages.target_faults.saturating_add(1);
             let delay = policy.delay(outages.target_faults, None, rand::random());
             tracing::warn!(
-                target = %target,
+                nixpush_target = %target,
                 retry_in_ms = delay.as_millis() as u64,
                 "target degraded: {reason}; trying again in {:.1} s without counting an attempt",
                 delay.as_secs_f64()
@@ -528,10 +531,18 @@ async fn run_batch(
             Some(delay)
         }
         None => {
-            if std::mem::take(&mut outages.target_faults) > 0 {
-                tracing::info!(target = %target, "target healthy again; uploads resumed");
+            // Healed only once the target took something again: a batch that uploaded nothing (its roots not
+            // due yet, or answered from presence alone) says nothing about a full disk.
+            let uploaded = report
+                .roots
+                .iter()
+                .any(|(_, outcome)| matches!(outcome, RootOutcome::Done));
+            if uploaded {
+                if std::mem::take(&mut outages.target_faults) > 0 {
+                    tracing::info!(nixpush_target = %target, "target healthy again; uploads resumed");
+                }
+                shared.engine.send_modify(|s| s.degraded = None);
             }
-            shared.engine.send_modify(|s| s.degraded = None);
             None
         }
     };
