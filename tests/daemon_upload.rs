@@ -280,7 +280,18 @@ fn daemon_waits_out_a_failing_presence_query_without_spending_attempts() {
     wait_until("two batches given back to the queue", || {
         daemon.log().matches("trying the batch again").count() >= 2
     });
-    let status = daemon.status();
+    // Between two batches the paths show as retrying; while a batch runs they are in flight.
+    let mut status = daemon.status();
+    wait_until("every path shown as retrying between batches", || {
+        status = daemon.status();
+        let failed = status["failed_paths"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        paths
+            .iter()
+            .all(|path| failed.iter().any(|p| p["path"] == path.as_str()))
+    });
     assert_eq!(status["failed"], 0, "{status}");
     let failed = status["failed_paths"].as_array().unwrap();
     for path in &paths {

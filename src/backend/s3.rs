@@ -472,14 +472,30 @@ impl S3Backend {
 
     async fn send_parts(&self, key: &str, upload_id: &str, nar: &NarFile<'_>) -> Result<(), Error> {
         let ranges = part_ranges(nar.size, part_size_for(nar.size, self.part_size));
-        let mut etags: Vec<(u32, String)> = stream::iter(ranges)
-            .map(|range| async move {
-                let etag = self.upload_part(key, upload_id, nar, range).await?;
-                Ok::<_, Error>((range.0, etag))
+        // After a failure no new part starts, but the parts already sent are waited for: dropped mid-request,
+        // they could still land after the abort and leave orphaned parts on the server.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let results: Vec<Option<Result<(u32, String), Error>>> = stream::iter(ranges)
+            .map(|range| {
+                let failed = &failed;
+                async move {
+                    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                        return None;
+                    }
+                    let result = self.upload_part(key, upload_id, nar, range).await;
+                    if result.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Some(result.map(|etag| (range.0, etag)))
+                }
             })
             .buffer_unordered(PARALLEL_PARTS)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        let mut etags = Vec::with_capacity(results.len());
+        for result in results.into_iter().flatten() {
+            etags.push(result?);
+        }
         etags.sort_unstable_by_key(|(number, _)| *number);
         self.retrying(|| async {
             let creds = self.credentials();
