@@ -314,15 +314,20 @@ async fn issue_22_aborts_only_its_own_multipart_uploads() {
         !parts.is_empty() && parts.iter().all(|name| name.contains(&foreign)),
         "{parts:?}"
     );
-    let deletes: Vec<String> = proxy
-        .stats
-        .answered
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(target, _)| target.clone())
-        .filter(|t| t.starts_with("DELETE "))
-        .collect();
+    // The proxy logs a request after it has answered it, so the abort's entry may come a moment later.
+    let deletes = || -> Vec<String> {
+        proxy
+            .stats
+            .answered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(target, _)| target.clone())
+            .filter(|t| t.starts_with("DELETE "))
+            .collect()
+    };
+    crate::harness::process::wait_until("the abort in the proxy's log", || !deletes().is_empty());
+    let deletes = deletes();
     assert_eq!(
         deletes.len(),
         1,
