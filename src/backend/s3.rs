@@ -308,23 +308,38 @@ impl S3Backend {
     /// a `412` means it was first, a `409` that its write is in flight (settled by a HEAD).
     /// An unconditional PUT: documents that may be replaced (a re-signed narinfo, listings, logs).
     async fn put_bytes(&self, key: &str, content_type: &str, bytes: Vec<u8>) -> Result<(), Error> {
-        self.retrying(|| async {
-            let creds = self.credentials();
-            let url = self
-                .bucket
-                .put_object(creds.as_deref(), key)
-                .sign(PRESIGN_FOR);
-            let (response, shown) = self
-                .send("PUT", &url, |c, u| {
-                    c.put(u)
-                        .header(CONTENT_TYPE, content_type)
-                        .header(CONTENT_LENGTH, bytes.len())
-                        .body(bytes.clone())
-                })
-                .await?;
-            expect_success("PUT", &shown, response).await.map(drop)
-        })
-        .await
+        self.retrying(|| self.put_object(key, content_type, &bytes, false))
+            .await
+    }
+
+    /// One signed PUT of `bytes`; `if_absent` adds `If-None-Match: *`.
+    async fn put_object(
+        &self,
+        key: &str,
+        content_type: &str,
+        bytes: &[u8],
+        if_absent: bool,
+    ) -> Result<(), Error> {
+        let creds = self.credentials();
+        let url = self
+            .bucket
+            .put_object(creds.as_deref(), key)
+            .sign(PRESIGN_FOR);
+        let (response, shown) = self
+            .send("PUT", &url, |c, u| {
+                let request = c
+                    .put(u)
+                    .header(CONTENT_TYPE, content_type)
+                    .header(CONTENT_LENGTH, bytes.len());
+                let request = if if_absent {
+                    request.header(IF_NONE_MATCH, "*")
+                } else {
+                    request
+                };
+                request.body(bytes.to_vec())
+            })
+            .await?;
+        expect_success("PUT", &shown, response).await.map(drop)
     }
 
     async fn put_bytes_if_absent(
@@ -336,23 +351,7 @@ impl S3Backend {
         let mut tries = 1;
         loop {
             let result = self
-                .retrying(|| async {
-                    let creds = self.credentials();
-                    let url = self
-                        .bucket
-                        .put_object(creds.as_deref(), key)
-                        .sign(PRESIGN_FOR);
-                    let (response, shown) = self
-                        .send("PUT", &url, |c, u| {
-                            c.put(u)
-                                .header(CONTENT_TYPE, content_type)
-                                .header(CONTENT_LENGTH, bytes.len())
-                                .header(IF_NONE_MATCH, "*")
-                                .body(bytes.clone())
-                        })
-                        .await?;
-                    expect_success("PUT", &shown, response).await.map(drop)
-                })
+                .retrying(|| self.put_object(key, content_type, &bytes, true))
                 .await;
             let error = match result {
                 Ok(()) => return Ok(()),
