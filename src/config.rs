@@ -196,6 +196,9 @@ pub struct Config {
     pub present_ttl_secs: u64,
     /// CPU and I/O priority of NAR hashing and compression in the daemon; read at start.
     pub upload_priority: crate::priority::UploadPriority,
+    /// Where the daemon serves Prometheus metrics at `/metrics`: `IP:PORT` (e.g. `127.0.0.1:9464`) or an absolute
+    /// Unix socket path. Unset: nothing listens.
+    pub metrics_listen: Option<String>,
     /// The cache everything is pushed to.
     pub target: Target,
 }
@@ -259,6 +262,7 @@ impl Default for Config {
             client_timeout_ms: 2_000,
             present_ttl_secs: 24 * 3600,
             upload_priority: crate::priority::UploadPriority::Idle,
+            metrics_listen: None,
             target: Target::default(),
         }
     }
@@ -408,6 +412,12 @@ impl Config {
             return Err(invalid("client_timeout_ms", "must be greater than 0"));
         }
         self.socket_mode_bits()?;
+        if let Some(listen) = &self.metrics_listen {
+            crate::metrics::listen::Address::parse(listen).map_err(|problem| Error::Invalid {
+                field: "metrics_listen",
+                problem,
+            })?;
+        }
         for (field, path) in [
             ("socket", &self.socket),
             ("state_dir", &self.state_dir),
@@ -696,6 +706,30 @@ mod tests {
         ] {
             parse(&format!("[target]\nurl = \"{good}\"\n")).unwrap();
         }
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_checked() {
+        assert_eq!(
+            parse("[target]\nurl = \"file:///x\"\n")
+                .unwrap()
+                .metrics_listen,
+            None
+        );
+        for good in ["127.0.0.1:9464", "[::1]:9464", "/run/nixpush/metrics.sock"] {
+            let c = parse(&format!(
+                "metrics_listen = \"{good}\"\n[target]\nurl = \"file:///x\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.metrics_listen.as_deref(), Some(good));
+        }
+        let err = parse("metrics_listen = \"localhost\"\n[target]\nurl = \"file:///x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("metrics_listen") && err.contains("line 1"),
+            "{err}"
+        );
     }
 
     #[test]

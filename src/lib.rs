@@ -37,6 +37,8 @@
 //!   and Cachix (`backend::cachix`: API, multipart upload, keys) each have a module, upstream caches one more.
 //! - [`priority`]: idle CPU and I/O priority for hashing and compression, so uploads yield to builds.
 //! - [`secret`]: secrets that never print.
+//! - [`metrics`]: Prometheus metrics at `/metrics` (`metrics_listen`): the text format, counters, the scrape, the
+//!   listener.
 
 pub mod backend;
 pub mod base32;
@@ -50,6 +52,7 @@ mod excerpt;
 pub mod hash;
 pub mod hook;
 pub mod logging;
+pub mod metrics;
 pub mod nar;
 pub mod narinfo;
 pub mod pathinfo;

@@ -17,6 +17,7 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::SpoolImport;
 use crate::spool;
 use crate::status::WatcherStatus;
 
@@ -213,6 +214,7 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) -> bool {
             return false
         }
         Err(e) => {
+            shared.metrics.spool_import(SpoolImport::Bad);
             match spool::move_aside(spool_dir, path, &e.to_string()) {
                 Ok(moved) => tracing::warn!("{e}; moved it to {}", moved.display()),
                 Err(move_error) => {
@@ -237,6 +239,7 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) -> bool {
             Some(file.owner_uid),
             "spool",
         );
+        shared.metrics.spool_import(SpoolImport::Refused);
         finish(shared, path).await;
         return false;
     }
@@ -250,6 +253,7 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) -> bool {
         .await
     {
         Ok(enqueued) => {
+            shared.metrics.spool_import(SpoolImport::Imported);
             tracing::info!(
                 file = %path.display(),
                 queued = enqueued.queued.len(),
@@ -263,6 +267,7 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) -> bool {
             false
         }
         Err(e @ super::Error::Unchecked(_)) => {
+            shared.metrics.spool_import(SpoolImport::Kept);
             tracing::warn!(
                 "spool file {}: {e}; keeping it for the next scan",
                 path.display()
@@ -270,6 +275,7 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) -> bool {
             true
         }
         Err(e) => {
+            shared.metrics.spool_import(SpoolImport::Kept);
             tracing::error!(
                 "cannot queue spool file {}: {e}; keeping it for the next scan",
                 path.display()

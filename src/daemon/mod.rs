@@ -11,6 +11,7 @@ mod importer;
 mod report;
 pub mod resolve;
 pub mod scheduler;
+mod scrape;
 pub mod secrets;
 pub mod server;
 pub mod shutdown;
@@ -67,6 +68,9 @@ pub enum Error {
     /// Nix could not be asked whether the paths are valid; the request is to be tried again later.
     #[error("{0}; not queued for now, the request will be tried again")]
     Unchecked(String),
+    /// `metrics_listen` could not be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::listen::Error),
 }
 
 /// How the daemon runs.
@@ -135,6 +139,8 @@ pub struct Shared {
     pub queue_damage: OnceLock<queue::Damage>,
     /// Whether the spool watcher runs, for `status`.
     pub watcher: Mutex<WatcherStatus>,
+    /// Events counted for `/metrics`.
+    pub metrics: Arc<crate::metrics::Counters>,
     started_at: SystemTime,
     started: Instant,
 }
@@ -152,6 +158,7 @@ impl Shared {
             hold,
             queue_damage: OnceLock::new(),
             watcher: Mutex::new(WatcherStatus::default()),
+            metrics: Arc::default(),
             started_at: SystemTime::now(),
             started: Instant::now(),
         })
@@ -309,6 +316,8 @@ pub async fn run(
     if let Some(damage) = damage {
         let _ = shared.queue_damage.set(damage);
     }
+    // Before READY=1: a scraper may connect as soon as systemd reports the daemon up.
+    let metrics_endpoint = scrape::start(&shared, stop.clone())?;
     let tasks = TaskTracker::new();
     tasks.spawn(importer::run(shared.clone(), stop.clone()));
     tokio::spawn(watchdog(shared.clone(), stop.clone()));
@@ -317,6 +326,7 @@ pub async fn run(
         reload,
         options.config_path.clone(),
         stop.clone(),
+        metrics_endpoint,
     ));
     if !options.hold {
         // Not on `tasks`: shutdown does not wait for uploads. Whatever is mid-upload stays `uploading` in the
@@ -421,12 +431,13 @@ async fn watchdog(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Re-reads the configuration file on SIGHUP. A file that does not load is refused and the old configuration
-/// stays; `socket` and `state_dir` only change with a restart.
+/// stays; `socket` and `state_dir` only change with a restart; a changed `metrics_listen` is bound anew.
 async fn reload_on_signal(
     shared: Arc<Shared>,
     mut reload: tokio::sync::mpsc::UnboundedReceiver<()>,
     config_path: Option<PathBuf>,
     stop: CancellationToken,
+    metrics_endpoint: scrape::Endpoint,
 ) {
     loop {
         tokio::select! {
@@ -461,6 +472,7 @@ async fn reload_on_signal(
             tracing::warn!("`upload_priority` changes take effect after a restart");
             new.upload_priority = old.upload_priority;
         }
+        new.metrics_listen = metrics_endpoint.reload(&old.metrics_listen, &new.metrics_listen);
         shared.replace_config(new);
         // The scheduler rebuilds its engine for the new configuration, re-reading the token and key.
         shared.work_available.notify_one();

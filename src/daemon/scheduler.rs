@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{AnyBackend, Backend, Credentials, Kind, Target};
 use crate::config::{redact_url, Config};
+use crate::metrics::{Counters, Skip, DEFAULT_TARGET};
 use crate::priority::Pool;
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::status::{InFlightUpload, TargetState};
@@ -110,16 +111,19 @@ impl PresentCache for QueuePresence {
     }
 }
 
-/// Logs every finished path and records the ones that need no retry in the queue's history.
+/// Logs every finished path, counts it for `/metrics`, and records the ones that need no retry in the queue's
+/// history.
 struct DaemonObserver {
     queue: Arc<dyn Queue>,
     /// The target URL (password-redacted), for the `target` log field.
     target: String,
+    metrics: Arc<Counters>,
 }
 
 impl Observer for DaemonObserver {
     fn path_finished(&self, report: &PathReport) {
         upload::log_report(report, Some(&self.target));
+        count_finished(&self.metrics, report);
         let outcome = match report.outcome {
             PathOutcome::Uploaded => Outcome::Uploaded,
             // Every rebuild's closure is mostly paths the cache already has; listing them would bury the
@@ -131,6 +135,27 @@ impl Observer for DaemonObserver {
             PathOutcome::Failed(_) => return,
         };
         record(&*self.queue, report, outcome, None);
+    }
+
+    fn narinfo_uploaded(&self, _path: &crate::store_path::StorePath, bytes: u64) {
+        self.metrics.narinfo_uploaded(DEFAULT_TARGET, bytes);
+    }
+}
+
+/// Counts a finished path, the way `status` totals it.
+fn count_finished(metrics: &Counters, report: &PathReport) {
+    let target = DEFAULT_TARGET;
+    match report.outcome {
+        PathOutcome::Uploaded => metrics.uploaded(
+            target,
+            report.file_size.unwrap_or(0),
+            Duration::from_millis(report.duration_ms.unwrap_or(0)),
+        ),
+        PathOutcome::AlreadyPresent => metrics.skipped(target, Skip::AlreadyPresent),
+        PathOutcome::SkippedUpstream => metrics.skipped(target, Skip::Upstream),
+        PathOutcome::Excluded => metrics.skipped(target, Skip::Excluded),
+        // Counted per queued path once the scheduler has the error (`upload_failed`).
+        PathOutcome::Failed(_) => {}
     }
 }
 
@@ -202,6 +227,7 @@ fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Err
         Arc::new(DaemonObserver {
             queue: Arc::clone(&shared.queue),
             target: target.display_name,
+            metrics: Arc::clone(&shared.metrics),
         }),
     )?;
     engine.set_extra_signing_keys(target.extra_signing_keys);
@@ -550,6 +576,9 @@ async fn run_batch(
         let Some(mut entry) = entries.iter().find(|e| e.path == root).cloned() else {
             continue;
         };
+        if let RootOutcome::Failed(error) = &outcome {
+            shared.metrics.upload_failed(DEFAULT_TARGET, error.class());
+        }
         entry.updated_at_ms = now;
         let result = match outcome {
             RootOutcome::Done => {
@@ -567,6 +596,7 @@ async fn run_batch(
                     duration_ms: None,
                     compression: None,
                 };
+                shared.metrics.skipped(DEFAULT_TARGET, Skip::Gone);
                 record(&*shared.queue, &gone, Outcome::SkippedGone, Some(reason));
                 shared.queue.remove(&root).map(|_| ())
             }

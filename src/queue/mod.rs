@@ -184,6 +184,15 @@ pub struct Counts {
     pub failed: u64,
 }
 
+/// What waits, beyond the counts per state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// When the longest-waiting queued or uploading path was queued (unix ms); `None` when none waits.
+    pub oldest_enqueued_at_ms: Option<u64>,
+    /// Queued paths whose last attempt failed (waiting out a backoff, or due again).
+    pub retrying: u64,
+}
+
 /// How the engine finished with a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -336,6 +345,8 @@ pub trait Queue: Send + Sync {
     fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Entry>, Error>;
     /// Entries per state.
     fn counts(&self) -> Counts;
+    /// The oldest waiting path and the number retrying; as quick as [`Queue::counts`].
+    fn backlog(&self) -> Backlog;
     /// Puts entries left `uploading` by a previous process back to `queued`, due now. Run once at startup.
     fn requeue_interrupted(&self, now_ms: u64) -> Result<usize, Error>;
     /// Requeues failed entries (all, or those listed) with attempts reset; returns the paths requeued.

@@ -24,7 +24,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Counts, Enqueued, Entry, Error, HistoryRecord, Queue, RefusedRecord, State, Totals,
+    Backlog, Counts, Enqueued, Entry, Error, HistoryRecord, Queue, RefusedRecord, State, Totals,
     TotalsReport, HISTORY_CAP, REFUSED_CAP,
 };
 use crate::store_path::StorePath;
@@ -59,10 +59,21 @@ struct Index {
     counts: Counts,
     due: BTreeSet<(u64, StorePath)>,
     since_start: Totals,
+    /// Queued and uploading entries by when they were queued, for the oldest one's age.
+    waiting: BTreeSet<(u64, StorePath)>,
+    /// Queued entries whose last attempt failed.
+    retrying: u64,
 }
 
 impl Index {
     fn add(&mut self, entry: &Entry) {
+        if entry.state != State::Failed {
+            self.waiting
+                .insert((entry.enqueued_at_ms, entry.path.clone()));
+        }
+        if entry.state == State::Queued && entry.last_error.is_some() {
+            self.retrying += 1;
+        }
         match entry.state {
             State::Queued => {
                 self.counts.queued += 1;
@@ -75,6 +86,13 @@ impl Index {
     }
 
     fn remove(&mut self, entry: &Entry) {
+        if entry.state != State::Failed {
+            self.waiting
+                .remove(&(entry.enqueued_at_ms, entry.path.clone()));
+        }
+        if entry.state == State::Queued && entry.last_error.is_some() {
+            self.retrying = self.retrying.saturating_sub(1);
+        }
         match entry.state {
             State::Queued => {
                 self.counts.queued = self.counts.queued.saturating_sub(1);
@@ -543,6 +561,14 @@ impl Queue for SqliteQueue {
         self.lock().index.counts
     }
 
+    fn backlog(&self) -> Backlog {
+        let inner = self.lock();
+        Backlog {
+            oldest_enqueued_at_ms: inner.index.waiting.first().map(|(at, _)| *at),
+            retrying: inner.index.retrying,
+        }
+    }
+
     fn requeue_interrupted(&self, now_ms: u64) -> Result<usize, Error> {
         let mut requeued = 0;
         for entry in self.entries()? {
@@ -776,6 +802,34 @@ mod tests {
             (State::Queued, 0, None)
         );
         assert_eq!(q.counts().queued, 2);
+    }
+
+    #[test]
+    fn backlog_follows_the_oldest_waiting_path_and_the_retrying_ones() {
+        let q = SqliteQueue::temporary().unwrap();
+        assert_eq!(q.backlog(), Backlog::default());
+        q.enqueue(&[path(1)], "hook", 30).unwrap();
+        q.enqueue(&[path(2)], "hook", 10).unwrap();
+        let mut e = q.get(&path(2)).unwrap().unwrap();
+        e.state = State::Uploading;
+        q.set(&e).unwrap();
+        assert_eq!(q.backlog().oldest_enqueued_at_ms, Some(10));
+        e.state = State::Queued;
+        e.last_error = Some("HTTP 500".into());
+        q.set(&e).unwrap();
+        assert_eq!(q.backlog().retrying, 1);
+        // Parked paths wait for `retry`, not for the uploader.
+        e.state = State::Failed;
+        q.set(&e).unwrap();
+        assert_eq!(
+            q.backlog(),
+            Backlog {
+                oldest_enqueued_at_ms: Some(30),
+                retrying: 0
+            }
+        );
+        q.remove(&path(1)).unwrap();
+        assert_eq!(q.backlog().oldest_enqueued_at_ms, None);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 mod documents;
 mod error;
+pub mod failure_class;
 mod in_flight;
 pub mod order;
 pub mod prepare;
@@ -45,6 +46,7 @@ use prepare::PreparedNar;
 
 pub use crate::retry;
 pub use error::Error;
+pub use failure_class::FailureClass;
 pub use presence::{MemoryPresentCache, PresenceMemory, PresentCache, PRESENCE_TRIES};
 pub use report::{
     human_bytes, log_report, upload_line, BatchReport, InFlight, LogObserver, Observer,
@@ -666,6 +668,8 @@ impl<B: Backend + 'static> Engine<B> {
                 if !prepared.file.exists() {
                     prepared.keep();
                 }
+                self.observer
+                    .narinfo_uploaded(&narinfo.store_path, narinfo.render().len() as u64);
                 if let Err(e) = self.put_after_narinfo(&narinfo).await {
                     return Event::Uploaded(i, Err(e));
                 }

@@ -101,6 +101,8 @@ pub trait Observer: Send + Sync {
     fn planned(&self, _plan: &Plan) {}
     /// Called once per closure member, as soon as its outcome is known.
     fn path_finished(&self, report: &PathReport);
+    /// Called when a narinfo of `bytes` (its text) was written for `path`.
+    fn narinfo_uploaded(&self, _path: &StorePath, _bytes: u64) {}
 }
 
 /// An observer that only logs.

@@ -1,6 +1,7 @@
 //! The answers to each request on the hook socket: `enqueue` (validate, resolve, store durably, then ack),
 //! `status`, `list`, `retry`, `drop` and the rest of the control commands, with the checks on who may send them.
 
+use crate::metrics::HookResult;
 use crate::protocol::{
     EntryState, ErrorKind, QueueEntry, Request, Response, MAX_LIST_PAGE, MAX_REFUSALS_SHOWN,
 };
@@ -51,6 +52,7 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             if let Err(reason) = denied() {
                 let input = drv_path.clone().unwrap_or_else(|| out_paths.join(" "));
                 shared.refuse(&input, &reason, peer.uid, "socket");
+                shared.metrics.hook_request(HookResult::Refused);
                 return error(ErrorKind::PermissionDenied, reason);
             }
             let source: String = source.chars().take(32).collect();
@@ -59,7 +61,7 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                 .resolve(drv_path.as_deref(), &out_paths, &config)
                 .await;
             let refused = refusal_messages(&resolved.refused);
-            match shared
+            let answer = match shared
                 .enqueue_durably(&resolved, &source, peer.uid, "socket")
                 .await
             {
@@ -70,7 +72,16 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                     refused,
                 },
                 Err(e) => internal(e),
-            }
+            };
+            shared.metrics.hook_request(match &answer {
+                Response::Ack { .. } => HookResult::Acked,
+                Response::Error {
+                    kind: ErrorKind::Refused,
+                    ..
+                } => HookResult::Refused,
+                _ => HookResult::Error,
+            });
+            answer
         }
         Request::Retry { paths, all } => {
             if let Err(reason) = denied() {

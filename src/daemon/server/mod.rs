@@ -133,6 +133,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let payload = match frame {
             Ok(payload) => payload,
             Err((kind, message)) => {
+                shared
+                    .metrics
+                    .hook_request(crate::metrics::HookResult::Error);
                 return refuse_connection(&mut stream, peer, kind, message).await;
             }
         };
@@ -143,7 +146,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let request = match protocol::decode_request(&payload) {
             Ok(request) => request,
-            Err(e) => return refuse_connection(&mut stream, peer, e.kind(), e.to_string()).await,
+            Err(e) => {
+                shared
+                    .metrics
+                    .hook_request(crate::metrics::HookResult::Error);
+                return refuse_connection(&mut stream, peer, e.kind(), e.to_string()).await;
+            }
         };
         let response = handle(request, peer, shared).await;
         let frame = protocol::encode_response(&response);
