@@ -11,6 +11,7 @@ mod durability;
 mod formats;
 mod harness;
 mod hook;
+mod metrics;
 mod nixos;
 mod ops;
 mod priority;

@@ -9,5 +9,6 @@ pub mod keys;
 pub mod nginx;
 pub mod nix;
 pub mod process;
+pub mod prometheus;
 pub mod servers;
 pub mod setup;
