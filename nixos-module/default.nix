@@ -72,6 +72,7 @@ let
     cfg.settings
     // {
       allowed_users = cfg.allowedUsers ++ (cfg.settings.allowed_users or [ ]);
+      metrics_listen = if cfg.metrics.enable then cfg.metrics.listen else cfg.settings.metrics_listen or null;
       target =
         cfg.settings.target
         // optionalAttrs (cfg.signingKeyFile != null) {
@@ -304,6 +305,26 @@ in
       default = true;
       description = "Run `nixpush check-config` on the generated configuration at build time.";
     };
+
+    metrics.enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Serve Prometheus metrics at `/metrics` on `metrics.listen` (sets `metrics_listen`). No firewall port is
+        opened: for a scraper on another host, listen on an address it can reach and open the port yourself
+        (`networking.firewall.allowedTCPPorts`). examples/prometheus/ has a scrape job and alert rules.
+      '';
+    };
+
+    metrics.listen = mkOption {
+      type = types.str;
+      default = "127.0.0.1:9464";
+      example = "/run/nixpush/metrics.sock";
+      description = ''
+        `IP:PORT`, or an absolute Unix socket path (mode 0660, group nixpush; /run/nixpush is writable by the
+        service). Changed with a reload, without a restart.
+      '';
+    };
   };
 
   config = mkIf cfg.enable (mkMerge [
@@ -316,6 +337,10 @@ in
         {
           assertion = !(cfg.signingKeyFile != null && cfg.settings.target ? signing_key_file);
           message = "Set either services.nixpush.signingKeyFile or settings.target.signing_key_file, not both.";
+        }
+        {
+          assertion = !(cfg.metrics.enable && cfg.settings ? metrics_listen);
+          message = "Set either services.nixpush.metrics.enable (with metrics.listen) or settings.metrics_listen, not both.";
         }
         {
           assertion = !(cfg.authTokenFile != null && cfg.settings.target ? auth_token_file);

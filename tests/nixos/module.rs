@@ -328,3 +328,45 @@ fn example_nixos_configuration_evaluates_against_the_module() {
     )
     .unwrap();
 }
+
+// See: #18
+#[test]
+fn module_metrics_are_off_by_default_and_open_no_port() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let mut services = default_file_target();
+    let config_of = |eval: &Value| {
+        let text = eval["configFile"]["text"].as_str().unwrap().to_owned();
+        Config::parse(&text, Path::new("module.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    };
+    let off = eval_module(&package, &services).unwrap();
+    assert_eq!(config_of(&off).metrics_listen, None);
+
+    services["metrics"] = json!({ "enable": true });
+    let on = eval_module(&package, &services).unwrap();
+    assert_eq!(
+        config_of(&on).metrics_listen.as_deref(),
+        Some("127.0.0.1:9464")
+    );
+    let top: Vec<&str> = on["topLevel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        top.contains(&"systemd") && !top.contains(&"networking"),
+        "{top:?}"
+    );
+
+    services["metrics"]["listen"] = json!("/run/nixpush/metrics.sock");
+    let socket = eval_module(&package, &services).unwrap();
+    assert_eq!(
+        config_of(&socket).metrics_listen.as_deref(),
+        Some("/run/nixpush/metrics.sock")
+    );
+
+    services["settings"]["metrics_listen"] = json!("127.0.0.1:1");
+    let err = eval_module(&package, &services).unwrap_err();
+    assert!(err.contains("settings.metrics_listen, not both"), "{err}");
+}
