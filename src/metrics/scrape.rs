@@ -115,6 +115,16 @@ pub fn blocks(
     (daemon, vec![target])
 }
 
+/// One sample per target, labelled with its name.
+fn per_target<'a>(
+    targets: &'a [TargetBlock],
+    value: impl Fn(&TargetBlock) -> f64 + 'a,
+) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, f64)> + 'a {
+    targets
+        .iter()
+        .map(move |t| (vec![("target", t.name.as_str())], value(t)))
+}
+
 fn flag(value: bool) -> f64 {
     if value {
         1.0
@@ -198,56 +208,32 @@ pub fn render(daemon: &DaemonBlock, targets: &[TargetBlock], counters: &Counters
     out.gauge(
         "nixpush_queue_retrying_paths",
         "Queued paths whose last upload attempt failed.",
-        targets
-            .iter()
-            .map(|t| (vec![("target", t.name.as_str())], t.retrying as f64)),
+        per_target(targets, |t| t.retrying as f64),
     );
     out.gauge(
         "nixpush_queue_oldest_age_seconds",
         "Age of the longest-waiting queued or uploading path; 0 when none waits.",
-        targets.iter().map(|t| {
-            (
-                vec![("target", t.name.as_str())],
-                t.oldest_queued_age_secs as f64,
-            )
-        }),
+        per_target(targets, |t| t.oldest_queued_age_secs as f64),
     );
     out.gauge(
         "nixpush_uploads_in_progress",
         "Store paths being prepared or uploaded right now.",
-        targets.iter().map(|t| {
-            (
-                vec![("target", t.name.as_str())],
-                t.uploads_in_progress as f64,
-            )
-        }),
+        per_target(targets, |t| t.uploads_in_progress as f64),
     );
     out.gauge(
         "nixpush_target_up",
         "1 when the target answered the last request (0: unreachable, or not contacted yet).",
-        targets.iter().map(|t| {
-            (
-                vec![("target", t.name.as_str())],
-                flag(t.reachable == Some(true)),
-            )
-        }),
+        per_target(targets, |t| flag(t.reachable == Some(true))),
     );
     out.gauge(
         "nixpush_target_paused",
         "1 while uploads to the target are paused (credentials refused, state directory full, target unusable).",
-        targets.iter().map(|t| {
-            (
-                vec![("target", t.name.as_str())],
-                flag(t.state == TargetState::Paused),
-            )
-        }),
+        per_target(targets, |t| flag(t.state == TargetState::Paused)),
     );
     out.gauge(
         "nixpush_target_degraded",
         "1 while the target cannot take writes (full, read-only, asking to slow down); uploads resume by themselves.",
-        targets
-            .iter()
-            .map(|t| (vec![("target", t.name.as_str())], flag(t.degraded))),
+        per_target(targets, |t| flag(t.degraded)),
     );
     out.gauge(
         "nixpush_target_state",
