@@ -7,6 +7,7 @@ mod cli;
 mod complete;
 mod daemon_upload;
 mod degraded;
+mod doctor;
 mod durability;
 mod formats;
 mod harness;
