@@ -13,6 +13,7 @@ mod formats;
 mod harness;
 mod hook;
 mod nixos;
+mod offline;
 mod ops;
 mod priority;
 mod proof;
