@@ -1,7 +1,7 @@
 //! How often the scheduler asks a target that is not ready again, and when it says so in the log.
 //!
 //! An offline laptop must not fill the journal, nor wake the radio every few seconds: each failed probe doubles
-//! the wait before the next one, from a first wait to a cap ([`retry::Policy`] without jitter, so the log can say
+//! the wait before the next one, from a first wait to a cap ([`crate::retry::Policy`] without jitter, so the log can say
 //! when the next try comes), and the log gets one line when the target goes down or its trouble changes, one
 //! every [`STILL_DOWN_EVERY`] while it stays down, and one when it is back:
 //!
