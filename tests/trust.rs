@@ -188,6 +188,8 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
     let env = TestEnv::new();
     let dir = env.dir.path();
     let cache = format!("url = \"file://{}/cache\"", dir.display());
+    // Token files matter only to targets that send a token.
+    let http_cache = "url = \"http://127.0.0.1:1/cache\"";
     let good_key = signing_key_file(env.dir.path());
     let write = |name: &str, bytes: &[u8]| {
         let file = dir.join(name);
@@ -241,7 +243,7 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
             ],
         ),
         (
-            format!("{cache}\nauth_token_file = \"{}\"", missing.display()),
+            format!("{http_cache}\nauth_token_file = \"{}\"", missing.display()),
             vec![
                 "line 3".into(),
                 "target.auth_token_file".into(),
@@ -249,7 +251,10 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
             ],
         ),
         (
-            format!("{cache}\nauth_token_file = \"{}\"", token_dir.display()),
+            format!(
+                "{http_cache}\nauth_token_file = \"{}\"",
+                token_dir.display()
+            ),
             vec![
                 "line 3".into(),
                 "cannot read auth token file".into(),
@@ -257,7 +262,10 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
             ],
         ),
         (
-            format!("{cache}\nauth_token_file = \"{}\"", empty_token.display()),
+            format!(
+                "{http_cache}\nauth_token_file = \"{}\"",
+                empty_token.display()
+            ),
             vec!["line 3".into(), "is empty".into()],
         ),
         (

@@ -172,6 +172,13 @@ impl S3Backend {
         S3Backend::with_credentials(url, config, credentials)
     }
 
+    /// Looks for the credentials a backend for `url` would use, sending nothing: `doctor` tells missing keys
+    /// apart from a bucket that does not answer.
+    pub fn find_credentials(url: &str) -> Result<(), Error> {
+        let profile = parse_url(url)?.profile;
+        load_credentials(&CredentialSource { profile }).map(drop)
+    }
+
     fn with_credentials(
         url: &str,
         config: &Config,

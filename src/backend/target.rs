@@ -85,8 +85,32 @@ impl Kind {
         matches!(self, Kind::File)
     }
 
-    /// Reads the token: `auth_token_file`, else [`Kind::token_env_var`].
+    /// The URL scheme, for messages: `file://`, `http(s)://`, `s3://`, `cachix://`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Kind::File => "file://",
+            Kind::Http => "http(s)://",
+            Kind::S3 => "s3://",
+            Kind::Cachix { .. } => "cachix://",
+            Kind::Other => "unknown",
+        }
+    }
+
+    /// Whether requests to this kind of target carry the token: HTTP (bearer) and Cachix do; a directory and S3
+    /// (AWS keys) do not.
+    pub fn uses_token(&self) -> bool {
+        match self {
+            Kind::Http | Kind::Cachix { .. } => true,
+            Kind::File | Kind::S3 | Kind::Other => false,
+        }
+    }
+
+    /// Reads the token: `auth_token_file`, else [`Kind::token_env_var`]. A kind that sends no token reads
+    /// nothing, so an empty or missing token file left in the configuration cannot stop it.
     pub fn load_credentials(&self, config: &Config) -> Result<Credentials, credentials::Error> {
+        if !self.uses_token() {
+            return Ok(Credentials::none());
+        }
         Credentials::load(
             config.target.auth_token_file.as_deref(),
             self.token_env_var(),
@@ -230,6 +254,26 @@ mod tests {
             assert_eq!(found, kind, "{url}");
             assert_eq!(found.token_env_var(), "NIXPUSH_AUTH_TOKEN", "{url}");
             assert_eq!(found.signing_key_env_var(), None, "{url}");
+        }
+    }
+
+    // See: #19
+    #[test]
+    fn only_targets_that_send_a_token_read_the_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty-token");
+        std::fs::write(&empty, "").unwrap();
+        for (url, reads) in [
+            ("file:///tmp/c", false),
+            ("s3://bucket?region=x", false),
+            ("https://cache.example", true),
+            ("cachix://demo", true),
+        ] {
+            let mut config = config(url);
+            config.target.auth_token_file = Some(empty.clone());
+            let kind = Kind::of(&config);
+            assert_eq!(kind.uses_token(), reads, "{url}");
+            assert_eq!(kind.load_credentials(&config).is_err(), reads, "{url}");
         }
     }
 

@@ -75,11 +75,9 @@ pub enum Command {
         after_help = "Exit status:\n  0  done (also when nothing matched)\n  1  the daemon cannot be reached or refused"
     )]
     Retry(queue::RetryArgs),
-    /// Check the whole setup (configuration, daemon, Nix hook and trust, token, key, spool) and say how to fix
-    /// what is wrong; exits 0 only when every check passes.
-    #[command(
-        after_help = "Exit status:\n  0  every check passed or was skipped\n  1  a check failed"
-    )]
+    /// Check the whole setup (configuration, daemon, Nix hook and trust, token, key, target, spool) and say how
+    /// to fix what is wrong, without writing anything; exits 0 unless a check failed (warnings do not count).
+    #[command(after_help = doctor::EXIT_CODES_HELP)]
     Doctor(doctor::Args),
     /// Upload store paths (and their closures) now, without the daemon; or queue them with `--via-daemon`.
     #[command(after_help = push::EXIT_CODES_HELP)]

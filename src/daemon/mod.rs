@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod commit;
 mod importer;
+pub mod probe;
 mod report;
 pub mod resolve;
 pub mod scheduler;

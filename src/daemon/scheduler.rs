@@ -2,9 +2,10 @@
 //! outcome back (done, retry with backoff, parked as failed, skipped because garbage-collected).
 //!
 //! An authentication failure pauses the whole target instead of burning attempts: the paths go back to the queue
-//! unchanged, and uploads resume when the token or key file changes (or SIGHUP), or when a probe every
-//! [`AUTH_PROBE_INTERVAL`] finds the target accepting the credentials again. A token or key rotated while uploads
-//! run normally is re-read before the next batch.
+//! unchanged, and uploads resume when the token or key file changes (or SIGHUP), or when a probe (after
+//! [`AUTH_PROBE_INTERVAL`], then doubling to 5 minutes) finds the target accepting the credentials again. A token or
+//! key rotated while uploads run normally is re-read before the next batch. A target that is not ready (offline,
+//! full) is probed ever less often and logged only when that changes ([`super::probe`]).
 //!
 //! Just over 600 lines with its tests (the waits under paused time); the code itself is one loop and one batch.
 
@@ -26,6 +27,7 @@ use crate::upload::{
     RootOutcome, Settings,
 };
 
+use super::probe::{LogLine, Probes, Trouble};
 use super::{EngineStatus, Shared};
 
 /// How many queued roots one batch takes at most.
@@ -275,6 +277,12 @@ pub async fn run(
     // Set while uploads wait for room in the state directory, so that the wait is logged once.
     let mut state_dir_full = false;
     let mut outages = Outages::default();
+    let mut probes = Probes::target();
+    let mut auth_probes = Probes::new(AUTH_PROBE_INTERVAL, super::probe::MAX_WAIT);
+    // The wait before the next probe of a paused target.
+    let mut auth_wait = AUTH_PROBE_INTERVAL;
+    // Why the engine could not be built last time, so that the retries stay out of the log.
+    let mut build_error: Option<String> = None;
     while !stop.is_cancelled() {
         let config = shared.config();
         // (Re)build on start and after a configuration reload.
@@ -284,11 +292,19 @@ pub async fn run(
         {
             match build(&shared, Arc::clone(&config), &pool) {
                 Ok(b) => {
+                    if build_error.take().is_some() {
+                        tracing::info!("uploads started");
+                    }
                     built = Some(b);
                     paused = false;
                 }
                 Err(e) => {
-                    tracing::error!("cannot start uploads: {e}");
+                    // Tried again every minute: the log says it once per distinct reason.
+                    let message = e.to_string();
+                    if build_error.as_deref() != Some(message.as_str()) {
+                        tracing::error!("cannot start uploads: {message}");
+                        build_error = Some(message);
+                    }
                     set_status(&shared, TargetState::Paused, e.to_string());
                     built = None;
                     wait_for_change(&shared, &stop, &secrets_changed, AUTH_PROBE_INTERVAL).await;
@@ -302,7 +318,7 @@ pub async fn run(
         let engine = Arc::clone(&current.engine);
 
         if paused {
-            wait_for_change(&shared, &stop, &secrets_changed, AUTH_PROBE_INTERVAL).await;
+            wait_for_probe(&shared, &config, &stop, &secrets_changed, auth_wait).await;
             if stop.is_cancelled() {
                 break;
             }
@@ -324,6 +340,15 @@ pub async fn run(
                         "target accepts the credentials again; resuming uploads"
                     );
                 }
+                if let Some(down_for) = probes.recovered(tokio::time::Instant::now()) {
+                    tracing::info!(
+                        nixpush_target = %target,
+                        "target ready again after {}; uploads resume",
+                        crate::status::human_duration(down_for.as_secs())
+                    );
+                }
+                auth_probes.recovered(tokio::time::Instant::now());
+                auth_wait = AUTH_PROBE_INTERVAL;
                 paused = false;
                 shared.engine.send_modify(|s| {
                     s.reachable = Some(true);
@@ -339,12 +364,38 @@ pub async fn run(
                     );
                 }
                 paused = true;
+                auth_wait = auth_probes
+                    .failed(Trouble::Unreachable, None, tokio::time::Instant::now())
+                    .wait;
                 set_reachability(&shared, true, Some(false));
                 set_status(&shared, TargetState::Paused, format!("paused: {e}"));
                 continue;
             }
             Err(e) => {
-                tracing::warn!(nixpush_target = %target, "target not ready: {e}");
+                let trouble = match e.target_fault() {
+                    Some(reason) => Trouble::Degraded(reason),
+                    None => Trouble::Unreachable,
+                };
+                let after = probes.failed(trouble, e.retry_after(), tokio::time::Instant::now());
+                let next = crate::status::human_duration(after.wait.as_secs());
+                match after.log {
+                    Some(LogLine::Down) => tracing::warn!(
+                        nixpush_target = %target,
+                        retry_in_ms = after.wait.as_millis() as u64,
+                        "target not ready: {e}; uploads wait, next try in {next} (waits double up to {})",
+                        crate::status::human_duration(super::probe::MAX_WAIT.as_secs())
+                    ),
+                    Some(LogLine::StillDown(down_for)) => tracing::warn!(
+                        nixpush_target = %target,
+                        retry_in_ms = after.wait.as_millis() as u64,
+                        "target still not ready after {}: {e}",
+                        crate::status::human_duration(down_for.as_secs())
+                    ),
+                    None => tracing::debug!(
+                        nixpush_target = %target,
+                        "target not ready: {e}; next try in {next}"
+                    ),
+                }
                 if let Some(reason) = e.target_fault() {
                     // It answered: full or throttling, not unreachable.
                     shared
@@ -357,7 +408,7 @@ pub async fn run(
                     set_status(&shared, TargetState::Unreachable, e.to_string());
                 }
                 secrets_dirty |=
-                    wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                    wait_for_probe(&shared, &config, &stop, &secrets_changed, after.wait).await;
                 continue;
             }
         }
@@ -454,6 +505,28 @@ async fn wait_for_change(
         _ = shared.work_available.notified() => false,
         _ = secrets_changed.notified() => true,
         _ = tokio::time::sleep(timeout) => false,
+    }
+}
+
+/// Waits `timeout` before the next probe of a target that is not ready. New work does not end the wait (an
+/// offline laptop that builds would otherwise probe after every build); a changed secret, a new configuration or
+/// shutdown does. Returns whether a secret file changed.
+async fn wait_for_probe(
+    shared: &Shared,
+    config: &Arc<Config>,
+    stop: &CancellationToken,
+    secrets_changed: &Notify,
+    timeout: Duration,
+) -> bool {
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() || stop.is_cancelled() || !Arc::ptr_eq(config, &shared.config()) {
+            return false;
+        }
+        if wait_for_change(shared, stop, secrets_changed, left).await {
+            return true;
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod daemon;
+pub mod deadend;
 pub mod faultproxy;
 pub mod keys;
 pub mod nginx;
