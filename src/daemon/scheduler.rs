@@ -1,5 +1,6 @@
 //! Drives the upload engine from the durable queue: takes due paths, uploads their closures, and writes each
-//! outcome back (done, retry with backoff, parked as failed, skipped because garbage-collected).
+//! outcome back (done, retry with backoff, parked as failed, held back by the target's filters, skipped because
+//! garbage-collected).
 //!
 //! An authentication failure pauses the whole target instead of burning attempts: the paths go back to the queue
 //! unchanged, and uploads resume when the token or key file changes (or SIGHUP), or when a probe every
@@ -120,17 +121,18 @@ struct DaemonObserver {
 impl Observer for DaemonObserver {
     fn path_finished(&self, report: &PathReport) {
         upload::log_report(report, Some(&self.target));
-        let outcome = match report.outcome {
-            PathOutcome::Uploaded => Outcome::Uploaded,
+        let (outcome, reason) = match &report.outcome {
+            PathOutcome::Uploaded => (Outcome::Uploaded, None),
             // Every rebuild's closure is mostly paths the cache already has; listing them would bury the
             // uploads in `status`.
             PathOutcome::AlreadyPresent => return,
-            PathOutcome::SkippedUpstream => Outcome::SkippedUpstream,
-            PathOutcome::Excluded => Outcome::Excluded,
+            PathOutcome::SkippedUpstream => (Outcome::SkippedUpstream, None),
+            PathOutcome::Excluded(reason) => (Outcome::Excluded, Some(reason.clone())),
+            PathOutcome::HeldBack(reason) => (Outcome::HeldBack, Some(reason.clone())),
             // Failures are recorded once the scheduler decides between retry and parking.
             PathOutcome::Failed(_) => return,
         };
-        record(&*self.queue, report, outcome, None);
+        record(&*self.queue, report, outcome, reason);
     }
 }
 
@@ -512,7 +514,7 @@ async fn run_batch(
     // backoff of the target's own, their attempts untouched, and `status` shows the target as degraded.
     let fault = report.roots.iter().find_map(|(_, outcome)| match outcome {
         RootOutcome::Failed(e) => e.target_fault(),
-        RootOutcome::Done | RootOutcome::Gone => None,
+        RootOutcome::Done | RootOutcome::Gone | RootOutcome::HeldBack(_) => None,
     });
     let fault_delay = match &fault {
         Some(reason) => {
@@ -571,9 +573,23 @@ async fn run_batch(
                 shared.queue.remove(&root).map(|_| ())
             }
             // Dropped by the operator while it was uploading: do not bring it back.
-            RootOutcome::Failed(_) if matches!(shared.queue.get(&root), Ok(None)) => {
+            RootOutcome::Failed(_) | RootOutcome::HeldBack(_)
+                if matches!(shared.queue.get(&root), Ok(None)) =>
+            {
                 tracing::info!(store_path = %root, "{root} was dropped from the queue while uploading");
                 Ok(())
+            }
+            // Finished for now without spending an attempt: only other filters, or the reference reaching a
+            // cache, can change the answer, so it waits for `nixpush retry` or a new request for the path.
+            RootOutcome::HeldBack(reason) => {
+                tracing::info!(
+                    store_path = %root,
+                    nixpush_target = %target,
+                    "holding back {root} until `nixpush retry` or a new build of it: {reason}"
+                );
+                entry.state = State::HeldBack;
+                entry.last_error = Some(reason);
+                shared.queue.set(&entry)
             }
             RootOutcome::Failed(error) if is_presence_outage(&error) => {
                 entry.last_error = Some(error.to_string());
