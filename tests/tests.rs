@@ -8,6 +8,7 @@ mod complete;
 mod daemon_upload;
 mod degraded;
 mod durability;
+mod filters;
 mod formats;
 mod harness;
 mod hook;
