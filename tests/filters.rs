@@ -211,7 +211,7 @@ fn an_excluded_dependency_no_cache_has_holds_its_referrers_back_until_an_upstrea
     assert_nix_verifies(
         &format!("file://{}", cache.display()),
         &public_key(),
-        &[lib.clone()],
+        std::slice::from_ref(lib),
     );
 
     // Once an upstream serves the excluded path, `retry` lets its referrers through; it stays out.
@@ -283,7 +283,7 @@ fn allow_incomplete_closures_uploads_the_referrer_and_its_narinfo_lists_the_refe
         .into();
     assert_nix_verifies(&url, &public_key(), &uploaded);
     // What the documentation warns of: Nix will not substitute a path whose reference no cache has.
-    let (copied, _) = nix_copy_from(&url, &public_key(), &[app.clone()]);
+    let (copied, _) = nix_copy_from(&url, &public_key(), std::slice::from_ref(app));
     assert!(!copied, "{app} substituted without its reference");
     assert_nix_substitutes(&url, &public_key(), &[p["flt-lib"].clone()]);
 }
@@ -336,7 +336,7 @@ fn include_takes_only_matching_paths_and_holds_back_what_needs_the_rest() {
         assert_no_dangling_references(&cache, &[]),
         vec![lib.clone()]
     );
-    assert_nix_substitutes(&file_url(&env), &public_key(), &[lib.clone()]);
+    assert_nix_substitutes(&file_url(&env), &public_key(), std::slice::from_ref(lib));
 
     // The path include leaves out is served upstream: the rest goes up, and it stays out.
     copy_to(&upstream, secret);
@@ -395,7 +395,7 @@ fn max_nar_size_leaves_a_large_path_out_and_holds_back_its_referrer() {
     assert_eq!(code, Some(0), "{summary:#}\n{stderr}");
     assert_eq!(summary["uploaded"], 2, "{summary:#}");
     assert_eq!(assert_no_dangling_references(&cache, &[]).len(), 2);
-    assert_nix_substitutes(&file_url(&env), &public_key(), &[user.clone()]);
+    assert_nix_substitutes(&file_url(&env), &public_key(), std::slice::from_ref(user));
 }
 
 // See: #18
