@@ -293,9 +293,12 @@ impl<B: Backend + 'static> Engine<B> {
         let memory: Vec<PresenceMemory> = closure
             .iter()
             .zip(&exclusions)
-            .map(|(info, exclusion)| match asked(info, exclusion) {
-                true => self.present.presence(info.path.hash_part()),
-                false => PresenceMemory::Unknown,
+            .map(|(info, exclusion)| {
+                if asked(info, exclusion) {
+                    self.present.presence(info.path.hash_part())
+                } else {
+                    PresenceMemory::Unknown
+                }
             })
             .collect();
         let with = |wanted: PresenceMemory, passing_only: bool| -> HashSet<&StorePath> {
