@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::byte_size::ByteSize;
+
 /// Where the daemon and the CLI look when neither `--config` nor `NIXPUSH_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixpush/config.toml";
 /// Socket path compiled into the hook and used when the config does not say otherwise.
@@ -188,7 +190,8 @@ pub struct Config {
     pub allowed_groups: Vec<String>,
     /// Binary caches whose paths are never uploaded. Empty turns upstream skipping off.
     pub upstream: Vec<String>,
-    /// Glob patterns over store path names (`<hash>-<name>`) that are never pushed.
+    /// Glob patterns of store paths never pushed to any target (see [`crate::upload::filter`] for what they
+    /// match); a target's own `exclude` adds to these.
     pub exclude: Vec<String>,
     /// How long a socket client may take to send its request, in milliseconds.
     pub client_timeout_ms: u64,
@@ -243,6 +246,16 @@ pub struct Target {
     pub part_size: u64,
     /// Per-request timeout towards the target, in seconds (covers idle time, not the whole body).
     pub timeout_secs: u64,
+    /// Glob patterns: when any is given, only paths that match one are pushed to this target.
+    pub include: Vec<String>,
+    /// Glob patterns of paths never pushed to this target, besides the top-level `exclude`. Exclusion wins
+    /// over `include`.
+    pub exclude: Vec<String>,
+    /// Paths whose NAR is larger are not pushed to this target: bytes, or a size such as `"2GiB"`.
+    pub max_nar_size: Option<ByteSize>,
+    /// Push a path even when a reference of it is filtered out and neither the target nor an upstream has it.
+    /// Nix then refuses to substitute that path unless the reference comes from somewhere else.
+    pub allow_incomplete_closures: bool,
 }
 
 impl Default for Config {
@@ -288,6 +301,10 @@ impl Default for Target {
             cachix_api: DEFAULT_CACHIX_API.to_owned(),
             part_size: 32 * 1024 * 1024,
             timeout_secs: 60,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            max_nar_size: None,
+            allow_incomplete_closures: false,
         }
     }
 }
@@ -314,6 +331,10 @@ impl fmt::Debug for Target {
             .field("cachix_api", &self.cachix_api)
             .field("part_size", &self.part_size)
             .field("timeout_secs", &self.timeout_secs)
+            .field("include", &self.include)
+            .field("exclude", &self.exclude)
+            .field("max_nar_size", &self.max_nar_size)
+            .field("allow_incomplete_closures", &self.allow_incomplete_closures)
             .finish()
     }
 }
@@ -430,13 +451,8 @@ impl Config {
         if self.store_dir.to_str().is_none() {
             return Err(invalid("store_dir", "must be valid UTF-8"));
         }
-        for pattern in &self.exclude {
-            globset::Glob::new(pattern).map_err(|e| Error::Invalid {
-                field: "exclude",
-                problem: format!("has an invalid pattern {pattern:?}: {e}"),
-            })?;
-        }
-        Ok(())
+        check_patterns("exclude", &self.exclude)?;
+        self.target.validate_filters()
     }
 
     /// `file://` URLs name an absolute directory; no URL carries a query parameter nixpush would ignore.
@@ -526,6 +542,37 @@ impl Config {
         shown.target.compression_level = Some(self.compression_level());
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
+}
+
+impl Target {
+    /// Checks the filter keys: valid globs, a size that parses. Errors name the key and the value.
+    pub fn validate_filters(&self) -> Result<(), Error> {
+        check_patterns("target.include", &self.include)?;
+        check_patterns("target.exclude", &self.exclude)?;
+        if let Some(size) = &self.max_nar_size {
+            size.bytes().map_err(|e| Error::Invalid {
+                field: "target.max_nar_size",
+                problem: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `max_nar_size` in bytes; `None` when unset (or invalid, which `validate` refuses first).
+    pub fn max_nar_size_bytes(&self) -> Option<u64> {
+        self.max_nar_size.as_ref().and_then(|s| s.bytes().ok())
+    }
+}
+
+/// Each of `patterns` is a valid glob.
+fn check_patterns(field: &'static str, patterns: &[String]) -> Result<(), Error> {
+    for pattern in patterns {
+        globset::Glob::new(pattern).map_err(|e| Error::Invalid {
+            field,
+            problem: format!("has an invalid pattern {pattern:?}: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// Replaces the password of `scheme://user:password@host/…` and secret-looking query values with `***`. A URL
@@ -706,6 +753,58 @@ mod tests {
         ] {
             parse(&format!("[target]\nurl = \"{good}\"\n")).unwrap();
         }
+    }
+
+    // See: #18
+    #[test]
+    fn filter_keys_live_in_the_target_and_bad_values_name_key_value_and_line() {
+        let c = parse(
+            "exclude = [\"*-source\"]\n[target]\nurl = \"file:///x\"\ninclude = [\"app-*\"]\n\
+             exclude = [\"*-doc\"]\nmax_nar_size = \"2GiB\"\nallow_incomplete_closures = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.exclude, vec!["*-source".to_owned()]);
+        assert_eq!(c.target.include, vec!["app-*".to_owned()]);
+        assert_eq!(c.target.exclude, vec!["*-doc".to_owned()]);
+        assert_eq!(c.target.max_nar_size_bytes(), Some(2 << 30));
+        assert!(c.target.allow_incomplete_closures);
+        let back = parse(&c.to_effective_toml()).unwrap();
+        assert_eq!(back.target.max_nar_size_bytes(), Some(2 << 30));
+        assert_eq!(
+            parse("[target]\nurl = \"file:///x\"\nmax_nar_size = 1000\n")
+                .unwrap()
+                .target
+                .max_nar_size_bytes(),
+            Some(1000)
+        );
+
+        let err = parse("[target]\nurl = \"file:///x\"\nmax_nar_size = \"2 gigs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("target.max_nar_size")
+                && err.contains("\"2 gigs\"")
+                && err.contains("line 3"),
+            "{err}"
+        );
+        let err = parse("[target]\nurl = \"file:///x\"\n\ninclude = [\"app-[\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("target.include") && err.contains("app-[") && err.contains("line 4"),
+            "{err}"
+        );
+        let err = parse("[target]\nurl = \"file:///x\"\nexclude = [\"{a\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("target.exclude") && err.contains("line 3"),
+            "{err}"
+        );
+        let err = parse("exclude = [\"[\"]\n[target]\nurl = \"file:///x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`exclude`") && err.contains("line 1"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! Data flows one way: hook → protocol → queue → scheduler → upload → backend.
 //!
-//! - [`config`]: the TOML configuration, its defaults and validation.
+//! - [`config`]: the TOML configuration, its defaults and validation; [`byte_size`]: sizes such as `"2GiB"` in it.
 //! - [`store_path`]: validated store paths.
 //! - [`base32`], [`hash`]: Nix base32 and SHA-256 hash strings.
 //! - [`nar`]: NAR serialisation (streaming writer), a validating reader, and listings built from the stream.
@@ -30,8 +30,8 @@
 //! - [`logging`]: journald or stderr.
 //! - [`retry`]: the one backoff policy type, used per path, per request and for Cachix.
 //! - [`upload`]: the engine ([`upload::Engine`]), with the dependency ordering ([`upload::order`]), what the
-//!   target and upstreams hold ([`upload::presence`]), NAR preparation, reports and log lines
-//!   ([`upload::report`]).
+//!   target and upstreams hold ([`upload::presence`]), which paths a target takes ([`upload::filter`]: include,
+//!   exclude, size, closure safety), NAR preparation, reports and log lines ([`upload::report`]).
 //! - [`backend`]: where NARs go; the only code that speaks to a cache. [`backend::target`] decides what a target
 //!   is (backend, token, signing key, name, identity) for the daemon, `push` and `doctor`; `file://`, HTTP, S3
 //!   and Cachix (`backend::cachix`: API, multipart upload, keys) each have a module, upstream caches one more.
@@ -43,6 +43,7 @@
 pub mod backend;
 pub mod base32;
 pub mod buildlog;
+pub mod byte_size;
 pub mod cache_info;
 pub mod cli;
 pub mod config;

@@ -204,6 +204,8 @@ pub enum EntryState {
     Uploading,
     /// Parked after too many attempts or a permanent error, until retried.
     Failed,
+    /// Held back by the target's filters (`last_error` says why), until retried.
+    HeldBack,
 }
 
 /// Classes of [`Response::Error`].

@@ -7,7 +7,8 @@
 //!  "up_to_date":false,"last_upload_at":null,"state_dir_error":null,
 //!  "daemon":{"pid":4242,"started_at":1732600000,"uptime_secs":12,"hold":true},
 //!  "target":{"url":"file:///var/cache/nix","state":"hold","message":"uploads held (--hold)",
-//!            "reachable":null,"authorized":null,"read_url":null,"stats":null,"degraded":null},
+//!            "reachable":null,"authorized":null,"read_url":null,"stats":null,"degraded":null,
+//!            "filtered":{"excluded":0,"held_back":0,"waiting_for_retry":0,"recent":[]}},
 //!  "in_flight_uploads":[],"recent":[],"failed_paths":[],
 //!  "refused_requests":[{"input":"/tmp/x","reason":"not inside the store directory /nix/store","peer_uid":0,
 //!                       "source":"socket","at_ms":1732600005000}],
@@ -46,7 +47,7 @@ pub struct StatusReport {
     pub refused: u64,
     /// Paths since start that needed no upload: already in the target, served upstream, or garbage-collected.
     pub skipped: u64,
-    /// Paths since start that matched `exclude`.
+    /// Paths since start that the target's filters left out (`include`, `exclude`, `max_nar_size`).
     pub excluded: u64,
     /// Spool files waiting to be imported.
     pub spooled: u64,
@@ -141,6 +142,37 @@ pub struct TargetInfo {
     /// cannot: uploads wait and resume by themselves. `null` when healthy.
     #[serde(default)]
     pub degraded: Option<String>,
+    /// What the target's filters left out, and why.
+    #[serde(default)]
+    pub filtered: FilterStatus,
+}
+
+/// What a target's filters (`include`, `exclude`, `max_nar_size`) left out: paths excluded, and paths held back
+/// because a reference of theirs is excluded and no cache has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FilterStatus {
+    /// Paths excluded since the daemon started.
+    pub excluded: u64,
+    /// Paths held back since the daemon started.
+    pub held_back: u64,
+    /// Requested paths held back now: they wait for `nixpush retry` (or a new build of them).
+    pub waiting_for_retry: u64,
+    /// The latest paths left out, with the reason, newest first.
+    pub recent: Vec<FilteredPath>,
+}
+
+/// One path a target's filters left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilteredPath {
+    /// The store path.
+    pub path: StorePath,
+    /// `excluded` or `held_back`.
+    pub outcome: Outcome,
+    /// Which rule excluded it, or which reference holds it back.
+    pub reason: String,
+    /// Unix time (ms) of the decision.
+    pub at_ms: u64,
 }
 
 /// How the target is doing.
@@ -213,12 +245,14 @@ pub enum Outcome {
     AlreadyPresent,
     /// An upstream cache serves it.
     SkippedUpstream,
-    /// Matched an `exclude` pattern.
+    /// Filtered out by the target's `include`, `exclude` or `max_nar_size`.
     Excluded,
     /// Garbage-collected before it could be uploaded.
     SkippedGone,
     /// Gave up on it.
     Failed,
+    /// Held back: a reference of it is filtered out and no cache has it.
+    HeldBack,
 }
 
 /// One finished path.
@@ -265,7 +299,7 @@ pub struct Totals {
     pub already_present: u64,
     /// Paths an upstream cache serves.
     pub skipped_upstream: u64,
-    /// Paths matching `exclude`.
+    /// Paths filtered out (`include`, `exclude`, `max_nar_size`).
     pub excluded: u64,
     /// Paths garbage-collected before upload.
     pub skipped_gone: u64,
@@ -275,6 +309,8 @@ pub struct Totals {
     pub nar_bytes: u64,
     /// Compressed bytes uploaded.
     pub file_bytes: u64,
+    /// Paths held back because a reference of theirs is filtered out and no cache has it.
+    pub held_back: u64,
 }
 
 /// Totals since the daemon started and since its queue was created.
@@ -313,6 +349,11 @@ impl StatusReport {
             format!(
                 "up to date ({last}), but new paths will wait: {}",
                 self.target.message
+            )
+        } else if self.up_to_date && self.target.filtered.waiting_for_retry > 0 {
+            format!(
+                "up to date: nothing waiting ({last}); {} path(s) held back by the target's filters",
+                self.target.filtered.waiting_for_retry
             )
         } else if self.up_to_date {
             format!("up to date: nothing waiting ({last})")
@@ -398,6 +439,7 @@ impl StatusReport {
             totals_line(&self.totals.since_start)
         );
         let _ = writeln!(out, "all time:    {}", totals_line(&self.totals.all_time));
+        render_filtered(&mut out, &self.target.filtered, now_secs);
         if !self.in_flight_uploads.is_empty() {
             out.push_str("\nuploading:\n");
             for u in &self.in_flight_uploads {
@@ -491,19 +533,41 @@ impl StatusReport {
     }
 }
 
+/// The filters' counts and recent decisions, when they left anything out.
+fn render_filtered(out: &mut String, filtered: &FilterStatus, now_secs: u64) {
+    if filtered.excluded == 0 && filtered.held_back == 0 && filtered.recent.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "filters:     {} excluded, {} held back since start; {} held back until `nixpush retry`",
+        filtered.excluded, filtered.held_back, filtered.waiting_for_retry
+    );
+    for f in &filtered.recent {
+        let _ = writeln!(
+            out,
+            "  {}  {}: {}  {} ago",
+            f.path,
+            outcome_name(f.outcome),
+            f.reason,
+            human_duration(now_secs.saturating_sub(f.at_ms / 1000))
+        );
+    }
+}
+
 /// Compressed size as a percentage of the NAR size.
 fn ratio(nar_bytes: u64, file_bytes: u64) -> Option<f64> {
     (nar_bytes > 0).then(|| file_bytes as f64 * 100.0 / nar_bytes as f64)
 }
 
-/// `3 uploaded (12.3 MiB NAR → 3.1 MiB stored, 25 %), 4 skipped, 1 excluded, 0 failed`.
+/// `3 uploaded (12.3 MiB NAR → 3.1 MiB stored, 25 %), 4 skipped (…), 1 excluded, 0 held back, 0 failed`.
 fn totals_line(t: &Totals) -> String {
     let ratio = ratio(t.nar_bytes, t.file_bytes)
         .map(|p| format!(", {p:.0} %"))
         .unwrap_or_default();
     format!(
         "{} uploaded ({} NAR → {} stored{ratio}), {} skipped ({} already there, {} upstream, {} gone), \
-         {} excluded, {} failed",
+         {} excluded, {} held back, {} failed",
         t.uploaded,
         human_bytes(t.nar_bytes),
         human_bytes(t.file_bytes),
@@ -512,6 +576,7 @@ fn totals_line(t: &Totals) -> String {
         t.skipped_upstream,
         t.skipped_gone,
         t.excluded,
+        t.held_back,
         t.failed
     )
 }
@@ -539,6 +604,7 @@ fn outcome_name(outcome: Outcome) -> &'static str {
         Outcome::Excluded => "excluded",
         Outcome::SkippedGone => "skipped (gone)",
         Outcome::Failed => "failed",
+        Outcome::HeldBack => "held back",
     }
 }
 
@@ -591,6 +657,7 @@ pub(crate) mod tests {
                 read_url: None,
                 stats: None,
                 degraded: None,
+                filtered: FilterStatus::default(),
             },
             in_flight_uploads: vec![],
             recent: vec![],
@@ -631,10 +698,27 @@ pub(crate) mod tests {
         }];
         report.totals.all_time.uploaded = 7;
         report.totals.since_start.file_bytes = 216;
+        report.totals.since_start.excluded = 1;
+        report.totals.since_start.held_back = 1;
+        report.target.filtered = FilterStatus {
+            excluded: 1,
+            held_back: 1,
+            waiting_for_retry: 1,
+            recent: vec![FilteredPath {
+                path: report.failed_paths[0].path.clone(),
+                outcome: Outcome::HeldBack,
+                reason: HELD_BACK_REASON.into(),
+                at_ms: 1_700_000_080_000,
+            }],
+        };
         assert_eq!(serde_json::to_string(&report).unwrap(), GOLDEN_STATUS);
         let back: StatusReport = serde_json::from_str(GOLDEN_STATUS).unwrap();
         assert_eq!(back, report);
     }
+
+    const HELD_BACK_REASON: &str =
+        "reference /nix/store/a7hnr9dcmx3qkkn8a20g7md1wya5zc9l-secret is excluded \
+        (matches exclude pattern \"*-secret\") and neither the target nor an upstream has it";
 
     const GOLDEN_STATUS: &str = concat!(
         r#"{"version":1,"queued":2,"in_flight":0,"done":0,"failed":1,"refused":1,"skipped":0,"excluded":0,"#,
@@ -642,7 +726,11 @@ pub(crate) mod tests {
         r#""watcher":{"active":true,"reason":null,"rescan_secs":30},"daemon":{"pid":42,"#,
         r#""started_at":1700000000,"uptime_secs":75,"hold":true},"target":{"url":"file:///var/cache/nix","#,
         r#""state":"hold","message":"uploads held (--hold)","reachable":null,"authorized":null,"#,
-        r#""read_url":null,"stats":null,"degraded":null},"in_flight_uploads":[],"#,
+        r#""read_url":null,"stats":null,"degraded":null,"filtered":{"excluded":1,"held_back":1,"#,
+        r#""waiting_for_retry":1,"recent":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","#,
+        r#""outcome":"held_back","reason":"reference /nix/store/a7hnr9dcmx3qkkn8a20g7md1wya5zc9l-secret is "#,
+        r#"excluded (matches exclude pattern \"*-secret\") and neither the target nor an upstream has it","#,
+        r#""at_ms":1700000080000}]}},"in_flight_uploads":[],"#,
         r#""recent":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","#,
         r#""outcome":"skipped_upstream","nar_size":400,"file_size":null,"duration_ms":12,"#,
         r#""reason":"served by https://cache.nixos.org","finished_at_ms":1700000080000}],"#,
@@ -650,9 +738,10 @@ pub(crate) mod tests {
         r#""attempts":10,"last_error":"HTTP 500","next_attempt_at":null}],"#,
         r#""refused_requests":[{"input":"/tmp/x","reason":"not inside the store directory /nix/store","#,
         r#""peer_uid":0,"source":"socket","at_ms":1700000070000}],"totals":{"since_start":{"uploaded":0,"#,
-        r#""already_present":0,"skipped_upstream":0,"excluded":0,"skipped_gone":0,"failed":0,"#,
-        r#""nar_bytes":0,"file_bytes":216},"all_time":{"uploaded":7,"already_present":0,"#,
-        r#""skipped_upstream":0,"excluded":0,"skipped_gone":0,"failed":0,"nar_bytes":0,"file_bytes":0}}}"#,
+        r#""already_present":0,"skipped_upstream":0,"excluded":1,"skipped_gone":0,"failed":0,"#,
+        r#""nar_bytes":0,"file_bytes":216,"held_back":1},"all_time":{"uploaded":7,"already_present":0,"#,
+        r#""skipped_upstream":0,"excluded":0,"skipped_gone":0,"failed":0,"nar_bytes":0,"file_bytes":0,"#,
+        r#""held_back":0}}}"#,
     );
 
     #[test]
@@ -700,7 +789,7 @@ pub(crate) mod tests {
         object.remove("last_upload_at");
         object.remove("state_dir_error");
         let target = object["target"].as_object_mut().unwrap();
-        for key in ["reachable", "authorized", "read_url", "stats"] {
+        for key in ["reachable", "authorized", "read_url", "stats", "filtered"] {
             target.remove(key);
         }
         let back: StatusReport = serde_json::from_value(json).unwrap();
@@ -734,6 +823,7 @@ pub(crate) mod tests {
             read_url: Some("http://127.0.0.1:8080".into()),
             stats: Some(serde_json::json!({"paths": 12, "size": "3 GiB"})),
             degraded: None,
+            filtered: FilterStatus::default(),
         };
         report.recent = vec![FinishedPath {
             path: path("hello-2.12"),
@@ -786,6 +876,57 @@ pub(crate) mod tests {
         assert!(text.contains("credentials REJECTED"), "{text}");
         assert!(
             text.contains("512 B / 2.0 KiB (25 %)  preparing, 3s"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_counts_what_the_filters_left_out_with_their_reasons() {
+        let now = 1_700_000_100;
+        let mut report = sample();
+        report.daemon.hold = false;
+        report.queued = 0;
+        report.failed = 0;
+        report.failed_paths.clear();
+        report.up_to_date = true;
+        report.target.filtered = FilterStatus {
+            excluded: 2,
+            held_back: 1,
+            waiting_for_retry: 1,
+            recent: vec![
+                FilteredPath {
+                    path: path("app"),
+                    outcome: Outcome::HeldBack,
+                    reason: HELD_BACK_REASON.into(),
+                    at_ms: (now - 5) * 1000,
+                },
+                FilteredPath {
+                    path: path("secret"),
+                    outcome: Outcome::Excluded,
+                    reason: "matches exclude pattern \"*-secret\"".into(),
+                    at_ms: (now - 5) * 1000,
+                },
+            ],
+        };
+        let text = report.render(now);
+        let first = text.lines().next().unwrap();
+        assert!(
+            first.starts_with("up to date")
+                && first.ends_with("1 path(s) held back by the target's filters"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "filters:     2 excluded, 1 held back since start; 1 held back until `nixpush retry`"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("-app  held back: {HELD_BACK_REASON}  5s ago")),
+            "{text}"
+        );
+        assert!(
+            text.contains("-secret  excluded: matches exclude pattern \"*-secret\"  5s ago"),
             "{text}"
         );
     }

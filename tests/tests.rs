@@ -9,6 +9,7 @@ mod daemon_upload;
 mod degraded;
 mod doctor;
 mod durability;
+mod filters;
 mod formats;
 mod harness;
 mod hook;

@@ -70,7 +70,7 @@ pub enum Command {
         after_help = "Exit status:\n  0  done\n  1  the daemon cannot be reached or refused"
     )]
     Queue(queue::Args),
-    /// Requeue failed paths now (the same as `queue retry`).
+    /// Requeue failed and held-back paths now (the same as `queue retry`).
     #[command(
         after_help = "Exit status:\n  0  done (also when nothing matched)\n  1  the daemon cannot be reached or refused"
     )]

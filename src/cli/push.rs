@@ -2,7 +2,8 @@
 //! engine and configuration. What CI jobs and `nix run .#cachix-push` use; `--via-daemon` queues instead.
 //!
 //! On a terminal it draws progress bars; otherwise (CI logs) it prints one plain line per finished path and a
-//! summary every ten seconds. It ends with a summary (`--json` for scripts) and exits 1 if anything failed.
+//! summary every ten seconds. It ends with a summary (`--json` for scripts) and exits 1 if anything failed, 3 if
+//! the target's filters held a requested path back.
 
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal};
@@ -71,6 +72,9 @@ pub struct Args {
     /// Print the summary as JSON on standard output.
     #[arg(long)]
     json: bool,
+    /// Ignore the filters (`exclude`, and the target's `include`, `exclude` and `max_nar_size`): push every path.
+    #[arg(long)]
+    no_filter: bool,
 }
 
 /// `--compression` values.
@@ -102,8 +106,10 @@ pub struct Summary {
     pub already_present: usize,
     /// Paths an upstream cache serves.
     pub skipped_upstream: usize,
-    /// Paths matching `exclude`.
+    /// Paths the filters left out (`include`, `exclude`, `max_nar_size`).
     pub excluded: usize,
+    /// Paths held back: a reference of each is filtered out and neither the target nor an upstream has it.
+    pub held_back: Vec<Failure>,
     /// Requested paths no longer in the store.
     pub gone: Vec<StorePath>,
     /// Paths that failed, with the reason.
@@ -116,7 +122,7 @@ pub struct Summary {
     pub wall_time_ms: u64,
 }
 
-/// One failed path.
+/// One path that did not reach the cache, with the reason (failed or held back).
 #[derive(Debug, Serialize)]
 pub struct Failure {
     /// The path.
@@ -125,12 +131,19 @@ pub struct Failure {
     pub reason: String,
 }
 
+/// Exit status when nothing failed but the filters held a requested path back.
+const EXIT_HELD_BACK: u8 = 3;
+
 /// The exit codes, for `push --help`.
 pub(super) const EXIT_CODES_HELP: &str = "\
 Exit status:
-  0  every path is in the cache (uploaded now, already there, or served upstream)
+  0  every path is in the cache (uploaded now, already there, or served upstream), or left out by the filters
   1  a path failed, or the push could not start (the summary or message says why)
-  2  the command line is wrong";
+  2  the command line is wrong
+  3  nothing failed, but a requested path was held back: a reference of it is filtered out (include, exclude,
+     max_nar_size) and neither the target nor an upstream has it, so uploading it would leave the cache with
+     a narinfo whose references it lacks. The summary names the reference. Change the filters, push the
+     reference elsewhere, set allow_incomplete_closures = true, or pass --no-filter";
 
 pub(super) fn run(config_path: Option<&Path>, mut args: Args) -> anyhow::Result<ExitCode> {
     let cache = leading_cache(&args.paths);
@@ -258,6 +271,12 @@ fn push_config(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Config
     if let Some(w) = args.workers {
         config.target.workers = Some(w);
     }
+    if args.no_filter {
+        config.exclude.clear();
+        config.target.include.clear();
+        config.target.exclude.clear();
+        config.target.max_nar_size = None;
+    }
     if args.no_upstream {
         config.upstream.clear();
     } else if !args.upstream.is_empty() {
@@ -357,6 +376,7 @@ async fn push(
     let mut pending = roots;
     let mut tally = Tally::default();
     let mut root_failures = Vec::new();
+    let mut roots_held_back = 0;
     for round in 1..=PUSH_ROUNDS {
         let report = engine.push_paths(&pending, closure, &cancel).await;
         for path in &report.paths {
@@ -369,6 +389,8 @@ async fn push(
             match outcome {
                 RootOutcome::Done => {}
                 RootOutcome::Gone => summary.gone.push(root),
+                // Final for this push: only other filters or caches change the answer.
+                RootOutcome::HeldBack(_) => roots_held_back += 1,
                 RootOutcome::Failed(e) if e.is_retryable() && round < PUSH_ROUNDS => {
                     retry.push(root)
                 }
@@ -405,10 +427,12 @@ async fn push(
     } else {
         eprint!("{}", render_summary(&summary));
     }
-    Ok(if summary.failed.is_empty() && summary.gone.is_empty() {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if !summary.failed.is_empty() || !summary.gone.is_empty() {
         ExitCode::FAILURE
+    } else if roots_held_back > 0 {
+        ExitCode::from(EXIT_HELD_BACK)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
@@ -444,7 +468,11 @@ impl Tally {
                 }
                 PathOutcome::AlreadyPresent => summary.already_present += 1,
                 PathOutcome::SkippedUpstream => summary.skipped_upstream += 1,
-                PathOutcome::Excluded => summary.excluded += 1,
+                PathOutcome::Excluded(_) => summary.excluded += 1,
+                PathOutcome::HeldBack(reason) => summary.held_back.push(Failure {
+                    path: report.path.clone(),
+                    reason: reason.clone(),
+                }),
                 PathOutcome::Failed(reason) => summary.failed.push(Failure {
                     path: report.path.clone(),
                     reason: reason.clone(),
@@ -456,8 +484,13 @@ impl Tally {
 
 /// The human summary.
 pub fn render_summary(s: &Summary) -> String {
+    // The held-back count only when there is one, so the line reads as before for a target without filters.
+    let held_back = match s.held_back.len() {
+        0 => String::new(),
+        n => format!(", {n} held back"),
+    };
     let mut out = format!(
-        "pushed to {}: {} uploaded, {} already present, {} skipped (upstream), {} excluded, {} failed\n",
+        "pushed to {}: {} uploaded, {} already present, {} skipped (upstream), {} excluded{held_back}, {} failed\n",
         s.target,
         s.uploaded,
         s.already_present,
@@ -485,6 +518,9 @@ pub fn render_summary(s: &Summary) -> String {
     }
     for path in &s.gone {
         out.push_str(&format!("  gone: {path} is no longer in the store\n"));
+    }
+    for held in &s.held_back {
+        out.push_str(&format!("  held back: {}: {}\n", held.path, held.reason));
     }
     for failure in &s.failed {
         out.push_str(&format!("  failed: {}: {}\n", failure.path, failure.reason));
@@ -650,7 +686,8 @@ impl Observer for Progress {
             PathOutcome::Uploaded => upload_line(report),
             PathOutcome::AlreadyPresent => format!("present  {}", report.path),
             PathOutcome::SkippedUpstream => format!("upstream {}", report.path),
-            PathOutcome::Excluded => format!("excluded {}", report.path),
+            PathOutcome::Excluded(reason) => format!("excluded {} ({reason})", report.path),
+            PathOutcome::HeldBack(reason) => format!("held back {}: {reason}", report.path),
             PathOutcome::Failed(reason) => format!("failed   {}: {reason}", report.path),
         };
         match &self.bars {
@@ -658,7 +695,7 @@ impl Observer for Progress {
                 bars.overall.set_message(self.paths_message());
                 if matches!(
                     report.outcome,
-                    PathOutcome::Uploaded | PathOutcome::Failed(_)
+                    PathOutcome::Uploaded | PathOutcome::Failed(_) | PathOutcome::HeldBack(_)
                 ) {
                     bars.multi.suspend(|| eprintln!("{line}"));
                 }

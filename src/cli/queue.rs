@@ -36,7 +36,7 @@ enum Action {
 /// Arguments of `retry` (and `queue retry`).
 #[derive(Debug, clap::Args)]
 pub struct RetryArgs {
-    /// Every failed path, and every path waiting out a backoff.
+    /// Every failed or held-back path, and every path waiting out a backoff.
     #[arg(long, conflicts_with = "paths")]
     all: bool,
     /// The paths to retry (store paths, or links to them such as ./result).
@@ -47,7 +47,7 @@ pub struct RetryArgs {
     json: bool,
 }
 
-/// Requeues failed paths (and paths waiting for their next attempt) to be tried now.
+/// Requeues failed and held-back paths (and paths waiting for their next attempt) to be tried now.
 pub(super) fn retry(config_path: Option<&Path>, args: RetryArgs) -> anyhow::Result<ExitCode> {
     let config = super::client_config(config_path)?;
     // `./result` and friends name the store path they point at; anything else goes as typed, and the daemon
@@ -72,7 +72,7 @@ pub(super) fn retry(config_path: Option<&Path>, args: RetryArgs) -> anyhow::Resu
         println!("{}", serde_json::json!({ "requeued": paths }));
     } else if paths.is_empty() {
         println!(
-            "nothing to retry: no failed or waiting path matched (`nixpush queue` lists the queue)"
+            "nothing to retry: no failed, held-back or waiting path matched (`nixpush queue` lists the queue)"
         );
     } else {
         println!("requeued {} path(s)", paths.len());

@@ -5,8 +5,8 @@
 use crate::config::redact_url;
 use crate::queue::{self, Outcome, State};
 use crate::status::{
-    self, DaemonInfo, FailedPath, FinishedPath, RefusedRequest, StatusReport, TargetInfo,
-    STATUS_VERSION,
+    self, DaemonInfo, FailedPath, FilterStatus, FilteredPath, FinishedPath, RefusedRequest,
+    StatusReport, TargetInfo, STATUS_VERSION,
 };
 
 use super::Shared;
@@ -17,6 +17,8 @@ const RECENT_SHOWN: usize = 20;
 const REFUSED_SHOWN: usize = 20;
 /// Failing paths shown.
 const FAILED_SHOWN: usize = 100;
+/// Paths left out by the filters shown.
+const FILTERED_SHOWN: usize = 20;
 
 pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
     let config = shared.config();
@@ -24,23 +26,32 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
     let totals = shared.queue.totals()?;
     let engine = shared.engine.borrow().clone();
     let mut failed_paths = Vec::new();
-    if counts.failed > 0 || counts.queued > 0 {
+    let mut held_back_now = Vec::new();
+    if counts.failed > 0 || counts.queued > 0 || counts.held_back > 0 {
         for entry in shared.queue.entries()? {
+            if entry.state == State::HeldBack && held_back_now.len() < FILTERED_SHOWN {
+                held_back_now.push(FilteredPath {
+                    reason: entry.last_error.clone().unwrap_or_default(),
+                    path: entry.path.clone(),
+                    outcome: status::Outcome::HeldBack,
+                    at_ms: entry.updated_at_ms,
+                });
+            }
             let state = match entry.state {
                 State::Failed => "failed",
                 State::Queued if entry.last_error.is_some() => "retrying",
-                State::Queued | State::Uploading => continue,
+                // Shown with the target's filters, not as failing.
+                State::Queued | State::Uploading | State::HeldBack => continue,
             };
-            failed_paths.push(FailedPath {
-                next_attempt_at: (entry.state == State::Queued)
-                    .then_some(entry.next_attempt_at_ms / 1000),
-                path: entry.path,
-                state: state.to_owned(),
-                attempts: entry.attempts,
-                last_error: entry.last_error,
-            });
-            if failed_paths.len() == FAILED_SHOWN {
-                break;
+            if failed_paths.len() < FAILED_SHOWN {
+                failed_paths.push(FailedPath {
+                    next_attempt_at: (entry.state == State::Queued)
+                        .then_some(entry.next_attempt_at_ms / 1000),
+                    path: entry.path,
+                    state: state.to_owned(),
+                    attempts: entry.attempts,
+                    last_error: entry.last_error,
+                });
             }
         }
     }
@@ -101,6 +112,12 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
             read_url: info.and_then(|i| i.read_url.as_deref().map(crate::secret::scrub)),
             stats: info.and_then(|i| i.stats.clone()).map(scrub_json),
             degraded: engine.degraded.as_deref().map(crate::secret::scrub),
+            filtered: FilterStatus {
+                excluded: since.excluded,
+                held_back: since.held_back,
+                waiting_for_retry: counts.held_back,
+                recent: filtered_recent(held_back_now, &shared.queue.recent(queue::HISTORY_CAP)?),
+            },
         },
         in_flight_uploads: engine.in_flight.clone(),
         recent: shared
@@ -123,6 +140,32 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
     })
 }
 
+/// The paths held back now (from the queue), then the history's later filter decisions on other paths, newest
+/// first, at most [`FILTERED_SHOWN`].
+fn filtered_recent(
+    mut held_back_now: Vec<FilteredPath>,
+    history: &[queue::HistoryRecord],
+) -> Vec<FilteredPath> {
+    for record in history {
+        if held_back_now.len() >= FILTERED_SHOWN {
+            break;
+        }
+        if !matches!(record.outcome, Outcome::Excluded | Outcome::HeldBack)
+            || held_back_now.iter().any(|f| f.path == record.path)
+        {
+            continue;
+        }
+        held_back_now.push(FilteredPath {
+            path: record.path.clone(),
+            outcome: record.outcome.into(),
+            reason: record.reason.clone().unwrap_or_default(),
+            at_ms: record.finished_at_ms,
+        });
+    }
+    held_back_now.sort_by_key(|f| std::cmp::Reverse(f.at_ms));
+    held_back_now
+}
+
 impl From<Outcome> for status::Outcome {
     fn from(outcome: Outcome) -> status::Outcome {
         match outcome {
@@ -132,6 +175,7 @@ impl From<Outcome> for status::Outcome {
             Outcome::Excluded => status::Outcome::Excluded,
             Outcome::SkippedGone => status::Outcome::SkippedGone,
             Outcome::Failed => status::Outcome::Failed,
+            Outcome::HeldBack => status::Outcome::HeldBack,
         }
     }
 }
@@ -171,6 +215,7 @@ impl From<queue::Totals> for status::Totals {
             excluded: totals.excluded,
             skipped_gone: totals.skipped_gone,
             failed: totals.failed,
+            held_back: totals.held_back,
             nar_bytes: totals.nar_bytes,
             file_bytes: totals.file_bytes,
         }

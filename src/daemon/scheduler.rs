@@ -1,5 +1,6 @@
 //! Drives the upload engine from the durable queue: takes due paths, uploads their closures, and writes each
-//! outcome back (done, retry with backoff, parked as failed, skipped because garbage-collected).
+//! outcome back (done, retry with backoff, parked as failed, held back by the target's filters, skipped because
+//! garbage-collected).
 //!
 //! An authentication failure pauses the whole target instead of burning attempts: the paths go back to the queue
 //! unchanged, and uploads resume when the token or key file changes (or SIGHUP), or when a probe (after
@@ -126,17 +127,18 @@ impl Observer for DaemonObserver {
     fn path_finished(&self, report: &PathReport) {
         upload::log_report(report, Some(&self.target));
         count_finished(&self.metrics, report);
-        let outcome = match report.outcome {
-            PathOutcome::Uploaded => Outcome::Uploaded,
+        let (outcome, reason) = match &report.outcome {
+            PathOutcome::Uploaded => (Outcome::Uploaded, None),
             // Every rebuild's closure is mostly paths the cache already has; listing them would bury the
             // uploads in `status`.
             PathOutcome::AlreadyPresent => return,
-            PathOutcome::SkippedUpstream => Outcome::SkippedUpstream,
-            PathOutcome::Excluded => Outcome::Excluded,
+            PathOutcome::SkippedUpstream => (Outcome::SkippedUpstream, None),
+            PathOutcome::Excluded(reason) => (Outcome::Excluded, Some(reason.clone())),
+            PathOutcome::HeldBack(reason) => (Outcome::HeldBack, Some(reason.clone())),
             // Failures are recorded once the scheduler decides between retry and parking.
             PathOutcome::Failed(_) => return,
         };
-        record(&*self.queue, report, outcome, None);
+        record(&*self.queue, report, outcome, reason);
     }
 
     fn narinfo_uploaded(&self, _path: &crate::store_path::StorePath, bytes: u64) {
@@ -147,7 +149,7 @@ impl Observer for DaemonObserver {
 /// Counts a finished path, the way `status` totals it.
 fn count_finished(metrics: &Counters, report: &PathReport) {
     let target = DEFAULT_TARGET;
-    match report.outcome {
+    match &report.outcome {
         PathOutcome::Uploaded => metrics.uploaded(
             target,
             report.file_size.unwrap_or(0),
@@ -155,7 +157,8 @@ fn count_finished(metrics: &Counters, report: &PathReport) {
         ),
         PathOutcome::AlreadyPresent => metrics.skipped(target, Skip::AlreadyPresent),
         PathOutcome::SkippedUpstream => metrics.skipped(target, Skip::Upstream),
-        PathOutcome::Excluded => metrics.skipped(target, Skip::Excluded),
+        PathOutcome::Excluded(_) => metrics.skipped(target, Skip::Excluded),
+        PathOutcome::HeldBack(_) => metrics.skipped(target, Skip::HeldBack),
         // Counted per queued path once the scheduler has the error (`upload_failed`).
         PathOutcome::Failed(_) => {}
     }
@@ -611,7 +614,7 @@ async fn run_batch(
     // backoff of the target's own, their attempts untouched, and `status` shows the target as degraded.
     let fault = report.roots.iter().find_map(|(_, outcome)| match outcome {
         RootOutcome::Failed(e) => e.target_fault(),
-        RootOutcome::Done | RootOutcome::Gone => None,
+        RootOutcome::Done | RootOutcome::Gone | RootOutcome::HeldBack(_) => None,
     });
     let fault_delay = match &fault {
         Some(reason) => {
@@ -674,9 +677,23 @@ async fn run_batch(
                 shared.queue.remove(&root).map(|_| ())
             }
             // Dropped by the operator while it was uploading: do not bring it back.
-            RootOutcome::Failed(_) if matches!(shared.queue.get(&root), Ok(None)) => {
+            RootOutcome::Failed(_) | RootOutcome::HeldBack(_)
+                if matches!(shared.queue.get(&root), Ok(None)) =>
+            {
                 tracing::info!(store_path = %root, "{root} was dropped from the queue while uploading");
                 Ok(())
+            }
+            // Finished for now without spending an attempt: only other filters, or the reference reaching a
+            // cache, can change the answer, so it waits for `nixpush retry` or a new request for the path.
+            RootOutcome::HeldBack(reason) => {
+                tracing::info!(
+                    store_path = %root,
+                    nixpush_target = %target,
+                    "holding back {root} until `nixpush retry` or a new build of it: {reason}"
+                );
+                entry.state = State::HeldBack;
+                entry.last_error = Some(reason);
+                shared.queue.set(&entry)
             }
             RootOutcome::Failed(error) if is_presence_outage(&error) => {
                 entry.last_error = Some(error.to_string());

@@ -80,17 +80,20 @@ pub enum Skip {
     AlreadyPresent,
     /// An upstream cache serves it.
     Upstream,
-    /// It matched `exclude`.
+    /// The target's filters leave it out.
     Excluded,
+    /// A reference of it is filtered out and no cache has it.
+    HeldBack,
     /// It was garbage-collected before its upload.
     Gone,
 }
 
 impl Skip {
-    const ALL: [Skip; 4] = [
+    const ALL: [Skip; 5] = [
         Skip::AlreadyPresent,
         Skip::Upstream,
         Skip::Excluded,
+        Skip::HeldBack,
         Skip::Gone,
     ];
 
@@ -99,6 +102,7 @@ impl Skip {
             Skip::AlreadyPresent => "already_present",
             Skip::Upstream => "upstream",
             Skip::Excluded => "excluded",
+            Skip::HeldBack => "held_back",
             Skip::Gone => "gone",
         }
     }

@@ -125,6 +125,19 @@ pub enum State {
     Uploading,
     /// Parked after too many attempts or a permanent error, until retried.
     Failed,
+    /// Held back by the target's filters (a reference is filtered out and no cache has it), with the reason in
+    /// `last_error`: finished for now, without an attempt spent, until retried or requested again.
+    HeldBack,
+}
+
+impl State {
+    /// Whether the entry waits for `retry` (or a new request for the path) rather than for its next attempt.
+    pub fn waits_for_retry(self) -> bool {
+        match self {
+            State::Failed | State::HeldBack => true,
+            State::Queued | State::Uploading => false,
+        }
+    }
 }
 
 /// One path in the queue.
@@ -138,7 +151,7 @@ pub struct Entry {
     pub attempts: u32,
     /// Unix time (ms) before which it is not due.
     pub next_attempt_at_ms: u64,
-    /// The reason the last attempt failed.
+    /// The reason the last attempt failed, or why the path is held back.
     pub last_error: Option<String>,
     /// Unix time (ms) it was first queued (or requeued from failed).
     pub enqueued_at_ms: u64,
@@ -182,6 +195,9 @@ pub struct Counts {
     pub uploading: u64,
     /// In state failed.
     pub failed: u64,
+    /// In state held back.
+    #[serde(default)]
+    pub held_back: u64,
 }
 
 /// What waits, beyond the counts per state.
@@ -203,12 +219,14 @@ pub enum Outcome {
     AlreadyPresent,
     /// An upstream cache serves it.
     SkippedUpstream,
-    /// Matched an `exclude` pattern.
+    /// Filtered out by the target's `include`, `exclude` or `max_nar_size`.
     Excluded,
     /// Garbage-collected before it could be uploaded.
     SkippedGone,
     /// Gave up on it.
     Failed,
+    /// Held back: a reference of it is filtered out and no cache has it.
+    HeldBack,
 }
 
 /// One finished path, for `status`.
@@ -283,7 +301,7 @@ pub struct Totals {
     pub already_present: u64,
     /// Paths an upstream cache serves.
     pub skipped_upstream: u64,
-    /// Paths matching `exclude`.
+    /// Paths filtered out (`include`, `exclude`, `max_nar_size`).
     pub excluded: u64,
     /// Paths garbage-collected before upload.
     pub skipped_gone: u64,
@@ -293,6 +311,8 @@ pub struct Totals {
     pub nar_bytes: u64,
     /// Compressed bytes uploaded.
     pub file_bytes: u64,
+    /// Paths held back because a reference of theirs is filtered out and no cache has it.
+    pub held_back: u64,
 }
 
 impl Totals {
@@ -309,6 +329,7 @@ impl Totals {
             Outcome::Excluded => self.excluded += 1,
             Outcome::SkippedGone => self.skipped_gone += 1,
             Outcome::Failed => self.failed += 1,
+            Outcome::HeldBack => self.held_back += 1,
         }
     }
 }
@@ -327,7 +348,7 @@ pub struct TotalsReport {
 /// progress to finish).
 pub trait Queue: Send + Sync {
     /// Queues each path. A path already queued or uploading is left alone and reported as a duplicate; a failed
-    /// one is requeued with its attempts reset.
+    /// or held-back one is requeued with its attempts reset.
     fn enqueue(&self, paths: &[StorePath], source: &str, now_ms: u64) -> Result<Enqueued, Error>;
     /// The entry for `path`.
     fn get(&self, path: &StorePath) -> Result<Option<Entry>, Error>;
@@ -349,7 +370,8 @@ pub trait Queue: Send + Sync {
     fn backlog(&self) -> Backlog;
     /// Puts entries left `uploading` by a previous process back to `queued`, due now. Run once at startup.
     fn requeue_interrupted(&self, now_ms: u64) -> Result<usize, Error>;
-    /// Requeues failed entries (all, or those listed) with attempts reset; returns the paths requeued.
+    /// Requeues failed and held-back entries (all, or those listed) with attempts reset; returns the paths
+    /// requeued.
     fn retry_failed(
         &self,
         paths: Option<&[StorePath]>,

@@ -82,6 +82,7 @@ impl Index {
             }
             State::Uploading => self.counts.uploading += 1,
             State::Failed => self.counts.failed += 1,
+            State::HeldBack => self.counts.held_back += 1,
         }
     }
 
@@ -101,6 +102,7 @@ impl Index {
             }
             State::Uploading => self.counts.uploading = self.counts.uploading.saturating_sub(1),
             State::Failed => self.counts.failed = self.counts.failed.saturating_sub(1),
+            State::HeldBack => self.counts.held_back = self.counts.held_back.saturating_sub(1),
         }
     }
 }
@@ -483,7 +485,7 @@ impl Queue for SqliteQueue {
         for path in paths {
             let old = self.read_entry(&inner.connection, path)?;
             match &old {
-                Some(entry) if entry.state != State::Failed => {
+                Some(entry) if !entry.state.waits_for_retry() => {
                     result.duplicate.push(path.clone());
                 }
                 _ => {
@@ -602,7 +604,7 @@ impl Queue for SqliteQueue {
         };
         let mut requeued = Vec::new();
         for entry in candidates {
-            if entry.state == State::Failed {
+            if entry.state.waits_for_retry() {
                 let path = entry.path.clone();
                 self.set(&Entry {
                     state: State::Queued,
@@ -791,7 +793,8 @@ mod tests {
             Counts {
                 queued: 1,
                 uploading: 0,
-                failed: 1
+                failed: 1,
+                held_back: 0,
             }
         );
         let r = q.enqueue(&[path(2)], "spool", 13).unwrap();
@@ -881,7 +884,8 @@ mod tests {
             Counts {
                 queued: 1,
                 uploading: 1,
-                failed: 0
+                failed: 0,
+                held_back: 0,
             }
         );
         assert_eq!(q.requeue_interrupted(50).unwrap(), 1);
@@ -953,7 +957,49 @@ mod tests {
             Counts {
                 queued: 3,
                 uploading: 0,
-                failed: 0
+                failed: 0,
+                held_back: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn held_back_paths_wait_for_a_retry_or_a_new_request_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE);
+        {
+            let q = SqliteQueue::open(&file).unwrap();
+            q.enqueue(&[path(1), path(2)], "hook", 1).unwrap();
+            for n in [1, 2] {
+                let mut e = q.get(&path(n)).unwrap().unwrap();
+                e.state = State::HeldBack;
+                e.last_error = Some("reference … is excluded".into());
+                q.set(&e).unwrap();
+            }
+            q.flush().unwrap();
+        }
+        let q = SqliteQueue::open(&file).unwrap();
+        assert_eq!(q.counts().held_back, 2);
+        assert!(q.due(u64::MAX, 10).unwrap().is_empty());
+        assert_eq!(q.next_due_at(), None);
+        // The hook brings one again (a rebuild), `retry` the other.
+        assert_eq!(
+            q.enqueue(&[path(1)], "hook", 5).unwrap().queued,
+            vec![path(1)]
+        );
+        assert_eq!(q.retry_failed(None, 6).unwrap(), vec![path(2)]);
+        let e = q.get(&path(2)).unwrap().unwrap();
+        assert_eq!(
+            (e.state, e.attempts, e.last_error),
+            (State::Queued, 0, None)
+        );
+        assert_eq!(
+            q.counts(),
+            Counts {
+                queued: 2,
+                uploading: 0,
+                failed: 0,
+                held_back: 0,
             }
         );
     }

@@ -3,7 +3,8 @@
 //! For one batch the engine
 //! 1. expands the closure of every requested root (the local store's references, topologically sorted);
 //! 2. drops excluded paths, paths known to be present (remembered with an expiry), paths the target already has
-//!    (one batched `missing` query) and paths an upstream cache serves;
+//!    (one batched `missing` query) and paths an upstream cache serves, and holds back paths that reference an
+//!    excluded path no cache has ([`filter`]);
 //! 3. streams each remaining path into a compressed NAR file ([`prepare`]) on up to `workers` blocking threads;
 //! 4. uploads a path (NAR, then the signed narinfo) only once all its references are in the cache, so a consumer
 //!    never sees a narinfo whose NAR or references are missing.
@@ -19,6 +20,7 @@
 mod documents;
 mod error;
 pub mod failure_class;
+pub mod filter;
 mod in_flight;
 pub mod order;
 pub mod prepare;
@@ -180,15 +182,24 @@ impl<B: Backend + 'static> Engine<B> {
             }
         };
         let outcomes = self.push_closure(&closure, cancel, &mut report).await;
-        // A root is done when nothing in its own closure failed.
+        let held_back: HashMap<&StorePath, &String> = report
+            .paths
+            .iter()
+            .filter_map(|p| match &p.outcome {
+                PathOutcome::HeldBack(reason) => Some((&p.path, reason)),
+                _ => None,
+            })
+            .collect();
+        // A root is done when nothing in its own closure failed; a root held back waits for a retry.
         for root in live {
             let failure = self
                 .store_closure_of(&root, &closure)
                 .into_iter()
                 .find_map(|p| outcomes.get(&p).and_then(|o| o.clone()));
-            let outcome = match failure {
-                Some(e) => RootOutcome::Failed(e),
-                None => RootOutcome::Done,
+            let outcome = match (failure, held_back.get(&root)) {
+                (Some(e), _) => RootOutcome::Failed(e),
+                (None, Some(reason)) => RootOutcome::HeldBack((*reason).clone()),
+                (None, None) => RootOutcome::Done,
             };
             report.roots.push((root, outcome));
         }
@@ -271,39 +282,60 @@ impl<B: Backend + 'static> Engine<B> {
             report.paths.push(path_report);
         };
 
-        // 1. Exclusions and remembered answers. An answer from before this lifetime is asked again, in the same
-        // query as the unknown paths, when a path that may be uploaded references it.
+        // 1. Filters and remembered answers. An excluded path is never uploaded, but whether a cache has it
+        // decides whether the paths that reference it may be (see `filter`), so those are asked about too. An
+        // answer from before this lifetime is asked again, in the same query as the unknown paths, when a path
+        // that may be uploaded references it.
+        let filter = &self.settings.filter;
+        let exclusions = filter.exclusions(closure);
+        let excluded_to_check = filter.references_to_check(closure, &exclusions);
+        let asked = |info: &PathInfo, exclusion: &Option<filter::Exclusion>| {
+            exclusion.is_none() || excluded_to_check.contains(&info.path)
+        };
         let memory: Vec<PresenceMemory> = closure
             .iter()
-            .map(|info| {
-                if self.settings.is_excluded(&info.path) {
-                    PresenceMemory::Unknown
-                } else {
+            .zip(&exclusions)
+            .map(|(info, exclusion)| {
+                if asked(info, exclusion) {
                     self.present.presence(info.path.hash_part())
+                } else {
+                    PresenceMemory::Unknown
                 }
             })
             .collect();
-        let with = |wanted: PresenceMemory| -> HashSet<&StorePath> {
+        let with = |wanted: PresenceMemory, passing_only: bool| -> HashSet<&StorePath> {
             closure
                 .iter()
+                .zip(&exclusions)
                 .zip(&memory)
-                .filter(|(info, m)| **m == wanted && !self.settings.is_excluded(&info.path))
-                .map(|(info, _)| &info.path)
+                .filter(|((info, e), m)| {
+                    **m == wanted && asked(info, e) && (e.is_none() || !passing_only)
+                })
+                .map(|((info, _), _)| &info.path)
                 .collect()
         };
         let recheck = presence::to_recheck(
             closure,
-            &with(PresenceMemory::Unknown),
-            &with(PresenceMemory::Remembered),
+            &with(PresenceMemory::Unknown, true),
+            &with(PresenceMemory::Remembered, false),
         );
         let mut candidates = Vec::new();
-        for (info, remembered) in closure.iter().zip(&memory) {
-            if self.settings.is_excluded(&info.path) {
+        // Excluded paths whose presence is asked; those a cache has go into `available`.
+        let mut excluded_candidates = Vec::new();
+        let mut available: HashSet<&StorePath> = HashSet::new();
+        for ((info, remembered), exclusion) in closure.iter().zip(&memory).zip(&exclusions) {
+            let known = *remembered == PresenceMemory::Answered
+                || (*remembered == PresenceMemory::Remembered && !recheck.contains(&info.path));
+            if let Some(exclusion) = exclusion {
                 outcomes.insert(info.path.clone(), None);
-                finish(report, info, PathOutcome::Excluded);
-            } else if *remembered == PresenceMemory::Answered
-                || (*remembered == PresenceMemory::Remembered && !recheck.contains(&info.path))
-            {
+                finish(report, info, PathOutcome::Excluded(exclusion.to_string()));
+                if known {
+                    available.insert(&info.path);
+                } else if excluded_to_check.contains(&info.path) {
+                    excluded_candidates.push(info);
+                }
+            } else if known {
+                available.insert(&info.path);
                 outcomes.insert(info.path.clone(), None);
                 finish(report, info, PathOutcome::AlreadyPresent);
             } else {
@@ -312,7 +344,11 @@ impl<B: Backend + 'static> Engine<B> {
         }
 
         // 2. One batched question to the target.
-        let candidate_paths: Vec<StorePath> = candidates.iter().map(|i| i.path.clone()).collect();
+        let candidate_paths: Vec<StorePath> = candidates
+            .iter()
+            .chain(&excluded_candidates)
+            .map(|i| i.path.clone())
+            .collect();
         let presence = self.presence();
         let missing: HashSet<StorePath> =
             match presence.target_lacks(&candidate_paths, cancel).await {
@@ -323,7 +359,7 @@ impl<B: Backend + 'static> Engine<B> {
                     if e.is_auth() {
                         report.auth_failure = Some(Arc::clone(&e));
                     }
-                    for info in candidates {
+                    for info in candidates.iter().chain(&excluded_candidates) {
                         outcomes.insert(info.path.clone(), Some(Arc::clone(&e)));
                     }
                     return outcomes;
@@ -342,24 +378,60 @@ impl<B: Backend + 'static> Engine<B> {
                 }
                 finish(report, info, PathOutcome::Failed(e.to_string()));
                 outcomes.insert(info.path.clone(), Some(e));
+                available.insert(&info.path);
             } else {
                 present_now.push(info.path.hash_part().to_owned());
                 outcomes.insert(info.path.clone(), None);
                 finish(report, info, PathOutcome::AlreadyPresent);
+                available.insert(&info.path);
             }
+        }
+        let (excluded_missing, excluded_present): (Vec<&PathInfo>, Vec<&PathInfo>) =
+            excluded_candidates
+                .into_iter()
+                .partition(|info| missing.contains(&info.path));
+        for info in excluded_present {
+            present_now.push(info.path.hash_part().to_owned());
+            available.insert(&info.path);
         }
 
         // 3. Upstream caches.
-        let unknown: Vec<StorePath> = to_check_upstream.iter().map(|i| i.path.clone()).collect();
+        let unknown: Vec<StorePath> = to_check_upstream
+            .iter()
+            .chain(&excluded_missing)
+            .map(|i| i.path.clone())
+            .collect();
         let upstream_has = presence.upstream_serves(&unknown).await;
-        let mut to_upload = Vec::new();
+        let mut absent = Vec::new();
         for info in to_check_upstream {
             if upstream_has.contains(&info.path) {
                 present_now.push(info.path.hash_part().to_owned());
                 outcomes.insert(info.path.clone(), None);
                 finish(report, info, PathOutcome::SkippedUpstream);
+                available.insert(&info.path);
             } else {
-                to_upload.push(info);
+                absent.push(info);
+            }
+        }
+        for info in excluded_missing {
+            if upstream_has.contains(&info.path) {
+                present_now.push(info.path.hash_part().to_owned());
+                available.insert(&info.path);
+            }
+        }
+
+        // 4. Closure safety: what no cache has and references a filtered-out path no cache has waits.
+        let decisions = filter.decide(closure, &exclusions, |p| available.contains(p));
+        let decided: HashMap<&StorePath, &filter::Decision> =
+            closure.iter().map(|i| &i.path).zip(&decisions).collect();
+        let mut to_upload = Vec::new();
+        for info in absent {
+            match decided.get(&info.path) {
+                Some(filter::Decision::HeldBack(held)) => {
+                    outcomes.insert(info.path.clone(), None);
+                    finish(report, info, PathOutcome::HeldBack(held.to_string()));
+                }
+                _ => to_upload.push(info),
             }
         }
         let refs: Vec<&str> = present_now.iter().map(String::as_str).collect();
@@ -370,7 +442,7 @@ impl<B: Backend + 'static> Engine<B> {
             to_upload_bytes: to_upload.iter().map(|i| i.nar_size).sum(),
         });
 
-        // 4. Prepare and upload in dependency order. The observer hears of each path as it finishes.
+        // 5. Prepare and upload in dependency order. The observer hears of each path as it finishes.
         let infos: HashMap<&StorePath, &PathInfo> =
             to_upload.iter().map(|i| (&i.path, *i)).collect();
         for (path, result) in self.upload_in_order(&to_upload, cancel).await {

@@ -24,8 +24,10 @@ pub enum PathOutcome {
     AlreadyPresent,
     /// An upstream cache serves it.
     SkippedUpstream,
-    /// Matched an `exclude` pattern.
-    Excluded,
+    /// Filtered out by the target's filters; the reason names the rule (see [`super::filter`]).
+    Excluded(String),
+    /// Passes the filters, but a reference of it is filtered out and no cache has it; the reason names it.
+    HeldBack(String),
     /// Could not be uploaded.
     Failed(String),
 }
@@ -54,6 +56,8 @@ pub enum RootOutcome {
     Done,
     /// The root is no longer valid in the local store.
     Gone,
+    /// The root is held back by the target's filters; the reason names the reference that is filtered out.
+    HeldBack(String),
     /// Something in its closure failed.
     Failed(Arc<Error>),
 }
@@ -152,7 +156,14 @@ pub fn log_report(report: &PathReport, target: Option<&str>) {
             "failed to upload {}: {reason}",
             report.path
         ),
-        PathOutcome::AlreadyPresent | PathOutcome::SkippedUpstream | PathOutcome::Excluded => {
+        PathOutcome::HeldBack(reason) => tracing::info!(
+            store_path = %report.path,
+            nar_size = report.nar_size,
+            nixpush_target = target,
+            "held back {}: {reason}",
+            report.path
+        ),
+        PathOutcome::AlreadyPresent | PathOutcome::SkippedUpstream | PathOutcome::Excluded(_) => {
             tracing::debug!(
                 store_path = %report.path,
                 nar_size = report.nar_size,

@@ -1,11 +1,11 @@
-//! The engine's settings, derived once from the configuration: compression, parallelism, exclusions,
+//! The engine's settings, derived once from the configuration: compression, parallelism, the target's filters,
 //! upstream caches and the presence query's retries.
 
 use std::path::PathBuf;
 
 use crate::config::{Compression, Config};
-use crate::store_path::StorePath;
 
+use super::filter::Filter;
 use super::presence::PRESENCE_TRIES;
 use super::retry;
 
@@ -20,8 +20,8 @@ pub struct Settings {
     pub workers: usize,
     /// Where compressed NARs are written when the backend has no staging directory.
     pub temp_dir: PathBuf,
-    /// Patterns of paths never pushed.
-    pub exclude: globset::GlobSet,
+    /// Which paths the target takes (`include`, `exclude`, `max_nar_size`, `allow_incomplete_closures`).
+    pub filter: Filter,
     /// Upstream caches whose paths are skipped.
     pub upstream: Vec<String>,
     /// Backoff between tries of the target's presence query within one batch.
@@ -43,24 +43,12 @@ pub struct Settings {
 impl Settings {
     /// Settings from a validated configuration.
     pub fn from_config(config: &Config) -> Result<Settings, crate::config::Error> {
-        let mut exclude = globset::GlobSetBuilder::new();
-        for pattern in &config.exclude {
-            exclude.add(globset::Glob::new(pattern).map_err(|e| {
-                crate::config::Error::Invalid {
-                    field: "exclude",
-                    problem: format!("has an invalid pattern {pattern:?}: {e}"),
-                }
-            })?);
-        }
         Ok(Settings {
             compression: config.target.compression,
             level: config.compression_level(),
             workers: config.workers(),
             temp_dir: config.state_dir.join("tmp"),
-            exclude: exclude.build().map_err(|e| crate::config::Error::Invalid {
-                field: "exclude",
-                problem: e.to_string(),
-            })?,
+            filter: Filter::new(config, &config.target)?,
             upstream: config.upstream.clone(),
             presence_retry: retry::Policy::default(),
             presence_tries: PRESENCE_TRIES,
@@ -70,10 +58,5 @@ impl Settings {
             resign_existing: config.target.resign_existing,
             prepare_pool: crate::priority::Pool::inherit(),
         })
-    }
-
-    /// Whether an `exclude` pattern matches the path's name or base name.
-    pub fn is_excluded(&self, path: &StorePath) -> bool {
-        self.exclude.is_match(path.name()) || self.exclude.is_match(path.base_name())
     }
 }

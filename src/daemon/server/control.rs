@@ -219,6 +219,7 @@ impl From<crate::queue::Entry> for QueueEntry {
                 State::Queued => EntryState::Queued,
                 State::Uploading => EntryState::Uploading,
                 State::Failed => EntryState::Failed,
+                State::HeldBack => EntryState::HeldBack,
             },
             attempts: entry.attempts,
             next_attempt_at_ms: entry.next_attempt_at_ms,
