@@ -26,6 +26,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixpush/config.toml";
 pub const DEFAULT_SOCKET: &str = "/run/nixpush/nixpush.sock";
 /// State directory (queue, spool) when the config does not say otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixpush";
+/// Where the daemon keeps its garbage-collector roots for queued paths when the config does not say otherwise.
+pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/nixpush";
+/// NAR bytes of rooted paths beyond which failed paths lose their roots, when the config does not say otherwise.
+pub const DEFAULT_GC_ROOTS_MAX_BYTES: u64 = 20 << 30;
 /// The Cachix API host used for `cachix://NAME` targets.
 pub const DEFAULT_CACHIX_API: &str = "https://cachix.org";
 
@@ -196,6 +200,11 @@ pub struct Config {
     pub present_ttl_secs: u64,
     /// CPU and I/O priority of NAR hashing and compression in the daemon; read at start.
     pub upload_priority: crate::priority::UploadPriority,
+    /// Directory of the symlinks that protect queued, uploading and failed paths from Nix's garbage collector
+    /// (see [`crate::gc_roots`]). Empty turns roots off. Read at start.
+    pub gc_roots_dir: PathBuf,
+    /// NAR size of the rooted paths beyond which the oldest failed paths lose their roots.
+    pub gc_roots_max_bytes: crate::byte_size::ByteSize,
     /// The cache everything is pushed to.
     pub target: Target,
 }
@@ -259,6 +268,8 @@ impl Default for Config {
             client_timeout_ms: 2_000,
             present_ttl_secs: 24 * 3600,
             upload_priority: crate::priority::UploadPriority::Idle,
+            gc_roots_dir: PathBuf::from(DEFAULT_GC_ROOTS_DIR),
+            gc_roots_max_bytes: crate::byte_size::ByteSize(DEFAULT_GC_ROOTS_MAX_BYTES),
             target: Target::default(),
         }
     }
@@ -420,6 +431,20 @@ impl Config {
         if self.store_dir.to_str().is_none() {
             return Err(invalid("store_dir", "must be valid UTF-8"));
         }
+        if let Some(dir) = self.gc_roots_dir() {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "gc_roots_dir",
+                    "must be an absolute path (or \"\" to turn GC roots off)",
+                ));
+            }
+            if dir.starts_with(&self.store_dir) {
+                return Err(invalid(
+                    "gc_roots_dir",
+                    "must not be inside the store directory; use a directory under /nix/var/nix/gcroots",
+                ));
+            }
+        }
         for pattern in &self.exclude {
             globset::Glob::new(pattern).map_err(|e| Error::Invalid {
                 field: "exclude",
@@ -484,6 +509,11 @@ impl Config {
     /// The store directory as a string (validated UTF-8).
     pub fn store_dir_str(&self) -> &str {
         self.store_dir.to_str().unwrap_or("/nix/store")
+    }
+
+    /// The GC roots directory, or `None` when `gc_roots_dir = ""` turns roots off.
+    pub fn gc_roots_dir(&self) -> Option<&Path> {
+        (!self.gc_roots_dir.as_os_str().is_empty()).then_some(self.gc_roots_dir.as_path())
     }
 
     /// Directory where the hook drops requests when the daemon is unreachable.
@@ -696,6 +726,34 @@ mod tests {
         ] {
             parse(&format!("[target]\nurl = \"{good}\"\n")).unwrap();
         }
+    }
+
+    // See: #18
+    #[test]
+    fn gc_roots_keys_have_defaults_take_sizes_and_turn_off_with_an_empty_dir() {
+        let c = parse("[target]\nurl = \"file:///c\"\n").unwrap();
+        assert_eq!(c.gc_roots_dir(), Some(Path::new(DEFAULT_GC_ROOTS_DIR)));
+        assert_eq!(c.gc_roots_max_bytes.0, 20 << 30);
+        let c = parse("gc_roots_dir = \"\"\ngc_roots_max_bytes = \"512 MiB\"\n[target]\nurl = \"file:///c\"\n")
+            .unwrap();
+        assert_eq!(c.gc_roots_dir(), None);
+        assert_eq!(c.gc_roots_max_bytes.0, 512 << 20);
+        let back = parse(&c.to_effective_toml()).unwrap();
+        assert_eq!(back.gc_roots_max_bytes, c.gc_roots_max_bytes);
+        assert_eq!(back.gc_roots_dir(), None);
+        let err = parse("gc_roots_dir = \"roots\"\n[target]\nurl = \"file:///c\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`gc_roots_dir` must be an absolute path"),
+            "{err}"
+        );
+        let err = parse("gc_roots_max_bytes = \"20 GB please\"\n[target]\nurl = \"file:///c\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gc_roots_max_bytes") && err.contains("unknown unit"),
+            "{err}"
+        );
     }
 
     #[test]
