@@ -58,6 +58,8 @@ struct Inner {
     released: HashSet<StorePath>,
     /// Why roots cannot be created or removed, while they cannot.
     error: Option<String>,
+    /// Set by an error: some queued paths may lack a root, to be retried once roots work again.
+    needs_heal: bool,
 }
 
 /// What [`GcRoots::reconcile`] changed.
@@ -399,11 +401,15 @@ impl GcRoots {
         .await;
     }
 
-    /// After an error, tries again to root every queued path that has no root (the directory may have been
-    /// fixed since).
+    /// Once roots work again after an error, roots every queued path still without one.
     fn heal(&self, queue: &dyn Queue) {
-        if self.lock().error.is_none() {
-            return;
+        {
+            let mut inner = self.lock();
+            if !inner.needs_heal || inner.error.is_some() {
+                return;
+            }
+            // Cleared first: an error while healing sets it again.
+            inner.needs_heal = false;
         }
         let Ok(entries) = queue.entries() else { return };
         let missing: Vec<StorePath> = {
@@ -480,6 +486,7 @@ fn set_error(inner: &mut Inner, message: String) {
         tracing::error!("{message}");
     }
     inner.error = Some(message);
+    inner.needs_heal = true;
 }
 
 fn clear_error(inner: &mut Inner, dir: &Path) {
@@ -684,11 +691,16 @@ mod tests {
         assert_eq!(status.rooted_paths, 0);
         let error = status.error.unwrap();
         assert!(error.contains("cannot create GC roots in"), "{error}");
-        // Fixed: the next protect works and the error clears.
+        // Fixed: the next path is rooted, the error clears, and healing roots the path that missed out.
         std::fs::remove_file(&f.config.gc_roots_dir).unwrap();
-        roots.protect(std::slice::from_ref(&a));
+        let b = f.add("bb", 1);
+        f.queue.enqueue(&[a.clone(), b.clone()], "test", 1).unwrap();
+        roots.protect(std::slice::from_ref(&b));
         let status = roots.status();
         assert_eq!((status.rooted_paths, status.error), (1, None));
+        roots.heal(&*f.queue);
+        assert_eq!(roots.status().rooted_paths, 2);
+        assert!(rooted(&f.link(&a)));
     }
 
     #[test]

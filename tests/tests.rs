@@ -9,6 +9,7 @@ mod daemon_upload;
 mod degraded;
 mod durability;
 mod formats;
+mod gc_roots;
 mod harness;
 mod hook;
 mod nixos;
