@@ -8,7 +8,7 @@
 //! - [`GcRoots::protect`] creates roots before the hook's ack (one `symlink(2)` per path, no fsync);
 //! - [`GcRoots::entry_finished`] removes one once its queue entry is gone (done for every target, or dropped);
 //! - [`GcRoots::reconcile`] makes the directory match the queue at startup, since the queue is the durable record;
-//! - [`GcRoots::maintain`] looks up NAR sizes off the ack path and applies `gc_roots_max_bytes` ([`bound`]).
+//! - [`GcRoots::maintain`] looks up NAR sizes off the ack path and applies `gc_roots_max_bytes` (`gc_roots/bound.rs`).
 //!
 //! Between the build and the root, Nix's own temporary root protects the path: Nix 2.8 adds a temporary root for
 //! every output of a derivation before building it and holds it until the building process exits, and that
@@ -241,7 +241,12 @@ impl GcRoots {
             }
         };
         let paths: Vec<StorePath> = entries.iter().map(|e| e.path.clone()).collect();
-        let sizes = match self.registry.nar_sizes(&paths, nix_db).await {
+        let looked_up = if paths.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            self.registry.nar_sizes(&paths, nix_db).await
+        };
+        let sizes = match looked_up {
             Ok(sizes) => sizes.into_iter().map(|(p, s)| (p, Some(s))).collect(),
             Err(e) => {
                 // Rooting a path that is gone does no harm; leaving a valid one unrooted could.
