@@ -48,6 +48,8 @@ let
   defaultStateDir = "/var/lib/nixpush";
   socketPath = cfg.settings.socket;
   stateDir = cfg.settings.state_dir;
+  # "" turns the roots off.
+  gcRootsDir = cfg.gcRootsDir;
 
   # systemd copies each LoadCredential= file here at service start, readable by the service alone, so the user
   # nixpush never needs access to the original (a sops-nix secret is root-only). Config values are literal paths.
@@ -73,6 +75,7 @@ let
     // {
       allowed_users = cfg.allowedUsers ++ (cfg.settings.allowed_users or [ ]);
       metrics_listen = if cfg.metrics.enable then cfg.metrics.listen else cfg.settings.metrics_listen or null;
+      gc_roots_dir = gcRootsDir;
       target =
         cfg.settings.target
         // optionalAttrs (cfg.signingKeyFile != null) {
@@ -250,6 +253,18 @@ in
       description = "`KEY=value` lines for the service's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY for S3), read by systemd as root.";
     };
 
+    gcRootsDir = mkOption {
+      type = types.str;
+      default = "/nix/var/nix/gcroots/nixpush";
+      example = "";
+      description = ''
+        Directory of the garbage-collector roots that keep queued, uploading and failed paths from
+        `nix-collect-garbage` until they are uploaded (settings.gc_roots_dir). It must lie under
+        /nix/var/nix/gcroots for Nix to see the roots; the service may write there and nowhere else in /nix.
+        `""` turns the roots off. Bound them with `settings.gc_roots_max_bytes` (default "20GiB").
+      '';
+    };
+
     allowedUsers = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -375,7 +390,9 @@ in
         "d ${stateDir} 0711 nixpush nixpush - -"
         "d ${stateDir}/spool 1733 nixpush nixpush - -"
       ]
-      ++ optional (fileTargetDir != null) "d ${fileTargetDir} 0755 nixpush nixpush - -";
+      ++ optional (fileTargetDir != null) "d ${fileTargetDir} 0755 nixpush nixpush - -"
+      # The daemon's GC roots; /nix is read-only to it but for this directory (ReadWritePaths= below).
+      ++ optional (gcRootsDir != "") "d ${gcRootsDir} 0755 nixpush nixpush - -";
 
       # The socket exists from early boot, so a hook never misses the daemon: systemd holds connections until
       # the service is up.
@@ -429,7 +446,10 @@ in
           EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
           ReadWritePaths =
             optional (fileTargetDir != null) fileTargetDir
-            ++ optional (!lib.hasPrefix "/var/lib/" stateDir) stateDir;
+            ++ optional (!lib.hasPrefix "/var/lib/" stateDir) stateDir
+            # "-": a missing directory (tmpfiles not run yet) must not keep the service from starting; the
+            # daemon then reports the roots' error in `nixpush status` and keeps acknowledging builds.
+            ++ optional (gcRootsDir != "") "-${gcRootsDir}";
 
           # Reads the store (read-only under ProtectSystem=strict, as is /nix/var/nix/db), writes only its state
           # directory and a file:// target. Connecting to nix-daemon's socket still works on a read-only mount.

@@ -68,6 +68,12 @@ pkgs.testers.runNixOSTest {
         machine.wait_until_succeeds(f"test -e ${cacheDir}/{hash_part}.narinfo", timeout=120)
         machine.succeed(f"grep '^Sig: nixpush-vm-test-1:' ${cacheDir}/{hash_part}.narinfo")
         machine.succeed("nixpush status --json")
+        # Uploaded: its GC root goes (right after the narinfo), so Nix may collect the path again.
+        machine.wait_until_succeeds(
+            f"test ! -L /nix/var/nix/gcroots/nixpush/{out.removeprefix('/nix/store/')}", timeout=60
+        )
+        machine.succeed("nixpush status --json | grep -F '\"dir\":\"/nix/var/nix/gcroots/nixpush\"'")
+        machine.succeed("nixpush status --json | grep -F '\"error\":null,\"warning\":null'")
 
     with subtest("the cache verifies with the public key and only with it"):
         machine.succeed(

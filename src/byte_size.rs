@@ -1,99 +1,118 @@
-//! Sizes in configuration files: a plain number of bytes, or a number with a unit.
+//! A size in bytes as the configuration writes it: an integer (`21474836480`) or a string with a unit
+//! (`"20GiB"`, `"20 GiB"`, `"1.5G"`, `"500MB"`).
 //!
-//! ```toml
-//! max_nar_size = 2147483648   # bytes
-//! max_nar_size = "2GiB"       # the same
-//! max_nar_size = "1.5 G"      # K, M, G, T are powers of 1024, as in Nix's own settings
-//! max_nar_size = "500MB"      # KB, MB, GB, TB are powers of 1000
-//! ```
+//! `K`, `M`, `G`, `T` and `KiB` … `TiB` are powers of 1024 (as `nix-collect-garbage --max-freed` reads `K`/`M`/`G`);
+//! `KB` … `TB` are powers of 1000. Units are case-insensitive. A fraction is rounded down to whole bytes.
 
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-/// A size as written in the configuration: bytes, or a string such as `"2GiB"`. [`ByteSize::bytes`] reads it;
-/// `Config::validate` calls it, so a bad value is reported with its key and line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ByteSize {
-    /// A plain number of bytes.
-    Bytes(u64),
-    /// A number with a unit, e.g. `"2GiB"`.
-    Text(String),
-}
+/// A number of bytes, read from an integer or a size string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteSize(pub u64);
 
-/// Why a size string is not a size.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{0:?} is not a size: write bytes (2147483648) or a number with a unit: B, K/KiB, M/MiB, G/GiB, T/TiB \
-     (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. \"2GiB\""
-)]
-pub struct Error(pub String);
+const KIB: u64 = 1024;
+const BINARY: [(&str, u64); 4] = [
+    ("TIB", KIB * KIB * KIB * KIB),
+    ("GIB", KIB * KIB * KIB),
+    ("MIB", KIB * KIB),
+    ("KIB", KIB),
+];
 
 impl ByteSize {
-    /// The size in bytes.
-    pub fn bytes(&self) -> Result<u64, Error> {
-        match self {
-            ByteSize::Bytes(n) => Ok(*n),
-            ByteSize::Text(text) => parse(text),
+    /// Parses `20GiB`, `20 GiB`, `1.5G`, `500MB` or a plain number of bytes; the error says what was wrong.
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        if number.is_empty() || number == "." {
+            return Err(format!("{text:?} is not a size such as \"20GiB\""));
         }
+        let multiplier = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 1,
+            "K" | "KIB" => KIB,
+            "M" | "MIB" => KIB.pow(2),
+            "G" | "GIB" => KIB.pow(3),
+            "T" | "TIB" => KIB.pow(4),
+            "KB" => 1000,
+            "MB" => 1000u64.pow(2),
+            "GB" => 1000u64.pow(3),
+            "TB" => 1000u64.pow(4),
+            other => {
+                return Err(format!(
+                    "{text:?} has an unknown unit {other:?}; use B, KiB, MiB, GiB, TiB (or K, M, G, T), \
+                     KB, MB, GB or TB"
+                ))
+            }
+        };
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if fraction.contains('.') {
+            return Err(format!("{text:?} is not a size such as \"20GiB\""));
+        }
+        let too_large = || format!("{text:?} is too large");
+        let whole: u64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| too_large())?
+        };
+        let mut bytes = whole.checked_mul(multiplier).ok_or_else(too_large)?;
+        if !fraction.is_empty() {
+            // Digits beyond 18 cannot change the result for any unit up to TiB.
+            let digits = &fraction[..fraction.len().min(18)];
+            let numerator: u128 = digits.parse().map_err(|_| too_large())?;
+            let denominator = 10u128.pow(digits.len() as u32);
+            let part = numerator * u128::from(multiplier) / denominator;
+            bytes = bytes
+                .checked_add(u64::try_from(part).map_err(|_| too_large())?)
+                .ok_or_else(too_large)?;
+        }
+        Ok(ByteSize(bytes))
     }
 }
 
 impl fmt::Display for ByteSize {
+    /// `20 GiB` when the size is a whole number of a binary unit, else the bytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ByteSize::Bytes(n) => write!(f, "{n}"),
-            ByteSize::Text(text) => write!(f, "{text:?}"),
+        for (unit, size) in BINARY {
+            if self.0 >= size && self.0 % size == 0 {
+                let name = format!("{}iB", &unit[..1]);
+                return write!(f, "{} {name}", self.0 / size);
+            }
         }
+        write!(f, "{} B", self.0)
     }
 }
 
-/// Parses `"2GiB"`, `"1.5 G"`, `"500MB"`, `"4096"`; units are case-insensitive.
-pub fn parse(text: &str) -> Result<u64, Error> {
-    let bad = || Error(text.to_owned());
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => return Err(bad()),
-    };
-    if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
-        return Err(bad());
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
     }
-    match number.split_once('.') {
-        None => number
-            .parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(multiplier))
-            .ok_or_else(bad),
-        Some((whole, fraction)) => {
-            if fraction.contains('.') || fraction.len() > 9 {
-                return Err(bad());
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of bytes or a size such as \"20GiB\"")
             }
-            let whole = whole
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_mul(multiplier))
-                .ok_or_else(bad)?;
-            // Exact in integers: a fraction of up to nine digits over 10^9, rounded down to whole bytes.
-            let digits: u64 = fraction.parse().map_err(|_| bad())?;
-            let scale = 10u128.pow(fraction.len() as u32);
-            let part = u64::try_from(u128::from(digits) * u128::from(multiplier) / scale)
-                .map_err(|_| bad())?;
-            whole.checked_add(part).ok_or_else(bad)
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("{v} is negative; a size cannot be")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
         }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -102,36 +121,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn units_follow_nix_and_the_si_prefixes() {
-        assert_eq!(parse("4096").unwrap(), 4096);
-        assert_eq!(parse("12 B").unwrap(), 12);
-        assert_eq!(parse("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse("2G").unwrap(), 2 << 30);
-        assert_eq!(parse("2 gib").unwrap(), 2 << 30);
-        assert_eq!(parse("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse("0.5KiB").unwrap(), 512);
-        assert_eq!(parse("500MB").unwrap(), 500_000_000);
-        assert_eq!(parse("1T").unwrap(), 1 << 40);
-        assert_eq!(ByteSize::Bytes(7).bytes().unwrap(), 7);
-        assert_eq!(ByteSize::Text("1K".into()).bytes().unwrap(), 1024);
-    }
-
-    #[test]
-    fn anything_else_is_refused_with_the_value() {
+    fn sizes_parse_with_binary_and_decimal_units() {
+        for (text, bytes) in [
+            ("20GiB", 20 << 30),
+            ("20 GiB", 20 << 30),
+            ("20gib", 20 << 30),
+            ("20G", 20 << 30),
+            ("1.5G", 3 << 29),
+            ("500MB", 500_000_000),
+            ("4096", 4096),
+            ("0", 0),
+            ("2 TiB", 2 << 40),
+            (".5K", 512),
+            ("7 B", 7),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
         for bad in [
             "",
             "GiB",
-            "2 gigs",
-            "-1",
-            "1.2.3",
-            ".5G",
-            "5.G",
-            "1e9",
-            "99999999999T",
+            "20 GiBs",
+            "1.2.3G",
+            "-5",
+            "99999999999999999999T",
         ] {
-            let err = parse(bad).unwrap_err();
-            assert_eq!(err.0, bad);
-            assert!(err.to_string().contains("not a size"), "{err}");
+            assert!(ByteSize::parse(bad).is_err(), "{bad}");
         }
+        assert!(ByteSize::parse("20 PB")
+            .unwrap_err()
+            .contains("unknown unit"));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for bytes in [20 << 30, 3 << 29, 1000, 0, 1 << 40, 12_345] {
+            let shown = ByteSize(bytes).to_string();
+            assert_eq!(ByteSize::parse(&shown), Ok(ByteSize(bytes)), "{shown}");
+        }
+        assert_eq!(ByteSize(20 << 30).to_string(), "20 GiB");
+        assert_eq!(ByteSize(1536 << 20).to_string(), "1536 MiB");
+    }
+
+    #[derive(Deserialize)]
+    struct Holder {
+        size: ByteSize,
+    }
+
+    #[test]
+    fn toml_takes_integers_and_strings() {
+        let parsed: Holder = toml::from_str("size = 1024").unwrap();
+        assert_eq!(parsed.size, ByteSize(1024));
+        let parsed: Holder = toml::from_str("size = \"1 KiB\"").unwrap();
+        assert_eq!(parsed.size, ByteSize(1024));
+        let err = toml::from_str::<Holder>("size = \"lots\"").err().unwrap();
+        assert!(err.to_string().contains("not a size"), "{err}");
+        assert!(toml::from_str::<Holder>("size = -1").is_err());
     }
 }

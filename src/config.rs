@@ -28,6 +28,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixpush/config.toml";
 pub const DEFAULT_SOCKET: &str = "/run/nixpush/nixpush.sock";
 /// State directory (queue, spool) when the config does not say otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixpush";
+/// Where the daemon keeps its garbage-collector roots for queued paths when the config does not say otherwise.
+pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/nixpush";
+/// NAR bytes of rooted paths beyond which failed paths lose their roots, when the config does not say otherwise.
+pub const DEFAULT_GC_ROOTS_MAX_BYTES: u64 = 20 << 30;
 /// The Cachix API host used for `cachix://NAME` targets.
 pub const DEFAULT_CACHIX_API: &str = "https://cachix.org";
 
@@ -202,6 +206,11 @@ pub struct Config {
     /// Where the daemon serves Prometheus metrics at `/metrics`: `IP:PORT` (e.g. `127.0.0.1:9464`) or an absolute
     /// Unix socket path. Unset: nothing listens.
     pub metrics_listen: Option<String>,
+    /// Directory of the symlinks that protect queued, uploading and failed paths from Nix's garbage collector
+    /// (see [`crate::gc_roots`]). Empty turns roots off. Read at start.
+    pub gc_roots_dir: PathBuf,
+    /// NAR size of the rooted paths beyond which the oldest failed paths lose their roots.
+    pub gc_roots_max_bytes: crate::byte_size::ByteSize,
     /// The cache everything is pushed to.
     pub target: Target,
 }
@@ -276,6 +285,8 @@ impl Default for Config {
             present_ttl_secs: 24 * 3600,
             upload_priority: crate::priority::UploadPriority::Idle,
             metrics_listen: None,
+            gc_roots_dir: PathBuf::from(DEFAULT_GC_ROOTS_DIR),
+            gc_roots_max_bytes: crate::byte_size::ByteSize(DEFAULT_GC_ROOTS_MAX_BYTES),
             target: Target::default(),
         }
     }
@@ -451,6 +462,20 @@ impl Config {
         if self.store_dir.to_str().is_none() {
             return Err(invalid("store_dir", "must be valid UTF-8"));
         }
+        if let Some(dir) = self.gc_roots_dir() {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "gc_roots_dir",
+                    "must be an absolute path (or \"\" to turn GC roots off)",
+                ));
+            }
+            if dir.starts_with(&self.store_dir) {
+                return Err(invalid(
+                    "gc_roots_dir",
+                    "must not be inside the store directory; use a directory under /nix/var/nix/gcroots",
+                ));
+            }
+        }
         check_patterns("exclude", &self.exclude)?;
         self.target.validate_filters()
     }
@@ -512,6 +537,11 @@ impl Config {
         self.store_dir.to_str().unwrap_or("/nix/store")
     }
 
+    /// The GC roots directory, or `None` when `gc_roots_dir = ""` turns roots off.
+    pub fn gc_roots_dir(&self) -> Option<&Path> {
+        (!self.gc_roots_dir.as_os_str().is_empty()).then_some(self.gc_roots_dir.as_path())
+    }
+
     /// Directory where the hook drops requests when the daemon is unreachable.
     pub fn spool_dir(&self) -> PathBuf {
         self.state_dir.join("spool")
@@ -545,22 +575,16 @@ impl Config {
 }
 
 impl Target {
-    /// Checks the filter keys: valid globs, a size that parses. Errors name the key and the value.
+    /// Checks the filter keys: valid globs. Errors name the key and the value.
     pub fn validate_filters(&self) -> Result<(), Error> {
         check_patterns("target.include", &self.include)?;
         check_patterns("target.exclude", &self.exclude)?;
-        if let Some(size) = &self.max_nar_size {
-            size.bytes().map_err(|e| Error::Invalid {
-                field: "target.max_nar_size",
-                problem: e.to_string(),
-            })?;
-        }
         Ok(())
     }
 
-    /// `max_nar_size` in bytes; `None` when unset (or invalid, which `validate` refuses first).
+    /// `max_nar_size` in bytes; `None` when unset. (A size that does not parse is refused when the file is read.)
     pub fn max_nar_size_bytes(&self) -> Option<u64> {
-        self.max_nar_size.as_ref().and_then(|s| s.bytes().ok())
+        self.max_nar_size.map(|size| size.0)
     }
 }
 
@@ -827,6 +851,33 @@ mod tests {
             .to_string();
         assert!(
             err.contains("metrics_listen") && err.contains("line 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gc_roots_keys_have_defaults_take_sizes_and_turn_off_with_an_empty_dir() {
+        let c = parse("[target]\nurl = \"file:///c\"\n").unwrap();
+        assert_eq!(c.gc_roots_dir(), Some(Path::new(DEFAULT_GC_ROOTS_DIR)));
+        assert_eq!(c.gc_roots_max_bytes.0, 20 << 30);
+        let c = parse("gc_roots_dir = \"\"\ngc_roots_max_bytes = \"512 MiB\"\n[target]\nurl = \"file:///c\"\n")
+            .unwrap();
+        assert_eq!(c.gc_roots_dir(), None);
+        assert_eq!(c.gc_roots_max_bytes.0, 512 << 20);
+        let back = parse(&c.to_effective_toml()).unwrap();
+        assert_eq!(back.gc_roots_max_bytes, c.gc_roots_max_bytes);
+        assert_eq!(back.gc_roots_dir(), None);
+        let err = parse("gc_roots_dir = \"roots\"\n[target]\nurl = \"file:///c\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`gc_roots_dir` must be an absolute path"),
+            "{err}"
+        );
+        let err = parse("gc_roots_max_bytes = \"20 GB please\"\n[target]\nurl = \"file:///c\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gc_roots_max_bytes") && err.contains("unknown unit"),
             "{err}"
         );
     }

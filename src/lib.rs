@@ -4,7 +4,7 @@
 //!
 //! Data flows one way: hook → protocol → queue → scheduler → upload → backend.
 //!
-//! - [`config`]: the TOML configuration, its defaults and validation; [`byte_size`]: sizes such as `"2GiB"` in it.
+//! - [`config`]: the TOML configuration, its defaults and validation; [`byte_size`]: sizes such as `"20GiB"` in it.
 //! - [`store_path`]: validated store paths.
 //! - [`base32`], [`hash`]: Nix base32 and SHA-256 hash strings.
 //! - [`nar`]: NAR serialisation (streaming writer), a validating reader, and listings built from the stream.
@@ -24,6 +24,7 @@
 //!   protocol and the status report convert them at the boundary.
 //! - [`daemon`]: the long-running service: socket server ([`daemon::server`]: connection slots, framing, control
 //!   commands), request resolution, spool import, group commit, the scheduler, shutdown.
+//! - [`gc_roots`]: the symlinks that keep queued paths from Nix's garbage collector, their bound and reconcile.
 //! - [`status`]: the status report shared by the daemon and `nixpush status`, with types of its own.
 //! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
@@ -50,6 +51,7 @@ pub mod config;
 pub mod daemon;
 pub mod derivation;
 mod excerpt;
+pub mod gc_roots;
 pub mod hash;
 pub mod hook;
 pub mod logging;

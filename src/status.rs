@@ -66,6 +66,9 @@ pub struct StatusReport {
     /// Whether the spool watcher runs; when it does not, the spool is rescanned periodically.
     #[serde(default)]
     pub watcher: WatcherStatus,
+    /// The garbage-collector roots that protect queued paths.
+    #[serde(default)]
+    pub gc_roots: GcRootsStatus,
     /// The daemon process.
     pub daemon: DaemonInfo,
     /// The cache paths are pushed to.
@@ -102,6 +105,26 @@ impl Default for WatcherStatus {
             rescan_secs: 0,
         }
     }
+}
+
+/// The garbage-collector roots of queued, uploading and failed paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GcRootsStatus {
+    /// The roots' directory; `null` when roots are off (`gc_roots_dir = ""`).
+    pub dir: Option<String>,
+    /// Paths with a root now.
+    pub rooted_paths: u64,
+    /// Their NAR size (of the paths themselves, not their closures), as far as looked up.
+    pub rooted_bytes: u64,
+    /// `gc_roots_max_bytes`.
+    pub max_bytes: u64,
+    /// Failed paths left without a root because the rooted size exceeded `max_bytes`.
+    pub over_limit_unrooted: u64,
+    /// Why roots cannot be created or removed, while they cannot; `null` when they work.
+    pub error: Option<String>,
+    /// A configuration problem that makes the roots useless (a directory Nix's collector does not read).
+    pub warning: Option<String>,
 }
 
 /// The daemon process.
@@ -433,6 +456,7 @@ impl StatusReport {
                 self.watcher.rescan_secs
             );
         }
+        let _ = writeln!(out, "{}", gc_roots_line(&self.gc_roots));
         let _ = writeln!(
             out,
             "since start: {}",
@@ -555,6 +579,31 @@ fn render_filtered(out: &mut String, filtered: &FilterStatus, now_secs: u64) {
     }
 }
 
+/// `gc roots: 3 path(s), 1.2 MiB NAR in DIR (limit 20.0 GiB)`, with what is wrong after it.
+fn gc_roots_line(roots: &GcRootsStatus) -> String {
+    let Some(dir) = &roots.dir else {
+        return "gc roots: off (gc_roots_dir = \"\"); queued paths are not protected from nix-store --gc"
+            .to_owned();
+    };
+    let mut line = format!(
+        "gc roots: {} path(s), {} NAR in {dir} (limit {})",
+        roots.rooted_paths,
+        human_bytes(roots.rooted_bytes),
+        human_bytes(roots.max_bytes)
+    );
+    if roots.over_limit_unrooted > 0 {
+        let _ = write!(
+            line,
+            "; {} failed path(s) unrooted over the limit",
+            roots.over_limit_unrooted
+        );
+    }
+    for problem in [&roots.error, &roots.warning].into_iter().flatten() {
+        let _ = write!(line, "\n          ERROR: {problem}");
+    }
+    line
+}
+
 /// Compressed size as a percentage of the NAR size.
 fn ratio(nar_bytes: u64, file_bytes: u64) -> Option<f64> {
     (nar_bytes > 0).then(|| file_bytes as f64 * 100.0 / nar_bytes as f64)
@@ -642,6 +691,15 @@ pub(crate) mod tests {
                 reason: None,
                 rescan_secs: 30,
             },
+            gc_roots: GcRootsStatus {
+                dir: Some("/nix/var/nix/gcroots/nixpush".into()),
+                rooted_paths: 3,
+                rooted_bytes: 4096,
+                max_bytes: 20 << 30,
+                over_limit_unrooted: 0,
+                error: None,
+                warning: None,
+            },
             daemon: DaemonInfo {
                 pid: 42,
                 started_at: 1_700_000_000,
@@ -723,7 +781,9 @@ pub(crate) mod tests {
     const GOLDEN_STATUS: &str = concat!(
         r#"{"version":1,"queued":2,"in_flight":0,"done":0,"failed":1,"refused":1,"skipped":0,"excluded":0,"#,
         r#""spooled":0,"up_to_date":false,"last_upload_at":null,"state_dir_error":null,"queue_damage":null,"#,
-        r#""watcher":{"active":true,"reason":null,"rescan_secs":30},"daemon":{"pid":42,"#,
+        r#""watcher":{"active":true,"reason":null,"rescan_secs":30},"#,
+        r#""gc_roots":{"dir":"/nix/var/nix/gcroots/nixpush","rooted_paths":3,"rooted_bytes":4096,"#,
+        r#""max_bytes":21474836480,"over_limit_unrooted":0,"error":null,"warning":null},"daemon":{"pid":42,"#,
         r#""started_at":1700000000,"uptime_secs":75,"hold":true},"target":{"url":"file:///var/cache/nix","#,
         r#""state":"hold","message":"uploads held (--hold)","reachable":null,"authorized":null,"#,
         r#""read_url":null,"stats":null,"degraded":null,"filtered":{"excluded":1,"held_back":1,"#,
@@ -779,6 +839,26 @@ pub(crate) mod tests {
         assert!(text.contains("HTTP 500"), "{text}");
         assert!(text.contains("not inside the store directory"), "{text}");
         assert!(text.contains("5s ago"), "{text}");
+        assert!(
+            text.contains(
+                "gc roots: 3 path(s), 4.0 KiB NAR in /nix/var/nix/gcroots/nixpush (limit 20.0 GiB)"
+            ),
+            "{text}"
+        );
+        let mut report = sample();
+        report.gc_roots.over_limit_unrooted = 2;
+        report.gc_roots.error = Some("cannot create GC roots in /x: Permission denied".into());
+        let text = report.render(1_700_000_075);
+        assert!(
+            text.contains("2 failed path(s) unrooted over the limit"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ERROR: cannot create GC roots in /x"),
+            "{text}"
+        );
+        report.gc_roots.dir = None;
+        assert!(report.render(0).contains("gc roots: off"));
     }
 
     #[test]
@@ -788,12 +868,15 @@ pub(crate) mod tests {
         object.remove("up_to_date");
         object.remove("last_upload_at");
         object.remove("state_dir_error");
+        object.remove("gc_roots");
         let target = object["target"].as_object_mut().unwrap();
         for key in ["reachable", "authorized", "read_url", "stats", "filtered"] {
             target.remove(key);
         }
         let back: StatusReport = serde_json::from_value(json).unwrap();
-        assert_eq!(back, sample());
+        let mut expected = sample();
+        expected.gc_roots = GcRootsStatus::default();
+        assert_eq!(back, expected);
     }
 
     fn path(name: &str) -> StorePath {

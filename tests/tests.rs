@@ -11,6 +11,7 @@ mod doctor;
 mod durability;
 mod filters;
 mod formats;
+mod gc_roots;
 mod harness;
 mod hook;
 mod metrics;

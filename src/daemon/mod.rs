@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::queue::{self, Enqueued, Queue, RefusedRecord};
+use crate::gc_roots::GcRoots;
+use crate::queue::{self, Enqueued, HistoryRecord, Outcome, Queue, RefusedRecord};
 use crate::status::{InFlightUpload, StatusReport, TargetState, WatcherStatus};
+use crate::store_path::StorePath;
 use crate::{spool, systemd};
 
 pub use shutdown::Shutdown;
@@ -142,13 +144,25 @@ pub struct Shared {
     pub watcher: Mutex<WatcherStatus>,
     /// Events counted for `/metrics`.
     pub metrics: Arc<crate::metrics::Counters>,
+    /// The GC roots of queued paths.
+    pub gc_roots: Arc<GcRoots>,
     started_at: SystemTime,
     started: Instant,
 }
 
 impl Shared {
-    /// Builds the shared state and starts the group committer on the current runtime.
+    /// Builds the shared state, without GC roots, and starts the group committer on the current runtime.
     pub fn new(config: Config, queue: Arc<dyn Queue>, hold: bool) -> Arc<Shared> {
+        Shared::with_gc_roots(config, queue, hold, Arc::new(GcRoots::disabled()))
+    }
+
+    /// [`Shared::new`] with `gc_roots` protecting what is queued.
+    pub fn with_gc_roots(
+        config: Config,
+        queue: Arc<dyn Queue>,
+        hold: bool,
+        gc_roots: Arc<GcRoots>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             config: RwLock::new(Arc::new(config)),
             commit: commit::GroupCommit::start(queue.clone()),
@@ -160,6 +174,7 @@ impl Shared {
             queue_damage: OnceLock::new(),
             watcher: Mutex::new(WatcherStatus::default()),
             metrics: Arc::default(),
+            gc_roots,
             started_at: SystemTime::now(),
             started: Instant::now(),
         })
@@ -217,6 +232,8 @@ impl Shared {
             tokio::task::spawn_blocking(move || queue.enqueue(&paths, &from, queue::now_ms()))
                 .await
                 .map_err(|e| Error::Task(e.to_string()))??;
+        // Before the ack, and while the hook (and so the build's temporary root in Nix) still waits for it.
+        self.gc_roots.protect(&resolved.paths);
         self.commit.make_durable().await?;
         for path in &enqueued.queued {
             tracing::info!(store_path = %path, source, via, "queued");
@@ -228,6 +245,33 @@ impl Shared {
             self.work_available.notify_one();
         }
         Ok(enqueued)
+    }
+
+    /// Roots paths `nixpush retry` requeued again; one Nix collected while its root was released (over
+    /// `gc_roots_max_bytes`) is recorded as skipped and leaves the queue. Written to disk by the caller's commit.
+    pub async fn reroot_retried(&self, retried: &[StorePath]) {
+        let gone = self.gc_roots.restore(retried, &self.config().nix_db).await;
+        for path in gone {
+            let reason = "garbage-collected before upload (its GC root had been released over \
+                          gc_roots_max_bytes)";
+            tracing::info!(store_path = %path, "skipped {path}: {reason}");
+            let record = HistoryRecord {
+                path: path.clone(),
+                outcome: Outcome::SkippedGone,
+                nar_size: None,
+                file_size: None,
+                duration_ms: 0,
+                reason: Some(reason.to_owned()),
+                finished_at_ms: queue::now_ms(),
+            };
+            if let Err(e) = self.queue.record_finished(&record) {
+                tracing::warn!(store_path = %path, "cannot record history: {e}");
+            }
+            if let Err(e) = self.queue.remove(&path) {
+                tracing::error!(store_path = %path, "cannot update the queue: {e}");
+            }
+            self.gc_roots.entry_finished(&path, &*self.queue);
+        }
     }
 
     /// The status report.
@@ -313,7 +357,13 @@ pub async fn run(
     // path is still `uploading` in the queue and starts over after a restart.
     let upload_threads = crate::priority::UploadThreads::start(config.upload_priority)
         .map_err(|e| Error::Task(format!("cannot start the upload threads: {e}")))?;
-    let shared = Shared::new(config, queue.clone(), options.hold);
+    let gc_roots = Arc::new(GcRoots::from_config(&config));
+    let shared_queue: Arc<dyn Queue> = queue.clone();
+    gc_roots
+        .reconcile(shared_queue.clone(), &config.nix_db)
+        .await;
+    let nix_db = config.nix_db.clone();
+    let shared = Shared::with_gc_roots(config, queue.clone(), options.hold, gc_roots.clone());
     if let Some(damage) = damage {
         let _ = shared.queue_damage.set(damage);
     }
@@ -321,6 +371,7 @@ pub async fn run(
     let metrics_endpoint = scrape::start(&shared, stop.clone())?;
     let tasks = TaskTracker::new();
     tasks.spawn(importer::run(shared.clone(), stop.clone()));
+    tokio::spawn(gc_roots.maintain(shared_queue, nix_db, stop.clone()));
     tokio::spawn(watchdog(shared.clone(), stop.clone()));
     tokio::spawn(reload_on_signal(
         shared.clone(),
@@ -468,6 +519,14 @@ async fn reload_on_signal(
             tracing::warn!("`socket` and `state_dir` changes take effect after a restart");
             new.socket = old.socket.clone();
             new.state_dir = old.state_dir.clone();
+        }
+        if new.gc_roots_dir != old.gc_roots_dir || new.gc_roots_max_bytes != old.gc_roots_max_bytes
+        {
+            tracing::warn!(
+                "`gc_roots_dir` and `gc_roots_max_bytes` changes take effect after a restart"
+            );
+            new.gc_roots_dir = old.gc_roots_dir.clone();
+            new.gc_roots_max_bytes = old.gc_roots_max_bytes;
         }
         if new.upload_priority != old.upload_priority {
             tracing::warn!("`upload_priority` changes take effect after a restart");

@@ -92,6 +92,7 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone(),
+        gc_roots: shared.gc_roots.status(),
         daemon: DaemonInfo {
             pid: std::process::id(),
             started_at: shared

@@ -659,7 +659,7 @@ async fn run_batch(
         let result = match outcome {
             RootOutcome::Done => {
                 tracing::debug!(store_path = %root, "closure complete");
-                shared.queue.remove(&root).map(|_| ())
+                finish(shared, &root)
             }
             RootOutcome::Gone => {
                 let reason = "garbage-collected before upload".to_owned();
@@ -674,7 +674,7 @@ async fn run_batch(
                 };
                 shared.metrics.skipped(DEFAULT_TARGET, Skip::Gone);
                 record(&*shared.queue, &gone, Outcome::SkippedGone, Some(reason));
-                shared.queue.remove(&root).map(|_| ())
+                finish(shared, &root)
             }
             // Dropped by the operator while it was uploading: do not bring it back.
             RootOutcome::Failed(_) | RootOutcome::HeldBack(_)
@@ -764,6 +764,8 @@ async fn run_batch(
             tracing::error!(store_path = %root, "cannot update the queue: {e}");
         }
     }
+    // Paths parked as failed may now give way to gc_roots_max_bytes.
+    shared.gc_roots.queue_changed();
     if pause {
         if let Some(e) = &report.auth_failure {
             tracing::error!(
@@ -781,6 +783,13 @@ async fn run_batch(
         Err(e) => tracing::error!("queue flush task failed: {e}"),
     }
     pause
+}
+
+/// Takes a finished path out of the queue and releases its GC root.
+fn finish(shared: &Shared, root: &crate::store_path::StorePath) -> Result<(), queue::Error> {
+    shared.queue.remove(root)?;
+    shared.gc_roots.entry_finished(root, &*shared.queue);
+    Ok(())
 }
 
 /// Copies the engine's in-flight view into the status every [`PROGRESS_INTERVAL`].

@@ -9,6 +9,7 @@
 //! and, when the database cannot be read, from `nix-store --check-validity --print-invalid` and
 //! `nix-store --query --outputs`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -74,6 +75,35 @@ impl Registry {
         invalid_from_nix_store(paths).await
     }
 
+    /// The NAR size of each of `paths` that is valid (invalid ones are left out): from the database at `nix_db`,
+    /// else from `nix-store`.
+    pub async fn nar_sizes(
+        &self,
+        paths: &[StorePath],
+        nix_db: &Path,
+    ) -> Result<HashMap<StorePath, u64>, Error> {
+        let (cache, db, owned) = (self.db.clone(), nix_db.to_owned(), paths.to_vec());
+        let from_db = tokio::task::spawn_blocking(move || sizes_in_db(&cache, &db, &owned)).await;
+        match from_db {
+            Ok(Ok(sizes)) => return Ok(sizes),
+            Ok(Err(e)) => tracing::warn!("database size lookup failed, asking nix-store: {e}"),
+            Err(e) => tracing::warn!("database size lookup panicked, asking nix-store: {e}"),
+        }
+        let invalid = invalid_from_nix_store(paths).await?;
+        let valid: Vec<&StorePath> = paths.iter().filter(|p| !invalid.contains(p)).collect();
+        let mut sizes = HashMap::new();
+        // `nix-store --query --size` fails on the first invalid path, so only valid ones are asked about.
+        for chunk in valid.chunks(500) {
+            let mut args = vec!["--query", "--size"];
+            args.extend(chunk.iter().map(|p| p.as_str()));
+            let printed = nix_store(&args).await?;
+            for (path, size) in chunk.iter().zip(printed) {
+                sizes.insert((*path).clone(), size.parse().unwrap_or(0));
+            }
+        }
+        Ok(sizes)
+    }
+
     /// The output paths of `drv`: from the database at `nix_db`, else from `nix-store`.
     pub async fn derivation_outputs(
         &self,
@@ -104,6 +134,22 @@ fn outputs_from_db(
 ) -> Result<Vec<String>, Error> {
     with_db(cache, db, |connection| {
         sqlite::derivation_outputs(connection, drv)
+    })
+}
+
+fn sizes_in_db(
+    cache: &Mutex<Option<OpenDb>>,
+    db: &Path,
+    paths: &[StorePath],
+) -> Result<HashMap<StorePath, u64>, Error> {
+    with_db(cache, db, |connection| {
+        let mut sizes = HashMap::new();
+        for path in paths {
+            if let Some(size) = sqlite::nar_size(connection, path)? {
+                sizes.insert(path.clone(), size);
+            }
+        }
+        Ok(sizes)
     })
 }
 

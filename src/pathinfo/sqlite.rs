@@ -62,6 +62,15 @@ pub(super) fn is_valid(conn: &Connection, path: &StorePath) -> Result<bool, Erro
     Ok(stmt.exists([path.as_str()])?)
 }
 
+/// The recorded NAR size of `path` (0 when Nix left it NULL), or `None` when it is not valid.
+pub(super) fn nar_size(conn: &Connection, path: &StorePath) -> Result<Option<u64>, Error> {
+    let mut stmt = conn.prepare_cached("SELECT narSize FROM ValidPaths WHERE path = ?1")?;
+    let size: Option<Option<i64>> = stmt
+        .query_row([path.as_str()], |row| row.get(0))
+        .optional()?;
+    Ok(size.map(|s| s.and_then(|s| u64::try_from(s).ok()).unwrap_or(0)))
+}
+
 /// The `DerivationOutputs` rows of `drv`, ordered by output name; empty if it has none.
 pub(super) fn derivation_outputs(conn: &Connection, drv: &StorePath) -> Result<Vec<String>, Error> {
     let mut stmt = conn.prepare_cached(

@@ -65,19 +65,32 @@ impl TestEnv {
     }
 
     /// Rewrites the configuration file with `extra` top-level keys and `target` as the body of `[target]`.
-    /// Upstream caches are off unless `extra` names some: no test traffic leaves 127.0.0.1.
+    /// Upstream caches are off unless `extra` names some: no test traffic leaves 127.0.0.1. GC roots go to
+    /// [`TestEnv::gc_roots_dir`] unless `extra` sets `gc_roots_dir`, so no test daemon touches the real
+    /// `/nix/var/nix/gcroots/nixpush` (nor another test daemon's roots).
     pub fn write_config_with(&self, extra: &str, target: &str) {
         let upstream = if extra.contains("upstream") {
             ""
         } else {
             "upstream = []\n"
         };
+        let gc_roots = if extra.contains("gc_roots_dir") {
+            String::new()
+        } else {
+            format!("gc_roots_dir = \"{}\"\n", self.gc_roots_dir().display())
+        };
         let text = format!(
-            "socket = \"{}\"\nstate_dir = \"{}\"\n{upstream}{extra}\n[target]\n{target}\n",
+            "socket = \"{}\"\nstate_dir = \"{}\"\n{upstream}{gc_roots}{extra}\n[target]\n{target}\n",
             self.socket.display(),
             self.state_dir.display(),
         );
         fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// Where the daemon keeps its GC roots unless the configuration says otherwise: inside the test's
+    /// directory, where Nix's collector does not look.
+    pub fn gc_roots_dir(&self) -> PathBuf {
+        self.dir.path().join("gcroots")
     }
 
     /// The default `file://` target's directory.

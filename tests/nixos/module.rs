@@ -45,7 +45,10 @@ fn module_renders_a_hardened_socket_activated_service() {
         strings(&service["LoadCredential"]),
         ["signing-key:/run/secrets/nixpush-signing-key"]
     );
-    assert_eq!(strings(&service["ReadWritePaths"]), ["/var/cache/nixpush"]);
+    assert_eq!(
+        strings(&service["ReadWritePaths"]),
+        ["/var/cache/nixpush", "-/nix/var/nix/gcroots/nixpush"]
+    );
     assert_eq!(strings(&eval["service"]["requires"]), ["nixpush.socket"]);
     assert_eq!(strings(&eval["service"]["wantedBy"]), ["multi-user.target"]);
     // A crash loop is restarted forever, not given up on after systemd's default start limit.
@@ -77,6 +80,8 @@ fn module_renders_a_hardened_socket_activated_service() {
     let tmpfiles = strings(&eval["tmpfiles"]);
     assert!(tmpfiles.contains(&"d /var/lib/nixpush/spool 1733 nixpush nixpush - -"));
     assert!(tmpfiles.contains(&"d /var/cache/nixpush 0755 nixpush nixpush - -"));
+    // See: #18
+    assert!(tmpfiles.contains(&"d /nix/var/nix/gcroots/nixpush 0755 nixpush nixpush - -"));
 }
 
 #[test]
@@ -104,6 +109,30 @@ fn module_writes_a_config_nixpush_accepts() {
     assert_eq!(config.socket, Path::new("/run/nixpush/nixpush.sock"));
     assert_eq!(config.state_dir, Path::new("/var/lib/nixpush"));
     assert_eq!(config.upstream, ["https://cache.nixos.org"]);
+    assert_eq!(
+        config.gc_roots_dir(),
+        Some(Path::new("/nix/var/nix/gcroots/nixpush"))
+    );
+
+    // GC roots off: no setting, no tmpfiles rule, no write access to /nix. See: #18
+    let mut off = services.clone();
+    off["gcRootsDir"] = json!("");
+    let eval_off = eval_module(&package, &off).unwrap();
+    let text_off = eval_off["configFile"]["text"].as_str().unwrap();
+    assert_eq!(
+        Config::parse(text_off, Path::new("module.toml"))
+            .unwrap()
+            .gc_roots_dir(),
+        None
+    );
+    assert!(
+        !strings(&eval_off["service"]["serviceConfig"]["ReadWritePaths"])
+            .iter()
+            .any(|p| p.contains("gcroots"))
+    );
+    assert!(!strings(&eval_off["tmpfiles"])
+        .iter()
+        .any(|p| p.contains("gcroots")));
 
     // The build-time check runs nixpush check-config on the generated file.
     let script = eval["configFile"]["checkScript"].as_str().unwrap();
@@ -151,7 +180,10 @@ fn module_hands_secrets_over_and_trusts_the_cache() {
         strings(&service["EnvironmentFile"]),
         ["/run/secrets/nixpush.env"]
     );
-    assert_eq!(strings(&service["ReadWritePaths"]), Vec::<&str>::new());
+    assert_eq!(
+        strings(&service["ReadWritePaths"]),
+        ["-/nix/var/nix/gcroots/nixpush"]
+    );
     let text = eval["configFile"]["text"].as_str().unwrap();
     assert!(!text.contains("/run/secrets"), "{text}");
     let config = Config::parse(text, Path::new("module.toml")).unwrap();
@@ -240,7 +272,11 @@ fn module_tells_nix_daemon_about_a_moved_socket_and_state_dir() {
     assert!(service["StateDirectory"].is_null());
     assert_eq!(
         strings(&service["ReadWritePaths"]),
-        ["/srv/cache", "/srv/nixpush"]
+        [
+            "/srv/cache",
+            "/srv/nixpush",
+            "-/nix/var/nix/gcroots/nixpush"
+        ]
     );
     assert!(strings(&eval["tmpfiles"]).contains(&"d /srv/nixpush/spool 1733 nixpush nixpush - -"));
 }

@@ -183,6 +183,12 @@ fn distribution_units_pass_systemd_analyze_verify() {
         unit_section.lines().any(|l| l == "StartLimitIntervalSec=0"),
         "{unit_section}"
     );
+    // The GC roots directory is writable, and a missing one does not stop the unit. See: #18
+    assert!(
+        text.lines()
+            .any(|l| l == "ReadWritePaths=-/nix/var/nix/gcroots/nixpush"),
+        "{text}"
+    );
 
     // The checks above would notice a broken unit: a misspelt key is reported.
     let broken = tmp.path().join("broken");
@@ -233,6 +239,8 @@ fn sysusers_and_tmpfiles_give_the_spool_to_the_daemon_user() {
         ("var/lib/nixpush", 0o711),
         ("var/lib/nixpush/spool", 0o1733),
         ("var/cache/nixpush", 0o755),
+        // See: #18
+        ("nix/var/nix/gcroots/nixpush", 0o755),
     ] {
         let meta = fs::metadata(root.path().join(dir)).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid, "{dir}");

@@ -103,12 +103,14 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             let retried = shared
                 .queue
                 .retry_failed(selected.as_deref(), now)
-                .and_then(|mut retried| {
+                .and_then(|requeued| {
+                    let mut retried = requeued.clone();
                     retried.extend(bring_forward(&*shared.queue, selected.as_deref(), now)?);
-                    Ok(retried)
+                    Ok((retried, requeued))
                 });
             match retried {
-                Ok(retried) => {
+                Ok((retried, requeued)) => {
+                    shared.reroot_retried(&requeued).await;
                     if let Err(e) = shared.commit.make_durable().await {
                         return internal(e);
                     }
@@ -145,6 +147,7 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                     if removed.is_some() {
                         tracing::info!(store_path = %path, "dropped from the queue");
                     }
+                    shared.gc_roots.entry_finished(&path, &*shared.queue);
                     Response::Changed {
                         paths: removed.map(|e| e.path.to_string()).into_iter().collect(),
                     }

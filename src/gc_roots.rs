@@ -1,0 +1,732 @@
+//! Garbage-collector roots for the paths in the queue: while a path is queued, uploading or failed, a symlink in
+//! `gc_roots_dir` (default `/nix/var/nix/gcroots/nixpush`) keeps `nix-store --gc` from deleting it.
+//!
+//! ```text
+//! /nix/var/nix/gcroots/nixpush/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello -> /nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello
+//! ```
+//!
+//! - [`GcRoots::protect`] creates roots before the hook's ack (one `symlink(2)` per path, no fsync);
+//! - [`GcRoots::entry_finished`] removes one once its queue entry is gone (done for every target, or dropped);
+//! - [`GcRoots::reconcile`] makes the directory match the queue at startup, since the queue is the durable record;
+//! - [`GcRoots::maintain`] looks up NAR sizes off the ack path and applies `gc_roots_max_bytes` (`gc_roots/bound.rs`).
+//!
+//! Between the build and the root, Nix's own temporary root protects the path: Nix 2.8 adds a temporary root for
+//! every output of a derivation before building it and holds it until the building process exits, and that
+//! process runs the post-build-hook and waits for it, so the root exists before the temporary one can go. A path
+//! that reached the daemon through the spool (the daemon was down) has no such cover once the build exits; if
+//! Nix collects it first, the upload records it as skipped.
+//!
+//! Errors (a read-only or foreign directory) never stop an ack: they are logged once, with the fix, and shown in
+//! `status` until roots can be created again.
+
+mod bound;
+mod links;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::byte_size::ByteSize;
+use crate::config::Config;
+use crate::pathinfo::registry::Registry;
+use crate::queue::{Queue, State};
+use crate::status::GcRootsStatus;
+use crate::store_path::StorePath;
+
+/// The daemon's GC roots: what is rooted, what the bound released, and the last error.
+pub struct GcRoots {
+    /// `None` when `gc_roots_dir = ""`.
+    dir: Option<PathBuf>,
+    store_dir: String,
+    max_bytes: u64,
+    /// Set when Nix's collector does not look in `dir`.
+    warning: Option<String>,
+    state: Mutex<Inner>,
+    /// Wakes [`GcRoots::maintain`].
+    changed: Notify,
+    registry: Registry,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Paths with a root, and their NAR size once looked up.
+    rooted: HashMap<StorePath, Option<u64>>,
+    /// Failed paths whose roots the bound released.
+    released: HashSet<StorePath>,
+    /// Why roots cannot be created or removed, while they cannot.
+    error: Option<String>,
+    /// Set by an error: some queued paths may lack a root, to be retried once roots work again.
+    needs_heal: bool,
+}
+
+/// What [`GcRoots::reconcile`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Roots already there for queued paths.
+    pub kept: usize,
+    /// Roots created for queued paths that had none.
+    pub created: usize,
+    /// Roots removed because their paths are no longer queued.
+    pub removed: usize,
+    /// Queued paths no longer in the store (collected before the daemon rooted them): left to the upload, which
+    /// records them as skipped.
+    pub gone: usize,
+    /// Failed paths left without a root by the bound.
+    pub released: usize,
+}
+
+impl GcRoots {
+    /// Roots as `config` says. Nothing is touched on disk until [`GcRoots::reconcile`] or
+    /// [`GcRoots::protect`].
+    pub fn from_config(config: &Config) -> GcRoots {
+        let dir = config.gc_roots_dir().map(Path::to_owned);
+        // Nix's state directory holds its database (`db/db.sqlite`) and `gcroots/`.
+        let nix_roots = config
+            .nix_db
+            .parent()
+            .and_then(Path::parent)
+            .map(|state| state.join("gcroots"));
+        let warning = match (&dir, nix_roots) {
+            (Some(dir), Some(nix_roots)) if !dir.starts_with(&nix_roots) => Some(format!(
+                "gc_roots_dir {} is outside {}: Nix's garbage collector does not look there, so the roots \
+                 protect nothing",
+                dir.display(),
+                nix_roots.display()
+            )),
+            _ => None,
+        };
+        GcRoots {
+            dir,
+            store_dir: config.store_dir_str().to_owned(),
+            max_bytes: config.gc_roots_max_bytes.0,
+            warning,
+            state: Mutex::default(),
+            changed: Notify::new(),
+            registry: Registry::new(),
+        }
+    }
+
+    /// No roots at all (`gc_roots_dir = ""`, and tests that build a daemon's state by hand).
+    pub fn disabled() -> GcRoots {
+        GcRoots {
+            dir: None,
+            store_dir: String::new(),
+            max_bytes: 0,
+            warning: None,
+            state: Mutex::default(),
+            changed: Notify::new(),
+            registry: Registry::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Roots `paths`, which the caller has just queued (or found queued). Cheap enough for the ack path: one
+    /// `symlink(2)` per path not rooted yet, sizes are looked up later. Never fails: an error is logged once and
+    /// shown in `status`.
+    pub fn protect(&self, paths: &[StorePath]) {
+        let Some(dir) = &self.dir else { return };
+        let mut inner = self.lock();
+        let mut added = false;
+        let mut failed = None;
+        for path in paths {
+            inner.released.remove(path);
+            if inner.rooted.contains_key(path) {
+                continue;
+            }
+            match links::create(dir, path) {
+                Ok(()) => {
+                    inner.rooted.insert(path.clone(), None);
+                    added = true;
+                }
+                Err(e) => failed = Some(links::explain("create", dir, &e)),
+            }
+        }
+        match failed {
+            Some(message) => set_error(&mut inner, message),
+            None if added => clear_error(&mut inner, dir),
+            None => {}
+        }
+        drop(inner);
+        if added {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Removes the root of `path` once its queue entry is gone: uploaded to every target, skipped, or dropped.
+    /// Call it after removing the entry; a path queued again meanwhile keeps its root.
+    pub fn entry_finished(&self, path: &StorePath, queue: &dyn Queue) {
+        let Some(dir) = &self.dir else { return };
+        let mut inner = self.lock();
+        // Under the lock, so a `protect` of a path queued again runs before or after this as a whole.
+        if matches!(queue.get(path), Ok(Some(_))) {
+            return;
+        }
+        inner.released.remove(path);
+        inner.rooted.remove(path);
+        if let Err(e) = links::remove(dir, path) {
+            set_error(&mut inner, links::explain("remove", dir, &e));
+        }
+    }
+
+    /// Tells [`GcRoots::maintain`] that entries changed state (parked as failed), so the bound is checked.
+    pub fn queue_changed(&self) {
+        if self.dir.is_some() {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Roots paths `nixpush retry` requeued, and returns those Nix collected meanwhile (their roots had been
+    /// released by the bound): the caller records them as skipped.
+    pub async fn restore(&self, paths: &[StorePath], nix_db: &Path) -> Vec<StorePath> {
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        if paths.is_empty() {
+            return Vec::new();
+        }
+        // The root first, then the check: a path valid once rooted stays valid.
+        self.protect(paths);
+        let invalid = match self.registry.invalid_paths(paths, nix_db).await {
+            Ok(invalid) => invalid,
+            Err(e) => {
+                tracing::warn!("cannot check whether retried paths are still in the store: {e}");
+                return Vec::new();
+            }
+        };
+        let mut inner = self.lock();
+        for path in &invalid {
+            inner.rooted.remove(path);
+            let _ = links::remove(dir, path);
+        }
+        invalid
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> GcRootsStatus {
+        let inner = self.lock();
+        GcRootsStatus {
+            dir: self.dir.as_ref().map(|d| d.display().to_string()),
+            rooted_paths: inner.rooted.len() as u64,
+            rooted_bytes: rooted_bytes(&inner),
+            max_bytes: self.max_bytes,
+            over_limit_unrooted: inner.released.len() as u64,
+            error: inner.error.clone(),
+            warning: self.warning.clone(),
+        }
+    }
+
+    /// Makes the directory match the queue: a root for every queued, uploading or failed path still in the store
+    /// (less the failed ones the bound releases), and none for paths no longer queued. Run once at startup,
+    /// before the daemon takes requests.
+    pub async fn reconcile(
+        self: &Arc<Self>,
+        queue: Arc<dyn Queue>,
+        nix_db: &Path,
+    ) -> Option<Reconciled> {
+        let dir = self.dir.clone()?;
+        if let Some(warning) = &self.warning {
+            tracing::warn!("{warning}");
+        }
+        let entries = match queue.entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!("cannot read the queue to reconcile GC roots: {e}");
+                return None;
+            }
+        };
+        let paths: Vec<StorePath> = entries.iter().map(|e| e.path.clone()).collect();
+        let looked_up = if paths.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            self.registry.nar_sizes(&paths, nix_db).await
+        };
+        let sizes = match looked_up {
+            Ok(sizes) => sizes.into_iter().map(|(p, s)| (p, Some(s))).collect(),
+            Err(e) => {
+                // Rooting a path that is gone does no harm; leaving a valid one unrooted could.
+                tracing::warn!("cannot read NAR sizes ({e}); rooting every queued path");
+                paths
+                    .iter()
+                    .map(|p| (p.clone(), None))
+                    .collect::<HashMap<_, _>>()
+            }
+        };
+        let gone = paths.len() - sizes.len();
+        let failed = entries
+            .iter()
+            .filter(|e| e.state == State::Failed)
+            .filter_map(|e| {
+                Some(bound::FailedRoot {
+                    nar_size: (*sizes.get(&e.path)?).unwrap_or(0),
+                    path: e.path.clone(),
+                    failed_at_ms: e.updated_at_ms,
+                })
+            })
+            .collect();
+        let total: u64 = sizes.values().map(|s| s.unwrap_or(0)).sum();
+        let released: HashSet<StorePath> = bound::over_limit(total, self.max_bytes, failed)
+            .into_iter()
+            .collect();
+        let this = Arc::clone(self);
+        let store_dir = self.store_dir.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            this.reconcile_on_disk(&dir, &store_dir, sizes, released)
+        })
+        .await;
+        match result {
+            Ok(Ok(mut done)) => {
+                done.gone = gone;
+                tracing::info!(
+                    kept = done.kept,
+                    created = done.created,
+                    removed = done.removed,
+                    gone = done.gone,
+                    released = done.released,
+                    "GC roots reconciled with the queue"
+                );
+                if done.released > 0 {
+                    self.warn_released(done.released);
+                }
+                Some(done)
+            }
+            Ok(Err(message)) => {
+                set_error(&mut self.lock(), message);
+                None
+            }
+            Err(e) => {
+                tracing::error!("GC root reconcile failed: {e}");
+                None
+            }
+        }
+    }
+
+    fn reconcile_on_disk(
+        &self,
+        dir: &Path,
+        store_dir: &str,
+        wanted: HashMap<StorePath, Option<u64>>,
+        released: HashSet<StorePath>,
+    ) -> Result<Reconciled, String> {
+        links::ensure_dir(dir).map_err(|e| links::explain("create", dir, &e))?;
+        let owned =
+            links::list_owned(dir, store_dir).map_err(|e| links::explain("list", dir, &e))?;
+        let mut done = Reconciled::default();
+        let mut inner = self.lock();
+        let mut failed = None;
+        for path in &owned {
+            if wanted.contains_key(path) && !released.contains(path) {
+                done.kept += 1;
+            } else if let Err(e) = links::remove(dir, path) {
+                failed = Some(links::explain("remove", dir, &e));
+            } else {
+                done.removed += 1;
+            }
+        }
+        let owned: HashSet<&StorePath> = owned.iter().collect();
+        for (path, size) in wanted {
+            if released.contains(&path) {
+                continue;
+            }
+            if !owned.contains(&path) {
+                match links::create(dir, &path) {
+                    Ok(()) => done.created += 1,
+                    Err(e) => {
+                        failed = Some(links::explain("create", dir, &e));
+                        continue;
+                    }
+                }
+            }
+            inner.rooted.insert(path, size);
+        }
+        done.released = released.len();
+        inner.released = released;
+        match failed {
+            Some(message) => set_error(&mut inner, message),
+            None => clear_error(&mut inner, dir),
+        }
+        Ok(done)
+    }
+
+    /// Runs until `stop`: after each change, looks up the NAR sizes of newly rooted paths (off the ack path),
+    /// retries roots that could not be created, and applies `gc_roots_max_bytes`.
+    pub async fn maintain(
+        self: Arc<Self>,
+        queue: Arc<dyn Queue>,
+        nix_db: PathBuf,
+        stop: CancellationToken,
+    ) {
+        if self.dir.is_none() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.changed.notified() => {}
+            }
+            self.maintenance_pass(&queue, &nix_db).await;
+        }
+    }
+
+    /// One round of [`GcRoots::maintain`].
+    async fn maintenance_pass(self: &Arc<Self>, queue: &Arc<dyn Queue>, nix_db: &Path) {
+        let without_size: Vec<StorePath> = {
+            let inner = self.lock();
+            inner
+                .rooted
+                .iter()
+                .filter(|(_, size)| size.is_none())
+                .map(|(path, _)| path.clone())
+                .collect()
+        };
+        if !without_size.is_empty() {
+            match self.registry.nar_sizes(&without_size, nix_db).await {
+                Ok(sizes) => {
+                    let mut inner = self.lock();
+                    for path in without_size {
+                        if let Some(size) = inner.rooted.get_mut(&path) {
+                            // Not valid any more: it counts for nothing.
+                            *size = Some(sizes.get(&path).copied().unwrap_or(0));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("cannot read NAR sizes of rooted paths: {e}"),
+            }
+        }
+        let (this, queue) = (Arc::clone(self), Arc::clone(queue));
+        let _ = tokio::task::spawn_blocking(move || {
+            this.heal(&*queue);
+            this.apply_bound(&*queue);
+        })
+        .await;
+    }
+
+    /// Once roots work again after an error, roots every queued path still without one.
+    fn heal(&self, queue: &dyn Queue) {
+        {
+            let mut inner = self.lock();
+            if !inner.needs_heal || inner.error.is_some() {
+                return;
+            }
+            // Cleared first: an error while healing sets it again.
+            inner.needs_heal = false;
+        }
+        let Ok(entries) = queue.entries() else { return };
+        let missing: Vec<StorePath> = {
+            let inner = self.lock();
+            entries
+                .into_iter()
+                .map(|e| e.path)
+                .filter(|p| !inner.rooted.contains_key(p) && !inner.released.contains(p))
+                .collect()
+        };
+        self.protect(&missing);
+    }
+
+    /// Releases the roots of the oldest failed paths while the rooted NAR bytes exceed the bound.
+    fn apply_bound(&self, queue: &dyn Queue) {
+        let Some(dir) = &self.dir else { return };
+        let mut inner = self.lock();
+        let total = rooted_bytes(&inner);
+        if total <= self.max_bytes {
+            return;
+        }
+        let entries = match queue.entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!("cannot read the queue to apply gc_roots_max_bytes: {e}");
+                return;
+            }
+        };
+        let failed = entries
+            .into_iter()
+            .filter(|e| e.state == State::Failed)
+            .filter_map(|e| {
+                let size = (*inner.rooted.get(&e.path)?).unwrap_or(0);
+                Some(bound::FailedRoot {
+                    path: e.path,
+                    nar_size: size,
+                    failed_at_ms: e.updated_at_ms,
+                })
+            })
+            .collect();
+        let release = bound::over_limit(total, self.max_bytes, failed);
+        for path in &release {
+            if let Err(e) = links::remove(dir, path) {
+                set_error(&mut inner, links::explain("remove", dir, &e));
+                continue;
+            }
+            inner.rooted.remove(path);
+            inner.released.insert(path.clone());
+        }
+        drop(inner);
+        if !release.is_empty() {
+            self.warn_released(release.len());
+        }
+    }
+
+    fn warn_released(&self, count: usize) {
+        tracing::warn!(
+            released = count,
+            "{count} failed path(s) lost their GC roots, oldest first, to keep the rooted NAR size within \
+             gc_roots_max_bytes = {}; Nix may now collect them (`nixpush retry` roots them again while they \
+             are in the store)",
+            ByteSize(self.max_bytes)
+        );
+    }
+}
+
+fn rooted_bytes(inner: &Inner) -> u64 {
+    inner.rooted.values().map(|s| s.unwrap_or(0)).sum()
+}
+
+/// Records `message`, logging it only when it is new.
+fn set_error(inner: &mut Inner, message: String) {
+    if inner.error.as_ref() != Some(&message) {
+        tracing::error!("{message}");
+    }
+    inner.error = Some(message);
+    inner.needs_heal = true;
+}
+
+fn clear_error(inner: &mut Inner, dir: &Path) {
+    if inner.error.take().is_some() {
+        tracing::info!("GC roots in {} work again", dir.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::SqliteQueue;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        store: PathBuf,
+        config: Config,
+        queue: Arc<dyn Queue>,
+    }
+
+    /// A store in a temporary directory with a Nix-like database recording each path's NAR size.
+    fn fixture(max_bytes: u64) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let config = Config {
+            store_dir: store.clone(),
+            nix_db: tmp.path().join("var/nix/db/db.sqlite"),
+            gc_roots_dir: tmp.path().join("var/nix/gcroots/nixpush"),
+            gc_roots_max_bytes: ByteSize(max_bytes),
+            ..Config::default()
+        };
+        std::fs::create_dir_all(config.nix_db.parent().unwrap()).unwrap();
+        rusqlite::Connection::open(&config.nix_db)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE ValidPaths (id integer primary key, path text unique not null, narSize integer);",
+            )
+            .unwrap();
+        Fixture {
+            queue: Arc::new(SqliteQueue::temporary().unwrap()),
+            _tmp: tmp,
+            store,
+            config,
+        }
+    }
+
+    impl Fixture {
+        fn add(&self, name: &str, nar_size: u64) -> StorePath {
+            let hash = format!("{:0>32}", name.len() * 7 + name.as_bytes()[0] as usize);
+            let full = self.store.join(format!("{hash}-{name}"));
+            std::fs::write(&full, b"").unwrap();
+            let path =
+                StorePath::parse(full.to_str().unwrap(), self.config.store_dir_str()).unwrap();
+            rusqlite::Connection::open(&self.config.nix_db)
+                .unwrap()
+                .execute(
+                    "INSERT INTO ValidPaths (path, narSize) VALUES (?1, ?2)",
+                    rusqlite::params![path.as_str(), nar_size as i64],
+                )
+                .unwrap();
+            path
+        }
+
+        fn link(&self, path: &StorePath) -> PathBuf {
+            links::link_path(&self.config.gc_roots_dir, path)
+        }
+
+        fn fail(&self, path: &StorePath, at_ms: u64) {
+            let mut entry = self.queue.get(path).unwrap().unwrap();
+            entry.state = State::Failed;
+            entry.updated_at_ms = at_ms;
+            self.queue.set(&entry).unwrap();
+        }
+    }
+
+    fn rooted(path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
+    #[tokio::test]
+    async fn protect_and_finish_follow_the_queue() {
+        let f = fixture(1 << 30);
+        let roots = GcRoots::from_config(&f.config);
+        assert_eq!(roots.status().warning, None);
+        let a = f.add("a", 100);
+        f.queue
+            .enqueue(std::slice::from_ref(&a), "test", 1)
+            .unwrap();
+        roots.protect(std::slice::from_ref(&a));
+        assert_eq!(std::fs::read_link(f.link(&a)).unwrap(), a.as_path());
+        // Still queued (queued again meanwhile): the root stays.
+        roots.entry_finished(&a, &*f.queue);
+        assert!(rooted(&f.link(&a)));
+        f.queue.remove(&a).unwrap();
+        roots.entry_finished(&a, &*f.queue);
+        assert!(!rooted(&f.link(&a)));
+        assert_eq!(roots.status().rooted_paths, 0);
+    }
+
+    #[tokio::test]
+    async fn reconcile_recreates_missing_roots_removes_stale_ones_and_skips_gone_paths() {
+        let f = fixture(1 << 30);
+        let (a, b, stale) = (f.add("a", 100), f.add("bb", 200), f.add("stale", 5));
+        let gone = StorePath::parse(
+            &format!("{}/{:0>32}-gone", f.config.store_dir_str(), 9),
+            f.config.store_dir_str(),
+        )
+        .unwrap();
+        f.queue
+            .enqueue(&[a.clone(), b.clone(), gone.clone()], "test", 1)
+            .unwrap();
+        links::create(&f.config.gc_roots_dir, &a).unwrap();
+        links::create(&f.config.gc_roots_dir, &stale).unwrap();
+        let foreign = f.config.gc_roots_dir.join("someone-else");
+        std::os::unix::fs::symlink(stale.as_path(), &foreign).unwrap();
+        let roots = Arc::new(GcRoots::from_config(&f.config));
+        let done = roots
+            .reconcile(f.queue.clone(), &f.config.nix_db)
+            .await
+            .unwrap();
+        assert_eq!(
+            done,
+            Reconciled {
+                kept: 1,
+                created: 1,
+                removed: 1,
+                gone: 1,
+                released: 0
+            }
+        );
+        assert!(rooted(&f.link(&a)) && rooted(&f.link(&b)));
+        assert!(!rooted(&f.link(&stale)) && !rooted(&f.link(&gone)));
+        assert!(
+            rooted(&foreign),
+            "a link the daemon did not make is left alone"
+        );
+        let status = roots.status();
+        assert_eq!((status.rooted_paths, status.rooted_bytes), (2, 300));
+        assert_eq!(status.error, None);
+    }
+
+    #[tokio::test]
+    async fn the_bound_releases_the_oldest_failed_roots_and_retry_restores_them() {
+        let f = fixture(250);
+        let (old, new, queued) = (f.add("old", 100), f.add("new", 100), f.add("queued", 100));
+        f.queue
+            .enqueue(&[old.clone(), new.clone(), queued.clone()], "test", 1)
+            .unwrap();
+        f.fail(&old, 10);
+        f.fail(&new, 20);
+        let roots = Arc::new(GcRoots::from_config(&f.config));
+        let done = roots
+            .reconcile(f.queue.clone(), &f.config.nix_db)
+            .await
+            .unwrap();
+        assert_eq!(done.released, 1);
+        assert!(!rooted(&f.link(&old)) && rooted(&f.link(&new)) && rooted(&f.link(&queued)));
+        let status = roots.status();
+        assert_eq!((status.rooted_paths, status.rooted_bytes), (2, 200));
+        assert_eq!(status.over_limit_unrooted, 1);
+
+        // Retried while still in the store: rooted again.
+        f.queue
+            .retry_failed(Some(std::slice::from_ref(&old)), 30)
+            .unwrap();
+        let gone = roots
+            .restore(std::slice::from_ref(&old), &f.config.nix_db)
+            .await;
+        assert!(gone.is_empty());
+        assert!(rooted(&f.link(&old)));
+        assert_eq!(roots.status().over_limit_unrooted, 0);
+
+        // Its size looked up, the total is over the bound again: the only failed path left gives way.
+        roots.maintenance_pass(&f.queue, &f.config.nix_db).await;
+        assert!(!rooted(&f.link(&new)));
+        assert_eq!(roots.status().over_limit_unrooted, 1);
+
+        // Collected while unrooted: retry reports it gone and leaves no root.
+        std::fs::remove_file(new.as_path()).unwrap();
+        rusqlite::Connection::open(&f.config.nix_db)
+            .unwrap()
+            .execute("DELETE FROM ValidPaths WHERE path = ?1", [new.as_str()])
+            .unwrap();
+        let gone = roots
+            .restore(std::slice::from_ref(&new), &f.config.nix_db)
+            .await;
+        assert_eq!(gone, vec![new.clone()]);
+        assert!(!rooted(&f.link(&new)));
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_directory_is_an_error_in_status_not_a_failure() {
+        let f = fixture(1 << 30);
+        let a = f.add("a", 1);
+        // A file where the directory should be: neither root creation nor the directory can succeed.
+        std::fs::create_dir_all(f.config.gc_roots_dir.parent().unwrap()).unwrap();
+        std::fs::write(&f.config.gc_roots_dir, b"").unwrap();
+        let roots = GcRoots::from_config(&f.config);
+        roots.protect(std::slice::from_ref(&a));
+        let status = roots.status();
+        assert_eq!(status.rooted_paths, 0);
+        let error = status.error.unwrap();
+        assert!(error.contains("cannot create GC roots in"), "{error}");
+        // Fixed: the next path is rooted, the error clears, and healing roots the path that missed out.
+        std::fs::remove_file(&f.config.gc_roots_dir).unwrap();
+        let b = f.add("bb", 1);
+        f.queue.enqueue(&[a.clone(), b.clone()], "test", 1).unwrap();
+        roots.protect(std::slice::from_ref(&b));
+        let status = roots.status();
+        assert_eq!((status.rooted_paths, status.error), (1, None));
+        roots.heal(&*f.queue);
+        assert_eq!(roots.status().rooted_paths, 2);
+        assert!(rooted(&f.link(&a)));
+    }
+
+    #[test]
+    fn a_directory_outside_nix_gcroots_is_warned_about() {
+        let config = Config {
+            gc_roots_dir: PathBuf::from("/var/lib/nixpush/roots"),
+            ..Config::default()
+        };
+        let warning = GcRoots::from_config(&config).status().warning.unwrap();
+        assert!(
+            warning.contains("outside /nix/var/nix/gcroots"),
+            "{warning}"
+        );
+        assert_eq!(
+            GcRoots::from_config(&Config::default()).status().warning,
+            None
+        );
+        let off = Config {
+            gc_roots_dir: PathBuf::new(),
+            ..Config::default()
+        };
+        assert_eq!(GcRoots::from_config(&off).status().dir, None);
+    }
+}
