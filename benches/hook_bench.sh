@@ -3,6 +3,8 @@
 #
 #   benches/hook_bench.sh [RUNS] [ENQUEUE_PATHS]     (as root, with Nix; RUNS defaults to 1000, ENQUEUE_PATHS to 20000)
 #   NIXPUSH_PEER_HOOK=/path/to/post-build-hook benches/hook_bench.sh
+#   NIXPUSH_BENCH_BIN=/other/target/release benches/hook_bench.sh   (the daemon and hook of another build, e.g. an
+#                                                                   older commit; the timing tools stay this tree's)
 #
 # Every hook run hands the daemon a path it has never seen, registered in Nix's database, while the daemon is
 # uploading to a file:// cache, so each ack waits for a real queue write and sync, as after a real build:
@@ -22,6 +24,8 @@ enqueue_paths=${2:-20000}
 cd "$(dirname "$0")/.."
 cargo build --quiet --release --bins --examples
 bin=$PWD/target/release
+# The nixpush and nixpush-hook measured; the drivers (examples/) always come from this tree.
+nbin=${NIXPUSH_BENCH_BIN:-$bin}
 work=$(mktemp -d /var/tmp/nixpush-bench.XXXXXX)
 daemon_pid=
 peer_pid=
@@ -51,10 +55,10 @@ start_daemon() { # $1: --hold or ""
   rm -rf "$work/state" "$work/run"
   printf 'socket = "%s"\nstate_dir = "%s"\nupstream = []\n[target]\nurl = "file://%s/cache"\n' \
     "$work/run/nixpush.sock" "$work/state" "$work" > "$work/config.toml"
-  "$bin/nixpush" --config "$work/config.toml" daemon $1 2>>"$work/daemon.log" &
+  "$nbin/nixpush" --config "$work/config.toml" daemon $1 2>>"$work/daemon.log" &
   daemon_pid=$!
   for _ in $(seq 200); do
-    "$bin/nixpush" --config "$work/config.toml" status >/dev/null 2>&1 && return 0
+    "$nbin/nixpush" --config "$work/config.toml" status >/dev/null 2>&1 && return 0
     sleep 0.05
   done
   echo "daemon did not start:" >&2; cat "$work/daemon.log" >&2; exit 1
@@ -101,7 +105,7 @@ else
 fi
 
 export NIXPUSH_SOCKET=$work/run/nixpush.sock NIXPUSH_SPOOL=$work/state/spool
-echo "== $(nproc) cores, $(uname -r), $(nix --version), nixpush $(git describe --always --dirty 2>/dev/null || echo '?')," \
+echo "== $(nproc) cores, $(uname -r), $(nix --version), nixpush $(git describe --always --dirty 2>/dev/null || echo "?")${NIXPUSH_BENCH_BIN:+ (measured: $NIXPUSH_BENCH_BIN)}," \
   "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 start_daemon ""
 
@@ -115,7 +119,7 @@ echo
 echo "== 1. $runs hook runs, each a fresh registered path in OUT_PATHS; daemon uploading to file://, ack after" \
   "the queue's sync (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 add_paths "$runs" fresh
-"$bin/examples/hook_latency" "$bin/nixpush-hook" "$work/fresh.txt" /bin/true ${peer:+"$peer"} | tee "$work/part1.txt"
+"$bin/examples/hook_latency" "$nbin/nixpush-hook" "$work/fresh.txt" /bin/true ${peer:+"$peer"} | tee "$work/part1.txt"
 check_nothing_spooled
 
 echo
@@ -126,9 +130,9 @@ xargs nix-store --query --outputs < "$work/drvs.txt" > "$work/outputs.txt"
 xargs nix-store --realise --option build-users-group "" --option sandbox false --option substituters "" -j 2 \
   < "$work/drvs.txt" > /dev/null 2>"$work/build.log" || { tail "$work/build.log" >&2; exit 1; }
 paste -d' ' "$work/drvs.txt" "$work/outputs.txt" > "$work/drv-out.txt"
-"$bin/examples/hook_latency" --drv "$bin/nixpush-hook" "$work/drv-out.txt" /bin/true ${peer:+"$peer"} | tee "$work/part2.txt"
+"$bin/examples/hook_latency" --drv "$nbin/nixpush-hook" "$work/drv-out.txt" /bin/true ${peer:+"$peer"} | tee "$work/part2.txt"
 check_nothing_spooled
-queued=$("$bin/nixpush" --config "$work/config.toml" status --json \
+queued=$("$nbin/nixpush" --config "$work/config.toml" status --json \
   | python3 -c 'import json,sys; s = json.load(sys.stdin); print(s["queued"] + s["in_flight"])')
 echo "   the daemon was uploading throughout; still queued or in flight at the end: $queued"
 
