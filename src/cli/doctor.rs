@@ -771,6 +771,10 @@ async fn check_target(
             } else {
                 format!("{url} answers and accepts our credentials")
             };
+            let detail = match crate::backend::s3::credentials::describe_source(config) {
+                Some(source) => format!("{detail}; {source}"),
+                None => detail,
+            };
             (Check::pass(NAME, detail), Some(info))
         }
         Ok(Err(e)) if e.is_auth() => {
