@@ -18,8 +18,8 @@
 //! `https://bucket.s3.<region>.amazonaws.com/key`. Credentials come from the chain AWS users know (see
 //! [`credentials`]): `profile=`, the environment, web identity, the shared files, instance metadata.
 //!
-//! The URL is [`address`]'s, one request's signing, throttling and retries [`request`]'s, single objects
-//! [`objects`]' and large NARs [`multipart`]'s.
+//! The URL is `address`'s, one request's signing, throttling and retries `request`'s, single objects
+//! `objects`' and large NARs `multipart`'s.
 
 use std::time::Duration;
 

@@ -1,14 +1,14 @@
 //! Where the S3 backend's keys come from, in the order the AWS SDKs look:
 //!
 //! 1. `profile=` in the target URL (as Nix's S3 store takes it): that profile of the shared files, nothing else;
-//! 2. the environment: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` ([`env`]);
+//! 2. the environment: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` (`env`);
 //! 3. web identity: `AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN` (GitHub Actions OIDC, EKS), assumed through
-//!    STS ([`web_identity`]);
-//! 4. the shared `credentials` and `config` files, profile `AWS_PROFILE` or `default` ([`profile`]), with keys or
+//!    STS (`web_identity`);
+//! 4. the shared `credentials` and `config` files, profile `AWS_PROFILE` or `default` (`profile`), with keys or
 //!    a `role_arn` and `web_identity_token_file`;
-//! 5. the EC2 instance metadata service, IMDSv2 ([`imds`]).
+//! 5. the EC2 instance metadata service, IMDSv2 (`imds`).
 //!
-//! [`Provider`] holds the keys in use and gets new ones when they are due ([`keys`]: 5 minutes before a temporary
+//! `Provider` holds the keys in use and gets new ones when they are due (`keys`: 5 minutes before a temporary
 //! key's `Expiration`), when the bucket refuses them as expired, and, for keys without an expiration, on every
 //! `prepare`. Each time it walks the chain again, so a changed file or a rotated token takes effect. Every key,
 //! secret and token is remembered by [`crate::secret`], so none reaches a log, `status` or an error.
