@@ -1,4 +1,4 @@
-//! When to try again, for every retry in nixpush: one [`Policy`] type, used three ways.
+//! When to try again, for every retry in nixpush: one [`Policy`] type, used four ways.
 //!
 //! - **Per path** ([`Policy::default`], `target.retry_base_ms`): the scheduler's backoff between attempts at a
 //!   path, and the engine's between tries of the presence query. Attempt `n` waits a uniformly random time in
@@ -6,6 +6,8 @@
 //!   once); a server's `Retry-After` replaces it, clamped so a hostile or confused server cannot park us for days.
 //! - **Per request** ([`Policy::per_request`]): HTTP and S3 requests, 4 tries, 250 ms doubling; a server asking for
 //!   more than 30 s gets the error handed to the per-path policy instead, so one request never holds a worker.
+//! - **Throttled** ([`Policy::throttled`]): S3's `503 SlowDown` and `429`, counted apart from the per-request
+//!   tries, 500 ms doubling to 8 s, 25 tries.
 //! - **Cachix** ([`Policy::cachix`], cachix-api.md §7.1): equal jitter from 1 s doubling, each wait at most 15 s,
 //!   no retry once the computed waits would pass 90 s in total; a non-zero hint replaces the wait, clamped to
 //!   120 s.
@@ -98,6 +100,20 @@ impl Policy {
             max_server_hint: max_hint,
             jitter: Jitter::None,
             hints: Hints::GiveUpAbove,
+            limit: Limit::Tries(tries),
+        }
+    }
+
+    /// Throttling answers (S3's `503 SlowDown`, `429`): `tries` in all, 500 ms doubling to at most 8 s with equal
+    /// jitter, hints obeyed up to `max_hint`. The request rate is at fault, not the request, so a caller counts
+    /// these tries apart from [`Policy::per_request`]'s, and lowers its concurrency meanwhile.
+    pub fn throttled(tries: u32, max_hint: Duration) -> Policy {
+        Policy {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(8),
+            max_server_hint: max_hint,
+            jitter: Jitter::Equal,
+            hints: Hints::Clamp,
             limit: Limit::Tries(tries),
         }
     }
@@ -312,6 +328,24 @@ mod tests {
             hint: None,
         };
         assert_eq!(Retries::default().next_wait(&p, &permanent, 0.0), None);
+    }
+
+    #[test]
+    fn throttled_waits_double_to_8_s_and_obey_hints() {
+        let p = Policy::throttled(25, Duration::from_secs(30));
+        let mut r = Retries::default();
+        let waits: Vec<_> = std::iter::from_fn(|| r.next_wait(&p, &TRANSIENT, 1.0)).collect();
+        assert_eq!(waits.len(), 24);
+        assert_eq!(
+            waits[..6],
+            [500, 1000, 2000, 4000, 8000, 8000].map(Duration::from_millis)
+        );
+        assert_eq!(p.computed(0, 0.0), Duration::from_millis(250));
+        // A long hint is clamped, never the end of the retries.
+        assert_eq!(
+            Retries::default().next_wait(&p, &hinted(90), 0.0),
+            Some(Duration::from_secs(30))
+        );
     }
 
     #[test]

@@ -40,6 +40,12 @@ fn binary() -> PathBuf {
 impl S3sFs {
     /// Starts the server with `buckets` (created as directories) and waits (up to 60 s) until it listens.
     pub fn start(buckets: &[&str]) -> S3sFs {
+        S3sFs::start_with_keys(buckets, ACCESS_KEY, SECRET_KEY)
+    }
+
+    /// [`S3sFs::start`], accepting only the key pair `access_key`, `secret_key`. s3s-fs checks the SigV4
+    /// signature (which covers `X-Amz-Security-Token`) but keeps no list of session tokens, so any token passes.
+    pub fn start_with_keys(buckets: &[&str], access_key: &str, secret_key: &str) -> S3sFs {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("data");
         for bucket in buckets {
@@ -49,7 +55,7 @@ impl S3sFs {
         let log = dir.path().join("s3s-fs.log");
         let mut child = Command::new(binary())
             .args(["--host", "127.0.0.1", "--port", "0"])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .args(["--access-key", access_key, "--secret-key", secret_key])
             .arg(&root)
             .env("RUST_LOG", "s3s_fs=info")
             .stdin(Stdio::null())

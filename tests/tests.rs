@@ -22,6 +22,7 @@ mod priority;
 mod proof;
 mod remote;
 mod s3;
+mod s3_credentials;
 mod s3_writers;
 mod s3s;
 mod security;

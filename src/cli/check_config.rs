@@ -58,6 +58,9 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
                 if let Some(note) = documents::cannot_store_note(kind.cannot_store(), &config) {
                     eprintln!("note: {note}");
                 }
+                if let Some(source) = crate::backend::s3::credentials::describe_source(&config) {
+                    eprintln!("note: {source}");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(Problem::Config(e)) => Err(e.into()),
@@ -67,10 +70,11 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
     let (report, code) = match checked {
         Ok(config) => {
             let effective: toml::Value = toml::from_str(&config.to_effective_toml())?;
-            (
-                serde_json::json!({"ok": true, "file": path, "config": effective}),
-                ExitCode::SUCCESS,
-            )
+            let mut report = serde_json::json!({"ok": true, "file": path, "config": effective});
+            if let Some(source) = crate::backend::s3::credentials::describe_source(&config) {
+                report["credentials"] = source.into();
+            }
+            (report, ExitCode::SUCCESS)
         }
         Err(problem) => {
             let (error, field) = match &problem {

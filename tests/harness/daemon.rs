@@ -147,6 +147,8 @@ pub struct TestDaemon {
     log: PathBuf,
     starts: u32,
     hold: bool,
+    /// Variables set in the daemon's environment (on every start), beside the test process's own.
+    vars: Vec<(String, String)>,
 }
 
 impl TestDaemon {
@@ -165,13 +167,27 @@ impl TestDaemon {
         TestDaemon::launch(env, false)
     }
 
+    /// [`TestDaemon::start_uploading`] with `vars` added to the daemon's environment, an empty value removing
+    /// the variable (credentials for a target, without changing the test process's environment).
+    pub fn start_uploading_with_env(env: TestEnv, vars: &[(&str, &str)]) -> TestDaemon {
+        TestDaemon::launch_with(env, false, vars)
+    }
+
     fn launch(env: TestEnv, hold: bool) -> TestDaemon {
+        TestDaemon::launch_with(env, hold, &[])
+    }
+
+    fn launch_with(env: TestEnv, hold: bool, vars: &[(&str, &str)]) -> TestDaemon {
         let mut daemon = TestDaemon {
             log: env.dir.path().join("daemon.log"),
             env,
             child: None,
             starts: 0,
             hold,
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         daemon.spawn();
         daemon
@@ -193,8 +209,16 @@ impl TestDaemon {
             .append(true)
             .open(&self.log)
             .unwrap();
+        let mut command = Command::new(NIXPUSH);
+        for (name, value) in &self.vars {
+            if value.is_empty() {
+                command.env_remove(name);
+            } else {
+                command.env(name, value);
+            }
+        }
         let child = Guard::spawn(
-            Command::new(NIXPUSH)
+            command
                 .arg("--config")
                 .arg(&self.env.config_path)
                 .arg("daemon")

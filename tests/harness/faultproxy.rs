@@ -31,6 +31,8 @@ pub enum Fault {
     EchoHeaders,
     /// `507 Insufficient Storage`, as a WebDAV server with a full disk answers.
     InsufficientStorage,
+    /// `403` with S3's `<Code>ExpiredToken</Code>`: the session token the request was signed with has expired.
+    ExpiredToken,
 }
 
 /// Counters of what the proxy did.
@@ -285,6 +287,14 @@ fn handle(
                     b"HTTP/1.1 503 Slow Down\r\nContent-Length: 87\r\nConnection: close\r\n\r\n\
                       <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
                 )?,
+                Fault::ExpiredToken => {
+                    let body = "<Error><Code>ExpiredToken</Code><Message>The provided token has expired.</Message></Error>";
+                    let answer = format!(
+                        "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    client.write_all(answer.as_bytes())?;
+                }
                 Fault::Stall => std::thread::sleep(stall),
                 Fault::ResetMidBody | Fault::Superseded => {}
             }

@@ -2,6 +2,7 @@
 //! process a test starts is owned by a [`process::Guard`], so a failing test stops what it started, and every
 //! wait has a deadline.
 
+pub mod aws;
 pub mod cache;
 pub mod daemon;
 pub mod deadend;

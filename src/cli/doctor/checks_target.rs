@@ -17,11 +17,12 @@ use super::report::Check;
 const NAME: &str = "target";
 
 /// Where the S3 backend finds credentials, for the fix when it finds none.
-const S3_CREDENTIAL_SOURCES: &str = "give the daemon AWS credentials: AWS_ACCESS_KEY_ID and \
-    AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary keys) in its environment (NixOS: \
-    services.nixpush.environmentFile; systemd: EnvironmentFile=), or a profile in the shared credentials file \
-    (AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials of the daemon's user; `profile=` in the URL or \
-    AWS_PROFILE picks the profile, default `default`). doctor looks in its own environment: run it with the \
+const S3_CREDENTIAL_SOURCES: &str = "give the daemon AWS credentials, from the first of: `profile=` in the \
+    URL; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary keys) in its environment \
+    (NixOS: services.nixpush.environmentFile; systemd: EnvironmentFile=); AWS_WEB_IDENTITY_TOKEN_FILE with \
+    AWS_ROLE_ARN (GitHub Actions OIDC); a profile in the shared credentials or config file \
+    (AWS_SHARED_CREDENTIALS_FILE / AWS_CONFIG_FILE, else ~/.aws/ of the daemon's user; AWS_PROFILE picks it, \
+    default `default`); the instance metadata service. doctor looks in its own environment: run it with the \
     daemon's";
 
 /// Checks the target the way its kind needs. The target info is there when the target answered.
@@ -200,12 +201,10 @@ async fn http_target(config: &Config, credentials: Credentials) -> (Check, Optio
 /// `s3://`: credentials are found, and the bucket answers a signed read of `nix-cache-info`.
 async fn s3_target(config: &Config) -> (Check, Option<TargetInfo>) {
     let url = redact_url(&config.target.url);
-    if let Err(e) = backend::s3::S3Backend::find_credentials(&config.target.url) {
-        return (
-            Check::fail(NAME, e.to_string(), S3_CREDENTIAL_SOURCES),
-            None,
-        );
-    }
+    let source = match backend::s3::credentials::find_source(config) {
+        Ok(source) => source,
+        Err(problem) => return (Check::fail(NAME, problem, S3_CREDENTIAL_SOURCES), None),
+    };
     let backend = match Target::backend_with(config, Credentials::none()) {
         Ok(backend) => backend,
         Err(e) => {
@@ -220,15 +219,13 @@ async fn s3_target(config: &Config) -> (Check, Option<TargetInfo>) {
         backend.get_document("nix-cache-info"),
     )
     .await;
-    let auth_fix = "use keys that may read and write the bucket; they come from the first of: the environment \
-                    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), the shared credentials file \
-                    (AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials, profile from `profile=`/AWS_PROFILE)";
-    match remote_answer(&url, answer, auth_fix) {
+    let auth_fix = format!("use keys that may read and write the bucket ({source})");
+    match remote_answer(&url, answer, &auth_fix) {
         Ok(_) => (
             Check::pass(
                 NAME,
                 format!(
-                    "{url} answers and takes our credentials for reading (doctor writes nothing)"
+                    "{url} answers and takes our credentials for reading (doctor writes nothing); {source}"
                 ),
             ),
             plain_info(),

@@ -1,0 +1,193 @@
+//! Objects in the bucket: HEAD for presence and size, one-PUT writes (conditional for narinfos and
+//! `nix-cache-info`), and the NAR upload that settles a race with another writer of the same key (see
+//! [`super::super::race`]).
+
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, IF_NONE_MATCH};
+use reqwest::StatusCode;
+use rusty_s3::S3Action;
+
+use super::super::parts::file_range_body;
+use super::super::{race, Error, NarFile};
+use super::credentials::Keys;
+use super::request::{expect_success, s3_error};
+use super::{S3Backend, PRESIGN_FOR};
+
+/// How often a NAR upload that lost to another writer's is tried again here before the engine retries the path.
+const CONTENDED_TRIES: u32 = 3;
+
+impl S3Backend {
+    /// Whether `key` exists.
+    pub(super) async fn exists(&self, key: &str) -> Result<bool, Error> {
+        Ok(self.object_size(key).await?.is_some())
+    }
+
+    /// The size of object `key`, `None` when it does not exist.
+    pub(super) async fn object_size(&self, key: &str) -> Result<Option<u64>, Error> {
+        self.retrying(|keys| async move {
+            let url = self
+                .bucket
+                .head_object(Some(&keys.s3), key)
+                .sign(PRESIGN_FOR);
+            let (response, shown) = self.send("HEAD", &url, |c, u| c.head(u)).await?;
+            match response.status() {
+                // The header, not the (empty) body of a HEAD answer.
+                s if s.is_success() => Ok(Some(
+                    response
+                        .headers()
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                )),
+                // Without s3:ListBucket, S3 answers 403 for a key that does not exist.
+                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(None),
+                _ => Err(s3_error("HEAD", &shown, response).await),
+            }
+        })
+        .await
+    }
+
+    /// An unconditional PUT: documents that may be replaced (a re-signed narinfo, listings, logs).
+    pub(super) async fn put_bytes(
+        &self,
+        key: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        let bytes = &bytes;
+        self.retrying(|keys| async move {
+            self.put_object(&keys, key, content_type, bytes, false)
+                .await
+        })
+        .await
+    }
+
+    /// One signed PUT of `bytes`; `if_absent` adds `If-None-Match: *`.
+    async fn put_object(
+        &self,
+        keys: &Keys,
+        key: &str,
+        content_type: &str,
+        bytes: &[u8],
+        if_absent: bool,
+    ) -> Result<(), Error> {
+        let url = self
+            .bucket
+            .put_object(Some(&keys.s3), key)
+            .sign(PRESIGN_FOR);
+        let (response, shown) = self
+            .send("PUT", &url, |c, u| {
+                let request = c
+                    .put(u)
+                    .header(CONTENT_TYPE, content_type)
+                    .header(CONTENT_LENGTH, bytes.len());
+                let request = if if_absent {
+                    request.header(IF_NONE_MATCH, "*")
+                } else {
+                    request
+                };
+                request.body(bytes.to_vec())
+            })
+            .await?;
+        expect_success("PUT", &shown, response).await.map(drop)
+    }
+
+    /// PUTs a small document unless `key` exists (`If-None-Match: *`). Another writer's copy counts as ours:
+    /// a `412` means it was first, a `409` that its write is in flight (settled by a HEAD).
+    pub(super) async fn put_bytes_if_absent(
+        &self,
+        key: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        let bytes = &bytes;
+        let mut tries = 1;
+        loop {
+            let result = self
+                .retrying(|keys| async move {
+                    self.put_object(&keys, key, content_type, bytes, true).await
+                })
+                .await;
+            let error = match result {
+                Ok(()) => return Ok(()),
+                Err(e) if !race::another_writer_may_have_won(&e) => return Err(e),
+                Err(e) => e,
+            };
+            let present = self.exists(key).await?;
+            match race::after_failure(error, present) {
+                Ok(()) => {
+                    tracing::debug!("{key} was written by another writer first");
+                    return Ok(());
+                }
+                Err(e) if tries < CONTENDED_TRIES => {
+                    tracing::debug!("{key}: {e}");
+                    tokio::time::sleep(contended_wait(tries)).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores the NAR `key`. When the upload lost to another writer's upload of the same key, the NAR that writer
+    /// completed (same key, so same bytes, and the expected size) counts as ours.
+    pub(super) async fn put_nar(&self, key: &str, nar: &NarFile<'_>) -> Result<(), Error> {
+        let mut tries = 1;
+        loop {
+            let error = match self.put_file(key, "application/x-nix-nar", nar).await {
+                Ok(()) => return Ok(()),
+                Err(e) if !race::another_writer_may_have_won(&e) => return Err(e),
+                Err(e) => e,
+            };
+            let present = self.object_size(key).await? == Some(nar.size);
+            match race::after_failure(error, present) {
+                Ok(()) => {
+                    tracing::debug!("{key} was completed by another writer");
+                    return Ok(());
+                }
+                Err(e) if tries < CONTENDED_TRIES => {
+                    tracing::debug!("{key}: {e}; uploading it again");
+                    tokio::time::sleep(contended_wait(tries)).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One PUT of the whole file, or a multipart upload above the part size.
+    async fn put_file(
+        &self,
+        key: &str,
+        content_type: &str,
+        nar: &NarFile<'_>,
+    ) -> Result<(), Error> {
+        if nar.size > self.part_size {
+            return self.put_multipart(key, content_type, nar).await;
+        }
+        self.retrying(|keys| async move {
+            let url = self
+                .bucket
+                .put_object(Some(&keys.s3), key)
+                .sign(PRESIGN_FOR);
+            let body = file_range_body(nar.path, 0, nar.size).await?;
+            let (response, shown) = self
+                .send("PUT", &url, |c, u| {
+                    c.put(u)
+                        .header(CONTENT_TYPE, content_type)
+                        .header(CONTENT_LENGTH, nar.size)
+                        .body(body)
+                })
+                .await?;
+            expect_success("PUT", &shown, response).await.map(drop)
+        })
+        .await
+    }
+}
+
+/// A pause before writing an object again that another writer was busy with.
+fn contended_wait(tries: u32) -> Duration {
+    Duration::from_millis((500 << tries) + rand::random::<u64>() % 500)
+}
