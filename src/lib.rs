@@ -37,6 +37,9 @@
 //!   and Cachix (`backend::cachix`: API, multipart upload, keys) each have a module, upstream caches one more.
 //! - [`priority`]: idle CPU and I/O priority for hashing and compression, so uploads yield to builds.
 //! - [`secret`]: secrets that never print.
+//! - [`rate_schedule`]: upload rates as configured (`max_upload_rate`, `rate_schedule`) and the rate in force at a
+//!   local time; [`backend::rate`] is the token bucket that enforces it, [`backend::wire`] the body stream that
+//!   counts and throttles the bytes on the wire.
 
 pub mod backend;
 pub mod base32;
@@ -56,6 +59,7 @@ pub mod pathinfo;
 pub mod priority;
 pub mod protocol;
 pub mod queue;
+pub mod rate_schedule;
 pub mod realisation;
 pub mod retry;
 pub mod secret;
