@@ -123,6 +123,11 @@ impl<W: Write> MeteredWriter<W> {
     }
 
     /// The inner writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// The inner writer.
     pub fn into_inner(self) -> W {
         self.inner
     }
