@@ -15,6 +15,7 @@ mod nixos;
 mod ops;
 mod priority;
 mod proof;
+mod rate;
 mod remote;
 mod s3;
 mod s3_writers;

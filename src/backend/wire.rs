@@ -97,10 +97,7 @@ async fn file_stream(
             }
             let piece = rest.split_to(rest.len().min(meter.limiter.burst()));
             if let Err(e) = meter.limiter.take(piece.len()).await {
-                return Some((
-                    Err(io::Error::new(io::ErrorKind::Interrupted, e)),
-                    (reader, meter, rest),
-                ));
+                return Some((Err(io::Error::other(e)), (reader, meter, rest)));
             }
             meter.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
             Some((Ok(piece), (reader, meter, rest)))
@@ -136,10 +133,11 @@ impl<W: Write> MeteredWriter<W> {
 impl<W: Write> Write for MeteredWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(self.meter.limiter.burst());
+        // An abort is `ErrorKind::Other`: `write_all` retries `Interrupted` for ever.
         self.meter
             .limiter
             .take_blocking(n)
-            .map_err(|e| io::Error::new(io::ErrorKind::Interrupted, e))?;
+            .map_err(io::Error::other)?;
         self.inner.write_all(&buf[..n])?;
         self.meter.sent.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)

@@ -180,10 +180,8 @@ struct Counting<W> {
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.limiter.is_aborted() {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "upload interrupted",
-            ));
+            // Not `ErrorKind::Interrupted`: `write_all` would retry that for ever.
+            return Err(io::Error::other("upload interrupted"));
         }
         let n = self.inner.write(buf)?;
         self.count.fetch_add(n as u64, Ordering::Relaxed);
