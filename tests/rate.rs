@@ -257,8 +257,8 @@ fn in_a_terminal_the_bar_counts_bytes_on_a_throttled_link_and_ctrl_c_stops_clean
     let quarter = wall / 4;
     let (_, screen) = screens
         .iter()
-        .filter(|(at, s)| *at <= quarter && overall_bytes(s).is_some())
-        .last()
+        .rev()
+        .find(|(at, s)| *at <= quarter && overall_bytes(s).is_some())
         .unwrap_or_else(|| panic!("no progress bar on screen before {quarter:?}: {last}"));
     let (done, total) = overall_bytes(screen).unwrap();
     assert!(total >= (12 << 20) as f64, "{screen}");
