@@ -265,6 +265,12 @@ pub struct Target {
     /// Push a path even when a reference of it is filtered out and neither the target nor an upstream has it.
     /// Nix then refuses to substitute that path unless the reference comes from somewhere else.
     pub allow_incomplete_closures: bool,
+    /// Upload rate outside every `rate_schedule` window, over all workers (`"4MiB/s"`, `"unlimited"`); see
+    /// [`crate::rate_schedule`] for the units.
+    pub max_upload_rate: crate::rate_schedule::Rate,
+    /// Local-time windows with a rate of their own (`{ from = "09:00", to = "18:00", rate = "512KiB/s" }`); a rate
+    /// of `"0"` holds uploads.
+    pub rate_schedule: Vec<crate::rate_schedule::RateWindow>,
 }
 
 impl Default for Config {
@@ -316,6 +322,8 @@ impl Default for Target {
             exclude: Vec::new(),
             max_nar_size: None,
             allow_incomplete_closures: false,
+            max_upload_rate: crate::rate_schedule::Rate::Unlimited,
+            rate_schedule: Vec::new(),
         }
     }
 }
@@ -346,6 +354,8 @@ impl fmt::Debug for Target {
             .field("exclude", &self.exclude)
             .field("max_nar_size", &self.max_nar_size)
             .field("allow_incomplete_closures", &self.allow_incomplete_closures)
+            .field("max_upload_rate", &self.max_upload_rate)
+            .field("rate_schedule", &self.rate_schedule)
             .finish()
     }
 }
@@ -440,6 +450,12 @@ impl Config {
                 "needs a key to sign with: set target.signing_key_file or target.signing_key_files",
             ));
         }
+        crate::rate_schedule::validate(&self.target.rate_schedule).map_err(|problem| {
+            Error::Invalid {
+                field: "target.rate_schedule",
+                problem,
+            }
+        })?;
         if self.client_timeout_ms == 0 {
             return Err(invalid("client_timeout_ms", "must be greater than 0"));
         }
@@ -878,6 +894,53 @@ mod tests {
             .to_string();
         assert!(
             err.contains("gc_roots_max_bytes") && err.contains("unknown unit"),
+            "{err}"
+        );
+    }
+
+    // See: #18
+    #[test]
+    fn upload_rates_parse_and_bad_ones_name_the_key() {
+        let c = parse(
+            "[target]\nurl = \"file:///x\"\nmax_upload_rate = \"4MiB/s\"\n\
+             rate_schedule = [{ from = \"09:00\", to = \"18:00\", rate = \"512KiB/s\" },\
+             { from = \"22:00\", to = \"06:00\", rate = \"0\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.target.max_upload_rate,
+            crate::rate_schedule::Rate::BytesPerSec(4 << 20)
+        );
+        assert_eq!(c.target.rate_schedule.len(), 2);
+        let back = parse(&c.to_effective_toml()).unwrap();
+        assert_eq!(back.target.rate_schedule, c.target.rate_schedule);
+        assert_eq!(back.target.max_upload_rate, c.target.max_upload_rate);
+        let err = parse("[target]\nurl = \"file:///x\"\nmax_upload_rate = \"4 MiBps\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_upload_rate") && err.contains("line 3"),
+            "{err}"
+        );
+        let err = parse(
+            "[target]\nurl = \"file:///x\"\nrate_schedule = [{ from = \"9\", to = \"18:00\", rate = \"0\" }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("rate_schedule") && err.contains("HH:MM"),
+            "{err}"
+        );
+        let err = parse(
+            "[target]\nurl = \"file:///x\"\nrate_schedule = [{ from = \"09:00\", to = \"18:00\", rate = \"0\" },\
+             { from = \"17:00\", to = \"20:00\", rate = \"1MiB/s\" }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("target.rate_schedule")
+                && err.contains("09:00–18:00")
+                && err.contains("17:00–20:00"),
             "{err}"
         );
     }

@@ -40,6 +40,9 @@
 //! - [`secret`]: secrets that never print.
 //! - [`metrics`]: Prometheus metrics at `/metrics` (`metrics_listen`): the text format, counters, the scrape, the
 //!   listener.
+//! - [`rate_schedule`]: upload rates as configured (`max_upload_rate`, `rate_schedule`) and the rate in force at a
+//!   local time; [`backend::rate`] is the token bucket that enforces it, [`backend::wire`] the body stream that
+//!   counts and throttles the bytes on the wire.
 
 pub mod backend;
 pub mod base32;
@@ -62,6 +65,7 @@ pub mod pathinfo;
 pub mod priority;
 pub mod protocol;
 pub mod queue;
+pub mod rate_schedule;
 pub mod realisation;
 pub mod retry;
 pub mod secret;

@@ -168,6 +168,9 @@ pub struct TargetInfo {
     /// What the target's filters left out, and why.
     #[serde(default)]
     pub filtered: FilterStatus,
+    /// The upload rate in force and the rate measured on the wire; `null` from a daemon that does not say.
+    #[serde(default)]
+    pub upload_rate: Option<UploadRate>,
 }
 
 /// What a target's filters (`include`, `exclude`, `max_nar_size`) left out: paths excluded, and paths held back
@@ -196,6 +199,44 @@ pub struct FilteredPath {
     pub reason: String,
     /// Unix time (ms) of the decision.
     pub at_ms: u64,
+}
+
+/// A target's upload rate (`max_upload_rate`, `rate_schedule`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRate {
+    /// Bytes per second in force over all workers; `null` when unlimited, 0 while held.
+    pub limit_bytes_per_sec: Option<u64>,
+    /// Where it comes from: `unlimited`, `max_upload_rate`, or `rate_schedule HH:MM–HH:MM` (the window).
+    pub source: String,
+    /// Whether the rate in force is 0: no new upload starts and uploads in flight pause.
+    pub held: bool,
+    /// Bytes per second on the wire (for `file://`, written into the cache) over the last few seconds.
+    pub measured_bytes_per_sec: u64,
+    /// The local time (`HH:MM`) of the next window edge where the rate changes; `null` when it never does.
+    pub next_change_local: Option<String>,
+    /// The same moment in Unix seconds.
+    pub next_change_at: Option<u64>,
+}
+
+impl UploadRate {
+    /// `512.0 KiB/s (rate_schedule 09:00–18:00) until 18:00, measured 498.0 KiB/s`.
+    pub fn describe(&self) -> String {
+        let until = self
+            .next_change_local
+            .as_deref()
+            .map(|t| format!(" until {t}"))
+            .unwrap_or_default();
+        let measured = human_bytes(self.measured_bytes_per_sec);
+        match self.limit_bytes_per_sec {
+            _ if self.held => format!("HELD by {}{until}: nothing is sent", self.source),
+            None => format!("unlimited ({}){until}, measured {measured}/s", self.source),
+            Some(limit) => format!(
+                "{}/s ({}){until}, measured {measured}/s",
+                human_bytes(limit),
+                self.source
+            ),
+        }
+    }
 }
 
 /// How the target is doing.
@@ -238,9 +279,16 @@ pub struct InFlightUpload {
     pub nar_bytes_done: u64,
     /// The NAR's size, when known.
     pub nar_size: Option<u64>,
-    /// `preparing` (streaming and compressing the NAR) or `uploading`.
+    /// `preparing` (streaming and compressing the NAR; for `file://` also writing it into the cache),
+    /// `uploading` (the NAR on the wire) or `narinfo` (the NAR is sent, the narinfo is being written).
     #[serde(default)]
     pub phase: Option<String>,
+    /// Compressed bytes on the wire so far (for `file://`, written into the cache).
+    #[serde(default)]
+    pub wire_bytes_done: u64,
+    /// The compressed size, once the NAR is prepared.
+    #[serde(default)]
+    pub file_size: Option<u64>,
 }
 
 /// A path whose last attempt failed.
@@ -440,6 +488,9 @@ impl StatusReport {
                 "          DEGRADED: {reason}; uploads wait and resume by themselves"
             );
         }
+        if let Some(rate) = &t.upload_rate {
+            let _ = writeln!(out, "rate:     {}", rate.describe());
+        }
         let _ = writeln!(
             out,
             "queue:    {} queued, {} in flight, {} failed, {} spooled; {} refused request(s) all time",
@@ -476,9 +527,20 @@ impl StatusReport {
                     ),
                     _ => human_bytes(u.nar_bytes_done),
                 };
+                let wire = match u.file_size {
+                    Some(size) => format!(
+                        ", {} / {} sent",
+                        human_bytes(u.wire_bytes_done.min(size)),
+                        human_bytes(size)
+                    ),
+                    None if u.wire_bytes_done > 0 => {
+                        format!(", {} written", human_bytes(u.wire_bytes_done))
+                    }
+                    None => String::new(),
+                };
                 let _ = writeln!(
                     out,
-                    "  {}  {progress}  {}, {}",
+                    "  {}  {progress}{wire}  {}, {}",
                     u.path,
                     u.phase.as_deref().unwrap_or("running"),
                     human_duration(now_secs.saturating_sub(u.started_at))
@@ -716,6 +778,14 @@ pub(crate) mod tests {
                 stats: None,
                 degraded: None,
                 filtered: FilterStatus::default(),
+                upload_rate: Some(UploadRate {
+                    limit_bytes_per_sec: Some(524_288),
+                    source: "rate_schedule 09:00–18:00".into(),
+                    held: false,
+                    measured_bytes_per_sec: 0,
+                    next_change_local: Some("18:00".into()),
+                    next_change_at: Some(1_700_028_000),
+                }),
             },
             in_flight_uploads: vec![],
             recent: vec![],
@@ -790,7 +860,9 @@ pub(crate) mod tests {
         r#""waiting_for_retry":1,"recent":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","#,
         r#""outcome":"held_back","reason":"reference /nix/store/a7hnr9dcmx3qkkn8a20g7md1wya5zc9l-secret is "#,
         r#"excluded (matches exclude pattern \"*-secret\") and neither the target nor an upstream has it","#,
-        r#""at_ms":1700000080000}]}},"in_flight_uploads":[],"#,
+        r#""at_ms":1700000080000}]},"upload_rate":{"limit_bytes_per_sec":524288,"#,
+        r#""source":"rate_schedule 09:00–18:00","held":false,"measured_bytes_per_sec":0,"#,
+        r#""next_change_local":"18:00","next_change_at":1700028000}},"in_flight_uploads":[],"#,
         r#""recent":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","#,
         r#""outcome":"skipped_upstream","nar_size":400,"file_size":null,"duration_ms":12,"#,
         r#""reason":"served by https://cache.nixos.org","finished_at_ms":1700000080000}],"#,
@@ -907,6 +979,14 @@ pub(crate) mod tests {
             stats: Some(serde_json::json!({"paths": 12, "size": "3 GiB"})),
             degraded: None,
             filtered: FilterStatus::default(),
+            upload_rate: Some(UploadRate {
+                limit_bytes_per_sec: Some(512 * 1024),
+                source: "rate_schedule 09:00–18:00".into(),
+                held: false,
+                measured_bytes_per_sec: 500 * 1024,
+                next_change_local: Some("18:00".into()),
+                next_change_at: Some(now + 3600),
+            }),
         };
         report.recent = vec![FinishedPath {
             path: path("hello-2.12"),
@@ -950,8 +1030,16 @@ pub(crate) mod tests {
             nar_bytes_done: 512,
             nar_size: Some(2048),
             phase: Some("preparing".into()),
+            wire_bytes_done: 0,
+            file_size: None,
         }];
         let text = report.render(now);
+        assert!(
+            text.contains(
+                "rate:     512.0 KiB/s (rate_schedule 09:00–18:00) until 18:00, measured 500.0 KiB/s"
+            ),
+            "{text}"
+        );
         assert!(
             text.starts_with("NOT up to date: uploads paused, 1 path(s) waiting"),
             "{text}"
@@ -961,6 +1049,25 @@ pub(crate) mod tests {
             text.contains("512 B / 2.0 KiB (25 %)  preparing, 3s"),
             "{text}"
         );
+
+        // See: #18
+        report.in_flight_uploads[0].phase = Some("uploading".into());
+        report.in_flight_uploads[0].file_size = Some(1024);
+        report.in_flight_uploads[0].wire_bytes_done = 256;
+        report.target.upload_rate = Some(UploadRate {
+            limit_bytes_per_sec: Some(0),
+            source: "rate_schedule 18:00–18:30".into(),
+            held: true,
+            measured_bytes_per_sec: 0,
+            next_change_local: Some("18:30".into()),
+            next_change_at: Some(now + 600),
+        });
+        let text = report.render(now);
+        assert!(
+            text.contains("rate:     HELD by rate_schedule 18:00–18:30 until 18:30"),
+            "{text}"
+        );
+        assert!(text.contains(", 256 B / 1.0 KiB sent  uploading"), "{text}");
     }
 
     #[test]

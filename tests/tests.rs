@@ -20,6 +20,7 @@ mod offline;
 mod ops;
 mod priority;
 mod proof;
+mod rate;
 mod remote;
 mod s3;
 mod s3_credentials;

@@ -116,13 +116,7 @@ impl HttpBackend {
     /// PUTs a file, reopening it for every try.
     async fn put_file(&self, key: &str, content_type: &str, nar: NarFile<'_>) -> Result<(), Error> {
         super::with_retries(|| async {
-            let file = tokio::fs::File::open(nar.path)
-                .await
-                .map_err(|e| Error::io(nar.path, e))?;
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-                file,
-                256 * 1024,
-            ));
+            let body = super::wire::file_body(nar.path, 0, nar.size).await?;
             self.put(key, content_type, body, nar.size).await
         })
         .await

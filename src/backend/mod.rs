@@ -11,10 +11,12 @@ pub mod file;
 pub mod http;
 pub mod parts;
 pub mod race;
+pub mod rate;
 pub mod s3;
 pub mod target;
 pub mod throttle;
 pub mod upstream;
+pub mod wire;
 
 use std::fmt;
 use std::future::Future;
@@ -182,6 +184,8 @@ pub enum Error {
     },
     /// The target URL or its options are unusable.
     Config(String),
+    /// The upload was stopped on purpose (Ctrl-C in `push`, or shutdown during a rate hold).
+    Interrupted,
 }
 
 impl Error {
@@ -213,6 +217,7 @@ impl Error {
             ),
             Error::Io { path, source } => format!("{}: {source}", path.display()),
             Error::Config(message) => format!("invalid target: {message}"),
+            Error::Interrupted => "upload interrupted".to_owned(),
         }
     }
 }
@@ -242,7 +247,8 @@ impl std::error::Error for Error {
             | Error::Unauthorized { .. }
             | Error::Protocol { .. }
             | Error::Contended { .. }
-            | Error::Config(_) => None,
+            | Error::Config(_)
+            | Error::Interrupted => None,
         }
     }
 }
@@ -268,6 +274,8 @@ impl Error {
             // Auth failures pause the whole target instead of burning attempts; see `is_auth`.
             Error::Unauthorized { .. } => false,
             Error::Protocol { .. } | Error::Config(_) => false,
+            // Stopped on purpose; whoever stopped it decides what happens to the path.
+            Error::Interrupted => false,
         }
     }
 
@@ -293,7 +301,8 @@ impl Error {
             | Error::Unauthorized { .. }
             | Error::Protocol { .. }
             | Error::Contended { .. }
-            | Error::Config(_) => None,
+            | Error::Config(_)
+            | Error::Interrupted => None,
         }
     }
 
@@ -308,7 +317,8 @@ impl Error {
             | Error::Contended { .. }
             | Error::Io { .. }
             | Error::Protocol { .. }
-            | Error::Config(_) => false,
+            | Error::Config(_)
+            | Error::Interrupted => false,
         }
     }
 
@@ -323,7 +333,8 @@ impl Error {
             | Error::Contended { .. }
             | Error::Protocol { .. }
             | Error::Io { .. }
-            | Error::Config(_) => None,
+            | Error::Config(_)
+            | Error::Interrupted => None,
         }
     }
 

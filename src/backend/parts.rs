@@ -3,10 +3,7 @@
 //!
 //! A 70 MiB NAR with 32 MiB parts: `(1, 0, 32 MiB)`, `(2, 32 MiB, 32 MiB)`, `(3, 64 MiB, 6 MiB)`.
 
-use std::io::SeekFrom;
 use std::path::Path;
-
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::Error;
 
@@ -43,22 +40,14 @@ pub fn part_ranges(file_size: u64, part_size: u64) -> Vec<(u32, u64, u64)> {
         .collect()
 }
 
-/// A request body streaming `length` bytes of `file` from `offset`, opened afresh for each try.
+/// A request body streaming `length` bytes of `file` from `offset`, opened afresh for each try; counted and
+/// throttled as bytes on the wire ([`super::wire::file_body`]).
 pub async fn file_range_body(
     file: &Path,
     offset: u64,
     length: u64,
 ) -> Result<reqwest::Body, Error> {
-    let mut handle = tokio::fs::File::open(file)
-        .await
-        .map_err(|e| Error::io(file, e))?;
-    handle
-        .seek(SeekFrom::Start(offset))
-        .await
-        .map_err(|e| Error::io(file, e))?;
-    Ok(reqwest::Body::wrap_stream(
-        tokio_util::io::ReaderStream::with_capacity(handle.take(length), 256 * 1024),
-    ))
+    super::wire::file_body(file, offset, length).await
 }
 
 #[cfg(test)]

@@ -47,7 +47,8 @@ pub fn another_writer_may_have_won(error: &Error) -> bool {
         | Error::Unauthorized { .. }
         | Error::Protocol { .. }
         | Error::Io { .. }
-        | Error::Config(_) => false,
+        | Error::Config(_)
+        | Error::Interrupted => false,
     }
 }
 

@@ -8,6 +8,7 @@ mod doctor;
 pub mod dump_nar;
 mod hook;
 pub mod push;
+mod push_progress;
 mod queue;
 mod status;
 pub mod verify;

@@ -9,12 +9,11 @@ use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -22,11 +21,13 @@ use crate::backend::{Backend, Target};
 use crate::config::{Compression, Config, DEFAULT_CONFIG_PATH};
 use crate::pathinfo::LocalStore;
 use crate::protocol::{Request, Response};
+use crate::rate_schedule::Rate;
 use crate::store_path::StorePath;
 use crate::upload::{
-    human_bytes, upload_line, Engine, MemoryPresentCache, Observer, PathOutcome, PathReport, Plan,
-    RootOutcome, Settings,
+    human_bytes, Engine, MemoryPresentCache, PathOutcome, PathReport, RootOutcome, Settings,
 };
+
+use super::push_progress::{tick, Progress};
 
 /// Rounds of whole-path retries for transient failures before `push` gives up.
 const PUSH_ROUNDS: u32 = 3;
@@ -71,10 +72,14 @@ pub struct Args {
     via_daemon: bool,
     /// Print the summary as JSON on standard output.
     #[arg(long)]
-    json: bool,
     /// Ignore the filters (`exclude`, and the target's `include`, `exclude` and `max_nar_size`): push every path.
     #[arg(long)]
     no_filter: bool,
+    json: bool,
+    /// Upload at most this fast, over all workers ("4MiB/s", "40Mbit/s", "unlimited"); replaces the target's
+    /// max_upload_rate and rate_schedule for this push.
+    #[arg(long, value_name = "RATE", value_parser = Rate::parse)]
+    max_upload_rate: Option<Rate>,
 }
 
 /// `--compression` values.
@@ -120,6 +125,10 @@ pub struct Summary {
     pub file_bytes: u64,
     /// Wall time in milliseconds.
     pub wall_time_ms: u64,
+    /// Stopped by Ctrl-C: the `landed` paths are in the cache, the `failed` ones are not.
+    pub interrupted: bool,
+    /// Paths uploaded now, in the order they landed.
+    pub landed: Vec<StorePath>,
 }
 
 /// One path that did not reach the cache, with the reason (failed or held back).
@@ -143,7 +152,8 @@ Exit status:
   3  nothing failed, but a requested path was held back: a reference of it is filtered out (include, exclude,
      max_nar_size) and neither the target nor an upstream has it, so uploading it would leave the cache with
      a narinfo whose references it lacks. The summary names the reference. Change the filters, push the
-     reference elsewhere, set allow_incomplete_closures = true, or pass --no-filter";
+     reference elsewhere, set allow_incomplete_closures = true, or pass --no-filter
+  130  interrupted by Ctrl-C (the summary says what landed; a second Ctrl-C exits at once)";
 
 pub(super) fn run(config_path: Option<&Path>, mut args: Args) -> anyhow::Result<ExitCode> {
     let cache = leading_cache(&args.paths);
@@ -271,6 +281,10 @@ fn push_config(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Config
     if let Some(w) = args.workers {
         config.target.workers = Some(w);
     }
+    if let Some(rate) = args.max_upload_rate {
+        config.target.max_upload_rate = rate;
+        config.target.rate_schedule.clear();
+    }
     if args.no_filter {
         config.exclude.clear();
         config.target.include.clear();
@@ -351,11 +365,16 @@ async fn push(
     let started = Instant::now();
     let target = Target::from_config(&config)?;
     let store = LocalStore::open(config.store_dir_str(), &config.nix_db)?;
-    let progress = Arc::new(Progress::new(std::io::stderr().is_terminal()));
+    let settings = Settings::from_config(&config)?;
+    let limiter = Arc::clone(&settings.rate);
+    let progress = Arc::new(Progress::new(
+        std::io::stderr().is_terminal(),
+        Arc::clone(&limiter),
+    ));
     let engine = Arc::new(Engine::new(
         Arc::new(target.backend),
         Arc::new(store),
-        Settings::from_config(&config)?,
+        settings,
         target.signing_key,
         Arc::new(MemoryPresentCache::default()),
         progress.clone(),
@@ -369,6 +388,23 @@ async fn push(
 
     let ticker = tokio::spawn(tick(Arc::clone(&progress), Arc::clone(&engine)));
     let cancel = CancellationToken::new();
+    let schedule = (
+        config.target.max_upload_rate,
+        config.target.rate_schedule.clone(),
+    );
+    let governor = tokio::spawn(crate::upload::rate::govern(
+        Arc::clone(&limiter),
+        move || schedule.clone(),
+        |_| {},
+        cancel.child_token(),
+    ));
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let interrupt = tokio::spawn(interrupt_on_ctrl_c(
+        Arc::clone(&interrupted),
+        cancel.clone(),
+        Arc::clone(&limiter),
+        Arc::clone(&progress),
+    ));
     let mut summary = Summary {
         target: target.display_name,
         ..Summary::default()
@@ -397,7 +433,13 @@ async fn push(
                 RootOutcome::Failed(e) => root_failures.push((root, e)),
             }
         }
-        if retry.is_empty() {
+        if retry.is_empty() || interrupted.load(Ordering::SeqCst) {
+            root_failures.extend(retry.into_iter().map(|root| {
+                (
+                    root,
+                    Arc::new(crate::upload::Error::Cancelled) as Arc<crate::upload::Error>,
+                )
+            }));
             break;
         }
         let delay = Duration::from_secs(2u64.pow(round));
@@ -410,7 +452,10 @@ async fn push(
         pending = retry;
     }
     ticker.abort();
+    governor.abort();
+    interrupt.abort();
     progress.finish();
+    summary.interrupted = interrupted.load(Ordering::SeqCst);
     tally.fill(&mut summary);
     // A root that failed before any of its paths was tried (e.g. its closure could not be read).
     for (root, e) in root_failures {
@@ -427,13 +472,38 @@ async fn push(
     } else {
         eprint!("{}", render_summary(&summary));
     }
-    Ok(if !summary.failed.is_empty() || !summary.gone.is_empty() {
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else if !summary.failed.is_empty() || !summary.gone.is_empty() {
         ExitCode::FAILURE
     } else if roots_held_back > 0 {
         ExitCode::from(EXIT_HELD_BACK)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// On Ctrl-C: start nothing new and abort what is in flight (bodies and `file://` writers fail at their next
+/// piece, so backends run their own cleanup: temporary files removed, multipart uploads aborted). The push then
+/// ends normally and its summary says what landed. A second Ctrl-C exits at once.
+async fn interrupt_on_ctrl_c(
+    interrupted: Arc<AtomicBool>,
+    cancel: CancellationToken,
+    limiter: Arc<crate::backend::rate::RateLimiter>,
+    progress: Arc<Progress>,
+) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    interrupted.store(true, Ordering::SeqCst);
+    cancel.cancel();
+    limiter.abort();
+    progress.note(
+        "interrupted: stopping uploads and removing temporary files (Ctrl-C again to quit now)",
+    );
+    if tokio::signal::ctrl_c().await.is_ok() {
+        std::process::exit(130);
+    }
 }
 
 /// The final outcome of every path a push considered, in the order they first finished. An upload is final
@@ -463,6 +533,7 @@ impl Tally {
             match &report.outcome {
                 PathOutcome::Uploaded => {
                     summary.uploaded += 1;
+                    summary.landed.push(report.path.clone());
                     summary.nar_bytes += report.nar_size;
                     summary.file_bytes += report.file_size.unwrap_or(0);
                 }
@@ -519,6 +590,20 @@ pub fn render_summary(s: &Summary) -> String {
     for path in &s.gone {
         out.push_str(&format!("  gone: {path} is no longer in the store\n"));
     }
+    if s.interrupted {
+        out.push_str(&format!(
+            "interrupted: {} path(s) uploaded before the interruption, {} not uploaded\n",
+            s.landed.len(),
+            s.failed.len()
+        ));
+        for path in &s.landed {
+            out.push_str(&format!("  landed: {path}\n"));
+        }
+        for failure in &s.failed {
+            out.push_str(&format!("  not uploaded: {}\n", failure.path));
+        }
+        return out;
+    }
     for held in &s.held_back {
         out.push_str(&format!("  held back: {}: {}\n", held.path, held.reason));
     }
@@ -526,188 +611,4 @@ pub fn render_summary(s: &Summary) -> String {
         out.push_str(&format!("  failed: {}: {}\n", failure.path, failure.reason));
     }
     out
-}
-
-/// Progress output: bars on a terminal, plain lines otherwise.
-struct Progress {
-    bars: Option<Bars>,
-    done_paths: AtomicUsize,
-    planned: AtomicUsize,
-    done_bytes: AtomicU64,
-    last_summary: Mutex<Instant>,
-}
-
-struct Bars {
-    multi: MultiProgress,
-    overall: ProgressBar,
-    active: Mutex<Vec<(StorePath, ProgressBar)>>,
-}
-
-impl Progress {
-    fn new(terminal: bool) -> Progress {
-        let bars = terminal.then(|| {
-            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-            // Overall progress is measured in NAR bytes (rate and ETA); the path count rides in the message.
-            let overall = multi.add(ProgressBar::new(0));
-            overall.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {msg}  {bytes}/{total_bytes}  {binary_bytes_per_sec}  [{elapsed_precise}] ETA {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            overall.enable_steady_tick(Duration::from_millis(120));
-            Bars {
-                multi,
-                overall,
-                active: Mutex::new(Vec::new()),
-            }
-        });
-        Progress {
-            bars,
-            done_paths: AtomicUsize::new(0),
-            planned: AtomicUsize::new(0),
-            done_bytes: AtomicU64::new(0),
-            last_summary: Mutex::new(Instant::now()),
-        }
-    }
-
-    /// `3/10 paths`.
-    fn paths_message(&self) -> String {
-        format!(
-            "{}/{} paths",
-            self.done_paths.load(Ordering::Relaxed),
-            self.planned.load(Ordering::Relaxed)
-        )
-    }
-
-    fn note(&self, line: &str) {
-        match &self.bars {
-            Some(bars) => bars.multi.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bars) = &self.bars {
-            if let Ok(mut active) = bars.active.lock() {
-                for (_, bar) in active.drain(..) {
-                    bar.finish_and_clear();
-                }
-            }
-            bars.overall.finish_and_clear();
-        }
-    }
-
-    /// Refreshes per-upload bars from the engine's in-flight view (terminal), or prints a periodic summary.
-    fn refresh<B: Backend + 'static>(&self, engine: &Engine<B>) {
-        let in_flight = engine.in_flight();
-        let Some(bars) = &self.bars else {
-            let mut last = self.last_summary.lock().unwrap_or_else(|e| e.into_inner());
-            if last.elapsed() >= Duration::from_secs(10) {
-                *last = Instant::now();
-                eprintln!(
-                    "progress: {}/{} paths, {} uploaded, {} in flight",
-                    self.done_paths.load(Ordering::Relaxed),
-                    self.planned.load(Ordering::Relaxed),
-                    human_bytes(self.done_bytes.load(Ordering::Relaxed)),
-                    in_flight.len()
-                );
-            }
-            return;
-        };
-        let running: u64 = in_flight.iter().map(|f| f.nar_done.min(f.nar_size)).sum();
-        bars.overall
-            .set_position(self.done_bytes.load(Ordering::Relaxed) + running);
-        bars.overall.set_message(self.paths_message());
-        let Ok(mut active) = bars.active.lock() else {
-            return;
-        };
-        active.retain(|(path, bar)| {
-            let keep = in_flight.iter().any(|f| &f.path == path);
-            if !keep {
-                bar.finish_and_clear();
-                bars.multi.remove(bar);
-            }
-            keep
-        });
-        for f in &in_flight {
-            let bar = match active.iter().find(|(p, _)| p == &f.path) {
-                Some((_, bar)) => bar.clone(),
-                None => {
-                    let bar = bars.multi.add(ProgressBar::new(f.nar_size));
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "  {wide_msg} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12}",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                    );
-                    bar.set_message(f.path.name().to_owned());
-                    active.push((f.path.clone(), bar.clone()));
-                    bar
-                }
-            };
-            bar.set_position(f.nar_done.min(f.nar_size));
-        }
-    }
-}
-
-impl Observer for Progress {
-    fn planned(&self, plan: &Plan) {
-        self.planned.fetch_add(plan.paths, Ordering::Relaxed);
-        match &self.bars {
-            Some(bars) => {
-                bars.overall.inc_length(plan.to_upload_bytes);
-                bars.overall.set_message(self.paths_message());
-                bars.multi.suspend(|| {
-                    eprintln!(
-                        "{} path(s) in the closure, {} to upload ({})",
-                        plan.paths,
-                        plan.to_upload,
-                        human_bytes(plan.to_upload_bytes)
-                    )
-                });
-            }
-            None => eprintln!(
-                "{} path(s) in the closure, {} to upload ({})",
-                plan.paths,
-                plan.to_upload,
-                human_bytes(plan.to_upload_bytes)
-            ),
-        }
-    }
-
-    fn path_finished(&self, report: &PathReport) {
-        self.done_paths.fetch_add(1, Ordering::Relaxed);
-        if report.outcome == PathOutcome::Uploaded {
-            self.done_bytes
-                .fetch_add(report.nar_size, Ordering::Relaxed);
-        }
-        let line = match &report.outcome {
-            PathOutcome::Uploaded => upload_line(report),
-            PathOutcome::AlreadyPresent => format!("present  {}", report.path),
-            PathOutcome::SkippedUpstream => format!("upstream {}", report.path),
-            PathOutcome::Excluded(reason) => format!("excluded {} ({reason})", report.path),
-            PathOutcome::HeldBack(reason) => format!("held back {}: {reason}", report.path),
-            PathOutcome::Failed(reason) => format!("failed   {}: {reason}", report.path),
-        };
-        match &self.bars {
-            Some(bars) => {
-                bars.overall.set_message(self.paths_message());
-                if matches!(
-                    report.outcome,
-                    PathOutcome::Uploaded | PathOutcome::Failed(_) | PathOutcome::HeldBack(_)
-                ) {
-                    bars.multi.suspend(|| eprintln!("{line}"));
-                }
-            }
-            None => eprintln!("{line}"),
-        }
-    }
-}
-
-async fn tick<B: Backend + 'static>(progress: Arc<Progress>, engine: Arc<Engine<B>>) {
-    loop {
-        progress.refresh(&engine);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -146,6 +146,11 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Counters>,
     /// The GC roots of queued paths.
     pub gc_roots: Arc<GcRoots>,
+    /// The target's upload rate limit; kept across engine rebuilds, so a reload changes the rate of uploads in
+    /// flight instead of restarting them.
+    pub rate: Arc<crate::backend::rate::RateLimiter>,
+    /// The rate in force, as the schedule last set it, for `status`.
+    pub rate_in_force: Mutex<Option<crate::rate_schedule::InForce>>,
     started_at: SystemTime,
     started: Instant,
 }
@@ -163,7 +168,17 @@ impl Shared {
         hold: bool,
         gc_roots: Arc<GcRoots>,
     ) -> Arc<Shared> {
+        let rate = Arc::new(crate::backend::rate::RateLimiter::new(
+            crate::rate_schedule::Rate::Unlimited,
+        ));
+        let in_force = crate::upload::rate::apply(
+            &rate,
+            config.target.max_upload_rate,
+            &config.target.rate_schedule,
+        );
         Arc::new(Shared {
+            rate,
+            rate_in_force: Mutex::new(Some(in_force)),
             config: RwLock::new(Arc::new(config)),
             commit: commit::GroupCommit::start(queue.clone()),
             queue,
@@ -372,6 +387,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     tasks.spawn(importer::run(shared.clone(), stop.clone()));
     tokio::spawn(gc_roots.maintain(shared_queue, nix_db, stop.clone()));
+    tokio::spawn(govern_rate(shared.clone(), stop.clone()));
     tokio::spawn(watchdog(shared.clone(), stop.clone()));
     tokio::spawn(reload_on_signal(
         shared.clone(),
@@ -482,6 +498,31 @@ async fn watchdog(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// Keeps the upload rate at what the schedule says; a change wakes the scheduler, which holds or resumes.
+async fn govern_rate(shared: Arc<Shared>, stop: CancellationToken) {
+    let settings = {
+        let shared = shared.clone();
+        move || {
+            let config = shared.config();
+            (
+                config.target.max_upload_rate,
+                config.target.rate_schedule.clone(),
+            )
+        }
+    };
+    let changed = {
+        let shared = shared.clone();
+        move |in_force: &crate::rate_schedule::InForce| {
+            *shared
+                .rate_in_force
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(*in_force);
+            shared.work_available.notify_one();
+        }
+    };
+    crate::upload::rate::govern(Arc::clone(&shared.rate), settings, changed, stop).await;
+}
+
 /// Re-reads the configuration file on SIGHUP. A file that does not load is refused and the old configuration
 /// stays; `socket` and `state_dir` only change with a restart; a changed `metrics_listen` is bound anew.
 async fn reload_on_signal(
@@ -533,6 +574,17 @@ async fn reload_on_signal(
             new.upload_priority = old.upload_priority;
         }
         new.metrics_listen = metrics_endpoint.reload(&old.metrics_listen, &new.metrics_listen);
+        // At once, for uploads in flight too; the scheduler's next engine shares the same limiter.
+        let in_force = crate::upload::rate::apply(
+            &shared.rate,
+            new.target.max_upload_rate,
+            &new.target.rate_schedule,
+        );
+        tracing::info!("upload rate {} ({})", in_force.rate, in_force.source);
+        *shared
+            .rate_in_force
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(in_force);
         shared.replace_config(new);
         // The scheduler rebuilds its engine for the new configuration, re-reading the token and key.
         shared.work_available.notify_one();

@@ -20,6 +20,29 @@ const FAILED_SHOWN: usize = 100;
 /// Paths left out by the filters shown.
 const FILTERED_SHOWN: usize = 20;
 
+/// The rate in force and the rate measured on the wire.
+fn upload_rate(shared: &Shared) -> status::UploadRate {
+    let in_force = *shared
+        .rate_in_force
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rate = shared.rate.rate();
+    status::UploadRate {
+        limit_bytes_per_sec: rate.bytes_per_sec(),
+        source: in_force
+            .map(|f| f.source.to_string())
+            .unwrap_or_else(|| "unlimited".to_owned()),
+        held: rate.is_hold(),
+        measured_bytes_per_sec: shared.rate.measured_bytes_per_sec(),
+        next_change_local: in_force
+            .and_then(|f| f.until)
+            .map(|t| t.format("%H:%M").to_string()),
+        next_change_at: in_force
+            .and_then(|f| f.until)
+            .map(crate::rate_schedule::unix_secs),
+    }
+}
+
 pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
     let config = shared.config();
     let counts = shared.queue.counts();
@@ -119,6 +142,7 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
                 waiting_for_retry: counts.held_back,
                 recent: filtered_recent(held_back_now, &shared.queue.recent(queue::HISTORY_CAP)?),
             },
+            upload_rate: Some(upload_rate(shared)),
         },
         in_flight_uploads: engine.in_flight.clone(),
         recent: shared

@@ -217,6 +217,7 @@ fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Err
         .map(|k| k.public_key().to_string());
     let settings = Settings {
         prepare_pool: pool.clone(),
+        rate: Arc::clone(&shared.rate),
         ..Settings::from_config(&config)?
     };
     let engine = Engine::new(
@@ -440,6 +441,14 @@ pub async fn run(
             secrets_dirty |= wait_for_change(&shared, &stop, &secrets_changed, wait).await;
             continue;
         }
+        // A rate of 0 holds: no upload starts (so no request can time out waiting); the governor's next change
+        // wakes this loop.
+        if shared.rate.is_held() {
+            set_status(&shared, TargetState::Hold, held_message(&shared));
+            secrets_dirty |=
+                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(60)).await;
+            continue;
+        }
         // Uploading writes to the queue (marking paths done, history): wait while the state directory cannot take it.
         if let Err(e) = super::state_dir::check(&config.state_dir) {
             if !state_dir_full {
@@ -461,6 +470,24 @@ pub async fn run(
         if batch_paused {
             paused = true;
         }
+    }
+}
+
+/// `held by rate_schedule until 18:30 (window 18:00–18:30)`, or `held by max_upload_rate = 0`.
+fn held_message(shared: &Shared) -> String {
+    let in_force = *shared
+        .rate_in_force
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let until = in_force
+        .and_then(|f| f.until)
+        .map(|t| format!(" until {}", t.format("%H:%M")))
+        .unwrap_or_default();
+    match in_force.map(|f| f.source) {
+        Some(crate::rate_schedule::Source::Window(w)) => {
+            format!("held by rate_schedule{until} (window {w})")
+        }
+        _ => format!("held by max_upload_rate = 0{until}"),
     }
 }
 
@@ -711,7 +738,9 @@ async fn run_batch(
             }
             RootOutcome::Failed(error) => {
                 entry.last_error = Some(error.to_string());
-                if matches!(*error, upload::Error::Cancelled) || error.is_auth() {
+                if matches!(*error, upload::Error::Cancelled | upload::Error::Held(_))
+                    || error.is_auth()
+                {
                     // Not the path's fault: back to the queue without spending an attempt.
                     pause |= error.is_auth();
                     entry.state = State::Queued;
@@ -809,6 +838,8 @@ async fn report_progress(
                 nar_bytes_done: f.nar_done,
                 nar_size: Some(f.nar_size),
                 phase: Some(f.phase.to_owned()),
+                wire_bytes_done: f.wire_done,
+                file_size: f.file_size,
             })
             .collect();
         shared

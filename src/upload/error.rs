@@ -69,6 +69,11 @@ pub enum Error {
     /// The upload was interrupted by shutdown.
     #[error("interrupted by shutdown")]
     Cancelled,
+    /// The rate schedule held the target (rate 0) while the upload was in flight, and the request ended (the
+    /// server or the client timed out waiting for bytes). No fault of the path: it is sent again after the hold
+    /// without spending an attempt.
+    #[error("held by the rate schedule while in flight, and the request ended: {0}")]
+    Held(Box<Error>),
     /// A worker thread died.
     #[error("internal error: {0}")]
     Internal(String),
@@ -89,6 +94,7 @@ impl Error {
             Error::Gone(_) | Error::Corrupt { .. } => false,
             Error::DependencyFailed { .. } => true,
             Error::Cancelled | Error::Internal(_) => true,
+            Error::Held(_) => true,
         }
     }
 
@@ -106,6 +112,7 @@ impl Error {
             | Error::Log(_)
             | Error::TargetMismatch { .. }
             | Error::Cancelled
+            | Error::Held(_)
             | Error::Internal(_) => None,
         }
     }
@@ -120,6 +127,7 @@ impl Error {
             | Error::Corrupt { .. }
             | Error::DependencyFailed { .. }
             | Error::Cancelled
+            | Error::Held(_)
             | Error::Log(_)
             | Error::TargetMismatch { .. }
             | Error::Internal(_) => false,

@@ -38,15 +38,17 @@ pub enum FailureClass {
     Collected,
     /// The build log could not be read.
     Log,
-    /// The upload was interrupted by shutdown.
+    /// The upload was interrupted by shutdown (or Ctrl-C in `push`).
     Cancelled,
+    /// The request ended while `rate_schedule` held the target (requeued without an attempt).
+    Held,
     /// A worker died.
     Internal,
 }
 
 impl FailureClass {
     /// Every class, in label order.
-    pub const ALL: [FailureClass; 15] = [
+    pub const ALL: [FailureClass; 16] = [
         FailureClass::Network,
         FailureClass::Auth,
         FailureClass::Throttled,
@@ -61,6 +63,7 @@ impl FailureClass {
         FailureClass::Collected,
         FailureClass::Log,
         FailureClass::Cancelled,
+        FailureClass::Held,
         FailureClass::Internal,
     ];
 
@@ -81,6 +84,7 @@ impl FailureClass {
             FailureClass::Collected => "collected",
             FailureClass::Log => "log",
             FailureClass::Cancelled => "cancelled",
+            FailureClass::Held => "held",
             FailureClass::Internal => "internal",
         }
     }
@@ -105,6 +109,7 @@ impl FailureClass {
             backend::Error::Contended { .. } => FailureClass::Conflict,
             backend::Error::Io { .. } => FailureClass::LocalIo,
             backend::Error::Config(_) => FailureClass::Client,
+            backend::Error::Interrupted => FailureClass::Cancelled,
         }
     }
 }
@@ -130,6 +135,7 @@ impl Error {
             Error::DependencyFailed { cause, .. } => cause.class(),
             Error::Log(_) => FailureClass::Log,
             Error::Cancelled => FailureClass::Cancelled,
+            Error::Held(_) => FailureClass::Held,
             Error::Internal(_) => FailureClass::Internal,
         }
     }

@@ -14,8 +14,12 @@ use super::InFlight;
 struct Tracked {
     nar_size: u64,
     nar_done: Arc<AtomicU64>,
-    uploading: bool,
+    wire_sent: Arc<AtomicU64>,
+    /// Set once the compressed NAR is ready and its upload starts.
+    file_size: Option<u64>,
     started: Instant,
+    /// When the upload started, for a rate of bytes on the wire.
+    uploading_since: Option<Instant>,
 }
 
 /// The paths in flight.
@@ -31,44 +35,61 @@ impl InFlightTable {
             return Vec::new();
         };
         map.iter()
-            .map(|(path, t)| InFlight {
-                path: path.clone(),
-                nar_size: t.nar_size,
-                nar_done: t.nar_done.load(Ordering::Relaxed),
-                phase: if t.uploading {
-                    "uploading"
-                } else {
-                    "preparing"
-                },
-                elapsed_ms: t.started.elapsed().as_millis() as u64,
+            .map(|(path, t)| {
+                let wire_done = t.wire_sent.load(Ordering::Relaxed);
+                InFlight {
+                    path: path.clone(),
+                    nar_size: t.nar_size,
+                    nar_done: t.nar_done.load(Ordering::Relaxed),
+                    wire_done,
+                    file_size: t.file_size,
+                    phase: match t.file_size {
+                        None => "preparing",
+                        // The NAR is there; what remains is the narinfo (and its documents).
+                        Some(size) if wire_done >= size && size > 0 => "narinfo",
+                        Some(_) => "uploading",
+                    },
+                    elapsed_ms: t.started.elapsed().as_millis() as u64,
+                    uploading_ms: t.uploading_since.map(|s| s.elapsed().as_millis() as u64),
+                }
             })
             .collect()
     }
 
-    /// Starts tracking `path`; the counter returned is the NAR bytes done.
-    pub(super) fn track(&self, path: &StorePath, nar_size: u64) -> Arc<AtomicU64> {
-        let counter = Arc::new(AtomicU64::new(0));
+    /// Starts tracking `path`; the counters returned are the NAR bytes done and the bytes on the wire.
+    pub(super) fn track(
+        &self,
+        path: &StorePath,
+        nar_size: u64,
+    ) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+        let nar_done = Arc::new(AtomicU64::new(0));
+        let wire_sent = Arc::new(AtomicU64::new(0));
         if let Ok(mut map) = self.paths.lock() {
             map.insert(
                 path.clone(),
                 Tracked {
                     nar_size,
-                    nar_done: Arc::clone(&counter),
-                    uploading: false,
+                    nar_done: Arc::clone(&nar_done),
+                    wire_sent: Arc::clone(&wire_sent),
+                    file_size: None,
                     started: Instant::now(),
+                    uploading_since: None,
                 },
             );
         }
-        counter
+        (nar_done, wire_sent)
     }
 
-    /// `path` moved from preparing to uploading.
-    pub(super) fn mark_uploading(&self, path: &StorePath) {
+    /// `path` moved from preparing to uploading its `file_size` compressed bytes; returns its wire counter.
+    pub(super) fn mark_uploading(&self, path: &StorePath, file_size: u64) -> Arc<AtomicU64> {
         if let Ok(mut map) = self.paths.lock() {
             if let Some(t) = map.get_mut(path) {
-                t.uploading = true;
+                t.file_size = Some(file_size);
+                t.uploading_since = Some(Instant::now());
+                return Arc::clone(&t.wire_sent);
             }
         }
+        Arc::new(AtomicU64::new(0))
     }
 
     /// `path` finished.

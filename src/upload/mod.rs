@@ -25,6 +25,7 @@ mod in_flight;
 pub mod order;
 pub mod prepare;
 pub mod presence;
+pub mod rate;
 pub mod report;
 mod resign;
 mod settings;
@@ -584,11 +585,15 @@ impl<B: Backend + 'static> Engine<B> {
                             continue;
                         };
                         let (narinfo, prepared, prep_time) = *boxed;
-                        self.in_flight.mark_uploading(&paths[i].path);
-                        tasks.push(Box::pin(self.upload_one(i, narinfo, prepared, prep_time))
-                            as std::pin::Pin<
-                                Box<dyn std::future::Future<Output = _> + Send + '_>,
-                            >);
+                        let sent = self
+                            .in_flight
+                            .mark_uploading(&paths[i].path, prepared.file_size);
+                        tasks.push(
+                            Box::pin(self.upload_one(i, narinfo, prepared, prep_time, sent))
+                                as std::pin::Pin<
+                                    Box<dyn std::future::Future<Output = _> + Send + '_>,
+                                >,
+                        );
                     }
                     order::Start::Prepare(i) => {
                         tasks.push(Box::pin(self.prepare_one(i, paths[i])));
@@ -637,7 +642,14 @@ impl<B: Backend + 'static> Engine<B> {
 
     async fn prepare_one(&self, i: usize, info: &PathInfo) -> Event {
         let started = Instant::now();
-        let result = self.prepare_narinfo(info).await;
+        let result = self.prepare_narinfo(info).await.map_err(|e| {
+            // A `file://` NAR is written through the limiter, which an interruption aborts.
+            if self.settings.rate.is_aborted() {
+                Error::Cancelled
+            } else {
+                e
+            }
+        });
         Event::Prepared(i, result.map(|(n, p)| Box::new((n, p, started.elapsed()))))
     }
 
@@ -646,11 +658,15 @@ impl<B: Backend + 'static> Engine<B> {
         if self.query(&info.path).await?.is_none() {
             return Err(Error::Gone(info.path.clone()));
         }
-        let progress = self.in_flight.track(&info.path, info.nar_size);
-        let dir = self
-            .backend
-            .staging_dir()
-            .unwrap_or_else(|| self.settings.temp_dir.clone());
+        let (progress, wire_sent) = self.in_flight.track(&info.path, info.nar_size);
+        let staging = self.backend.staging_dir();
+        // Written into the cache itself (`file://`): these are the bytes on the wire.
+        let on_the_wire = staging.is_some().then(|| backend::wire::Meter {
+            limiter: Arc::clone(&self.settings.rate),
+            sent: wire_sent,
+        });
+        let limiter = Arc::clone(&self.settings.rate);
+        let dir = staging.unwrap_or_else(|| self.settings.temp_dir.clone());
         std::fs::create_dir_all(&dir).map_err(|source| prepare::Error::Temp {
             file: dir.clone(),
             source,
@@ -665,7 +681,12 @@ impl<B: Backend + 'static> Engine<B> {
             .settings
             .prepare_pool
             .spawn_blocking(move || {
-                prepare::prepare(&path, compression, level, &dir, &progress, listing)
+                let stages = prepare::Stages {
+                    progress: &progress,
+                    limiter: &limiter,
+                    on_the_wire,
+                };
+                prepare::prepare(&path, compression, level, &dir, stages, listing)
             })
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
@@ -715,6 +736,7 @@ impl<B: Backend + 'static> Engine<B> {
         narinfo: NarInfo,
         prepared: PreparedNar,
         prep_time: Duration,
+        sent: Arc<std::sync::atomic::AtomicU64>,
     ) -> Event {
         let started = Instant::now();
         let nar = NarFile {
@@ -722,17 +744,34 @@ impl<B: Backend + 'static> Engine<B> {
             size: prepared.file_size,
             sha256: prepared.file_hash,
         };
+        let limiter = &self.settings.rate;
+        // A held target starts no upload: no request is open while it waits, so no timeout can fail it.
+        if limiter.wait_while_held().await.is_err() {
+            return Event::Uploaded(i, Err(Error::Cancelled));
+        }
+        let holds = limiter.holds_begun();
+        let meter = backend::wire::Meter {
+            limiter: Arc::clone(limiter),
+            sent,
+        };
         let result = match self
             .put_before_narinfo(&narinfo, prepared.listing.as_deref())
             .await
         {
-            Ok(()) => self
-                .backend
-                .upload(&narinfo, nar)
+            Ok(()) => backend::wire::metered(meter, self.backend.upload(&narinfo, nar))
                 .await
                 .map_err(Error::from),
             Err(e) => Err(e),
         };
+        let result = result.map_err(|e| {
+            if limiter.is_aborted() {
+                Error::Cancelled
+            } else if limiter.is_held() || limiter.holds_begun() != holds {
+                Error::Held(Box::new(e))
+            } else {
+                e
+            }
+        });
         let (nar_size, file_size) = (prepared.nar_size, prepared.file_size);
         match result {
             Ok(()) => {

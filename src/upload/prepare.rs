@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::backend::rate::RateLimiter;
+use crate::backend::wire::{Meter, MeteredWriter};
 use crate::config::Compression;
 use crate::hash::{HashingWriter, Sha256Hash};
 use crate::nar;
@@ -83,15 +85,25 @@ impl Drop for PreparedNar {
     }
 }
 
+/// What watches a preparation as it runs.
+pub struct Stages<'a> {
+    /// Counts uncompressed NAR bytes as they are produced.
+    pub progress: &'a Arc<AtomicU64>,
+    /// The target's limiter: once it is aborted, the preparation stops (and its file is removed).
+    pub limiter: &'a Arc<RateLimiter>,
+    /// Set when the file is written into the cache itself (`file://`): its bytes are then the bytes on the
+    /// wire, counted and throttled.
+    pub on_the_wire: Option<Meter>,
+}
+
 /// Streams `path` as a compressed NAR into a new temporary file in `dir`, building its listing on the way when
-/// `listing` is set. `progress` counts uncompressed NAR bytes as they are produced. Blocking: run it on a
-/// blocking thread.
+/// `listing` is set. Blocking: run it on a blocking thread.
 pub fn prepare(
     path: &StorePath,
     compression: Compression,
     level: i32,
     dir: &Path,
-    progress: &Arc<AtomicU64>,
+    stages: Stages<'_>,
     listing: bool,
 ) -> Result<PreparedNar, Error> {
     let file_path = dir.join(format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>()));
@@ -110,11 +122,18 @@ pub fn prepare(
         listing: None,
         keep: false,
     };
-    let file_hasher = HashingWriter::new(BufWriter::with_capacity(256 * 1024, file));
+    let file_hasher = HashingWriter::new(BufWriter::with_capacity(
+        256 * 1024,
+        match stages.on_the_wire {
+            Some(meter) => Destination::Wire(MeteredWriter::new(file, meter)),
+            None => Destination::Local(file),
+        },
+    ));
     let compressor = Compressor::new(compression, level, file_hasher).map_err(temp_error)?;
     let mut nar_hasher = HashingWriter::new(Counting {
         inner: compressor,
-        count: Arc::clone(progress),
+        count: Arc::clone(stages.progress),
+        limiter: Arc::clone(stages.limiter),
     });
     let nar_error = |source| match source {
         // The NAR writes into our temporary file: a full disk there is the file's problem, not the path's.
@@ -139,10 +158,10 @@ pub fn prepare(
     let (counting, nar_hash, nar_size) = nar_hasher.finish();
     let file_hasher = counting.inner.finish().map_err(temp_error)?;
     let (buffered, file_hash, file_size) = file_hasher.finish();
-    let file = buffered
+    let destination = buffered
         .into_inner()
         .map_err(|e| temp_error(e.into_error()))?;
-    file.sync_data().map_err(temp_error)?;
+    destination.file().sync_data().map_err(temp_error)?;
     guard.nar_hash = nar_hash;
     guard.nar_size = nar_size;
     guard.file_hash = file_hash;
@@ -150,14 +169,20 @@ pub fn prepare(
     Ok(guard)
 }
 
-/// Counts bytes written through it into a shared counter, for progress reports.
+/// Counts bytes written through it into a shared counter, for progress reports, and stops once the limiter
+/// was aborted.
 struct Counting<W> {
     inner: W,
     count: Arc<AtomicU64>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.limiter.is_aborted() {
+            // Not `ErrorKind::Interrupted`: `write_all` would retry that for ever.
+            return Err(io::Error::other("upload interrupted"));
+        }
         let n = self.inner.write(buf)?;
         self.count.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -165,6 +190,37 @@ impl<W: Write> Write for Counting<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// The temporary file, written through the wire meter when it lies in the cache.
+enum Destination {
+    Local(File),
+    Wire(MeteredWriter<File>),
+}
+
+impl Destination {
+    fn file(&self) -> &File {
+        match self {
+            Destination::Local(file) => file,
+            Destination::Wire(writer) => writer.get_ref(),
+        }
+    }
+}
+
+impl Write for Destination {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Destination::Local(file) => file.write(buf),
+            Destination::Wire(writer) => writer.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Destination::Local(file) => file.flush(),
+            Destination::Wire(writer) => writer.flush(),
+        }
     }
 }
 

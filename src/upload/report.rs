@@ -82,10 +82,17 @@ pub struct InFlight {
     pub nar_size: u64,
     /// NAR bytes produced so far.
     pub nar_done: u64,
-    /// `preparing` or `uploading`.
+    /// Compressed bytes on the wire so far (for `file://`, written into the cache), every try counted.
+    pub wire_done: u64,
+    /// The compressed size, once the NAR is prepared.
+    pub file_size: Option<u64>,
+    /// `preparing` (hashing and compressing; for `file://` also writing into the cache), `uploading` (the NAR
+    /// on the wire) or `narinfo` (the NAR is sent; the narinfo is being written).
     pub phase: &'static str,
     /// Milliseconds since it started.
     pub elapsed_ms: u64,
+    /// Milliseconds since its upload started, once it has.
+    pub uploading_ms: Option<u64>,
 }
 
 /// What a batch is about to do, once the cache has been asked.

@@ -38,6 +38,9 @@ pub struct Settings {
     pub resign_existing: bool,
     /// Threads that hash and compress NARs (the daemon's run at idle priority).
     pub prepare_pool: crate::priority::Pool,
+    /// The target's upload rate limit, shared by all workers; the daemon keeps one across reloads and sets its
+    /// rate from the schedule.
+    pub rate: std::sync::Arc<crate::backend::rate::RateLimiter>,
 }
 
 impl Settings {
@@ -57,6 +60,14 @@ impl Settings {
             nix_log_dir: config.nix_log_dir.clone(),
             resign_existing: config.target.resign_existing,
             prepare_pool: crate::priority::Pool::inherit(),
+            rate: std::sync::Arc::new(crate::backend::rate::RateLimiter::new(
+                crate::rate_schedule::in_force(
+                    config.target.max_upload_rate,
+                    &config.target.rate_schedule,
+                    crate::rate_schedule::local_now(),
+                )
+                .rate,
+            )),
         })
     }
 }

@@ -74,6 +74,7 @@ pub struct FaultProxy {
     rate: Arc<AtomicU64>,
     only: Arc<Mutex<Option<String>>>,
     forced: Arc<AtomicU64>,
+    link: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -87,6 +88,10 @@ impl FaultProxy {
         seed: u64,
     ) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A small receive window (inherited by accepted sockets) keeps a throttled link honest: the kernel would
+        // otherwise take megabytes the "link" has not carried yet. Loopback stays fast with it.
+        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &(64 * 1024))
+            .unwrap();
         let port = listener.local_addr().unwrap().port();
         let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -95,7 +100,9 @@ impl FaultProxy {
         let rate = Arc::new(AtomicU64::new(rate.to_bits()));
         let only: Arc<Mutex<Option<String>>> = Arc::default();
         let forced: Arc<AtomicU64> = Arc::default();
+        let link: Arc<AtomicU64> = Arc::default();
         let decide = Decide {
+            link: Arc::clone(&link),
             forced: Arc::clone(&forced),
             rng,
             faults: faults.to_vec(),
@@ -124,7 +131,13 @@ impl FaultProxy {
             rate,
             only,
             forced,
+            link,
         }
+    }
+
+    /// Reads request bodies at most `bytes_per_sec` from now on, like a slow link (0: as fast as they come).
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.link.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Fails the next `n` requests that match [`FaultProxy::only_matching`], whatever the rate.
@@ -158,6 +171,8 @@ impl Drop for FaultProxy {
 
 /// What decides whether a request fails, and how.
 struct Decide {
+    /// The link's rate in bytes per second; 0 is unthrottled.
+    link: Arc<AtomicU64>,
     rng: Arc<Mutex<u64>>,
     faults: Vec<Fault>,
     rate: Arc<AtomicU64>,
@@ -204,6 +219,31 @@ impl Decide {
         }
         fault
     }
+}
+
+/// Reads `length` bytes, paced to `bytes_per_sec` when it is not 0.
+fn read_body(
+    reader: &mut impl Read,
+    length: usize,
+    bytes_per_sec: u64,
+) -> std::io::Result<Vec<u8>> {
+    let mut body = vec![0u8; length];
+    if bytes_per_sec == 0 {
+        reader.read_exact(&mut body)?;
+        return Ok(body);
+    }
+    let started = std::time::Instant::now();
+    let mut done = 0;
+    while done < length {
+        let n = (length - done).min(16 * 1024);
+        reader.read_exact(&mut body[done..done + n])?;
+        done += n;
+        let due = Duration::from_secs_f64(done as f64 / bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(body)
 }
 
 /// xorshift64: deterministic, dependency-free randomness for fault decisions.
@@ -302,8 +342,11 @@ fn handle(
         }
         None => {}
     }
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body)?;
+    let body = read_body(
+        &mut reader,
+        content_length,
+        decide.link.load(Ordering::SeqCst),
+    )?;
     let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
     upstream.write_all(&head)?;
     upstream.write_all(&body)?;
