@@ -274,7 +274,12 @@ fn metrics_during_an_upload_match_status() {
         http.proxy.stats.faults.load(Ordering::SeqCst) >= 1
             && daemon.status()["in_flight_uploads"]
                 .as_array()
-                .is_some_and(|a| a.iter().any(|u| u["phase"] == "uploading"))
+                // A small NAR is handed to the connection at once: then it waits for the server's answer
+                // ("narinfo": every byte sent, the narinfo next).
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|u| u["phase"] == "uploading" || u["phase"] == "narinfo")
+                })
     });
     let text = scrape(&daemon);
     let status = daemon.status();

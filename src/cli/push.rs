@@ -72,10 +72,10 @@ pub struct Args {
     via_daemon: bool,
     /// Print the summary as JSON on standard output.
     #[arg(long)]
+    json: bool,
     /// Ignore the filters (`exclude`, and the target's `include`, `exclude` and `max_nar_size`): push every path.
     #[arg(long)]
     no_filter: bool,
-    json: bool,
     /// Upload at most this fast, over all workers ("4MiB/s", "40Mbit/s", "unlimited"); replaces the target's
     /// max_upload_rate and rate_schedule for this push.
     #[arg(long, value_name = "RATE", value_parser = Rate::parse)]

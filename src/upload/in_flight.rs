@@ -45,7 +45,8 @@ impl InFlightTable {
                     file_size: t.file_size,
                     phase: match t.file_size {
                         None => "preparing",
-                        // The NAR is there; what remains is the narinfo (and its documents).
+                        // Every byte of the NAR is sent; what remains is the server's answer to it, then the
+                        // narinfo (and its documents).
                         Some(size) if wire_done >= size && size > 0 => "narinfo",
                         Some(_) => "uploading",
                     },
