@@ -226,9 +226,9 @@ fn push_in_tmux(env: &TestEnv, extra_args: &str, paths: &[String], exit_file: &P
 
 // See: #19
 #[test]
-#[ignore = "the bar counts bytes handed to the socket, and the kernel's send buffer (up to tcp_wmem, 4 MiB) \
-            runs ahead of a throttled link: at 25 % of the time it can read more than half; needs bytes acked \
-            (TCP_INFO) from the HTTP connection"]
+#[ignore = "the bar counts bytes handed to the socket, and the kernel's buffers (the client's send buffer, up to \
+            tcp_wmem, and the proxy's receive window) run ahead of a throttled link: at 25 % of the time it can \
+            read more than half; needs bytes acked (TCP_INFO) from the HTTP connection"]
 fn in_a_terminal_the_bar_counts_bytes_on_a_throttled_link_and_ctrl_c_stops_cleanly() {
     // Part 1: HTTP through a loopback link of 1 MiB/s. The NAR is ready long before its bytes are through,
     // so a bar that counted preparation would read full at once.

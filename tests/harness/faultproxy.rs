@@ -88,10 +88,6 @@ impl FaultProxy {
         seed: u64,
     ) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        // A small receive window (inherited by accepted sockets) keeps a throttled link honest: the kernel would
-        // otherwise take megabytes the "link" has not carried yet. Loopback stays fast with it.
-        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &(64 * 1024))
-            .unwrap();
         let port = listener.local_addr().unwrap().port();
         let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
