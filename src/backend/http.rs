@@ -15,7 +15,6 @@
 
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
@@ -26,8 +25,6 @@ use crate::store_path::StorePath;
 
 use super::{Backend, Credentials, Error, NarFile, TargetInfo};
 
-/// How many HEAD requests run at once when asking which paths are missing.
-const PARALLEL_HEADS: usize = 16;
 /// Largest response body read for diagnostics or small documents.
 pub const MAX_SMALL_BODY: usize = 64 * 1024;
 /// Longest time spent reading such a body: a target dribbling bytes cannot hold a worker.
@@ -170,21 +167,7 @@ impl Backend for HttpBackend {
     }
 
     async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, Error> {
-        let answers: Vec<(StorePath, bool)> = stream::iter(paths.iter().cloned())
-            .map(|path| async move {
-                let present = self
-                    .exists(&format!("{}.narinfo", path.hash_part()))
-                    .await?;
-                Ok::<_, Error>((path, present))
-            })
-            .buffered(PARALLEL_HEADS)
-            .try_collect()
-            .await?;
-        Ok(answers
-            .into_iter()
-            .filter(|(_, present)| !present)
-            .map(|(path, _)| path)
-            .collect())
+        super::missing_narinfos(paths, |key| async move { self.exists(&key).await }).await
     }
 
     async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {

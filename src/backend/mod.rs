@@ -253,6 +253,36 @@ impl std::error::Error for Error {
     }
 }
 
+/// How many narinfo HEADs [`missing_narinfos`] has in flight at once.
+const PARALLEL_HEADS: usize = 16;
+
+/// The presence query of a cache that answers one request per narinfo (HTTP, S3): the paths whose
+/// `<hash>.narinfo` `exists` does not find, asked [`PARALLEL_HEADS`] at a time, in the order given.
+pub(crate) async fn missing_narinfos<F, Fut>(
+    paths: &[StorePath],
+    exists: F,
+) -> Result<Vec<StorePath>, Error>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<bool, Error>>,
+{
+    use futures_util::stream::{self, StreamExt as _, TryStreamExt as _};
+    let exists = &exists;
+    let answers: Vec<(StorePath, bool)> = stream::iter(paths.iter().cloned())
+        .map(|path| async move {
+            let present = exists(format!("{}.narinfo", path.hash_part())).await?;
+            Ok::<_, Error>((path, present))
+        })
+        .buffered(PARALLEL_HEADS)
+        .try_collect()
+        .await?;
+    Ok(answers
+        .into_iter()
+        .filter(|(_, present)| !present)
+        .map(|(path, _)| path)
+        .collect())
+}
+
 fn detail_suffix(detail: &str) -> String {
     if detail.is_empty() {
         String::new()

@@ -23,7 +23,6 @@
 
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use reqwest::StatusCode;
 use rusty_s3::{Bucket, S3Action, UrlStyle};
 
@@ -45,8 +44,6 @@ use request::s3_error;
 
 /// How long a presigned request stays valid; requests are signed right before they are sent.
 const PRESIGN_FOR: Duration = Duration::from_secs(3600);
-/// How many HEAD requests run at once when asking which paths are missing.
-const PARALLEL_HEADS: usize = 16;
 /// Requests in flight to one bucket at most, before any `SlowDown` lowers it.
 const MAX_IN_FLIGHT: usize = 64;
 
@@ -132,21 +129,7 @@ impl Backend for S3Backend {
     }
 
     async fn missing(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, Error> {
-        let answers: Vec<(StorePath, bool)> = stream::iter(paths.iter().cloned())
-            .map(|path| async move {
-                let present = self
-                    .exists(&format!("{}.narinfo", path.hash_part()))
-                    .await?;
-                Ok::<_, Error>((path, present))
-            })
-            .buffered(PARALLEL_HEADS)
-            .try_collect()
-            .await?;
-        Ok(answers
-            .into_iter()
-            .filter(|(_, present)| !present)
-            .map(|(path, _)| path)
-            .collect())
+        crate::backend::missing_narinfos(paths, |key| async move { self.exists(&key).await }).await
     }
 
     async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
