@@ -4,14 +4,19 @@
 //! One SQLite database (`state_dir/queue/queue.sqlite3`, WAL mode) with these tables, each
 //! record JSON with a checksum beside it:
 //!
-//! - `entries`: store path → [`Entry`], for example
+//! - `target_entries`: (target name, store path) → [`Entry`], for example
 //!   `{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","state":"queued","attempts":0,
 //!   "next_attempt_at_ms":1732600000000,"last_error":null,"enqueued_at_ms":1732600000000,
 //!   "updated_at_ms":1732600000000,"source":"hook"}`;
 //! - `present`: hash part → expiry (unix ms) of "the target or an upstream has this path";
-//! - `history`: id → [`HistoryRecord`], the last [`HISTORY_CAP`] finished paths;
+//! - `history`: id → [`HistoryRecord`] and its target, the last [`HISTORY_CAP`] finished paths of each target;
 //! - `refused`: id → [`RefusedRecord`], the last [`REFUSED_CAP`] refused requests;
-//! - `meta`: all-time counters ([`Totals`] under `totals`, the refused count under `refused_total`).
+//! - `meta`: all-time counters ([`Totals`] under `totals` for the target named `default` and `totals:NAME` for
+//!   the others, the refused count under `refused_total`).
+//!
+//! A path waits for each configured target on its own (attempts, retry time, failure, hold-back); it is finished
+//! when no target holds an entry for it. A [`Queue`] is one target's view ([`Queue::for_target`]); all views share
+//! one database, one write counter and one flush.
 //!
 //! Nothing written is durable until [`Queue::flush`] returns: writes collect in one open transaction, and the
 //! flush commits it and fdatasyncs the write-ahead log. The daemon acknowledges a request only after a flush that
@@ -29,7 +34,7 @@ mod sled_import;
 mod sqlite_queue;
 
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -37,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::store_path::StorePath;
 
 pub use open::{open, Damage, Opened};
-pub use sqlite_queue::{sync_dir, CommitStats, SqliteQueue, DB_FILE};
+pub use sqlite_queue::{sync_dir, CommitStats, SqliteQueue, DB_FILE, ENTRIES_TABLE};
 
 /// The longest retry delay the engine ever sets (a server's `Retry-After` is capped at ten minutes). A stored
 /// retry time further ahead than this was written under a clock that has since gone back.
@@ -347,6 +352,14 @@ pub struct TotalsReport {
 /// [`Queue::flush`], which callers on an async runtime run on a blocking thread (a write may wait for a flush in
 /// progress to finish).
 pub trait Queue: Send + Sync {
+    /// The view of the target named `name`, sharing this queue's database, writes and flushes.
+    fn for_target(&self, name: &str) -> Arc<dyn Queue>;
+    /// The name of the target this view belongs to.
+    fn target_name(&self) -> &str;
+    /// Whether any target still holds an entry for `path` (in any state).
+    fn held_by_any_target(&self, path: &StorePath) -> Result<bool, Error>;
+    /// Every target's entries as (target name, entry), in target and path order.
+    fn entries_of_every_target(&self) -> Result<Vec<(String, Entry)>, Error>;
     /// Queues each path. A path already queued or uploading is left alone and reported as a duplicate; a failed
     /// or held-back one is requeued with its attempts reset.
     fn enqueue(&self, paths: &[StorePath], source: &str, now_ms: u64) -> Result<Enqueued, Error>;
@@ -368,7 +381,8 @@ pub trait Queue: Send + Sync {
     fn counts(&self) -> Counts;
     /// The oldest waiting path and the number retrying; as quick as [`Queue::counts`].
     fn backlog(&self) -> Backlog;
-    /// Puts entries left `uploading` by a previous process back to `queued`, due now. Run once at startup.
+    /// Puts entries (of every target) left `uploading` by a previous process back to `queued`, due now. Run once
+    /// at startup.
     fn requeue_interrupted(&self, now_ms: u64) -> Result<usize, Error>;
     /// Requeues failed and held-back entries (all, or those listed) with attempts reset; returns the paths
     /// requeued.

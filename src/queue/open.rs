@@ -141,12 +141,14 @@ pub fn open(dir: &Path, store_dir: &str) -> Result<Opened, Error> {
             let queue = SqliteQueue::open(&db)?;
             let now = now_ms();
             let mut requeued = 0u64;
-            for entry in &found.entries {
-                queue.set(entry)?;
+            for (target, entry) in &found.entries {
+                queue.target(target).set(entry)?;
                 requeued += 1;
             }
+            // Paths found only in the raw bytes go to the `default` target; if it is not configured, the daemon
+            // queues them for the configured ones at start.
             let whole: std::collections::BTreeSet<_> =
-                found.entries.iter().map(|e| e.path.clone()).collect();
+                found.entries.iter().map(|(_, e)| e.path.clone()).collect();
             let loose: Vec<_> = found
                 .paths
                 .iter()
@@ -252,7 +254,22 @@ fn check(db: &Path) -> Result<(), String> {
     }
     let mut bad = 0u64;
     let mut total = 0u64;
-    for table in ["entries", "history", "refused", "meta"] {
+    let tables: Vec<String> = connection
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .and_then(|mut s| {
+            s.query_map([], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|e| e.to_string())?;
+    // `entries` only in a queue from before targets had names, not yet moved.
+    let entry_tables: Vec<&str> = [super::ENTRIES_TABLE, "entries"]
+        .into_iter()
+        .filter(|t| tables.iter().any(|name| name == t))
+        .collect();
+    let record_tables = ["history", "refused", "meta"]
+        .into_iter()
+        .filter(|t| tables.iter().any(|name| name == t));
+    for table in entry_tables.iter().copied().chain(record_tables) {
         let sums: Vec<(String, i64)> = connection
             .prepare(&format!("SELECT record, checksum FROM {table}"))
             .and_then(|mut s| {
@@ -264,16 +281,19 @@ fn check(db: &Path) -> Result<(), String> {
         bad += sums.iter().filter(|(r, sum)| checksum(r) != *sum).count() as u64;
     }
     // An entry that decodes but is not an entry (a flipped byte in a field name) is damage too.
-    let unreadable_entries = connection
-        .prepare("SELECT record FROM entries")
-        .and_then(|mut s| {
-            s.query_map([], |row| row.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .map_err(|e| e.to_string())?
-        .iter()
-        .filter(|r| serde_json::from_str::<super::Entry>(r).is_err())
-        .count();
+    let mut unreadable_entries = 0;
+    for table in &entry_tables {
+        unreadable_entries += connection
+            .prepare(&format!("SELECT record FROM {table}"))
+            .and_then(|mut s| {
+                s.query_map([], |row| row.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| e.to_string())?
+            .iter()
+            .filter(|r| serde_json::from_str::<super::Entry>(r).is_err())
+            .count();
+    }
     if bad > 0 || unreadable_entries > 0 {
         return Err(format!(
             "{} of {total} records fail their checksum or do not decode",

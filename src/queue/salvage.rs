@@ -15,8 +15,8 @@ use crate::store_path::StorePath;
 /// What a salvage found.
 #[derive(Debug, Default)]
 pub struct Salvaged {
-    /// Entries read whole, with their state.
-    pub entries: Vec<Entry>,
+    /// Entries read whole, with their state and their target's name.
+    pub entries: Vec<(String, Entry)>,
     /// Store paths found in the raw bytes (whole entries included).
     pub paths: BTreeSet<StorePath>,
     /// Rows SQLite could not read or whose checksum did not match.
@@ -36,7 +36,7 @@ pub fn salvage(db: &Path, files: &[&Path], store_dir: &str) -> Salvaged {
     }
     salvaged
         .paths
-        .extend(salvaged.entries.iter().map(|e| e.path.clone()));
+        .extend(salvaged.entries.iter().map(|(_, e)| e.path.clone()));
     salvaged
 }
 
@@ -48,20 +48,35 @@ fn read_rows(db: &Path, store_dir: &str, salvaged: &mut Salvaged) {
             return;
         }
     };
-    // Row by row, so a broken page costs the rows on it, not every row after it.
-    let max_rowid: i64 = match connection.query_row("SELECT max(rowid) FROM entries", [], |row| {
-        row.get::<_, Option<i64>>(0)
-    }) {
-        Ok(max) => max.unwrap_or(0),
-        Err(e) => {
-            salvaged.read_error = Some(e.to_string());
-            // The table's root may be unreadable while its leaves are not; try a range anyway.
-            100_000
-        }
+    // The table of this queue, or of one from before targets had names (whose entries are the `default`
+    // target's).
+    let legacy = connection
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'entries'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .is_ok_and(|n| n > 0);
+    let (table, target_column) = if legacy {
+        ("entries", "'default'")
+    } else {
+        (super::ENTRIES_TABLE, "target")
     };
-    let Ok(mut statement) =
-        connection.prepare("SELECT path, record, checksum FROM entries WHERE rowid = ?1")
-    else {
+    // Row by row, so a broken page costs the rows on it, not every row after it.
+    let max_rowid: i64 =
+        match connection.query_row(&format!("SELECT max(rowid) FROM {table}"), [], |row| {
+            row.get::<_, Option<i64>>(0)
+        }) {
+            Ok(max) => max.unwrap_or(0),
+            Err(e) => {
+                salvaged.read_error = Some(e.to_string());
+                // The table's root may be unreadable while its leaves are not; try a range anyway.
+                100_000
+            }
+        };
+    let Ok(mut statement) = connection.prepare(&format!(
+        "SELECT path, record, checksum, {target_column} FROM {table} WHERE rowid = ?1"
+    )) else {
         return;
     };
     let mut consecutive_errors = 0;
@@ -72,18 +87,19 @@ fn read_rows(db: &Path, store_dir: &str, salvaged: &mut Salvaged) {
                 String::from_utf8_lossy(row.get_ref(0)?.as_bytes()?).into_owned(),
                 String::from_utf8(row.get_ref(1)?.as_bytes()?.to_vec()).ok(),
                 row.get::<_, i64>(2)?,
+                String::from_utf8(row.get_ref(3)?.as_bytes()?.to_vec()).ok(),
             ))
         });
         match row {
-            Ok((path, record, sum)) => {
+            Ok((path, record, sum, target)) => {
                 consecutive_errors = 0;
                 let entry = record
                     .filter(|record| checksum(record) == sum)
                     .and_then(|record| serde_json::from_str::<Entry>(&record).ok())
                     .filter(|e| e.path.as_str() == path);
-                match entry {
-                    Some(entry) => salvaged.entries.push(entry),
-                    None => {
+                match (entry, target) {
+                    (Some(entry), Some(target)) => salvaged.entries.push((target, entry)),
+                    _ => {
                         salvaged.unreadable_rows += 1;
                         if let Ok(path) = StorePath::parse(&path, store_dir) {
                             salvaged.paths.insert(path);

@@ -1,5 +1,5 @@
 //! [`SqliteQueue`]: the [`Queue`] in one SQLite database in WAL mode, with an in-memory index of counts and due
-//! order rebuilt at open.
+//! order per target rebuilt at open.
 //!
 //! Writes go into one open transaction; [`Queue::flush`] commits it and then `fdatasync`s the write-ahead log
 //! itself. So a flush is a real group commit: every write before it reaches stable storage with one fdatasync.
@@ -9,14 +9,18 @@
 //! syncs the log before and the database after every checkpoint, so a checkpoint never loses a commit; our sync
 //! covers what the commit itself wrote.
 //!
+//! One database holds every target's entries (keyed by target and path), history and totals; a
+//! [`SqliteQueue`] is the view of one target ([`Queue::for_target`]), and every view shares the connection, the
+//! write counter and the flush.
+//!
 //! Every record carries a checksum of its text ([`checksum`]), verified whenever it is read: SQLite checks the
 //! structure of its pages but not their contents, and a flipped byte inside a record must not pass as data.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension as _};
@@ -27,19 +31,32 @@ use super::{
     Backlog, Counts, Enqueued, Entry, Error, HistoryRecord, Queue, RefusedRecord, State, Totals,
     TotalsReport, HISTORY_CAP, REFUSED_CAP,
 };
+use crate::config::DEFAULT_TARGET;
 use crate::store_path::StorePath;
 
 /// The database file inside the queue directory.
 pub const DB_FILE: &str = "queue.sqlite3";
 /// The "path" of a database in memory.
 const MEMORY: &str = "(memory)";
+/// The table of queue entries, one row per target and path.
+pub const ENTRIES_TABLE: &str = "target_entries";
 
 const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS entries (path TEXT PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS target_entries (target TEXT NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL,
+        checksum INTEGER NOT NULL, PRIMARY KEY (target, path));
     CREATE TABLE IF NOT EXISTS present (hash_part TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);
-    CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL,
+        target TEXT NOT NULL DEFAULT 'default');
     CREATE TABLE IF NOT EXISTS refused (id INTEGER PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+";
+
+/// Moves a queue written before targets had names (one `entries` table keyed by path, a history without a target)
+/// into the current tables; its entries belong to the target named `default`. Idempotent, in one transaction.
+const MIGRATE_UNNAMED: &str = "
+    INSERT OR IGNORE INTO target_entries (target, path, record, checksum)
+        SELECT 'default', path, record, checksum FROM entries;
+    DROP TABLE entries;
 ";
 
 const TOTALS_KEY: &str = "totals";
@@ -53,7 +70,7 @@ pub fn checksum(text: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// In-memory view of `entries`, plus list lengths and since-start totals.
+/// In-memory view of one target's entries, plus its since-start totals.
 #[derive(Default)]
 struct Index {
     counts: Counts,
@@ -111,7 +128,8 @@ impl Index {
 struct Inner {
     connection: Connection,
     in_transaction: bool,
-    index: Index,
+    /// One index per target that has (or had, in this process) an entry.
+    indexes: BTreeMap<String, Index>,
 }
 
 /// How many commits were made and how long they took, for the design notes and the shutdown log line.
@@ -125,14 +143,20 @@ pub struct CommitStats {
     pub longest: Duration,
 }
 
-/// The SQLite-backed [`Queue`].
-pub struct SqliteQueue {
+/// What every target's view shares.
+struct Database {
     path: PathBuf,
     inner: Mutex<Inner>,
     writes: AtomicU64,
     stats: Mutex<CommitStats>,
     /// The write-ahead log, opened at the first flush (SQLite creates it at the first write).
     wal: Mutex<Option<File>>,
+}
+
+/// The SQLite-backed [`Queue`]: the view of one target (the one named `default` when opened).
+pub struct SqliteQueue {
+    db: Arc<Database>,
+    target: String,
 }
 
 impl SqliteQueue {
@@ -167,43 +191,55 @@ impl SqliteQueue {
                 "PRAGMA synchronous=NORMAL; PRAGMA cell_size_check=ON; PRAGMA busy_timeout=5000;",
             )
             .map_err(sqlite_error(path, "setting up"))?;
+        migrate_unnamed(path, &connection)?;
         connection
             .execute_batch(SCHEMA)
             .map_err(sqlite_error(path, "creating tables"))?;
         let queue = SqliteQueue {
-            path: path.to_owned(),
-            inner: Mutex::new(Inner {
-                connection,
-                in_transaction: false,
-                index: Index::default(),
+            db: Arc::new(Database {
+                path: path.to_owned(),
+                inner: Mutex::new(Inner {
+                    connection,
+                    in_transaction: false,
+                    indexes: BTreeMap::new(),
+                }),
+                writes: AtomicU64::new(0),
+                stats: Mutex::new(CommitStats::default()),
+                wal: Mutex::new(None),
             }),
-            writes: AtomicU64::new(0),
-            stats: Mutex::new(CommitStats::default()),
-            wal: Mutex::new(None),
+            target: DEFAULT_TARGET.to_owned(),
         };
         {
             let mut inner = queue.lock();
-            let mut index = Index::default();
-            for entry in queue.read_entries(&inner.connection, None, usize::MAX)? {
-                index.add(&entry);
+            let mut indexes: BTreeMap<String, Index> = BTreeMap::new();
+            for (target, entry) in queue.read_every_target(&inner.connection)? {
+                indexes.entry(target).or_default().add(&entry);
             }
-            inner.index = index;
+            inner.indexes = indexes;
         }
         Ok(queue)
     }
 
+    /// The view of the target named `name`, sharing this database.
+    pub fn target(&self, name: &str) -> SqliteQueue {
+        SqliteQueue {
+            db: Arc::clone(&self.db),
+            target: name.to_owned(),
+        }
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.db.path
     }
 
     /// Commits so far and their cost.
     pub fn commit_stats(&self) -> CommitStats {
-        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.db.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Entries whose stored retry time lies more than `max_ahead_ms` after `now_ms` are made due now, and
-    /// "present" answers remembered past `now_ms + max_present_ms` are forgotten: the wall clock went back
+    /// Entries (of every target) whose stored retry time lies more than `max_ahead_ms` after `now_ms` are made due
+    /// now, and "present" answers remembered past `now_ms + max_present_ms` are forgotten: the wall clock went back
     /// between two runs, and waiting for it to catch up would stall them by the size of the jump.
     pub fn clamp_future_times(
         &self,
@@ -212,11 +248,11 @@ impl SqliteQueue {
         max_present_ms: u64,
     ) -> Result<usize, Error> {
         let mut clamped = 0;
-        for entry in self.entries()? {
+        for (target, entry) in self.entries_of_every_target()? {
             if entry.next_attempt_at_ms > now_ms.saturating_add(max_ahead_ms)
                 || entry.enqueued_at_ms > now_ms.saturating_add(max_ahead_ms)
             {
-                self.set(&Entry {
+                self.target(&target).set(&Entry {
                     next_attempt_at_ms: entry.next_attempt_at_ms.min(now_ms),
                     enqueued_at_ms: entry.enqueued_at_ms.min(now_ms),
                     updated_at_ms: entry.updated_at_ms.min(now_ms),
@@ -238,19 +274,31 @@ impl SqliteQueue {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves at worst a count off by one; the data itself is in SQLite.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        self.db.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn index_mut<'a>(&self, inner: &'a mut Inner) -> &'a mut Index {
+        inner.indexes.entry(self.target.clone()).or_default()
+    }
+
+    fn read_index<T: Default>(&self, read: impl FnOnce(&Index) -> T) -> T {
+        self.lock()
+            .indexes
+            .get(&self.target)
+            .map(read)
+            .unwrap_or_default()
     }
 
     fn error(&self, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
         move |source| Error::Sqlite {
-            path: self.path.clone(),
+            path: self.db.path.clone(),
             operation,
             source,
         }
     }
 
     fn wrote(&self) {
-        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.db.writes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Opens the transaction the next flush commits, if none is open.
@@ -271,12 +319,15 @@ impl SqliteQueue {
         path: &StorePath,
     ) -> Result<Option<Entry>, Error> {
         let row: Option<(String, i64)> = connection
-            .query_row(
-                "SELECT record, checksum FROM entries WHERE path = ?1",
-                [path.as_str()],
-                |row| Ok((row.get(0)?, row.get(1)?)),
+            .prepare_cached(
+                "SELECT record, checksum FROM target_entries WHERE target = ?1 AND path = ?2",
             )
-            .optional()
+            .and_then(|mut s| {
+                s.query_row(params![self.target, path.as_str()], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+            })
             .map_err(self.error("reading an entry"))?;
         row.map(|(record, sum)| decode(path.as_str(), &record, sum))
             .transpose()
@@ -290,12 +341,13 @@ impl SqliteQueue {
     ) -> Result<Vec<Entry>, Error> {
         let mut statement = connection
             .prepare_cached(
-                "SELECT path, record, checksum FROM entries WHERE path > ?1 ORDER BY path LIMIT ?2",
+                "SELECT path, record, checksum FROM target_entries WHERE target = ?1 AND path > ?2
+                 ORDER BY path LIMIT ?3",
             )
             .map_err(self.error("reading entries"))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = statement
-            .query_map(params![after.unwrap_or(""), limit], |row| {
+            .query_map(params![self.target, after.unwrap_or(""), limit], |row| {
                 Ok((
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
@@ -311,6 +363,31 @@ impl SqliteQueue {
         Ok(out)
     }
 
+    /// Every target's entries, as (target, entry), in target and path order.
+    fn read_every_target(&self, connection: &Connection) -> Result<Vec<(String, Entry)>, Error> {
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT target, path, record, checksum FROM target_entries ORDER BY target, path",
+            )
+            .map_err(self.error("reading entries"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get(3)?,
+                ))
+            })
+            .map_err(self.error("reading entries"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (target, key, record, sum) = row.map_err(self.error("reading entries"))?;
+            out.push((target, decode(&key, &record, sum)?));
+        }
+        Ok(out)
+    }
+
     /// Writes `new` in place of `old`; the caller holds the lock.
     fn replace(&self, inner: &mut Inner, old: Option<&Entry>, new: &Entry) -> Result<(), Error> {
         self.begin(inner)?;
@@ -318,20 +395,28 @@ impl SqliteQueue {
         inner
             .connection
             .prepare_cached(
-                "INSERT INTO entries (path, record, checksum) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(path) DO UPDATE SET record = excluded.record, checksum = excluded.checksum",
+                "INSERT INTO target_entries (target, path, record, checksum) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(target, path) DO UPDATE SET record = excluded.record, checksum = excluded.checksum",
             )
-            .and_then(|mut s| s.execute(params![new.path.as_str(), record, checksum(&record)]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    self.target,
+                    new.path.as_str(),
+                    record,
+                    checksum(&record)
+                ])
+            })
             .map_err(self.error("writing an entry"))?;
+        let index = self.index_mut(inner);
         if let Some(old) = old {
-            inner.index.remove(old);
+            index.remove(old);
         }
-        inner.index.add(new);
+        index.add(new);
         self.wrote();
         Ok(())
     }
 
-    /// Appends to a bounded list table and trims its oldest rows.
+    /// Appends to a bounded list table and trims its oldest rows: `history` per target, `refused` as a whole.
     fn append_bounded(
         &self,
         inner: &mut Inner,
@@ -341,19 +426,35 @@ impl SqliteQueue {
     ) -> Result<(), Error> {
         self.begin(inner)?;
         let connection = &inner.connection;
-        connection
-            .execute(
-                &format!("INSERT INTO {table} (record, checksum) VALUES (?1, ?2)"),
-                params![record, checksum(record)],
-            )
-            .map_err(self.error("appending to a list"))?;
         let cap = i64::try_from(cap).unwrap_or(i64::MAX);
-        connection
-            .execute(
-                &format!("DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"),
-                [cap],
-            )
-            .map_err(self.error("trimming a list"))?;
+        if table == "history" {
+            connection
+                .execute(
+                    "INSERT INTO history (record, checksum, target) VALUES (?1, ?2, ?3)",
+                    params![record, checksum(record), self.target],
+                )
+                .map_err(self.error("appending to a list"))?;
+            connection
+                .execute(
+                    "DELETE FROM history WHERE target = ?1 AND id NOT IN
+                     (SELECT id FROM history WHERE target = ?1 ORDER BY id DESC LIMIT ?2)",
+                    params![self.target, cap],
+                )
+                .map_err(self.error("trimming a list"))?;
+        } else {
+            connection
+                .execute(
+                    &format!("INSERT INTO {table} (record, checksum) VALUES (?1, ?2)"),
+                    params![record, checksum(record)],
+                )
+                .map_err(self.error("appending to a list"))?;
+            connection
+                .execute(
+                    &format!("DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"),
+                    [cap],
+                )
+                .map_err(self.error("trimming a list"))?;
+        }
         Ok(())
     }
 
@@ -363,15 +464,20 @@ impl SqliteQueue {
         limit: usize,
     ) -> Result<Vec<T>, Error> {
         let inner = self.lock();
+        // Only `history` is kept per target; every view sees the one list of refusals.
+        let (filter, target) = match table {
+            "history" => ("target = ?2", self.target.as_str()),
+            _ => ("?2 = ?2", ""),
+        };
         let mut statement = inner
             .connection
             .prepare_cached(&format!(
-                "SELECT id, record, checksum FROM {table} ORDER BY id DESC LIMIT ?1"
+                "SELECT id, record, checksum FROM {table} WHERE {filter} ORDER BY id DESC LIMIT ?1"
             ))
             .map_err(self.error("reading a list"))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = statement
-            .query_map([limit], |row| {
+            .query_map(params![limit, target], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get(2)?))
             })
             .map_err(self.error("reading a list"))?;
@@ -381,6 +487,15 @@ impl SqliteQueue {
             out.push(decode(&format!("{table}/{id}"), &record, sum)?);
         }
         Ok(out)
+    }
+
+    /// The key of this target's totals in `meta` (the `default` target keeps the key of older queues).
+    fn totals_key(&self) -> String {
+        if self.target == DEFAULT_TARGET {
+            TOTALS_KEY.to_owned()
+        } else {
+            format!("{TOTALS_KEY}:{}", self.target)
+        }
     }
 
     fn read_meta<T: serde::de::DeserializeOwned + Default>(
@@ -434,7 +549,7 @@ impl SqliteQueue {
         for record in refused {
             self.append_bounded(&mut inner, "refused", REFUSED_CAP, &encode(record))?;
         }
-        self.write_meta(&inner.connection, TOTALS_KEY, &totals)?;
+        self.write_meta(&inner.connection, &self.totals_key(), &totals)?;
         self.write_meta(&inner.connection, REFUSED_TOTAL_KEY, &refused_total)?;
         self.wrote();
         Ok(())
@@ -450,6 +565,41 @@ impl SqliteQueue {
             .map_err(self.error("checkpointing"))?;
         Ok(())
     }
+}
+
+/// Runs [`MIGRATE_UNNAMED`] when the database still has the `entries` table of a queue without named targets, and
+/// gives an older `history` its `target` column; in one transaction.
+fn migrate_unnamed(path: &Path, connection: &Connection) -> Result<(), Error> {
+    let has_table = |name: &str| -> Result<bool, Error> {
+        connection
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [name],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(sqlite_error(path, "reading the schema"))
+    };
+    let unnamed_entries = has_table("entries")?;
+    let untargeted_history = has_table("history")?
+        && connection
+            .prepare("SELECT target FROM history LIMIT 0")
+            .is_err();
+    if !unnamed_entries && !untargeted_history {
+        return Ok(());
+    }
+    let mut steps = format!("BEGIN IMMEDIATE; {SCHEMA}");
+    if untargeted_history {
+        steps.push_str("ALTER TABLE history ADD COLUMN target TEXT NOT NULL DEFAULT 'default';");
+    }
+    if unnamed_entries {
+        steps.push_str(MIGRATE_UNNAMED);
+    }
+    steps.push_str("COMMIT;");
+    connection.execute_batch(&steps).map_err(|e| {
+        let _ = connection.execute_batch("ROLLBACK");
+        sqlite_error(path, "moving the queue to per-target tables")(e)
+    })
 }
 
 fn sqlite_error(path: &Path, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
@@ -479,6 +629,14 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, record: &str, sum: i64) -> 
 }
 
 impl Queue for SqliteQueue {
+    fn for_target(&self, name: &str) -> Arc<dyn Queue> {
+        Arc::new(self.target(name))
+    }
+
+    fn target_name(&self) -> &str {
+        &self.target
+    }
+
     fn enqueue(&self, paths: &[StorePath], source: &str, now_ms: u64) -> Result<Enqueued, Error> {
         let mut inner = self.lock();
         let mut result = Enqueued::default();
@@ -516,9 +674,12 @@ impl Queue for SqliteQueue {
             self.begin(&mut inner)?;
             inner
                 .connection
-                .execute("DELETE FROM entries WHERE path = ?1", [path.as_str()])
+                .execute(
+                    "DELETE FROM target_entries WHERE target = ?1 AND path = ?2",
+                    params![self.target, path.as_str()],
+                )
                 .map_err(self.error("removing an entry"))?;
-            inner.index.remove(old);
+            self.index_mut(&mut inner).remove(old);
             self.wrote();
         }
         Ok(old)
@@ -527,13 +688,18 @@ impl Queue for SqliteQueue {
     fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Entry>, Error> {
         let inner = self.lock();
         let paths: Vec<StorePath> = inner
-            .index
-            .due
-            .iter()
-            .take_while(|(at, _)| *at <= now_ms)
-            .take(limit)
-            .map(|(_, path)| path.clone())
-            .collect();
+            .indexes
+            .get(&self.target)
+            .map(|index| {
+                index
+                    .due
+                    .iter()
+                    .take_while(|(at, _)| *at <= now_ms)
+                    .take(limit)
+                    .map(|(_, path)| path.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut out = Vec::with_capacity(paths.len());
         for path in paths {
             if let Some(entry) = self.read_entry(&inner.connection, &path)? {
@@ -546,7 +712,7 @@ impl Queue for SqliteQueue {
     }
 
     fn next_due_at(&self) -> Option<u64> {
-        self.lock().index.due.first().map(|(at, _)| *at)
+        self.read_index(|index| index.due.first().map(|(at, _)| *at))
     }
 
     fn entries(&self) -> Result<Vec<Entry>, Error> {
@@ -560,22 +726,21 @@ impl Queue for SqliteQueue {
     }
 
     fn counts(&self) -> Counts {
-        self.lock().index.counts
+        self.read_index(|index| index.counts)
     }
 
     fn backlog(&self) -> Backlog {
-        let inner = self.lock();
-        Backlog {
-            oldest_enqueued_at_ms: inner.index.waiting.first().map(|(at, _)| *at),
-            retrying: inner.index.retrying,
-        }
+        self.read_index(|index| Backlog {
+            oldest_enqueued_at_ms: index.waiting.first().map(|(at, _)| *at),
+            retrying: index.retrying,
+        })
     }
 
     fn requeue_interrupted(&self, now_ms: u64) -> Result<usize, Error> {
         let mut requeued = 0;
-        for entry in self.entries()? {
+        for (target, entry) in self.entries_of_every_target()? {
             if entry.state == State::Uploading {
-                self.set(&Entry {
+                self.target(&target).set(&Entry {
                     state: State::Queued,
                     next_attempt_at_ms: now_ms,
                     updated_at_ms: now_ms,
@@ -620,6 +785,20 @@ impl Queue for SqliteQueue {
         Ok(requeued)
     }
 
+    fn held_by_any_target(&self, path: &StorePath) -> Result<bool, Error> {
+        let inner = self.lock();
+        inner
+            .connection
+            .prepare_cached("SELECT 1 FROM target_entries WHERE path = ?1 LIMIT 1")
+            .and_then(|mut s| s.exists([path.as_str()]))
+            .map_err(self.error("reading an entry"))
+    }
+
+    fn entries_of_every_target(&self) -> Result<Vec<(String, Entry)>, Error> {
+        let inner = self.lock();
+        self.read_every_target(&inner.connection)
+    }
+
     fn remember_present(&self, hash_parts: &[&str], until_ms: u64) -> Result<(), Error> {
         let mut inner = self.lock();
         self.begin(&mut inner)?;
@@ -651,10 +830,11 @@ impl Queue for SqliteQueue {
     fn record_finished(&self, record: &HistoryRecord) -> Result<(), Error> {
         let mut inner = self.lock();
         self.append_bounded(&mut inner, "history", HISTORY_CAP, &encode(record))?;
-        let mut all_time: Totals = self.read_meta(&inner.connection, TOTALS_KEY)?;
+        let key = self.totals_key();
+        let mut all_time: Totals = self.read_meta(&inner.connection, &key)?;
         all_time.add(record);
-        self.write_meta(&inner.connection, TOTALS_KEY, &all_time)?;
-        inner.index.since_start.add(record);
+        self.write_meta(&inner.connection, &key, &all_time)?;
+        self.index_mut(&mut inner).since_start.add(record);
         self.wrote();
         Ok(())
     }
@@ -684,13 +864,17 @@ impl Queue for SqliteQueue {
     fn totals(&self) -> Result<TotalsReport, Error> {
         let inner = self.lock();
         Ok(TotalsReport {
-            since_start: inner.index.since_start,
-            all_time: self.read_meta(&inner.connection, TOTALS_KEY)?,
+            since_start: inner
+                .indexes
+                .get(&self.target)
+                .map(|index| index.since_start)
+                .unwrap_or_default(),
+            all_time: self.read_meta(&inner.connection, &self.totals_key())?,
         })
     }
 
     fn writes(&self) -> u64 {
-        self.writes.load(Ordering::SeqCst)
+        self.db.writes.load(Ordering::SeqCst)
     }
 
     fn flush(&self) -> Result<(), Error> {
@@ -712,7 +896,7 @@ impl Queue for SqliteQueue {
         // Outside the connection's lock: writes for the next group go on while this one syncs.
         self.sync_wal()?;
         let took = started.elapsed();
-        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stats = self.db.stats.lock().unwrap_or_else(PoisonError::into_inner);
         stats.commits += 1;
         stats.total += took;
         stats.longest = stats.longest.max(took);
@@ -723,11 +907,11 @@ impl Queue for SqliteQueue {
 impl SqliteQueue {
     /// `fdatasync`s the write-ahead log (nothing to do for a database in memory).
     fn sync_wal(&self) -> Result<(), Error> {
-        if self.path == Path::new(MEMORY) {
+        if self.db.path == Path::new(MEMORY) {
             return Ok(());
         }
-        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
-        let wal_path = PathBuf::from(format!("{}-wal", self.path.display()));
+        let mut wal = self.db.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        let wal_path = PathBuf::from(format!("{}-wal", self.db.path.display()));
         let io_error = |source| Error::Io {
             path: wal_path.clone(),
             operation: "syncing",
@@ -736,7 +920,7 @@ impl SqliteQueue {
         if wal.is_none() {
             let file = File::open(&wal_path).map_err(io_error)?;
             // The log's name must survive too; SQLite created it in the queue directory.
-            if let Some(dir) = self.path.parent() {
+            if let Some(dir) = self.db.path.parent() {
                 sync_dir(dir)?;
             }
             *wal = Some(file);
@@ -910,7 +1094,7 @@ mod tests {
             inner
                 .connection
                 .execute(
-                    "UPDATE entries SET record = replace(record, '\"hook\"', '\"hoom\"')",
+                    "UPDATE target_entries SET record = replace(record, '\"hook\"', '\"hoom\"')",
                     [],
                 )
                 .unwrap();
@@ -1046,6 +1230,103 @@ mod tests {
         assert_eq!(refused.len(), REFUSED_CAP);
         assert!(refused[0].input.chars().count() <= MAX_REFUSED_INPUT_CHARS + 1);
         assert_eq!(q.refused_total().unwrap(), REFUSED_CAP as u64 + 3);
+    }
+
+    #[test]
+    fn each_target_keeps_its_own_entries_history_and_totals() {
+        let q = SqliteQueue::temporary().unwrap();
+        let backup = q.target("backup");
+        q.enqueue(&[path(1), path(2)], "hook", 10).unwrap();
+        assert_eq!(
+            backup.enqueue(&[path(1)], "hook", 10).unwrap().queued,
+            [path(1)],
+            "queued for the other target too"
+        );
+        let mut failed = backup.get(&path(1)).unwrap().unwrap();
+        failed.state = State::Failed;
+        failed.attempts = 3;
+        backup.set(&failed).unwrap();
+        assert_eq!((q.counts().queued, q.counts().failed), (2, 0));
+        assert_eq!((backup.counts().queued, backup.counts().failed), (0, 1));
+        assert_eq!(q.due(10, 10).unwrap().len(), 2);
+        assert!(backup.due(10, 10).unwrap().is_empty());
+
+        // Done for `default`, still held for `backup`: the path is not finished.
+        q.remove(&path(1)).unwrap();
+        assert!(q.held_by_any_target(&path(1)).unwrap());
+        backup.remove(&path(1)).unwrap();
+        assert!(!q.held_by_any_target(&path(1)).unwrap());
+        let every: Vec<(String, StorePath)> = q
+            .entries_of_every_target()
+            .unwrap()
+            .into_iter()
+            .map(|(t, e)| (t, e.path))
+            .collect();
+        assert_eq!(every, [("default".to_owned(), path(2))]);
+
+        let record = |n| HistoryRecord {
+            path: path(n),
+            outcome: Outcome::Uploaded,
+            nar_size: Some(100),
+            file_size: Some(10),
+            duration_ms: 1,
+            reason: None,
+            finished_at_ms: 20,
+        };
+        q.record_finished(&record(1)).unwrap();
+        backup.record_finished(&record(2)).unwrap();
+        backup.record_finished(&record(3)).unwrap();
+        assert_eq!(q.recent(10).unwrap().len(), 1);
+        assert_eq!(backup.recent(10).unwrap()[0].path, path(3));
+        assert_eq!(q.totals().unwrap().all_time.uploaded, 1);
+        assert_eq!(backup.totals().unwrap().all_time.uploaded, 2);
+        assert_eq!(backup.totals().unwrap().since_start.nar_bytes, 200);
+        // Refusals belong to the daemon, not a target.
+        backup
+            .record_refused(&RefusedRecord::new("/tmp/x", "outside", None, "socket", 1))
+            .unwrap();
+        assert_eq!(q.refused_total().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_queue_from_before_named_targets_is_moved_to_the_default_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE);
+        {
+            let old = Connection::open(&file).unwrap();
+            old.execute_batch(
+                "CREATE TABLE entries (path TEXT PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);
+                 CREATE TABLE history (id INTEGER PRIMARY KEY, record TEXT NOT NULL, checksum INTEGER NOT NULL);",
+            )
+            .unwrap();
+            let record = encode(&Entry::new(path(1), "hook", 5));
+            old.execute(
+                "INSERT INTO entries VALUES (?1, ?2, ?3)",
+                params![path(1).as_str(), record, checksum(&record)],
+            )
+            .unwrap();
+            let finished = encode(&HistoryRecord {
+                path: path(2),
+                outcome: Outcome::Uploaded,
+                nar_size: None,
+                file_size: None,
+                duration_ms: 0,
+                reason: None,
+                finished_at_ms: 1,
+            });
+            old.execute(
+                "INSERT INTO history (record, checksum) VALUES (?1, ?2)",
+                params![finished, checksum(&finished)],
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let q = SqliteQueue::open(&file).unwrap();
+            assert_eq!(q.get(&path(1)).unwrap().unwrap().source, "hook");
+            assert_eq!(q.counts().queued, 1);
+            assert_eq!(q.recent(10).unwrap()[0].path, path(2));
+            assert!(q.target("other").get(&path(1)).unwrap().is_none());
+        }
     }
 
     #[test]
