@@ -15,6 +15,7 @@
 //! Keys are snake_case because they are the interface every tool and test speaks. Secrets are never config
 //! literals: only the paths of the files that hold them are.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,8 @@ pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/nixpush";
 pub const DEFAULT_GC_ROOTS_MAX_BYTES: u64 = 20 << 30;
 /// The Cachix API host used for `cachix://NAME` targets.
 pub const DEFAULT_CACHIX_API: &str = "https://cachix.org";
+/// The name of the `[target]` table's target, in `status`, metrics, `--target` and the queue.
+pub const DEFAULT_TARGET: &str = "default";
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +60,8 @@ pub enum Error {
     /// A value parsed but makes no sense.
     #[error("invalid configuration: `{field}` {problem}")]
     Invalid {
-        /// Dotted key, e.g. `target.workers`.
-        field: &'static str,
+        /// Dotted key, e.g. `target.workers` or `targets.backup.url`.
+        field: String,
         /// What is wrong, e.g. "must be greater than 0".
         problem: String,
     },
@@ -70,7 +73,7 @@ pub enum Error {
         /// The 1-based line where `field` is set.
         line: usize,
         /// Dotted key, e.g. `target.workers`.
-        field: &'static str,
+        field: String,
         /// What is wrong.
         problem: String,
     },
@@ -80,7 +83,7 @@ impl Error {
     /// `self` with the line of `text` that sets its field, when it is an [`Error::Invalid`] and the line is found.
     pub fn at_line_of(self, text: &str, origin: &Path) -> Error {
         match self {
-            Error::Invalid { field, problem } => match line_of(text, field) {
+            Error::Invalid { field, problem } => match line_of(text, &field) {
                 Some(line) => Error::InvalidAt {
                     path: origin.to_owned(),
                     line,
@@ -211,8 +214,13 @@ pub struct Config {
     pub gc_roots_dir: PathBuf,
     /// NAR size of the rooted paths beyond which the oldest failed paths lose their roots.
     pub gc_roots_max_bytes: crate::byte_size::ByteSize,
-    /// The cache everything is pushed to.
+    /// The cache everything is pushed to: the target named `default`. Unset (no `url`) when `targets` names them
+    /// all.
+    #[serde(skip_serializing_if = "Target::is_unset")]
     pub target: Target,
+    /// More caches, each pushed to on its own (`[targets.NAME]`, with the keys of `[target]`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, Target>,
 }
 
 /// The `[target]` table.
@@ -294,6 +302,7 @@ impl Default for Config {
             gc_roots_dir: PathBuf::from(DEFAULT_GC_ROOTS_DIR),
             gc_roots_max_bytes: crate::byte_size::ByteSize(DEFAULT_GC_ROOTS_MAX_BYTES),
             target: Target::default(),
+            targets: BTreeMap::new(),
         }
     }
 }
@@ -382,89 +391,48 @@ impl Config {
 
     /// Checks values that parse but cannot work. Errors name the field.
     pub fn validate(&self) -> Result<(), Error> {
-        let invalid = |field, problem: &str| Error::Invalid {
-            field,
+        let invalid = |field: &str, problem: &str| Error::Invalid {
+            field: field.to_owned(),
             problem: problem.to_owned(),
         };
-        if self.target.url.is_empty() {
+        if self.target.is_unset() && self.targets.is_empty() {
             return Err(invalid(
                 "target.url",
-                "is required (file://, http(s)://, s3:// or cachix://)",
+                "is required (file://, http(s)://, s3:// or cachix://), or name targets in [targets.NAME] tables",
             ));
         }
-        let scheme = self.target.url.split("://").next().unwrap_or_default();
-        if !self.target.url.contains("://")
-            || !matches!(scheme, "file" | "http" | "https" | "s3" | "cachix")
-        {
-            return Err(Error::Invalid {
-                field: "target.url",
-                problem: format!(
-                    "has unsupported scheme in {:?}; use file://, http(s)://, s3:// or cachix://",
-                    redact_url(&self.target.url)
-                ),
-            });
+        if !self.target.is_unset() {
+            self.target.validate("target")?;
         }
-        self.validate_target_url(scheme)?;
-        if self.target.workers == Some(0) {
-            return Err(invalid("target.workers", "must be greater than 0"));
-        }
-        if self.target.max_attempts == 0 {
-            return Err(invalid("target.max_attempts", "must be greater than 0"));
-        }
-        if self.target.retry_base_ms == 0 {
-            return Err(invalid("target.retry_base_ms", "must be greater than 0"));
-        }
-        if let Some(level) = self.target.compression_level {
-            let range = match self.target.compression {
-                Compression::Zstd => 1..=19,
-                Compression::Xz => 0..=9,
-                Compression::None => 0..=0,
-            };
-            if !range.contains(&level) {
-                return Err(Error::Invalid {
-                    field: "target.compression_level",
-                    problem: format!(
-                        "{level} is out of range {}..={} for {}",
-                        range.start(),
-                        range.end(),
-                        self.target.compression.narinfo_name()
-                    ),
-                });
+        for (name, target) in &self.targets {
+            let table = format!("targets.{name}");
+            if !valid_target_name(name) {
+                return Err(invalid(
+                    &table,
+                    "has an invalid name: use letters, digits, `-` and `_`, starting with a letter",
+                ));
             }
-        }
-        if self.target.part_size < 5 * 1024 * 1024 {
-            return Err(invalid(
-                "target.part_size",
-                "must be at least 5 MiB (5242880)",
-            ));
-        }
-        if self.target.timeout_secs == 0 {
-            return Err(invalid("target.timeout_secs", "must be greater than 0"));
-        }
-        if self.target.resign_existing
-            && self.target.signing_key_file.is_none()
-            && self.target.signing_key_files.is_empty()
-        {
-            return Err(invalid(
-                "target.resign_existing",
-                "needs a key to sign with: set target.signing_key_file or target.signing_key_files",
-            ));
-        }
-        crate::rate_schedule::validate(&self.target.rate_schedule).map_err(|problem| {
-            Error::Invalid {
-                field: "target.rate_schedule",
-                problem,
+            if name == DEFAULT_TARGET && !self.target.is_unset() {
+                return Err(invalid(
+                    &table,
+                    "names the target of the [target] table (`default`); give it another name",
+                ));
             }
-        })?;
+            if target.is_unset() {
+                return Err(invalid(
+                    &format!("{table}.url"),
+                    "is required (file://, http(s)://, s3:// or cachix://)",
+                ));
+            }
+            target.validate(&table)?;
+        }
         if self.client_timeout_ms == 0 {
             return Err(invalid("client_timeout_ms", "must be greater than 0"));
         }
         self.socket_mode_bits()?;
         if let Some(listen) = &self.metrics_listen {
-            crate::metrics::listen::Address::parse(listen).map_err(|problem| Error::Invalid {
-                field: "metrics_listen",
-                problem,
-            })?;
+            crate::metrics::listen::Address::parse(listen)
+                .map_err(|problem| invalid("metrics_listen", &problem))?;
         }
         for (field, path) in [
             ("socket", &self.socket),
@@ -492,45 +460,56 @@ impl Config {
                 ));
             }
         }
-        check_patterns("exclude", &self.exclude)?;
-        self.target.validate_filters()
+        check_patterns("exclude", &self.exclude)
     }
 
-    /// `file://` URLs name an absolute directory; no URL carries a query parameter nixpush would ignore.
-    fn validate_target_url(&self, scheme: &str) -> Result<(), Error> {
-        let url = &self.target.url;
+    /// The names of the configured targets: `default` for `[target]` (when set), then each `[targets.NAME]` in
+    /// name order.
+    pub fn target_names(&self) -> Vec<String> {
+        let default = (!self.target.is_unset()).then(|| DEFAULT_TARGET.to_owned());
+        default
+            .into_iter()
+            .chain(self.targets.keys().cloned())
+            .collect()
+    }
+
+    /// The target named `name`, if configured.
+    pub fn named_target(&self, name: &str) -> Option<&Target> {
+        if name == DEFAULT_TARGET && !self.target.is_unset() {
+            return Some(&self.target);
+        }
+        self.targets.get(name)
+    }
+
+    /// This configuration as one target's uploader sees it: `[target]` is the target named `name`, and no other
+    /// target is named. Everything that builds an engine reads `config.target`, so each target gets its own.
+    pub fn for_target(&self, name: &str) -> Option<Config> {
+        let target = self.named_target(name)?.clone();
+        Some(Config {
+            target,
+            targets: BTreeMap::new(),
+            ..self.clone()
+        })
+    }
+
+    /// Each configured target's view ([`Config::for_target`]), with its name.
+    pub fn each_target(&self) -> Vec<(String, Config)> {
+        self.target_names()
+            .into_iter()
+            .filter_map(|name| {
+                let config = self.for_target(&name)?;
+                Some((name, config))
+            })
+            .collect()
+    }
+
+    /// The name of the target whose URL is `url` (compared without any password), if one is configured.
+    pub fn target_named_by_url(&self, url: &str) -> Option<String> {
         let shown = redact_url(url);
-        let invalid = |problem: String| Error::Invalid {
-            field: "target.url",
-            problem,
-        };
-        let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
-        let accepted = accepted_query_parameters(scheme);
-        for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
-            if !accepted.contains(&key.as_ref()) {
-                let known = if accepted.is_empty() {
-                    format!("{scheme}:// URLs take no query parameters")
-                } else {
-                    format!("{scheme}:// URLs take only {}", accepted.join(", "))
-                };
-                return Err(invalid(format!(
-                    "{shown:?} has the query parameter {key:?}, which nixpush does not use ({known}); \
-                     other settings belong in [target], e.g. compression = \"xz\""
-                )));
-            }
-        }
-        if scheme == "file" {
-            let parsed = url::Url::parse(url)
-                .map_err(|e| invalid(format!("{shown:?} is not a valid URL: {e}")))?;
-            let host = parsed.host_str().unwrap_or("");
-            if !(host.is_empty() || host == "localhost") || parsed.to_file_path().is_err() {
-                return Err(invalid(format!(
-                    "{shown:?} is not an absolute directory: a file:// URL needs an absolute path, \
-                     e.g. file:///var/cache/nix (three slashes)"
-                )));
-            }
-        }
-        Ok(())
+        self.target_names().into_iter().find(|name| {
+            self.named_target(name)
+                .is_some_and(|t| t.url == url || redact_url(&t.url) == shown)
+        })
     }
 
     /// The socket mode as permission bits.
@@ -539,7 +518,7 @@ impl Config {
         match u32::from_str_radix(digits, 8) {
             Ok(bits) if bits <= 0o777 => Ok(bits),
             _ => Err(Error::Invalid {
-                field: "socket_mode",
+                field: "socket_mode".to_owned(),
                 problem: format!(
                     "{:?} is not an octal mode such as \"0660\"",
                     self.socket_mode
@@ -565,11 +544,7 @@ impl Config {
 
     /// Number of upload workers: the configured value or the number of CPUs.
     pub fn workers(&self) -> usize {
-        self.target.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        })
+        self.target.workers.unwrap_or_else(default_workers)
     }
 
     /// The effective compression level.
@@ -583,19 +558,155 @@ impl Config {
     /// paths of secret files, and URLs with any embedded password removed.
     pub fn to_effective_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.target.url = redact_url(&self.target.url);
-        shown.target.workers = Some(self.workers());
-        shown.target.compression_level = Some(self.compression_level());
+        if !shown.target.is_unset() {
+            shown.target = self.target.effective();
+        }
+        for target in shown.targets.values_mut() {
+            *target = target.effective();
+        }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 }
 
+/// The number of CPUs, the default number of upload workers.
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// Target names become metric labels, `--target` arguments and queue keys: kept to plain words.
+fn valid_target_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 impl Target {
-    /// Checks the filter keys: valid globs. Errors name the key and the value.
-    pub fn validate_filters(&self) -> Result<(), Error> {
-        check_patterns("target.include", &self.include)?;
-        check_patterns("target.exclude", &self.exclude)?;
+    /// Whether no `url` is set: a `[target]` table left out because `[targets.NAME]` names every target.
+    pub fn is_unset(&self) -> bool {
+        self.url.is_empty()
+    }
+
+    /// Checks values that parse but cannot work; errors name the key below `table` (`target`, `targets.NAME`).
+    pub fn validate(&self, table: &str) -> Result<(), Error> {
+        let field = |key: &str| format!("{table}.{key}");
+        let invalid = |key: &str, problem: &str| Error::Invalid {
+            field: field(key),
+            problem: problem.to_owned(),
+        };
+        let scheme = self.url.split("://").next().unwrap_or_default();
+        if !self.url.contains("://")
+            || !matches!(scheme, "file" | "http" | "https" | "s3" | "cachix")
+        {
+            return Err(invalid(
+                "url",
+                &format!(
+                    "has unsupported scheme in {:?}; use file://, http(s)://, s3:// or cachix://",
+                    redact_url(&self.url)
+                ),
+            ));
+        }
+        self.validate_url(scheme, table)
+            .map_err(|problem| invalid("url", &problem))?;
+        if self.workers == Some(0) {
+            return Err(invalid("workers", "must be greater than 0"));
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid("max_attempts", "must be greater than 0"));
+        }
+        if self.retry_base_ms == 0 {
+            return Err(invalid("retry_base_ms", "must be greater than 0"));
+        }
+        if let Some(level) = self.compression_level {
+            let range = match self.compression {
+                Compression::Zstd => 1..=19,
+                Compression::Xz => 0..=9,
+                Compression::None => 0..=0,
+            };
+            if !range.contains(&level) {
+                return Err(invalid(
+                    "compression_level",
+                    &format!(
+                        "{level} is out of range {}..={} for {}",
+                        range.start(),
+                        range.end(),
+                        self.compression.narinfo_name()
+                    ),
+                ));
+            }
+        }
+        if self.part_size < 5 * 1024 * 1024 {
+            return Err(invalid("part_size", "must be at least 5 MiB (5242880)"));
+        }
+        if self.timeout_secs == 0 {
+            return Err(invalid("timeout_secs", "must be greater than 0"));
+        }
+        if self.resign_existing
+            && self.signing_key_file.is_none()
+            && self.signing_key_files.is_empty()
+        {
+            return Err(invalid(
+                "resign_existing",
+                &format!(
+                    "needs a key to sign with: set {} or {}",
+                    field("signing_key_file"),
+                    field("signing_key_files")
+                ),
+            ));
+        }
+        crate::rate_schedule::validate(&self.rate_schedule)
+            .map_err(|problem| invalid("rate_schedule", &problem))?;
+        check_patterns(&field("include"), &self.include)?;
+        check_patterns(&field("exclude"), &self.exclude)
+    }
+
+    /// `file://` URLs name an absolute directory; no URL carries a query parameter nixpush would ignore.
+    fn validate_url(&self, scheme: &str, table: &str) -> Result<(), String> {
+        let url = &self.url;
+        let shown = redact_url(url);
+        let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let accepted = accepted_query_parameters(scheme);
+        for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
+            if !accepted.contains(&key.as_ref()) {
+                let known = if accepted.is_empty() {
+                    format!("{scheme}:// URLs take no query parameters")
+                } else {
+                    format!("{scheme}:// URLs take only {}", accepted.join(", "))
+                };
+                return Err(format!(
+                    "{shown:?} has the query parameter {key:?}, which nixpush does not use ({known}); \
+                     other settings belong in [{table}], e.g. compression = \"xz\""
+                ));
+            }
+        }
+        if scheme == "file" {
+            let parsed =
+                url::Url::parse(url).map_err(|e| format!("{shown:?} is not a valid URL: {e}"))?;
+            let host = parsed.host_str().unwrap_or("");
+            if !(host.is_empty() || host == "localhost") || parsed.to_file_path().is_err() {
+                return Err(format!(
+                    "{shown:?} is not an absolute directory: a file:// URL needs an absolute path, \
+                     e.g. file:///var/cache/nix (three slashes)"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// This target with its URL's password removed and the worker count and compression level filled in.
+    fn effective(&self) -> Target {
+        Target {
+            url: redact_url(&self.url),
+            workers: Some(self.workers.unwrap_or_else(default_workers)),
+            compression_level: Some(
+                self.compression_level
+                    .unwrap_or_else(|| self.compression.default_level()),
+            ),
+            ..self.clone()
+        }
     }
 
     /// `max_nar_size` in bytes; `None` when unset. (A size that does not parse is refused when the file is read.)
@@ -605,10 +716,10 @@ impl Target {
 }
 
 /// Each of `patterns` is a valid glob.
-fn check_patterns(field: &'static str, patterns: &[String]) -> Result<(), Error> {
+fn check_patterns(field: &str, patterns: &[String]) -> Result<(), Error> {
     for pattern in patterns {
         globset::Glob::new(pattern).map_err(|e| Error::Invalid {
-            field,
+            field: field.to_owned(),
             problem: format!("has an invalid pattern {pattern:?}: {e}"),
         })?;
     }
@@ -736,6 +847,63 @@ mod tests {
             .to_string();
         assert!(err.contains("compresion"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn named_targets_each_get_their_own_view_with_the_shared_settings() {
+        let c = parse(
+            "upstream = []\n[target]\nurl = \"file:///a\"\nworkers = 2\n\
+             [targets.backup]\nurl = \"https://cache.example.org\"\nmax_attempts = 3\n\
+             [targets.s3]\nurl = \"s3://bucket?region=eu-west-1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.target_names(), ["default", "backup", "s3"]);
+        let backup = c.for_target("backup").unwrap();
+        assert_eq!(backup.target.url, "https://cache.example.org");
+        assert_eq!(backup.target.max_attempts, 3);
+        assert!(backup.targets.is_empty());
+        assert!(backup.upstream.is_empty(), "daemon-wide keys are kept");
+        assert_eq!(c.for_target("default").unwrap().target.workers, Some(2));
+        assert!(c.for_target("nope").is_none());
+        assert_eq!(
+            c.target_named_by_url("https://cache.example.org")
+                .as_deref(),
+            Some("backup")
+        );
+        // Only named targets: no `[target]` needed, and none is called `default`.
+        let c = parse("[targets.one]\nurl = \"file:///one\"\n").unwrap();
+        assert_eq!(c.target_names(), ["one"]);
+        assert!(c.for_target("default").is_none());
+        let shown = c.to_effective_toml();
+        assert!(
+            shown.contains("[targets.one]") && !shown.contains("[target]\n"),
+            "{shown}"
+        );
+        assert_eq!(parse(&shown).unwrap().target_names(), ["one"]);
+    }
+
+    #[test]
+    fn a_named_target_is_checked_like_target_and_errors_name_its_table() {
+        let err = parse("[targets.backup]\nurl = \"file:///x\"\nworkers = 0\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`targets.backup.workers`") && text.contains("line 3"),
+            "{text}"
+        );
+        let err = parse("[targets.backup]\ncompression = \"xz\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("`targets.backup.url` is required"),
+            "{err}"
+        );
+        let err = parse("[targets.b]\nurl = \"file:///x?compression=xz\"\n").unwrap_err();
+        assert!(err.to_string().contains("belong in [targets.b]"), "{err}");
+        let err = parse("[target]\nurl = \"file:///a\"\n[targets.default]\nurl = \"file:///b\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("`targets.default`"), "{err}");
+        let err = parse("[targets.\"no good\"]\nurl = \"file:///b\"\n").unwrap_err();
+        assert!(err.to_string().contains("invalid name"), "{err}");
+        let err = parse("socket = \"/tmp/s\"\n").unwrap_err();
+        assert!(err.to_string().contains("[targets.NAME]"), "{err}");
     }
 
     #[test]

@@ -56,7 +56,7 @@ struct Pattern {
 impl Pattern {
     fn new(key: &'static str, text: &str) -> Result<Pattern, config::Error> {
         let glob = globset::Glob::new(text).map_err(|e| config::Error::Invalid {
-            field: key,
+            field: key.to_owned(),
             problem: format!("has an invalid pattern {text:?}: {e}"),
         })?;
         Ok(Pattern {
