@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::byte_size::ByteSize;
 use crate::config::Config;
 use crate::pathinfo::registry::Registry;
-use crate::queue::{Queue, State};
+use crate::queue::{Entry, Queue, State};
 use crate::status::GcRootsStatus;
 use crate::store_path::StorePath;
 
@@ -164,7 +164,7 @@ impl GcRoots {
         let Some(dir) = &self.dir else { return };
         let mut inner = self.lock();
         // Under the lock, so a `protect` of a path queued again runs before or after this as a whole.
-        if matches!(queue.get(path), Ok(Some(_))) {
+        if queue.held_by_any_target(path).unwrap_or(true) {
             return;
         }
         inner.released.remove(path);
@@ -233,7 +233,7 @@ impl GcRoots {
         if let Some(warning) = &self.warning {
             tracing::warn!("{warning}");
         }
-        let entries = match queue.entries() {
+        let entries = match waiting_paths(&*queue) {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::error!("cannot read the queue to reconcile GC roots: {e}");
@@ -416,7 +416,9 @@ impl GcRoots {
             // Cleared first: an error while healing sets it again.
             inner.needs_heal = false;
         }
-        let Ok(entries) = queue.entries() else { return };
+        let Ok(entries) = waiting_paths(queue) else {
+            return;
+        };
         let missing: Vec<StorePath> = {
             let inner = self.lock();
             entries
@@ -436,7 +438,7 @@ impl GcRoots {
         if total <= self.max_bytes {
             return;
         }
-        let entries = match queue.entries() {
+        let entries = match waiting_paths(queue) {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::warn!("cannot read the queue to apply gc_roots_max_bytes: {e}");
@@ -479,6 +481,26 @@ impl GcRoots {
             ByteSize(self.max_bytes)
         );
     }
+}
+
+/// One entry per queued path over every target: a path failed for one target but still waiting for another counts
+/// as waiting (its root is not the bound's to release), and one failed everywhere as failed at its latest failure.
+fn waiting_paths(queue: &dyn Queue) -> Result<Vec<Entry>, crate::queue::Error> {
+    let mut by_path: HashMap<StorePath, Entry> = HashMap::new();
+    for (_, entry) in queue.entries_of_every_target()? {
+        match by_path.get_mut(&entry.path) {
+            None => {
+                by_path.insert(entry.path.clone(), entry);
+            }
+            Some(kept) if kept.state == State::Failed => {
+                if entry.state != State::Failed || entry.updated_at_ms > kept.updated_at_ms {
+                    *kept = entry;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(by_path.into_values().collect())
 }
 
 fn rooted_bytes(inner: &Inner) -> u64 {

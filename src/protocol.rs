@@ -114,6 +114,9 @@ pub enum Request {
         /// Page size; the daemon caps it at [`MAX_LIST_PAGE`].
         #[serde(default)]
         limit: Option<usize>,
+        /// Only this target's entries; every target's (in target order) when unset.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
     },
     /// Requeue failed paths now: the listed ones, or all with `all`.
     Retry {
@@ -123,11 +126,17 @@ pub enum Request {
         /// Retry every failed path.
         #[serde(default)]
         all: bool,
+        /// Only for this target; for every target when unset.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
     },
     /// Remove a path from the queue.
     Drop {
         /// The path.
         path: String,
+        /// Only for this target; for every target when unset.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
     },
 }
 
@@ -192,6 +201,13 @@ pub struct QueueEntry {
     pub updated_at_ms: u64,
     /// Who asked for it: `hook`, `spool`, `push`, ….
     pub source: String,
+    /// The target it waits for (`default` for `[target]`).
+    #[serde(default = "default_target")]
+    pub target: String,
+}
+
+fn default_target() -> String {
+    crate::config::DEFAULT_TARGET.to_owned()
 }
 
 /// Where a queued path stands.
@@ -444,6 +460,7 @@ mod tests {
     fn every_message_has_a_pinned_json() {
         let path = "/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top";
         let entry = QueueEntry {
+            target: "default".into(),
             path: StorePath::parse(path, "/nix/store").unwrap(),
             state: EntryState::Failed,
             attempts: 3,
@@ -465,6 +482,7 @@ mod tests {
             (Request::Status, GOLDEN_REQUESTS[1]),
             (
                 Request::List {
+                    target: None,
                     after: Some(path.into()),
                     limit: Some(10),
                 },
@@ -472,12 +490,19 @@ mod tests {
             ),
             (
                 Request::Retry {
+                    target: None,
                     paths: vec![path.into()],
                     all: false,
                 },
                 GOLDEN_REQUESTS[3],
             ),
-            (Request::Drop { path: path.into() }, GOLDEN_REQUESTS[4]),
+            (
+                Request::Drop {
+                    path: path.into(),
+                    target: None,
+                },
+                GOLDEN_REQUESTS[4],
+            ),
         ];
         for (request, golden) in requests {
             let frame = encode_request(&request);
@@ -550,7 +575,7 @@ mod tests {
     const GOLDEN_RESPONSES: [&str; 4] = [
         r#"{"v":1,"reply":"ack","accepted":["/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top"],"duplicate":1,"refused":["refused /tmp/x: not inside the store directory /nix/store"]}"#,
         r#"{"v":1,"reply":"error","kind":"permission_denied","message":"uid 1000 may not retry"}"#,
-        r#"{"v":1,"reply":"list","entries":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","state":"failed","attempts":3,"next_attempt_at_ms":1700000000000,"last_error":"HTTP 500","enqueued_at_ms":1699999000000,"updated_at_ms":1700000000001,"source":"hook"}],"next":null}"#,
+        r#"{"v":1,"reply":"list","entries":[{"path":"/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top","state":"failed","attempts":3,"next_attempt_at_ms":1700000000000,"last_error":"HTTP 500","enqueued_at_ms":1699999000000,"updated_at_ms":1700000000001,"source":"hook","target":"default"}],"next":null}"#,
         r#"{"v":1,"reply":"changed","paths":["/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top"]}"#,
     ];
 
@@ -617,10 +642,19 @@ mod tests {
                 proptest::option::of(text),
                 proptest::option::of(0usize..5000)
             )
-                .prop_map(|(after, limit)| Request::List { after, limit }),
-            (proptest::collection::vec(text, 0..3), any::<bool>())
-                .prop_map(|(paths, all)| Request::Retry { paths, all }),
-            text.prop_map(|path| Request::Drop { path }),
+                .prop_map(|(after, limit)| Request::List {
+                    after,
+                    limit,
+                    target: None
+                }),
+            (proptest::collection::vec(text, 0..3), any::<bool>()).prop_map(|(paths, all)| {
+                Request::Retry {
+                    paths,
+                    all,
+                    target: None,
+                }
+            }),
+            text.prop_map(|path| Request::Drop { path, target: None }),
         ]
     }
 

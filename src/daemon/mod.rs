@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod commit;
 mod importer;
+pub mod lane;
 pub mod probe;
 mod report;
 pub mod resolve;
@@ -23,7 +24,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,8 +31,10 @@ use crate::config::Config;
 use crate::gc_roots::GcRoots;
 use crate::queue::{self, Enqueued, HistoryRecord, Outcome, Queue, RefusedRecord};
 use crate::status::{InFlightUpload, StatusReport, TargetState, WatcherStatus};
+
 use crate::store_path::StorePath;
 use crate::{spool, systemd};
+pub use lane::TargetLane;
 
 pub use shutdown::Shutdown;
 
@@ -105,7 +107,7 @@ pub struct EngineStatus {
 }
 
 impl EngineStatus {
-    fn initial(hold: bool) -> EngineStatus {
+    pub(crate) fn initial(hold: bool) -> EngineStatus {
         let (state, message) = if hold {
             (TargetState::Hold, "uploads held (--hold)")
         } else {
@@ -126,14 +128,12 @@ impl EngineStatus {
 /// State shared by the daemon's tasks.
 pub struct Shared {
     config: RwLock<Arc<Config>>,
-    /// The durable queue.
+    /// The durable queue, as the first target sees it; refusals and flushes are the same in every view.
     pub queue: Arc<dyn Queue>,
+    /// One lane per configured target, in [`Config::target_names`] order.
+    pub lanes: Vec<Arc<TargetLane>>,
     /// Makes queue writes durable, one fsync per burst.
     pub commit: commit::GroupCommit,
-    /// Notified whenever paths are queued or requeued; the upload scheduler waits on it.
-    pub work_available: Arc<Notify>,
-    /// The engine's view of the target; `send_modify` it to update `status`.
-    pub engine: watch::Sender<EngineStatus>,
     /// Turns requests into validated store paths.
     pub resolver: resolve::Resolver,
     /// Whether uploads are held.
@@ -146,11 +146,6 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Counters>,
     /// The GC roots of queued paths.
     pub gc_roots: Arc<GcRoots>,
-    /// The target's upload rate limit; kept across engine rebuilds, so a reload changes the rate of uploads in
-    /// flight instead of restarting them.
-    pub rate: Arc<crate::backend::rate::RateLimiter>,
-    /// The rate in force, as the schedule last set it, for `status`.
-    pub rate_in_force: Mutex<Option<crate::rate_schedule::InForce>>,
     started_at: SystemTime,
     started: Instant,
 }
@@ -168,22 +163,24 @@ impl Shared {
         hold: bool,
         gc_roots: Arc<GcRoots>,
     ) -> Arc<Shared> {
-        let rate = Arc::new(crate::backend::rate::RateLimiter::new(
-            crate::rate_schedule::Rate::Unlimited,
-        ));
-        let in_force = crate::upload::rate::apply(
-            &rate,
-            config.target.max_upload_rate,
-            &config.target.rate_schedule,
-        );
+        let mut names = config.target_names();
+        if names.is_empty() {
+            // A configuration that names no target (only ever unvalidated, in tests) still has the one queue.
+            names.push(crate::config::DEFAULT_TARGET.to_owned());
+        }
+        let lanes: Vec<Arc<TargetLane>> = names
+            .iter()
+            .map(|name| Arc::new(TargetLane::new(name, &config, &*queue, hold)))
+            .collect();
+        let queue = lanes
+            .first()
+            .map(|lane| Arc::clone(&lane.queue))
+            .unwrap_or(queue);
         Arc::new(Shared {
-            rate,
-            rate_in_force: Mutex::new(Some(in_force)),
+            lanes,
             config: RwLock::new(Arc::new(config)),
             commit: commit::GroupCommit::start(queue.clone()),
             queue,
-            work_available: Arc::new(Notify::new()),
-            engine: watch::channel(EngineStatus::initial(hold)).0,
             resolver: resolve::Resolver::new(),
             hold,
             queue_damage: OnceLock::new(),
@@ -193,6 +190,30 @@ impl Shared {
             started_at: SystemTime::now(),
             started: Instant::now(),
         })
+    }
+
+    /// The lane of the target named `name`.
+    pub fn lane(&self, name: &str) -> Option<&Arc<TargetLane>> {
+        self.lanes.iter().find(|lane| lane.name == name)
+    }
+
+    /// The lanes a control command names: the one called `target`, or every lane. The error names the
+    /// configured targets.
+    pub fn lanes_named(&self, target: Option<&str>) -> Result<Vec<Arc<TargetLane>>, String> {
+        match target {
+            None => Ok(self.lanes.clone()),
+            Some(name) => match self.lane(name) {
+                Some(lane) => Ok(vec![Arc::clone(lane)]),
+                None => Err(format!(
+                    "no target is named {name:?} (configured: {})",
+                    self.lanes
+                        .iter()
+                        .map(|l| l.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            },
+        }
     }
 
     /// The current configuration.
@@ -237,16 +258,29 @@ impl Shared {
         for refusal in &resolved.refused {
             self.refuse(&refusal.input, &refusal.reason, peer_uid, via);
         }
-        // On a blocking thread: the write may wait for a commit (an fsync) in progress.
-        let (queue, paths, from) = (
-            self.queue.clone(),
+        // On a blocking thread: the write may wait for a commit (an fsync) in progress. Every target gets its
+        // own entry; one commit covers them all.
+        let (lanes, paths, from) = (
+            self.lanes.clone(),
             resolved.paths.clone(),
             source.to_owned(),
         );
-        let enqueued =
-            tokio::task::spawn_blocking(move || queue.enqueue(&paths, &from, queue::now_ms()))
-                .await
-                .map_err(|e| Error::Task(e.to_string()))??;
+        let (enqueued, woken) = tokio::task::spawn_blocking(move || {
+            let now = queue::now_ms();
+            let mut queued = std::collections::BTreeSet::new();
+            let mut woken = Vec::new();
+            for lane in &lanes {
+                let enqueued = lane.queue.enqueue(&paths, &from, now)?;
+                if !enqueued.queued.is_empty() {
+                    woken.push(Arc::clone(lane));
+                }
+                queued.extend(enqueued.queued);
+            }
+            let (queued, duplicate) = paths.into_iter().partition(|p| queued.contains(p));
+            Ok::<_, queue::Error>((Enqueued { queued, duplicate }, woken))
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
         // Before the ack, and while the hook (and so the build's temporary root in Nix) still waits for it.
         self.gc_roots.protect(&resolved.paths);
         self.commit.make_durable().await?;
@@ -256,34 +290,42 @@ impl Shared {
         for path in &enqueued.duplicate {
             tracing::debug!(store_path = %path, source, via, "already queued");
         }
-        if !enqueued.queued.is_empty() {
-            self.work_available.notify_one();
+        for lane in woken {
+            lane.work_available.notify_one();
         }
         Ok(enqueued)
     }
 
     /// Roots paths `nixpush retry` requeued again; one Nix collected while its root was released (over
-    /// `gc_roots_max_bytes`) is recorded as skipped and leaves the queue. Written to disk by the caller's commit.
+    /// `gc_roots_max_bytes`) is recorded as skipped by every target that held it and leaves the queue. Written to
+    /// disk by the caller's commit.
     pub async fn reroot_retried(&self, retried: &[StorePath]) {
         let gone = self.gc_roots.restore(retried, &self.config().nix_db).await;
         for path in gone {
             let reason = "garbage-collected before upload (its GC root had been released over \
                           gc_roots_max_bytes)";
             tracing::info!(store_path = %path, "skipped {path}: {reason}");
-            let record = HistoryRecord {
-                path: path.clone(),
-                outcome: Outcome::SkippedGone,
-                nar_size: None,
-                file_size: None,
-                duration_ms: 0,
-                reason: Some(reason.to_owned()),
-                finished_at_ms: queue::now_ms(),
-            };
-            if let Err(e) = self.queue.record_finished(&record) {
-                tracing::warn!(store_path = %path, "cannot record history: {e}");
-            }
-            if let Err(e) = self.queue.remove(&path) {
-                tracing::error!(store_path = %path, "cannot update the queue: {e}");
+            for lane in &self.lanes {
+                match lane.queue.remove(&path) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::error!(store_path = %path, "cannot update the queue: {e}");
+                        continue;
+                    }
+                }
+                let record = HistoryRecord {
+                    path: path.clone(),
+                    outcome: Outcome::SkippedGone,
+                    nar_size: None,
+                    file_size: None,
+                    duration_ms: 0,
+                    reason: Some(reason.to_owned()),
+                    finished_at_ms: queue::now_ms(),
+                };
+                if let Err(e) = lane.queue.record_finished(&record) {
+                    tracing::warn!(store_path = %path, "cannot record history: {e}");
+                }
             }
             self.gc_roots.entry_finished(&path, &*self.queue);
         }
@@ -295,7 +337,16 @@ impl Shared {
     }
 
     fn status_line(&self) -> String {
-        let counts = self.queue.counts();
+        let counts =
+            self.lanes
+                .iter()
+                .map(|l| l.queue.counts())
+                .fold(queue::Counts::default(), |sum, c| queue::Counts {
+                    queued: sum.queued + c.queued,
+                    uploading: sum.uploading + c.uploading,
+                    failed: sum.failed + c.failed,
+                    held_back: sum.held_back + c.held_back,
+                });
         format!(
             "{} queued, {} uploading, {} failed{}",
             counts.queued,
@@ -387,7 +438,10 @@ pub async fn run(
     let tasks = TaskTracker::new();
     tasks.spawn(importer::run(shared.clone(), stop.clone()));
     tokio::spawn(gc_roots.maintain(shared_queue, nix_db, stop.clone()));
-    tokio::spawn(govern_rate(shared.clone(), stop.clone()));
+    adopt_unconfigured(&shared)?;
+    for lane in &shared.lanes {
+        tokio::spawn(govern_rate(shared.clone(), Arc::clone(lane), stop.clone()));
+    }
     tokio::spawn(watchdog(shared.clone(), stop.clone()));
     tokio::spawn(reload_on_signal(
         shared.clone(),
@@ -399,18 +453,15 @@ pub async fn run(
     if !options.hold {
         // Not on `tasks`: shutdown does not wait for uploads. Whatever is mid-upload stays `uploading` in the
         // queue and starts over after the restart.
-        let secrets_changed = Arc::new(Notify::new());
-        tokio::spawn(secrets::watch(
-            shared.clone(),
-            secrets_changed.clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(scheduler::run(
-            shared.clone(),
-            stop.clone(),
-            secrets_changed,
-            upload_threads.pool(),
-        ));
+        tokio::spawn(secrets::watch(shared.clone(), stop.clone()));
+        for lane in &shared.lanes {
+            tokio::spawn(scheduler::run(
+                shared.clone(),
+                Arc::clone(lane),
+                stop.clone(),
+                upload_threads.pool(),
+            ));
+        }
     }
 
     if let Err(e) = systemd::notify(&format!("READY=1\nSTATUS={}", shared.status_line())) {
@@ -419,6 +470,12 @@ pub async fn run(
     tracing::info!(
         socket = %description,
         queued = shared.queue.counts().queued,
+        targets = %shared
+            .lanes
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         hold = options.hold,
         "nixpush daemon ready"
     );
@@ -498,29 +555,59 @@ async fn watchdog(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Keeps the upload rate at what the schedule says; a change wakes the scheduler, which holds or resumes.
-async fn govern_rate(shared: Arc<Shared>, stop: CancellationToken) {
+/// Queues the paths held for targets no longer configured (a renamed or removed `[targets.NAME]`, or
+/// `[target]` given a name) for every configured target instead, so nothing queued is lost; a target that
+/// already has a path finds it present.
+fn adopt_unconfigured(shared: &Shared) -> Result<(), Error> {
+    let configured: Vec<&str> = shared.lanes.iter().map(|l| l.name.as_str()).collect();
+    let mut adopted: std::collections::BTreeMap<String, Vec<StorePath>> = Default::default();
+    for (target, entry) in shared.queue.entries_of_every_target()? {
+        if !configured.contains(&target.as_str()) {
+            adopted.entry(target).or_default().push(entry.path);
+        }
+    }
+    for (target, paths) in &adopted {
+        for lane in &shared.lanes {
+            lane.queue.enqueue(paths, "adopted", queue::now_ms())?;
+        }
+        let orphan = shared.queue.for_target(target);
+        for path in paths {
+            orphan.remove(path)?;
+        }
+        tracing::warn!(
+            paths = paths.len(),
+            "{} path(s) were queued for the target {target:?}, which is no longer configured; they are queued \
+             for {} instead",
+            paths.len(),
+            configured.join(", ")
+        );
+    }
+    if !adopted.is_empty() {
+        shared.queue.flush()?;
+    }
+    Ok(())
+}
+
+/// Keeps `lane`'s upload rate at what the schedule says; a change wakes its scheduler, which holds or resumes.
+async fn govern_rate(shared: Arc<Shared>, lane: Arc<TargetLane>, stop: CancellationToken) {
     let settings = {
-        let shared = shared.clone();
+        let (shared, name) = (shared.clone(), lane.name.clone());
         move || {
             let config = shared.config();
-            (
-                config.target.max_upload_rate,
-                config.target.rate_schedule.clone(),
-            )
+            config
+                .named_target(&name)
+                .map(|t| (t.max_upload_rate, t.rate_schedule.clone()))
+                .unwrap_or((crate::rate_schedule::Rate::Unlimited, Vec::new()))
         }
     };
     let changed = {
-        let shared = shared.clone();
+        let lane = lane.clone();
         move |in_force: &crate::rate_schedule::InForce| {
-            *shared
-                .rate_in_force
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(*in_force);
-            shared.work_available.notify_one();
+            lane.set_in_force(*in_force);
+            lane.work_available.notify_one();
         }
     };
-    crate::upload::rate::govern(Arc::clone(&shared.rate), settings, changed, stop).await;
+    crate::upload::rate::govern(Arc::clone(&lane.rate), settings, changed, stop).await;
 }
 
 /// Re-reads the configuration file on SIGHUP. A file that does not load is refused and the old configuration
@@ -573,21 +660,25 @@ async fn reload_on_signal(
             tracing::warn!("`upload_priority` changes take effect after a restart");
             new.upload_priority = old.upload_priority;
         }
+        if new.target_names() != old.target_names() {
+            tracing::error!(
+                "refusing the new configuration, keeping the old one: it names the targets {}, the daemon runs {}; \
+                 adding, removing or renaming targets takes a restart (systemctl restart nixpush)",
+                new.target_names().join(", "),
+                old.target_names().join(", ")
+            );
+            continue;
+        }
         new.metrics_listen = metrics_endpoint.reload(&old.metrics_listen, &new.metrics_listen);
-        // At once, for uploads in flight too; the scheduler's next engine shares the same limiter.
-        let in_force = crate::upload::rate::apply(
-            &shared.rate,
-            new.target.max_upload_rate,
-            &new.target.rate_schedule,
-        );
-        tracing::info!("upload rate {} ({})", in_force.rate, in_force.source);
-        *shared
-            .rate_in_force
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(in_force);
+        // At once, for uploads in flight too; each scheduler's next engine shares its lane's limiter.
+        for lane in &shared.lanes {
+            lane.apply_rate(&new);
+        }
         shared.replace_config(new);
-        // The scheduler rebuilds its engine for the new configuration, re-reading the token and key.
-        shared.work_available.notify_one();
+        // Each scheduler rebuilds its engine for the new configuration, re-reading the token and key.
+        for lane in &shared.lanes {
+            lane.work_available.notify_one();
+        }
         tracing::info!("configuration reloaded");
         let _ = systemd::notify(&format!("STATUS={}", shared.status_line()));
     }

@@ -2,14 +2,16 @@
 //! converted here into the report's own types, so a change to how the queue stores them cannot change
 //! `status --json`.
 
-use crate::config::redact_url;
+use std::collections::BTreeMap;
+
+use crate::config::{redact_url, Config};
 use crate::queue::{self, Outcome, State};
 use crate::status::{
-    self, DaemonInfo, FailedPath, FilterStatus, FilteredPath, FinishedPath, RefusedRequest,
-    StatusReport, TargetInfo, STATUS_VERSION,
+    self, targets::add_totals, DaemonInfo, FailedPath, FilterStatus, FilteredPath, FinishedPath,
+    RefusedRequest, StatusReport, TargetInfo, TargetReport, TargetState, STATUS_VERSION,
 };
 
-use super::Shared;
+use super::{Shared, TargetLane};
 
 /// Finished paths shown in `recent`.
 const RECENT_SHOWN: usize = 20;
@@ -21,19 +23,16 @@ const FAILED_SHOWN: usize = 100;
 const FILTERED_SHOWN: usize = 20;
 
 /// The rate in force and the rate measured on the wire.
-fn upload_rate(shared: &Shared) -> status::UploadRate {
-    let in_force = *shared
-        .rate_in_force
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let rate = shared.rate.rate();
+fn upload_rate(lane: &TargetLane) -> status::UploadRate {
+    let in_force = lane.in_force();
+    let rate = lane.rate.rate();
     status::UploadRate {
         limit_bytes_per_sec: rate.bytes_per_sec(),
         source: in_force
             .map(|f| f.source.to_string())
             .unwrap_or_else(|| "unlimited".to_owned()),
         held: rate.is_hold(),
-        measured_bytes_per_sec: shared.rate.measured_bytes_per_sec(),
+        measured_bytes_per_sec: lane.rate.measured_bytes_per_sec(),
         next_change_local: in_force
             .and_then(|f| f.until)
             .map(|t| t.format("%H:%M").to_string()),
@@ -43,15 +42,21 @@ fn upload_rate(shared: &Shared) -> status::UploadRate {
     }
 }
 
-pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
-    let config = shared.config();
-    let counts = shared.queue.counts();
-    let totals = shared.queue.totals()?;
-    let engine = shared.engine.borrow().clone();
+/// What `status` says about the target of `lane`.
+fn target_report(
+    shared: &Shared,
+    lane: &TargetLane,
+    config: &Config,
+    spooled: u64,
+) -> Result<TargetReport, queue::Error> {
+    let queue = &lane.queue;
+    let counts = queue.counts();
+    let totals = queue.totals()?;
+    let engine = lane.engine.borrow().clone();
     let mut failed_paths = Vec::new();
     let mut held_back_now = Vec::new();
     if counts.failed > 0 || counts.queued > 0 || counts.held_back > 0 {
-        for entry in shared.queue.entries()? {
+        for entry in queue.entries()? {
             if entry.state == State::HeldBack && held_back_now.len() < FILTERED_SHOWN {
                 held_back_now.push(FilteredPath {
                     reason: entry.last_error.clone().unwrap_or_default(),
@@ -74,17 +79,14 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
                     state: state.to_owned(),
                     attempts: entry.attempts,
                     last_error: entry.last_error,
+                    target: None,
                 });
             }
         }
     }
     let since = totals.since_start;
-    let spooled = crate::spool::list(&config.spool_dir())
-        .map(|files| files.len() as u64)
-        .unwrap_or(0);
-    let last_upload_at = shared
-        .queue
-        .recent(queue::HISTORY_CAP)?
+    let history = queue.recent(queue::HISTORY_CAP)?;
+    let last_upload_at = history
         .iter()
         .find(|r| r.outcome == Outcome::Uploaded)
         .map(|r| r.finished_at_ms / 1000);
@@ -94,18 +96,104 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         && counts.failed == 0
         && spooled == 0;
     let info = engine.info.as_ref();
-    Ok(StatusReport {
-        version: STATUS_VERSION,
+    let url = config
+        .named_target(&lane.name)
+        .map(|t| redact_url(&t.url))
+        .unwrap_or_default();
+    Ok(TargetReport {
         queued: counts.queued,
         in_flight: counts.uploading,
         done: since.uploaded,
         failed: counts.failed,
-        refused: shared.queue.refused_total()?,
         skipped: since.already_present + since.skipped_upstream + since.skipped_gone,
         excluded: since.excluded,
-        spooled,
         up_to_date,
         last_upload_at,
+        target: TargetInfo {
+            url,
+            state: engine.state,
+            // The target's own words (its cache info, an error it sent) are scrubbed of secrets here too.
+            message: crate::secret::scrub(&engine.message),
+            reachable: engine.reachable,
+            authorized: engine.authorized,
+            read_url: info.and_then(|i| i.read_url.as_deref().map(crate::secret::scrub)),
+            stats: info.and_then(|i| i.stats.clone()).map(scrub_json),
+            degraded: engine.degraded.as_deref().map(crate::secret::scrub),
+            filtered: FilterStatus {
+                excluded: since.excluded,
+                held_back: since.held_back,
+                waiting_for_retry: counts.held_back,
+                recent: filtered_recent(held_back_now, &history),
+            },
+            upload_rate: Some(upload_rate(lane)),
+        },
+        in_flight_uploads: engine.in_flight.clone(),
+        recent: queue
+            .recent(RECENT_SHOWN)?
+            .into_iter()
+            .map(FinishedPath::from)
+            .collect(),
+        failed_paths,
+        totals: status::TotalsReport {
+            since_start: totals.since_start.into(),
+            all_time: totals.all_time.into(),
+        },
+    })
+}
+
+pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
+    let config = shared.config();
+    let spooled = crate::spool::list(&config.spool_dir())
+        .map(|files| files.len() as u64)
+        .unwrap_or(0);
+    let mut targets = BTreeMap::new();
+    for lane in &shared.lanes {
+        targets.insert(
+            lane.name.clone(),
+            target_report(shared, lane, &config, spooled)?,
+        );
+    }
+    let several = targets.len() > 1;
+    // The top level: the sums, the first target's `target`, and the lists merged (each entry then names its
+    // target).
+    let named = |name: &str| several.then(|| name.to_owned());
+    let mut in_flight_uploads = Vec::new();
+    let mut recent = Vec::new();
+    let mut failed_paths = Vec::new();
+    let mut totals = status::TotalsReport::default();
+    for (name, t) in &targets {
+        in_flight_uploads.extend(t.in_flight_uploads.iter().cloned().map(|mut u| {
+            u.target = named(name);
+            u
+        }));
+        recent.extend(t.recent.iter().cloned().map(|mut r| {
+            r.target = named(name);
+            r
+        }));
+        failed_paths.extend(t.failed_paths.iter().cloned().map(|mut f| {
+            f.target = named(name);
+            f
+        }));
+        totals.since_start = add_totals(totals.since_start, t.totals.since_start);
+        totals.all_time = add_totals(totals.all_time, t.totals.all_time);
+    }
+    recent.sort_by_key(|r| std::cmp::Reverse(r.finished_at_ms));
+    recent.truncate(RECENT_SHOWN);
+    failed_paths.truncate(FAILED_SHOWN);
+    let sum = |field: fn(&TargetReport) -> u64| targets.values().map(field).sum::<u64>();
+    let first = targets.values().next();
+    Ok(StatusReport {
+        version: STATUS_VERSION,
+        queued: sum(|t| t.queued),
+        in_flight: sum(|t| t.in_flight),
+        done: sum(|t| t.done),
+        failed: sum(|t| t.failed),
+        refused: shared.queue.refused_total()?,
+        skipped: sum(|t| t.skipped),
+        excluded: sum(|t| t.excluded),
+        spooled,
+        up_to_date: targets.values().all(|t| t.up_to_date),
+        last_upload_at: targets.values().filter_map(|t| t.last_upload_at).max(),
         state_dir_error: super::state_dir::check(&config.state_dir)
             .err()
             .map(|e| e.to_string()),
@@ -126,31 +214,22 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
             uptime_secs: shared.started.elapsed().as_secs(),
             hold: shared.hold,
         },
-        target: TargetInfo {
-            url: redact_url(&config.target.url),
-            state: engine.state,
-            // The target's own words (its cache info, an error it sent) are scrubbed of secrets here too.
-            message: crate::secret::scrub(&engine.message),
-            reachable: engine.reachable,
-            authorized: engine.authorized,
-            read_url: info.and_then(|i| i.read_url.as_deref().map(crate::secret::scrub)),
-            stats: info.and_then(|i| i.stats.clone()).map(scrub_json),
-            degraded: engine.degraded.as_deref().map(crate::secret::scrub),
-            filtered: FilterStatus {
-                excluded: since.excluded,
-                held_back: since.held_back,
-                waiting_for_retry: counts.held_back,
-                recent: filtered_recent(held_back_now, &shared.queue.recent(queue::HISTORY_CAP)?),
-            },
-            upload_rate: Some(upload_rate(shared)),
-        },
-        in_flight_uploads: engine.in_flight.clone(),
-        recent: shared
-            .queue
-            .recent(RECENT_SHOWN)?
-            .into_iter()
-            .map(FinishedPath::from)
-            .collect(),
+        target: first
+            .map(|t| t.target.clone())
+            .unwrap_or_else(|| TargetInfo {
+                url: String::new(),
+                state: TargetState::Paused,
+                message: "no target configured".to_owned(),
+                reachable: None,
+                authorized: None,
+                read_url: None,
+                stats: None,
+                degraded: None,
+                filtered: FilterStatus::default(),
+                upload_rate: None,
+            }),
+        in_flight_uploads,
+        recent,
         failed_paths,
         refused_requests: shared
             .queue
@@ -158,10 +237,8 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
             .into_iter()
             .map(RefusedRequest::from)
             .collect(),
-        totals: status::TotalsReport {
-            since_start: totals.since_start.into(),
-            all_time: totals.all_time.into(),
-        },
+        totals,
+        targets,
     })
 }
 
@@ -215,6 +292,7 @@ impl From<queue::HistoryRecord> for FinishedPath {
             duration_ms: record.duration_ms,
             reason: record.reason,
             finished_at_ms: record.finished_at_ms,
+            target: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{AnyBackend, Backend, Credentials, Kind, Target};
 use crate::config::{redact_url, Config};
-use crate::metrics::{Counters, Skip, DEFAULT_TARGET};
+use crate::metrics::{Counters, Skip};
 use crate::priority::Pool;
 use crate::queue::{self, Entry, HistoryRecord, Outcome, Queue, State};
 use crate::status::{InFlightUpload, TargetState};
@@ -29,7 +29,7 @@ use crate::upload::{
 };
 
 use super::probe::{LogLine, Probes, Trouble};
-use super::{EngineStatus, Shared};
+use super::{EngineStatus, Shared, TargetLane};
 
 /// How many queued roots one batch takes at most.
 const BATCH_LIMIT: usize = 256;
@@ -118,6 +118,8 @@ impl PresentCache for QueuePresence {
 /// history.
 struct DaemonObserver {
     queue: Arc<dyn Queue>,
+    /// The target's name, the `target` label of its metrics.
+    name: String,
     /// The target URL (password-redacted), for the `target` log field.
     target: String,
     metrics: Arc<Counters>,
@@ -126,7 +128,7 @@ struct DaemonObserver {
 impl Observer for DaemonObserver {
     fn path_finished(&self, report: &PathReport) {
         upload::log_report(report, Some(&self.target));
-        count_finished(&self.metrics, report);
+        count_finished(&self.metrics, &self.name, report);
         let (outcome, reason) = match &report.outcome {
             PathOutcome::Uploaded => (Outcome::Uploaded, None),
             // Every rebuild's closure is mostly paths the cache already has; listing them would bury the
@@ -142,13 +144,12 @@ impl Observer for DaemonObserver {
     }
 
     fn narinfo_uploaded(&self, _path: &crate::store_path::StorePath, bytes: u64) {
-        self.metrics.narinfo_uploaded(DEFAULT_TARGET, bytes);
+        self.metrics.narinfo_uploaded(&self.name, bytes);
     }
 }
 
 /// Counts a finished path, the way `status` totals it.
-fn count_finished(metrics: &Counters, report: &PathReport) {
-    let target = DEFAULT_TARGET;
+fn count_finished(metrics: &Counters, target: &str, report: &PathReport) {
     match &report.outcome {
         PathOutcome::Uploaded => metrics.uploaded(
             target,
@@ -199,6 +200,9 @@ pub enum Error {
 
 /// The engine and the pieces it was built from.
 struct Built {
+    /// The daemon's configuration it was built from, to notice a reload.
+    source: Arc<Config>,
+    /// That configuration as this target's uploader sees it ([`Config::for_target`]).
     config: Arc<Config>,
     engine: Arc<Engine<AnyBackend>>,
     credentials: Credentials,
@@ -208,7 +212,21 @@ struct Built {
     public_key: std::sync::Mutex<Option<String>>,
 }
 
-fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Error> {
+fn build(
+    shared: &Shared,
+    lane: &TargetLane,
+    source: Arc<Config>,
+    pool: &Pool,
+) -> Result<Built, Error> {
+    let config =
+        Arc::new(
+            source
+                .for_target(&lane.name)
+                .ok_or_else(|| crate::config::Error::Invalid {
+                    field: format!("targets.{}", lane.name),
+                    problem: "is no longer configured; restart the daemon".to_owned(),
+                })?,
+        );
     let target = Target::from_config(&config)?;
     let store = crate::pathinfo::LocalStore::open(config.store_dir_str(), &config.nix_db)?;
     let public_key = target
@@ -217,7 +235,7 @@ fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Err
         .map(|k| k.public_key().to_string());
     let settings = Settings {
         prepare_pool: pool.clone(),
-        rate: Arc::clone(&shared.rate),
+        rate: Arc::clone(&lane.rate),
         ..Settings::from_config(&config)?
     };
     let engine = Engine::new(
@@ -226,18 +244,20 @@ fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Err
         settings,
         target.signing_key,
         Arc::new(QueuePresence::new(
-            Arc::clone(&shared.queue),
+            Arc::clone(&lane.queue),
             config.present_ttl_secs,
             &target.identity,
         )),
         Arc::new(DaemonObserver {
-            queue: Arc::clone(&shared.queue),
+            queue: Arc::clone(&lane.queue),
+            name: lane.name.clone(),
             target: target.display_name,
             metrics: Arc::clone(&shared.metrics),
         }),
     )?;
     engine.set_extra_signing_keys(target.extra_signing_keys);
     Ok(Built {
+        source,
         config,
         engine: Arc::new(engine),
         credentials: target.credentials,
@@ -246,9 +266,9 @@ fn build(shared: &Shared, config: Arc<Config>, pool: &Pool) -> Result<Built, Err
     })
 }
 
-fn set_status(shared: &Shared, state: TargetState, message: impl Into<String>) {
+fn set_status(lane: &TargetLane, state: TargetState, message: impl Into<String>) {
     let message = message.into();
-    shared.engine.send_modify(|s| {
+    lane.engine.send_modify(|s| {
         s.state = state;
         s.message = message;
     });
@@ -256,8 +276,8 @@ fn set_status(shared: &Shared, state: TargetState, message: impl Into<String>) {
 
 /// Records what the last request to the target showed: whether it answered, and whether it took the credentials
 /// (`None` leaves what was known).
-fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) {
-    shared.engine.send_modify(|s| {
+fn set_reachability(lane: &TargetLane, reachable: bool, authorized: Option<bool>) {
+    lane.engine.send_modify(|s| {
         s.reachable = Some(reachable);
         if authorized.is_some() {
             s.authorized = authorized;
@@ -268,12 +288,8 @@ fn set_reachability(shared: &Shared, reachable: bool, authorized: Option<bool>) 
 /// Runs until `stop`. `secrets_changed` is notified when a token or key file changes.
 ///
 /// NARs are hashed and compressed on `pool`'s threads.
-pub async fn run(
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    secrets_changed: Arc<Notify>,
-    pool: Pool,
-) {
+pub async fn run(shared: Arc<Shared>, lane: Arc<TargetLane>, stop: CancellationToken, pool: Pool) {
+    let secrets_changed = Arc::clone(&lane.secrets_changed);
     let mut built: Option<Built> = None;
     let mut paused = false;
     // Set when a wait ended because a secret file changed.
@@ -288,13 +304,13 @@ pub async fn run(
     // Why the engine could not be built last time, so that the retries stay out of the log.
     let mut build_error: Option<String> = None;
     while !stop.is_cancelled() {
-        let config = shared.config();
+        let source = shared.config();
         // (Re)build on start and after a configuration reload.
         if built
             .as_ref()
-            .is_none_or(|b| !Arc::ptr_eq(&b.config, &config))
+            .is_none_or(|b| !Arc::ptr_eq(&b.source, &source))
         {
-            match build(&shared, Arc::clone(&config), &pool) {
+            match build(&shared, &lane, Arc::clone(&source), &pool) {
                 Ok(b) => {
                     if build_error.take().is_some() {
                         tracing::info!("uploads started");
@@ -306,12 +322,12 @@ pub async fn run(
                     // Tried again every minute: the log says it once per distinct reason.
                     let message = e.to_string();
                     if build_error.as_deref() != Some(message.as_str()) {
-                        tracing::error!("cannot start uploads: {message}");
+                        tracing::error!(nixpush_target = %lane.name, "cannot start uploads: {message}");
                         build_error = Some(message);
                     }
-                    set_status(&shared, TargetState::Paused, e.to_string());
+                    set_status(&lane, TargetState::Paused, e.to_string());
                     built = None;
-                    wait_for_change(&shared, &stop, &secrets_changed, AUTH_PROBE_INTERVAL).await;
+                    wait_for_change(&lane, &stop, &secrets_changed, AUTH_PROBE_INTERVAL).await;
                     continue;
                 }
             }
@@ -320,9 +336,10 @@ pub async fn run(
             continue;
         };
         let engine = Arc::clone(&current.engine);
+        let config = Arc::clone(&current.config);
 
         if paused {
-            wait_for_probe(&shared, &config, &stop, &secrets_changed, auth_wait).await;
+            wait_for_probe(&shared, &lane, &source, &stop, &secrets_changed, auth_wait).await;
             if stop.is_cancelled() {
                 break;
             }
@@ -354,7 +371,7 @@ pub async fn run(
                 auth_probes.recovered(tokio::time::Instant::now());
                 auth_wait = AUTH_PROBE_INTERVAL;
                 paused = false;
-                shared.engine.send_modify(|s| {
+                lane.engine.send_modify(|s| {
                     s.reachable = Some(true);
                     s.authorized = Some(true);
                     s.info = Some(info);
@@ -371,8 +388,8 @@ pub async fn run(
                 auth_wait = auth_probes
                     .failed(Trouble::Unreachable, None, tokio::time::Instant::now())
                     .wait;
-                set_reachability(&shared, true, Some(false));
-                set_status(&shared, TargetState::Paused, format!("paused: {e}"));
+                set_reachability(&lane, true, Some(false));
+                set_status(&lane, TargetState::Paused, format!("paused: {e}"));
                 continue;
             }
             Err(e) => {
@@ -402,51 +419,51 @@ pub async fn run(
                 }
                 if let Some(reason) = e.target_fault() {
                     // It answered: full or throttling, not unreachable.
-                    shared
-                        .engine
+                    lane.engine
                         .send_modify(|s| s.degraded = Some(reason.clone()));
-                    set_reachability(&shared, true, None);
-                    set_status(&shared, TargetState::Ok, format!("degraded: {reason}"));
+                    set_reachability(&lane, true, None);
+                    set_status(&lane, TargetState::Ok, format!("degraded: {reason}"));
                 } else {
-                    set_reachability(&shared, false, None);
-                    set_status(&shared, TargetState::Unreachable, e.to_string());
+                    set_reachability(&lane, false, None);
+                    set_status(&lane, TargetState::Unreachable, e.to_string());
                 }
                 secrets_dirty |=
-                    wait_for_probe(&shared, &config, &stop, &secrets_changed, after.wait).await;
+                    wait_for_probe(&shared, &lane, &source, &stop, &secrets_changed, after.wait)
+                        .await;
                 continue;
             }
         }
 
-        let due = match shared.queue.due(queue::now_ms(), BATCH_LIMIT) {
+        let due = match lane.queue.due(queue::now_ms(), BATCH_LIMIT) {
             Ok(due) => due,
             Err(e) => {
                 tracing::error!("cannot read the queue: {e}");
                 secrets_dirty |=
-                    wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                    wait_for_change(&lane, &stop, &secrets_changed, Duration::from_secs(5)).await;
                 continue;
             }
         };
         if due.is_empty() {
-            set_status(&shared, TargetState::Idle, "queue empty");
+            set_status(&lane, TargetState::Idle, "queue empty");
             // Nothing waits on the target, so a fault seen earlier holds nothing back; paths waiting out a
             // fault are queued, only not due yet, and keep it shown.
-            if shared.queue.next_due_at().is_none() {
-                shared.engine.send_modify(|s| s.degraded = None);
+            if lane.queue.next_due_at().is_none() {
+                lane.engine.send_modify(|s| s.degraded = None);
             }
-            let wait = shared
+            let wait = lane
                 .queue
                 .next_due_at()
                 .map(|at| Duration::from_millis(at.saturating_sub(queue::now_ms())))
                 .unwrap_or(Duration::from_secs(3600));
-            secrets_dirty |= wait_for_change(&shared, &stop, &secrets_changed, wait).await;
+            secrets_dirty |= wait_for_change(&lane, &stop, &secrets_changed, wait).await;
             continue;
         }
         // A rate of 0 holds: no upload starts (so no request can time out waiting); the governor's next change
         // wakes this loop.
-        if shared.rate.is_held() {
-            set_status(&shared, TargetState::Hold, held_message(&shared));
+        if lane.rate.is_held() {
+            set_status(&lane, TargetState::Hold, held_message(&lane));
             secrets_dirty |=
-                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(60)).await;
+                wait_for_change(&lane, &stop, &secrets_changed, Duration::from_secs(60)).await;
             continue;
         }
         // Uploading writes to the queue (marking paths done, history): wait while the state directory cannot take it.
@@ -455,18 +472,27 @@ pub async fn run(
                 tracing::error!("uploads paused: {e}");
                 state_dir_full = true;
             }
-            set_status(&shared, TargetState::Paused, format!("uploads paused: {e}"));
+            set_status(&lane, TargetState::Paused, format!("uploads paused: {e}"));
             secrets_dirty |=
-                wait_for_change(&shared, &stop, &secrets_changed, Duration::from_secs(5)).await;
+                wait_for_change(&lane, &stop, &secrets_changed, Duration::from_secs(5)).await;
             continue;
         }
         if std::mem::take(&mut state_dir_full) {
             tracing::info!("the state directory has room again; resuming uploads");
         }
-        set_status(&shared, TargetState::Ok, "uploading");
+        set_status(&lane, TargetState::Ok, "uploading");
         let policy = retry::Policy::with_base(Duration::from_millis(config.target.retry_base_ms));
-        let batch_paused =
-            run_batch(&shared, &engine, due, &config, &policy, &stop, &mut outages).await;
+        let batch_paused = run_batch(
+            &shared,
+            &lane,
+            &engine,
+            due,
+            &config,
+            &policy,
+            &stop,
+            &mut outages,
+        )
+        .await;
         if batch_paused {
             paused = true;
         }
@@ -474,11 +500,8 @@ pub async fn run(
 }
 
 /// `held by rate_schedule until 18:30 (window 18:00–18:30)`, or `held by max_upload_rate = 0`.
-fn held_message(shared: &Shared) -> String {
-    let in_force = *shared
-        .rate_in_force
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+fn held_message(lane: &TargetLane) -> String {
+    let in_force = lane.in_force();
     let until = in_force
         .and_then(|f| f.until)
         .map(|t| format!(" until {}", t.format("%H:%M")))
@@ -525,14 +548,14 @@ fn reload_secrets(built: &Built) {
 
 /// Waits until work arrives, secrets change, `timeout` passes, or shutdown. Returns whether a secret file changed.
 async fn wait_for_change(
-    shared: &Shared,
+    lane: &TargetLane,
     stop: &CancellationToken,
     secrets_changed: &Notify,
     timeout: Duration,
 ) -> bool {
     tokio::select! {
         _ = stop.cancelled() => false,
-        _ = shared.work_available.notified() => false,
+        _ = lane.work_available.notified() => false,
         _ = secrets_changed.notified() => true,
         _ = tokio::time::sleep(timeout) => false,
     }
@@ -543,6 +566,7 @@ async fn wait_for_change(
 /// shutdown does. Returns whether a secret file changed.
 async fn wait_for_probe(
     shared: &Shared,
+    lane: &TargetLane,
     config: &Arc<Config>,
     stop: &CancellationToken,
     secrets_changed: &Notify,
@@ -554,7 +578,7 @@ async fn wait_for_probe(
         if left.is_zero() || stop.is_cancelled() || !Arc::ptr_eq(config, &shared.config()) {
             return false;
         }
-        if wait_for_change(shared, stop, secrets_changed, left).await {
+        if wait_for_change(lane, stop, secrets_changed, left).await {
             return true;
         }
     }
@@ -577,8 +601,10 @@ fn is_presence_outage(error: &upload::Error) -> bool {
 
 /// Uploads one batch and writes every root's outcome back. Returns whether the target must pause.
 /// `outages` counts batches in a row that met a fault of the whole target.
+#[allow(clippy::too_many_arguments)]
 async fn run_batch(
     shared: &Arc<Shared>,
+    lane: &Arc<TargetLane>,
     engine: &Arc<Engine<AnyBackend>>,
     due: Vec<Entry>,
     config: &Config,
@@ -590,20 +616,20 @@ async fn run_batch(
     for entry in &mut entries {
         entry.state = State::Uploading;
         entry.updated_at_ms = queue::now_ms();
-        if let Err(e) = shared.queue.set(entry) {
+        if let Err(e) = lane.queue.set(entry) {
             tracing::error!(store_path = %entry.path, "cannot mark uploading: {e}");
         }
     }
     let roots: Vec<_> = entries.iter().map(|e| e.path.clone()).collect();
     let progress = tokio::spawn(report_progress(
-        Arc::clone(shared),
+        Arc::clone(lane),
         Arc::clone(engine),
         stop.child_token(),
     ));
     let batch_stop = stop.child_token();
     let report = engine.push(&roots, &batch_stop).await;
     progress.abort();
-    shared.engine.send_modify(|s| s.in_flight.clear());
+    lane.engine.send_modify(|s| s.in_flight.clear());
 
     let now = queue::now_ms();
     let target = redact_url(&config.target.url);
@@ -628,8 +654,8 @@ async fn run_batch(
                 "{error}; trying the batch again in {:.1} s without counting an attempt",
                 delay.as_secs_f64()
             );
-            set_reachability(shared, false, None);
-            set_status(shared, TargetState::Unreachable, error.to_string());
+            set_reachability(lane, false, None);
+            set_status(lane, TargetState::Unreachable, error.to_string());
             Some(delay)
         }
         None => {
@@ -653,10 +679,9 @@ async fn run_batch(
                 "target degraded: {reason}; trying again in {:.1} s without counting an attempt",
                 delay.as_secs_f64()
             );
-            shared
-                .engine
+            lane.engine
                 .send_modify(|s| s.degraded = Some(reason.clone()));
-            set_status(shared, TargetState::Ok, format!("degraded: {reason}"));
+            set_status(lane, TargetState::Ok, format!("degraded: {reason}"));
             Some(delay)
         }
         None => {
@@ -670,7 +695,7 @@ async fn run_batch(
                 if std::mem::take(&mut outages.target_faults) > 0 {
                     tracing::info!(nixpush_target = %target, "target healthy again; uploads resumed");
                 }
-                shared.engine.send_modify(|s| s.degraded = None);
+                lane.engine.send_modify(|s| s.degraded = None);
             }
             None
         }
@@ -680,13 +705,13 @@ async fn run_batch(
             continue;
         };
         if let RootOutcome::Failed(error) = &outcome {
-            shared.metrics.upload_failed(DEFAULT_TARGET, error.class());
+            shared.metrics.upload_failed(&lane.name, error.class());
         }
         entry.updated_at_ms = now;
         let result = match outcome {
             RootOutcome::Done => {
                 tracing::debug!(store_path = %root, "closure complete");
-                finish(shared, &root)
+                finish(shared, lane, &root)
             }
             RootOutcome::Gone => {
                 let reason = "garbage-collected before upload".to_owned();
@@ -699,13 +724,13 @@ async fn run_batch(
                     duration_ms: None,
                     compression: None,
                 };
-                shared.metrics.skipped(DEFAULT_TARGET, Skip::Gone);
-                record(&*shared.queue, &gone, Outcome::SkippedGone, Some(reason));
-                finish(shared, &root)
+                shared.metrics.skipped(&lane.name, Skip::Gone);
+                record(&*lane.queue, &gone, Outcome::SkippedGone, Some(reason));
+                finish(shared, lane, &root)
             }
             // Dropped by the operator while it was uploading: do not bring it back.
             RootOutcome::Failed(_) | RootOutcome::HeldBack(_)
-                if matches!(shared.queue.get(&root), Ok(None)) =>
+                if matches!(lane.queue.get(&root), Ok(None)) =>
             {
                 tracing::info!(store_path = %root, "{root} was dropped from the queue while uploading");
                 Ok(())
@@ -720,21 +745,21 @@ async fn run_batch(
                 );
                 entry.state = State::HeldBack;
                 entry.last_error = Some(reason);
-                shared.queue.set(&entry)
+                lane.queue.set(&entry)
             }
             RootOutcome::Failed(error) if is_presence_outage(&error) => {
                 entry.last_error = Some(error.to_string());
                 entry.state = State::Queued;
                 let delay = outage_delay.unwrap_or_default();
                 entry.next_attempt_at_ms = now + delay.as_millis() as u64;
-                shared.queue.set(&entry)
+                lane.queue.set(&entry)
             }
             RootOutcome::Failed(error) if error.target_fault().is_some() => {
                 entry.last_error = Some(error.to_string());
                 entry.state = State::Queued;
                 let delay = fault_delay.unwrap_or_default();
                 entry.next_attempt_at_ms = now + delay.as_millis() as u64;
-                shared.queue.set(&entry)
+                lane.queue.set(&entry)
             }
             RootOutcome::Failed(error) => {
                 entry.last_error = Some(error.to_string());
@@ -764,7 +789,7 @@ async fn run_batch(
                             compression: None,
                         };
                         record(
-                            &*shared.queue,
+                            &*lane.queue,
                             &failed,
                             Outcome::Failed,
                             Some(error.to_string()),
@@ -786,7 +811,7 @@ async fn run_batch(
                         );
                     }
                 }
-                shared.queue.set(&entry)
+                lane.queue.set(&entry)
             }
         };
         if let Err(e) = result {
@@ -801,11 +826,11 @@ async fn run_batch(
                 nixpush_target = %target,
                 "uploads paused: {e}. Fix the token or key; uploads resume by themselves."
             );
-            set_reachability(shared, true, Some(false));
-            set_status(shared, TargetState::Paused, format!("paused: {e}"));
+            set_reachability(lane, true, Some(false));
+            set_status(lane, TargetState::Paused, format!("paused: {e}"));
         }
     }
-    let queue = Arc::clone(&shared.queue);
+    let queue = Arc::clone(&lane.queue);
     match tokio::task::spawn_blocking(move || queue.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("cannot flush the queue: {e}"),
@@ -815,15 +840,19 @@ async fn run_batch(
 }
 
 /// Takes a finished path out of the queue and releases its GC root.
-fn finish(shared: &Shared, root: &crate::store_path::StorePath) -> Result<(), queue::Error> {
-    shared.queue.remove(root)?;
-    shared.gc_roots.entry_finished(root, &*shared.queue);
+fn finish(
+    shared: &Shared,
+    lane: &TargetLane,
+    root: &crate::store_path::StorePath,
+) -> Result<(), queue::Error> {
+    lane.queue.remove(root)?;
+    shared.gc_roots.entry_finished(root, &*lane.queue);
     Ok(())
 }
 
 /// Copies the engine's in-flight view into the status every [`PROGRESS_INTERVAL`].
 async fn report_progress(
-    shared: Arc<Shared>,
+    lane: Arc<TargetLane>,
     engine: Arc<Engine<AnyBackend>>,
     stop: CancellationToken,
 ) {
@@ -833,6 +862,7 @@ async fn report_progress(
             .in_flight()
             .into_iter()
             .map(|f| InFlightUpload {
+                target: None,
                 path: f.path,
                 started_at: now_secs.saturating_sub(f.elapsed_ms / 1000),
                 nar_bytes_done: f.nar_done,
@@ -842,8 +872,7 @@ async fn report_progress(
                 file_size: f.file_size,
             })
             .collect();
-        shared
-            .engine
+        lane.engine
             .send_modify(|s: &mut EngineStatus| s.in_flight = in_flight);
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -874,7 +903,8 @@ mod tests {
         let (_tmp, shared) = shared();
         let (stop, secrets) = (CancellationToken::new(), Notify::new());
         let started = Instant::now();
-        let changed = wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await;
+        let lane = &shared.lanes[0];
+        let changed = wait_for_change(lane, &stop, &secrets, AUTH_PROBE_INTERVAL).await;
         assert!(!changed);
         assert_eq!(started.elapsed(), AUTH_PROBE_INTERVAL);
     }
@@ -884,12 +914,13 @@ mod tests {
         let (_tmp, shared) = shared();
         let (stop, secrets) = (CancellationToken::new(), Notify::new());
         let started = Instant::now();
+        let lane = &shared.lanes[0];
         secrets.notify_one();
-        assert!(wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
-        shared.work_available.notify_one();
-        assert!(!wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
+        assert!(wait_for_change(lane, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
+        lane.work_available.notify_one();
+        assert!(!wait_for_change(lane, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
         stop.cancel();
-        assert!(!wait_for_change(&shared, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
+        assert!(!wait_for_change(lane, &stop, &secrets, AUTH_PROBE_INTERVAL).await);
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 

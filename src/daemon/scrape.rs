@@ -67,9 +67,13 @@ impl Endpoint {
 
 fn scrape_of(shared: Arc<Shared>) -> server::Scrape {
     Arc::new(move || {
-        let backlog = shared.queue.backlog();
+        let backlogs = shared
+            .lanes
+            .iter()
+            .map(|lane| (lane.name.clone(), lane.queue.backlog()))
+            .collect();
         let report = shared.report().map_err(|e| e.to_string())?;
-        let (daemon, targets) = scrape::blocks(&report, &backlog, crate::queue::now_ms());
+        let (daemon, targets) = scrape::blocks(&report, &backlogs, crate::queue::now_ms());
         Ok(scrape::render(&daemon, &targets, &shared.metrics))
     })
 }

@@ -28,21 +28,36 @@ fn fingerprint(path: &Path) -> Fingerprint {
     Some((resolved, meta.ino(), meta.len(), meta.modified().ok()))
 }
 
-fn secret_files(shared: &Shared) -> Vec<PathBuf> {
+/// The token and key files of the target `name`.
+fn secret_files(shared: &Shared, name: &str) -> Vec<PathBuf> {
     let config = shared.config();
+    let Some(target) = config.named_target(name) else {
+        return Vec::new();
+    };
     [
-        config.target.auth_token_file.clone(),
-        config.target.signing_key_file.clone(),
+        target.auth_token_file.clone(),
+        target.signing_key_file.clone(),
     ]
     .into_iter()
     .flatten()
-    .chain(config.target.signing_key_files.iter().cloned())
+    .chain(target.signing_key_files.iter().cloned())
     .collect()
 }
 
-/// Notifies `changed` whenever a secret file changes, until `stop`.
-pub async fn watch(shared: Arc<Shared>, changed: Arc<Notify>, stop: CancellationToken) {
-    let files = secret_files(&shared);
+/// Notifies a target's lane whenever one of its secret files changes, until `stop`.
+pub async fn watch(shared: Arc<Shared>, stop: CancellationToken) {
+    let per_lane: Vec<(Arc<Notify>, Vec<PathBuf>)> = shared
+        .lanes
+        .iter()
+        .map(|lane| {
+            (
+                Arc::clone(&lane.secrets_changed),
+                secret_files(&shared, &lane.name),
+            )
+        })
+        .filter(|(_, files)| !files.is_empty())
+        .collect();
+    let files: Vec<PathBuf> = per_lane.iter().flat_map(|(_, f)| f.clone()).collect();
     if files.is_empty() {
         return;
     }
@@ -62,7 +77,9 @@ pub async fn watch(shared: Arc<Shared>, changed: Arc<Notify>, stop: Cancellation
     });
     let _watcher = match watcher {
         Ok(mut watcher) => {
-            for dir in files.iter().filter_map(|f| f.parent()) {
+            let dirs: std::collections::BTreeSet<&Path> =
+                files.iter().filter_map(|f| f.parent()).collect();
+            for dir in dirs {
                 if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
                     tracing::warn!(
                         "cannot watch {} for secret rotation (polling instead): {e}",
@@ -77,18 +94,22 @@ pub async fn watch(shared: Arc<Shared>, changed: Arc<Notify>, stop: Cancellation
             None
         }
     };
-    let mut last: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
+    let prints =
+        |files: &[PathBuf]| -> Vec<Fingerprint> { files.iter().map(|f| fingerprint(f)).collect() };
+    let mut last: Vec<Vec<Fingerprint>> = per_lane.iter().map(|(_, f)| prints(f)).collect();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = events.recv() => {}
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
         }
-        let now: Vec<Fingerprint> = files.iter().map(|f| fingerprint(f)).collect();
-        if now != last {
-            last = now;
-            tracing::info!("a secret file changed; reloading the token and signing key");
-            changed.notify_one();
+        for ((changed, files), last) in per_lane.iter().zip(last.iter_mut()) {
+            let now = prints(files);
+            if now != *last {
+                *last = now;
+                tracing::info!("a secret file changed; reloading the token and signing key");
+                changed.notify_one();
+            }
         }
     }
 }

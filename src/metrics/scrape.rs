@@ -5,6 +5,8 @@
 //! report describes. Figures a target or the daemon does not report (a rate limit, GC roots) are left out rather
 //! than shown as zero.
 
+use std::collections::BTreeMap;
+
 use crate::queue::Backlog;
 use crate::status::{StatusReport, TargetState};
 
@@ -12,7 +14,7 @@ use super::counters::Counters;
 use super::exposition::Exposition;
 
 /// The label value of the target configured as `[target]`.
-pub const DEFAULT_TARGET: &str = "default";
+pub const DEFAULT_TARGET: &str = crate::config::DEFAULT_TARGET;
 
 const TARGET_STATES: [TargetState; 5] = [
     TargetState::Idle,
@@ -79,10 +81,10 @@ pub struct DaemonBlock {
     pub gc_roots: Option<GcRoots>,
 }
 
-/// The blocks of a status report and the queue's backlog at `now_ms`.
+/// The blocks of a status report and each target's backlog (by name) at `now_ms`.
 pub fn blocks(
     report: &StatusReport,
-    backlog: &Backlog,
+    backlogs: &BTreeMap<String, Backlog>,
     now_ms: u64,
 ) -> (DaemonBlock, Vec<TargetBlock>) {
     let daemon = DaemonBlock {
@@ -95,24 +97,65 @@ pub fn blocks(
         spool_watcher_active: report.watcher.active,
         gc_roots: None,
     };
-    // One queue and one `[target]` today: the queue's figures are that target's.
-    let target = TargetBlock {
-        name: DEFAULT_TARGET.to_owned(),
-        queued: report.queued,
-        uploading: report.in_flight,
-        failed: report.failed,
-        retrying: backlog.retrying,
-        oldest_queued_age_secs: backlog
-            .oldest_enqueued_at_ms
-            .map(|at| now_ms.saturating_sub(at) / 1000)
-            .unwrap_or(0),
-        uploads_in_progress: report.in_flight_uploads.len() as u64,
-        state: report.target.state,
-        reachable: report.target.reachable,
-        degraded: report.target.degraded.is_some(),
-        rate_limit_bytes_per_second: None,
+    let block = |name: &str, figures: Figures<'_>| {
+        let backlog = backlogs.get(name).copied().unwrap_or_default();
+        TargetBlock {
+            name: name.to_owned(),
+            queued: figures.queued,
+            uploading: figures.in_flight,
+            failed: figures.failed,
+            retrying: backlog.retrying,
+            oldest_queued_age_secs: backlog
+                .oldest_enqueued_at_ms
+                .map(|at| now_ms.saturating_sub(at) / 1000)
+                .unwrap_or(0),
+            uploads_in_progress: figures.uploads_in_progress,
+            state: figures.target.state,
+            reachable: figures.target.reachable,
+            degraded: figures.target.degraded.is_some(),
+            rate_limit_bytes_per_second: None,
+        }
     };
-    (daemon, vec![target])
+    let targets = if report.targets.is_empty() {
+        // A report without per-target parts: its top level is the one target's.
+        vec![block(
+            DEFAULT_TARGET,
+            Figures {
+                queued: report.queued,
+                in_flight: report.in_flight,
+                failed: report.failed,
+                uploads_in_progress: report.in_flight_uploads.len() as u64,
+                target: &report.target,
+            },
+        )]
+    } else {
+        report
+            .targets
+            .iter()
+            .map(|(name, t)| {
+                block(
+                    name,
+                    Figures {
+                        queued: t.queued,
+                        in_flight: t.in_flight,
+                        failed: t.failed,
+                        uploads_in_progress: t.in_flight_uploads.len() as u64,
+                        target: &t.target,
+                    },
+                )
+            })
+            .collect()
+    };
+    (daemon, targets)
+}
+
+/// One target's figures as a report states them.
+struct Figures<'a> {
+    queued: u64,
+    in_flight: u64,
+    failed: u64,
+    uploads_in_progress: u64,
+    target: &'a crate::status::TargetInfo,
 }
 
 /// One sample per target, labelled with its name.
@@ -272,7 +315,8 @@ mod tests {
             oldest_enqueued_at_ms: Some(1_000),
             retrying: 1,
         };
-        let (daemon, targets) = blocks(&report, &backlog, 3_601_000);
+        let backlogs = BTreeMap::from([(DEFAULT_TARGET.to_owned(), backlog)]);
+        let (daemon, targets) = blocks(&report, &backlogs, 3_601_000);
         let text = render(&daemon, &targets, &Counters::default());
         for line in [
             "nixpush_uploads_held 1",
@@ -297,7 +341,7 @@ mod tests {
     #[test]
     fn rate_limits_and_gc_roots_are_written_when_known() {
         let report = crate::status::tests::sample();
-        let (mut daemon, mut targets) = blocks(&report, &Backlog::default(), 0);
+        let (mut daemon, mut targets) = blocks(&report, &BTreeMap::new(), 0);
         daemon.gc_roots = Some(GcRoots {
             paths: 3,
             bytes: 4096,

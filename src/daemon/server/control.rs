@@ -32,15 +32,18 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             Ok(report) => Response::Status(Box::new(report)),
             Err(e) => internal(e),
         },
-        Request::List { after, limit } => {
+        Request::List {
+            after,
+            limit,
+            target,
+        } => {
             let limit = limit.unwrap_or(MAX_LIST_PAGE).clamp(1, MAX_LIST_PAGE);
-            match shared.queue.list(after.as_deref(), limit) {
-                Ok(entries) => Response::List {
-                    next: (entries.len() == limit)
-                        .then(|| entries.last().map(|e| e.path.to_string()))
-                        .flatten(),
-                    entries: entries.into_iter().map(QueueEntry::from).collect(),
-                },
+            let lanes = match shared.lanes_named(target.as_deref()) {
+                Ok(lanes) => lanes,
+                Err(message) => return error(ErrorKind::Refused, message),
+            };
+            match list_page(&lanes, after.as_deref(), limit) {
+                Ok((entries, next)) => Response::List { next, entries },
                 Err(e) => internal(e),
             }
         }
@@ -83,7 +86,7 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             });
             answer
         }
-        Request::Retry { paths, all } => {
+        Request::Retry { paths, all, target } => {
             if let Err(reason) = denied() {
                 return error(ErrorKind::PermissionDenied, reason);
             }
@@ -99,35 +102,52 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                     Err(message) => return error(ErrorKind::Refused, message),
                 }
             };
+            let lanes = match shared.lanes_named(target.as_deref()) {
+                Ok(lanes) => lanes,
+                Err(message) => return error(ErrorKind::Refused, message),
+            };
             let now = crate::queue::now_ms();
-            let retried = shared
-                .queue
-                .retry_failed(selected.as_deref(), now)
-                .and_then(|requeued| {
-                    let mut retried = requeued.clone();
-                    retried.extend(bring_forward(&*shared.queue, selected.as_deref(), now)?);
-                    Ok((retried, requeued))
-                });
-            match retried {
-                Ok((retried, requeued)) => {
-                    shared.reroot_retried(&requeued).await;
-                    if let Err(e) = shared.commit.make_durable().await {
-                        return internal(e);
+            let mut retried = Vec::new();
+            let mut requeued = Vec::new();
+            for lane in &lanes {
+                let queue = &*lane.queue;
+                let done = queue
+                    .retry_failed(selected.as_deref(), now)
+                    .and_then(|again| {
+                        let moved = bring_forward(queue, selected.as_deref(), now)?;
+                        Ok((again, moved))
+                    });
+                match done {
+                    Ok((again, moved)) => {
+                        if !again.is_empty() || !moved.is_empty() {
+                            lane.work_available.notify_one();
+                        }
+                        for path in again.iter().chain(&moved) {
+                            tracing::info!(
+                                store_path = %path,
+                                nixpush_target = %lane.name,
+                                "requeued by retry"
+                            );
+                        }
+                        retried.extend(again.iter().chain(&moved).cloned());
+                        requeued.extend(again);
                     }
-                    for path in &retried {
-                        tracing::info!(store_path = %path, "requeued by retry");
-                    }
-                    if !retried.is_empty() {
-                        shared.work_available.notify_one();
-                    }
-                    Response::Changed {
-                        paths: retried.iter().map(|p| p.to_string()).collect(),
-                    }
+                    Err(e) => return internal(e),
                 }
-                Err(e) => internal(e),
+            }
+            retried.sort();
+            retried.dedup();
+            requeued.sort();
+            requeued.dedup();
+            shared.reroot_retried(&requeued).await;
+            if let Err(e) = shared.commit.make_durable().await {
+                return internal(e);
+            }
+            Response::Changed {
+                paths: retried.iter().map(|p| p.to_string()).collect(),
             }
         }
-        Request::Drop { path } => {
+        Request::Drop { path, target } => {
             if let Err(reason) = denied() {
                 return error(ErrorKind::PermissionDenied, reason);
             }
@@ -139,23 +159,76 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                 Ok(mut paths) => paths.remove(0),
                 Err(message) => return error(ErrorKind::Refused, message),
             };
-            match shared.queue.remove(&path) {
-                Ok(removed) => {
-                    if let Err(e) = shared.commit.make_durable().await {
-                        return internal(e);
+            let lanes = match shared.lanes_named(target.as_deref()) {
+                Ok(lanes) => lanes,
+                Err(message) => return error(ErrorKind::Refused, message),
+            };
+            let mut removed = false;
+            for lane in &lanes {
+                match lane.queue.remove(&path) {
+                    Ok(Some(_)) => {
+                        tracing::info!(
+                            store_path = %path,
+                            nixpush_target = %lane.name,
+                            "dropped from the queue"
+                        );
+                        removed = true;
                     }
-                    if removed.is_some() {
-                        tracing::info!(store_path = %path, "dropped from the queue");
-                    }
-                    shared.gc_roots.entry_finished(&path, &*shared.queue);
-                    Response::Changed {
-                        paths: removed.map(|e| e.path.to_string()).into_iter().collect(),
-                    }
+                    Ok(None) => {}
+                    Err(e) => return internal(e),
                 }
-                Err(e) => internal(e),
+            }
+            if let Err(e) = shared.commit.make_durable().await {
+                return internal(e);
+            }
+            shared.gc_roots.entry_finished(&path, &*shared.queue);
+            Response::Changed {
+                paths: removed.then(|| path.to_string()).into_iter().collect(),
             }
         }
     }
+}
+
+/// One page of the entries of `lanes`, in lane then path order, after the cursor `after`, and the cursor of the
+/// next page when there may be one. With one lane the cursor is the last path (as it always was); with several,
+/// `NAME PATH` (neither holds a space).
+fn list_page(
+    lanes: &[std::sync::Arc<crate::daemon::TargetLane>],
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<QueueEntry>, Option<String>), crate::queue::Error> {
+    let (start_lane, mut after_path) = match after.and_then(|a| a.split_once(' ')) {
+        Some((name, path)) => (Some(name), Some(path)),
+        None => (None, after),
+    };
+    let skip = start_lane
+        .and_then(|name| lanes.iter().position(|l| l.name == name))
+        .unwrap_or(0);
+    let mut entries = Vec::new();
+    let mut last = None;
+    for lane in &lanes[skip..] {
+        let page = lane.queue.list(after_path.take(), limit - entries.len())?;
+        for entry in page {
+            last = Some((lane.name.clone(), entry.path.to_string()));
+            let mut entry = QueueEntry::from(entry);
+            entry.target = lane.name.clone();
+            entries.push(entry);
+        }
+        if entries.len() == limit {
+            break;
+        }
+    }
+    let next = (entries.len() == limit)
+        .then_some(last)
+        .flatten()
+        .map(|(name, path)| {
+            if lanes.len() == 1 {
+                path
+            } else {
+                format!("{name} {path}")
+            }
+        });
+    Ok((entries, next))
 }
 
 /// Makes queued paths that wait out a backoff due now (an operator who says "retry" means now); their attempt
@@ -230,6 +303,7 @@ impl From<crate::queue::Entry> for QueueEntry {
             enqueued_at_ms: entry.enqueued_at_ms,
             updated_at_ms: entry.updated_at_ms,
             source: entry.source,
+            target: crate::config::DEFAULT_TARGET.to_owned(),
         }
     }
 }

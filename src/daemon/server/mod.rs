@@ -395,6 +395,7 @@ mod tests {
             &Request::Retry {
                 paths: vec![f.good.clone()],
                 all: false,
+                target: None,
             },
         )
         .await;
@@ -427,6 +428,7 @@ mod tests {
         let list = Request::List {
             after: None,
             limit: None,
+            target: None,
         };
         for byte in protocol::encode_request(&list) {
             client.write_all(&[byte]).await.unwrap();
@@ -459,6 +461,7 @@ mod tests {
             &Request::Retry {
                 paths: vec![],
                 all: true,
+                target: None,
             },
         )
         .await;
@@ -471,6 +474,7 @@ mod tests {
         let list = Request::List {
             after: None,
             limit: Some(1),
+            target: None,
         };
         let Response::List { entries, next } = call(&mut client, &list).await else {
             panic!()
@@ -479,6 +483,7 @@ mod tests {
         let list = Request::List {
             after: next,
             limit: Some(1),
+            target: None,
         };
         let Response::List { entries, next } = call(&mut client, &list).await else {
             panic!()
@@ -488,6 +493,7 @@ mod tests {
             &mut client,
             &Request::Drop {
                 path: f.good.clone(),
+                target: None,
             },
         )
         .await;
