@@ -54,12 +54,33 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
             Ok(config) => {
                 print!("{}", config.to_effective_toml());
                 // On stderr, so the effective configuration on stdout stays a file one can use as is.
-                let kind = Kind::of(&config);
-                if let Some(note) = documents::cannot_store_note(kind.cannot_store(), &config) {
-                    eprintln!("note: {note}");
+                let each = config.each_target();
+                if each.len() > 1 {
+                    eprintln!(
+                        "{} targets, each uploaded to on its own: {}",
+                        each.len(),
+                        each.iter()
+                            .map(|(name, view)| format!(
+                                "{name} ({})",
+                                config::redact_url(&view.target.url)
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
                 }
-                if let Some(source) = crate::backend::s3::credentials::describe_source(&config) {
-                    eprintln!("note: {source}");
+                for (name, view) in &each {
+                    let prefix = if each.len() > 1 {
+                        format!("target {name}: ")
+                    } else {
+                        String::new()
+                    };
+                    let kind = Kind::of(view);
+                    if let Some(note) = documents::cannot_store_note(kind.cannot_store(), view) {
+                        eprintln!("note: {prefix}{note}");
+                    }
+                    if let Some(source) = crate::backend::s3::credentials::describe_source(view) {
+                        eprintln!("note: {prefix}{source}");
+                    }
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -71,9 +92,27 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
         Ok(config) => {
             let effective: toml::Value = toml::from_str(&config.to_effective_toml())?;
             let mut report = serde_json::json!({"ok": true, "file": path, "config": effective});
-            if let Some(source) = crate::backend::s3::credentials::describe_source(&config) {
+            let each = config.each_target();
+            if let Some(source) = each
+                .first()
+                .and_then(|(_, view)| crate::backend::s3::credentials::describe_source(view))
+            {
                 report["credentials"] = source.into();
             }
+            report["targets"] = each
+                .iter()
+                .map(|(name, view)| {
+                    let credentials = crate::backend::s3::credentials::describe_source(view);
+                    (
+                        name.clone(),
+                        serde_json::json!({
+                            "url": config::redact_url(&view.target.url),
+                            "credentials": credentials,
+                        }),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into();
             (report, ExitCode::SUCCESS)
         }
         Err(problem) => {
@@ -117,12 +156,19 @@ fn check_secret_files(config: &Config, path: &Path) -> anyhow::Result<()> {
         ),
         None => format!("invalid configuration file {}: `{field}`", path.display()),
     };
-    let kind = Kind::of(config);
-    kind.load_signing_key(config)
-        .with_context(|| at("target.signing_key_file"))?;
-    kind.load_credentials(config)
-        .with_context(|| at("target.auth_token_file"))?;
-    crate::signing::SecretKey::load_all(&config.target.signing_key_files)
-        .with_context(|| at("target.signing_key_files"))?;
+    for (name, view) in config.each_target() {
+        let table = if name == config::DEFAULT_TARGET && !config.target.is_unset() {
+            "target".to_owned()
+        } else {
+            format!("targets.{name}")
+        };
+        let kind = Kind::of(&view);
+        kind.load_signing_key(&view)
+            .with_context(|| at(&format!("{table}.signing_key_file")))?;
+        kind.load_credentials(&view)
+            .with_context(|| at(&format!("{table}.auth_token_file")))?;
+        crate::signing::SecretKey::load_all(&view.target.signing_key_files)
+            .with_context(|| at(&format!("{table}.signing_key_files")))?;
+    }
     Ok(())
 }

@@ -46,9 +46,10 @@ pub struct Args {
     /// Push only the named paths, not their closures.
     #[arg(long)]
     no_closure: bool,
-    /// Push to this cache instead of the configured target (file://, http(s)://, s3://, cachix://).
-    #[arg(long, value_name = "URL")]
-    target: Option<String>,
+    /// Push to this cache instead of every configured target: a URL (file://, http(s)://, s3://, cachix://) or
+    /// the name of a configured target (`default` for [target]). Repeat it to push to several at once.
+    #[arg(long, value_name = "URL|NAME")]
+    target: Vec<String>,
     /// Sign with this secret key (Nix `name:base64` format, or Cachix's bare base64).
     #[arg(long, value_name = "FILE")]
     signing_key_file: Option<PathBuf>,
@@ -100,10 +101,11 @@ impl From<CompressionArg> for Compression {
     }
 }
 
-/// The end-of-run summary, printed for humans or as JSON.
+/// The end-of-run summary, printed for humans or as JSON. A push to several targets prints the sums, with each
+/// target's own summary in `targets`.
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
-    /// Target (password-redacted).
+    /// Target (password-redacted); several are joined by `, `.
     pub target: String,
     /// Paths uploaded now.
     pub uploaded: usize,
@@ -129,10 +131,13 @@ pub struct Summary {
     pub interrupted: bool,
     /// Paths uploaded now, in the order they landed.
     pub landed: Vec<StorePath>,
+    /// Each target's summary, when the push went to more than one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Summary>,
 }
 
 /// One path that did not reach the cache, with the reason (failed or held back).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Failure {
     /// The path.
     pub path: StorePath,
@@ -158,15 +163,16 @@ Exit status:
 pub(super) fn run(config_path: Option<&Path>, mut args: Args) -> anyhow::Result<ExitCode> {
     let cache = leading_cache(&args.paths);
     if let Some(cache) = &cache {
-        if args.target.is_some() {
+        if !args.target.is_empty() {
             bail!(
                 "{cache}: name the cache either as the first argument or with --target, not both"
             );
         }
-        args.target = cache_target(cache, config_path);
+        args.target = vec![cache_target(cache, config_path)];
         args.paths.remove(0);
     }
-    let config = push_config(config_path, &args)?;
+    let configs = push_configs(config_path, &args)?;
+    let config = configs[0].clone();
     let mut inputs = args.paths.clone();
     if args.stdin || (inputs.is_empty() && stdin_is_pipe_or_file()) {
         for line in std::io::stdin().lock().lines() {
@@ -194,7 +200,7 @@ pub(super) fn run(config_path: Option<&Path>, mut args: Args) -> anyhow::Result<
         return enqueue_via_daemon(&config, &roots);
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(push(config, roots, !args.no_closure, args.json))
+    runtime.block_on(push(configs, roots, !args.no_closure, args.json))
 }
 
 /// The cache named by the first argument, `cachix push CACHE PATH…` style: a URL, or a word that is neither a
@@ -209,9 +215,9 @@ fn leading_cache(args: &[PathBuf]) -> Option<String> {
     (is_url || is_name).then(|| first.to_owned())
 }
 
-/// The target URL for a cache named on the command line; `None` when it is the configured target already, so
-/// the configured token and key files apply.
-fn cache_target(cache: &str, config_path: Option<&Path>) -> Option<String> {
+/// The `--target` for a cache named on the command line: the name of the configured target it is (so that
+/// target's token and key files apply), or else its URL.
+fn cache_target(cache: &str, config_path: Option<&Path>) -> String {
     let url = if cache.contains("://") {
         cache.to_owned()
     } else {
@@ -223,11 +229,20 @@ fn cache_target(cache: &str, config_path: Option<&Path>) -> Option<String> {
     let configured = std::fs::read_to_string(file)
         .ok()
         .and_then(|text| toml::from_str::<Config>(&text).ok())
-        .map(|config| config.target.url)
         .unwrap_or_default();
-    let same_cachix_cache =
-        !cache.contains("://") && crate::backend::cachix::cache_name(&configured) == Some(cache);
-    (configured != url && !same_cachix_cache).then_some(url)
+    configured
+        .target_names()
+        .into_iter()
+        .find(|name| {
+            let configured_url = configured
+                .named_target(name)
+                .map(|t| t.url.as_str())
+                .unwrap_or_default();
+            configured_url == url
+                || (!cache.contains("://")
+                    && crate::backend::cachix::cache_name(configured_url) == Some(cache))
+        })
+        .unwrap_or(url)
 }
 
 /// Whether standard input is a pipe or a file (`… | nixpush push`), not a terminal or /dev/null.
@@ -238,36 +253,67 @@ fn stdin_is_pipe_or_file() -> bool {
         .unwrap_or(false)
 }
 
-/// The configuration for a push: the file (if any), with command-line overrides.
-fn push_config(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Config> {
+/// The configuration of each target a push goes to (see [`Config::for_target`]): the file (if any), with
+/// command-line overrides.
+fn push_configs(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Vec<Config>> {
     let file = config_path
         .map(Path::to_owned)
         .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()));
-    let mut config = match (&file, &args.target) {
-        (Some(path), _) => Config::load(path)
-            .or_else(|e| match (&args.target, &e) {
+    let base = match &file {
+        Some(path) => Config::load(path)
+            .or_else(|e| match &e {
                 // A one-off `--target` may fill in the only thing a partial file lacks.
-                (
-                    Some(_),
-                    crate::config::Error::Invalid {
-                        field: "target.url",
-                        ..
-                    },
-                ) => {
+                crate::config::Error::Invalid { field, .. }
+                    if field == "target.url" && !args.target.is_empty() =>
+                {
                     let text = std::fs::read_to_string(path)?;
                     Ok(toml::from_str::<Config>(&text)?)
                 }
                 _ => Err(anyhow::Error::from(e)),
             })
             .with_context(|| format!("loading {}", path.display()))?,
-        (None, Some(_)) => Config::default(),
-        (None, None) => bail!(
+        None if !args.target.is_empty() => Config::default(),
+        None => bail!(
             "no target: pass --target URL, or --config FILE (or create {DEFAULT_CONFIG_PATH})"
         ),
     };
-    if let Some(url) = &args.target {
-        config.target.url = url.clone();
+    let mut configs = Vec::new();
+    if args.target.is_empty() {
+        configs.extend(base.each_target().into_iter().map(|(_, config)| config));
     }
+    for wanted in &args.target {
+        let named = base
+            .for_target(wanted)
+            .or_else(|| base.for_target(&base.target_named_by_url(wanted)?));
+        let config = match named {
+            Some(config) => config,
+            None if wanted.contains("://") => {
+                // A cache the file does not name: the [target] table's settings, with this URL.
+                let mut config = base.clone();
+                config.targets.clear();
+                config.target.url = wanted.clone();
+                config
+            }
+            None => bail!(
+                "--target {wanted}: not a URL (file://, http(s)://, s3://, cachix://), and no configured target \
+                 has that name (configured: {})",
+                match base.target_names() {
+                    names if names.is_empty() => "none".to_owned(),
+                    names => names.join(", "),
+                }
+            ),
+        };
+        configs.push(config);
+    }
+    for config in &mut configs {
+        apply_overrides(config, args);
+        config.validate()?;
+    }
+    Ok(configs)
+}
+
+/// The command line's settings, over one target's configuration.
+fn apply_overrides(config: &mut Config, args: &Args) {
     if let Some(file) = &args.signing_key_file {
         config.target.signing_key_file = Some(file.clone());
     }
@@ -302,8 +348,6 @@ fn push_config(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Config
         // A CI runner has no /var/lib/nixpush; temporary NARs go to the system's temporary directory instead.
         config.state_dir = std::env::temp_dir().join("nixpush");
     }
-    config.validate()?;
-    Ok(config)
 }
 
 /// Turns `./result`, a store path, or a path inside one into the top-level store path, following links only
@@ -356,21 +400,63 @@ fn enqueue_via_daemon(config: &Config, roots: &[StorePath]) -> anyhow::Result<Ex
     }
 }
 
+/// Pushes to every target at once (each with its own engine, rate and retries, so a slow one holds up no
+/// other), then prints the summary and picks the exit status.
 async fn push(
-    config: Config,
+    configs: Vec<Config>,
     roots: Vec<StorePath>,
     closure: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    // Several sets of progress bars would draw over each other: one line per finished path instead.
+    let bars = configs.len() == 1 && std::io::stderr().is_terminal();
+    let pushes = configs
+        .into_iter()
+        .map(|config| push_to(config, roots.clone(), closure, bars));
+    let mut done = Vec::new();
+    for result in futures_util::future::join_all(pushes).await {
+        done.push(result?);
+    }
+    let held_back = done.iter().any(|(_, held)| *held);
+    let mut summaries: Vec<Summary> = done.into_iter().map(|(summary, _)| summary).collect();
+    let summary = if summaries.len() == 1 {
+        summaries.remove(0)
+    } else {
+        Summary::sum(summaries)
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if summary.targets.is_empty() {
+        eprint!("{}", render_summary(&summary));
+    } else {
+        for one in &summary.targets {
+            eprint!("{}", render_summary(one));
+        }
+    }
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else if !summary.failed.is_empty() || !summary.gone.is_empty() {
+        ExitCode::FAILURE
+    } else if held_back {
+        ExitCode::from(EXIT_HELD_BACK)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Pushes `roots` to the one target of `config`; returns its summary and whether a requested path was held back.
+async fn push_to(
+    config: Config,
+    roots: Vec<StorePath>,
+    closure: bool,
+    bars: bool,
+) -> anyhow::Result<(Summary, bool)> {
     let started = Instant::now();
     let target = Target::from_config(&config)?;
     let store = LocalStore::open(config.store_dir_str(), &config.nix_db)?;
     let settings = Settings::from_config(&config)?;
     let limiter = Arc::clone(&settings.rate);
-    let progress = Arc::new(Progress::new(
-        std::io::stderr().is_terminal(),
-        Arc::clone(&limiter),
-    ));
+    let progress = Arc::new(Progress::new(bars, Arc::clone(&limiter)));
     let engine = Arc::new(Engine::new(
         Arc::new(target.backend),
         Arc::new(store),
@@ -467,20 +553,37 @@ async fn push(
         }
     }
     summary.wall_time_ms = started.elapsed().as_millis() as u64;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        eprint!("{}", render_summary(&summary));
+    Ok((summary, roots_held_back > 0))
+}
+
+impl Summary {
+    /// The sums of several targets' summaries, which it keeps in `targets`.
+    fn sum(targets: Vec<Summary>) -> Summary {
+        let mut sum = Summary {
+            target: targets
+                .iter()
+                .map(|t| t.target.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            ..Summary::default()
+        };
+        for t in &targets {
+            sum.uploaded += t.uploaded;
+            sum.already_present += t.already_present;
+            sum.skipped_upstream += t.skipped_upstream;
+            sum.excluded += t.excluded;
+            sum.nar_bytes += t.nar_bytes;
+            sum.file_bytes += t.file_bytes;
+            sum.wall_time_ms = sum.wall_time_ms.max(t.wall_time_ms);
+            sum.interrupted |= t.interrupted;
+            sum.held_back.extend(t.held_back.iter().cloned());
+            sum.gone.extend(t.gone.iter().cloned());
+            sum.failed.extend(t.failed.iter().cloned());
+            sum.landed.extend(t.landed.iter().cloned());
+        }
+        sum.targets = targets;
+        sum
     }
-    Ok(if summary.interrupted {
-        ExitCode::from(130)
-    } else if !summary.failed.is_empty() || !summary.gone.is_empty() {
-        ExitCode::FAILURE
-    } else if roots_held_back > 0 {
-        ExitCode::from(EXIT_HELD_BACK)
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
 /// On Ctrl-C: start nothing new and abort what is in flight (bodies and `file://` writers fail at their next

@@ -13,6 +13,9 @@ pub struct Args {
     /// What to do; `list` when omitted.
     #[command(subcommand)]
     action: Option<Action>,
+    /// Only the target with this name (`default` for [target]); every target when omitted.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
 }
 
 /// `queue` subcommands.
@@ -23,6 +26,9 @@ enum Action {
         /// One JSON array of entries.
         #[arg(long)]
         json: bool,
+        /// Only the target with this name; every target when omitted.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
     },
     /// Requeue failed paths now.
     Retry(RetryArgs),
@@ -30,6 +36,9 @@ enum Action {
     Drop {
         /// The path.
         path: String,
+        /// Drop it only for the target with this name; for every target when omitted.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
     },
 }
 
@@ -45,6 +54,9 @@ pub struct RetryArgs {
     /// Print `{"requeued":[PATH…]}` instead of the text.
     #[arg(long)]
     json: bool,
+    /// Only paths waiting for the target with this name (`default` for [target]); every target's when omitted.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
 }
 
 /// Requeues failed and held-back paths (and paths waiting for their next attempt) to be tried now.
@@ -64,6 +76,7 @@ pub(super) fn retry(config_path: Option<&Path>, args: RetryArgs) -> anyhow::Resu
     let request = Request::Retry {
         paths,
         all: args.all,
+        target: args.target,
     };
     let Response::Changed { paths } = super::ask(&config, &request)? else {
         anyhow::bail!("unexpected answer from the daemon");
@@ -85,12 +98,22 @@ pub(super) fn retry(config_path: Option<&Path>, args: RetryArgs) -> anyhow::Resu
 
 pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<ExitCode> {
     let config = super::client_config(config_path)?;
-    match args.action.unwrap_or(Action::List { json: false }) {
-        Action::List { json } => {
+    let action = args.action.unwrap_or(Action::List {
+        json: false,
+        target: None,
+    });
+    match action {
+        Action::List { json, target } => {
+            let target = target.or(args.target);
+            let several = target.is_none();
             let mut entries = Vec::new();
             let mut after = None;
             loop {
-                let page = Request::List { after, limit: None };
+                let page = Request::List {
+                    after,
+                    limit: None,
+                    target: target.clone(),
+                };
                 let Response::List {
                     entries: mut page,
                     next,
@@ -109,14 +132,23 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
             } else if entries.is_empty() {
                 println!("the queue is empty");
             } else {
-                for entry in entries {
+                let names: std::collections::BTreeSet<&str> =
+                    entries.iter().map(|e| e.target.as_str()).collect();
+                let several = several && names.len() > 1;
+                for entry in &entries {
                     let state = serde_json::to_value(entry.state)?;
                     let error = entry
                         .last_error
+                        .as_ref()
                         .map(|e| format!("  ({e})"))
                         .unwrap_or_default();
+                    let target = if several {
+                        format!("{:<12} ", entry.target)
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "{:<10} {:>3} attempts  {}{error}",
+                        "{target}{:<10} {:>3} attempts  {}{error}",
                         state.as_str().unwrap_or_default(),
                         entry.attempts,
                         entry.path
@@ -125,10 +157,12 @@ pub(super) fn run(config_path: Option<&Path>, args: Args) -> anyhow::Result<Exit
             }
         }
         Action::Retry(args) => return retry(config_path, args),
-        Action::Drop { path } => {
-            let Response::Changed { paths } =
-                super::ask(&config, &Request::Drop { path: path.clone() })?
-            else {
+        Action::Drop { path, target } => {
+            let request = Request::Drop {
+                path: path.clone(),
+                target: target.or(args.target),
+            };
+            let Response::Changed { paths } = super::ask(&config, &request)? else {
                 anyhow::bail!("unexpected answer from the daemon");
             };
             if paths.is_empty() {

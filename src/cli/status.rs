@@ -50,14 +50,25 @@ fn exit_code(report: &StatusReport) -> u8 {
         0
     } else if report.failed > 0 {
         EXIT_FAILED
-    } else if waiting && report.target.state == TargetState::Paused {
+    } else if waiting && any_waiting_target_is(report, TargetState::Paused) {
         EXIT_PAUSED
-    } else if waiting && report.target.state == TargetState::Unreachable {
+    } else if waiting && any_waiting_target_is(report, TargetState::Unreachable) {
         EXIT_TARGET_UNREACHABLE
     } else {
         0
     }
 }
+/// Whether a target with paths waiting for it (any target, for a report without per-target parts) is in `state`.
+fn any_waiting_target_is(report: &StatusReport, state: TargetState) -> bool {
+    if report.targets.is_empty() {
+        return report.target.state == state;
+    }
+    report
+        .targets
+        .values()
+        .any(|t| t.target.state == state && t.queued + t.in_flight > 0)
+}
+
 /// ANSI: cursor home, clear screen.
 const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
 

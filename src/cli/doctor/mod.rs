@@ -131,26 +131,39 @@ fn run_checks(config_path: Option<&Path>) -> anyhow::Result<Vec<Check>> {
     };
 
     let (daemon, report) = check_daemon(&config);
-    let (token, credentials) = check_token_file(&config);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (target, info) = runtime.block_on(check_target(&config, credentials.clone()));
-    let cache_info = runtime.block_on(check_cache_info(&config, credentials, info.is_some()));
-    let (signing_key, key) = check_signing_key(&config, &nix);
+    let each = config.each_target();
+    let mut per_target = Vec::new();
+    for (name, view) in &each {
+        let (token, credentials) = check_token_file(view);
+        let (target, info) = runtime.block_on(check_target(view, credentials.clone()));
+        let cache_info = runtime.block_on(check_cache_info(view, credentials, info.is_some()));
+        let (signing_key, key) = check_signing_key(view, &nix);
+        let checks = [
+            check_substituter(view, info.as_ref(), &nix),
+            signing_key,
+            check_public_key(view, key.as_ref(), info.as_ref(), &nix),
+            token,
+            target,
+            cache_info,
+        ];
+        per_target.extend(checks.into_iter().map(|check| {
+            if each.len() > 1 {
+                check.about(name)
+            } else {
+                check
+            }
+        }));
+    }
     let now = SystemTime::now();
-    Ok(vec![
-        config_check,
-        daemon,
-        hook,
-        check_substituter(&config, info.as_ref(), &nix),
-        signing_key,
-        check_public_key(&config, key.as_ref(), info.as_ref(), &nix),
-        token,
-        target,
-        cache_info,
+    let mut checks = vec![config_check, daemon, hook];
+    checks.extend(per_target);
+    checks.extend([
         check_spool(&config, report.is_some(), now),
         check_failed_paths(report.as_ref()),
         check_last_upload(report.as_ref(), now),
-    ])
+    ]);
+    Ok(checks)
 }

@@ -29,6 +29,9 @@ pub struct Check {
     pub detail: String,
     /// What to do about a failure or a warning.
     pub fix: Option<String>,
+    /// The target it is about, when the configuration has several (`default` for `[target]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 impl Check {
@@ -38,6 +41,7 @@ impl Check {
             outcome: Outcome::Pass,
             detail: detail.into(),
             fix: None,
+            target: None,
         }
     }
 
@@ -51,6 +55,7 @@ impl Check {
             outcome: Outcome::Warn,
             detail: detail.into(),
             fix: Some(fix.into()),
+            target: None,
         }
     }
 
@@ -64,6 +69,15 @@ impl Check {
             outcome: Outcome::Fail,
             detail: detail.into(),
             fix: Some(fix.into()),
+            target: None,
+        }
+    }
+
+    /// This check, about the target `name`.
+    pub(super) fn about(self, name: &str) -> Check {
+        Check {
+            target: Some(name.to_owned()),
+            ..self
         }
     }
 
@@ -73,6 +87,7 @@ impl Check {
             outcome: Outcome::Skip,
             detail: detail.into(),
             fix: None,
+            target: None,
         }
     }
 }
@@ -99,7 +114,11 @@ pub(super) fn render(checks: &[Check]) -> String {
             Outcome::Fail => "FAIL",
             Outcome::Skip => "skip",
         };
-        out.push_str(&format!("{label}  {:<20}{}\n", check.name, check.detail));
+        let name = match &check.target {
+            Some(target) => format!("{} [{target}]", check.name),
+            None => check.name.to_owned(),
+        };
+        out.push_str(&format!("{label}  {name:<20}{}\n", check.detail));
         if let Some(fix) = &check.fix {
             out.push_str(&format!("      fix: {fix}\n"));
         }
