@@ -611,12 +611,17 @@ fn valid_frames() -> Vec<Vec<u8>> {
         Request::List {
             after: Some(path.into()),
             limit: Some(10),
+            target: None,
         },
         Request::Retry {
             paths: vec![path.into()],
             all: false,
+            target: None,
         },
-        Request::Drop { path: path.into() },
+        Request::Drop {
+            path: path.into(),
+            target: None,
+        },
     ]
     .iter()
     .map(protocol::encode_request)

@@ -28,6 +28,7 @@ mod s3_writers;
 mod s3s;
 mod security;
 mod spine;
+mod targets;
 mod trust;
 mod upload;
 mod util;
