@@ -56,11 +56,19 @@ let
   credentialsDir = "/run/credentials/nixpush.service";
 
   targetUrl = cfg.settings.target.url;
+  namedTargets = cfg.settings.targets;
   stripQuery = url: builtins.head (lib.splitString "?" url);
-  fileTargetDir =
-    if lib.hasPrefix "file://" targetUrl then stripQuery (lib.removePrefix "file://" targetUrl) else null;
+  fileDirOf =
+    url: if url != null && lib.hasPrefix "file://" url then stripQuery (lib.removePrefix "file://" url) else null;
+  # Every file:// target's directory: the service may write there and nowhere else in the cache's filesystem.
+  fileTargetDirs = builtins.filter (dir: dir != null) (
+    [ (fileDirOf targetUrl) ] ++ lib.mapAttrsToList (_: t: fileDirOf t.url) namedTargets
+  );
   cachixName =
-    if lib.hasPrefix "cachix://" targetUrl then stripQuery (lib.removePrefix "cachix://" targetUrl) else null;
+    if targetUrl != null && lib.hasPrefix "cachix://" targetUrl then
+      stripQuery (lib.removePrefix "cachix://" targetUrl)
+    else
+      null;
   substituterUrl =
     if cfg.substituterUrl != null then
       cfg.substituterUrl
@@ -68,6 +76,35 @@ let
       "https://${cachixName}.cachix.org"
     else
       targetUrl;
+  # `settings.target` and each of `settings.targets`: the keys nixpush reads from a target table.
+  targetType = types.submodule {
+    freeformType = settingsFormat.type;
+    options = {
+      url = mkOption {
+        # Null only for a `target` left out because `targets` names every cache (asserted below).
+        type = types.nullOr (types.strMatching "(file|https?|s3|cachix)://.+");
+        default = null;
+        example = "cachix://mycache";
+        description = "`file:///dir`, `http(s)://host/prefix`, `s3://bucket?region=…&endpoint=…` or `cachix://NAME`.";
+      };
+      compression = mkOption {
+        type = types.enum [
+          "zstd"
+          "xz"
+          "none"
+        ];
+        default = "zstd";
+        description = "NAR compression.";
+      };
+      workers = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "Parallel uploads; the number of CPUs when null.";
+      };
+    };
+  };
+  # LoadCredential= names of a named target's secrets.
+  credentialOf = name: kind: "${kind}-${name}";
 
   # TOML has no null: unset optional keys (e.g. target.workers) are left out and nixpush uses its default.
   finalSettings = lib.filterAttrsRecursive (_: value: value != null) (
@@ -77,17 +114,35 @@ let
       metrics_listen = if cfg.metrics.enable then cfg.metrics.listen else cfg.settings.metrics_listen or null;
       gc_roots_dir = gcRootsDir;
       target =
-        cfg.settings.target
-        // optionalAttrs (cfg.signingKeyFile != null) {
-          signing_key_file = "${credentialsDir}/signing-key";
+        if targetUrl == null then
+          null
+        else
+          cfg.settings.target
+          // optionalAttrs (cfg.signingKeyFile != null) {
+            signing_key_file = "${credentialsDir}/signing-key";
+          }
+          // optionalAttrs (cfg.authTokenFile != null) {
+            auth_token_file = "${credentialsDir}/auth-token";
+          };
+      targets = lib.mapAttrs (
+        name: target:
+        let
+          secrets = cfg.targetSecrets.${name} or { };
+        in
+        target
+        // optionalAttrs ((secrets.signingKeyFile or null) != null) {
+          signing_key_file = "${credentialsDir}/${credentialOf name "signing-key"}";
         }
-        // optionalAttrs (cfg.authTokenFile != null) {
-          auth_token_file = "${credentialsDir}/auth-token";
-        };
+        // optionalAttrs ((secrets.authTokenFile or null) != null) {
+          auth_token_file = "${credentialsDir}/${credentialOf name "auth-token"}";
+        }
+      ) namedTargets;
     }
   );
+  # The config file has no empty tables: no `[targets]` without targets.
+  finalSettingsFile = lib.filterAttrs (name: value: !(name == "targets" && value == { })) finalSettings;
 
-  rawConfigFile = settingsFormat.generate "nixpush.toml" finalSettings;
+  rawConfigFile = settingsFormat.generate "nixpush.toml" finalSettingsFile;
 
   # Checked at build time, as RFC 42 modules do: a typo fails `nixos-rebuild`, not the running service.
   configFile =
@@ -196,36 +251,52 @@ in
             description = "Glob patterns over store path names (`<hash>-<name>`) that are never uploaded.";
           };
           target = mkOption {
-            description = "The cache every build goes to.";
+            description = "The cache every build goes to (the target named `default`). May be left out when `targets` names every cache.";
             # So that a missing URL is reported as settings.target.url.
             default = { };
-            type = types.submodule {
-              freeformType = settingsFormat.type;
-              options = {
-                url = mkOption {
-                  type = types.strMatching "(file|https?|s3|cachix)://.+";
-                  example = "cachix://mycache";
-                  description = "`file:///dir`, `http(s)://host/prefix`, `s3://bucket?region=…&endpoint=…` or `cachix://NAME`.";
-                };
-                compression = mkOption {
-                  type = types.enum [
-                    "zstd"
-                    "xz"
-                    "none"
-                  ];
-                  default = "zstd";
-                  description = "NAR compression.";
-                };
-                workers = mkOption {
-                  type = types.nullOr types.ints.positive;
-                  default = null;
-                  description = "Parallel uploads; the number of CPUs when null.";
-                };
-              };
-            };
+            type = targetType;
+          };
+          targets = mkOption {
+            description = ''
+              More caches, each uploaded to on its own with the keys of `target` (`[targets.NAME]`): every build
+              lands in each; a target that is down or refuses its token holds up no other. Their secrets go in
+              `targetSecrets.NAME`.
+            '';
+            default = { };
+            example = lib.literalExpression ''
+              { offsite = { url = "s3://offsite-cache?region=eu-central-1"; max_upload_rate = "2MiB/s"; }; }
+            '';
+            type = types.attrsOf targetType;
           };
         };
       };
+    };
+
+    targetSecrets = mkOption {
+      default = { };
+      example = lib.literalExpression ''
+        { offsite.signingKeyFile = config.sops.secrets.offsite-key.path; }
+      '';
+      description = ''
+        Secret files of the `settings.targets.NAME` caches, passed with LoadCredential= like `signingKeyFile` and
+        `authTokenFile` (which belong to `settings.target`).
+      '';
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            signingKeyFile = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              description = "Secret key that signs this target's narinfos.";
+            };
+            authTokenFile = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              description = "Bearer token for this target (HTTP, Cachix).";
+            };
+          };
+        }
+      );
     };
 
     signingKeyFile = mkOption {
@@ -362,9 +433,45 @@ in
           message = "Set either services.nixpush.authTokenFile or settings.target.auth_token_file, not both.";
         }
       ]
+      ++ [
+        {
+          assertion = targetUrl != null || namedTargets != { };
+          message = "services.nixpush.settings.target.url is not set: name the cache every build goes to (or name caches in settings.targets.NAME.url).";
+        }
+        {
+          assertion = targetUrl != null || (cfg.signingKeyFile == null && cfg.authTokenFile == null);
+          message = "services.nixpush.signingKeyFile and authTokenFile belong to settings.target, which has no url; use targetSecrets.NAME for settings.targets.NAME.";
+        }
+      ]
+      ++ lib.concatLists (
+        lib.mapAttrsToList (name: target: [
+          {
+            assertion = target.url != null;
+            message = "services.nixpush.settings.targets.${name}.url is not set.";
+          }
+          {
+            assertion = name != "default" || targetUrl == null;
+            message = "services.nixpush.settings.targets.default names the target of settings.target; give it another name.";
+          }
+        ]) namedTargets
+      )
+      ++ lib.mapAttrsToList (name: _: {
+        assertion = namedTargets ? ${name};
+        message = "services.nixpush.targetSecrets.${name} names no target in settings.targets.";
+      }) cfg.targetSecrets
       ++ secretPathAssertions "signingKeyFile" cfg.signingKeyFile
       ++ secretPathAssertions "authTokenFile" cfg.authTokenFile
+      ++ lib.concatLists (
+        lib.mapAttrsToList (
+          name: secrets:
+          secretPathAssertions "targetSecrets.${name}.signingKeyFile" secrets.signingKeyFile
+          ++ secretPathAssertions "targetSecrets.${name}.authTokenFile" secrets.authTokenFile
+        ) cfg.targetSecrets
+      )
       ++ urlAssertions "settings.target.url" targetUrl
+      ++ lib.concatLists (
+        lib.mapAttrsToList (name: target: urlAssertions "settings.targets.${name}.url" target.url) namedTargets
+      )
       ++ urlAssertions "substituterUrl" cfg.substituterUrl;
 
       environment.systemPackages = [ cfg.package ];
@@ -390,7 +497,7 @@ in
         "d ${stateDir} 0711 nixpush nixpush - -"
         "d ${stateDir}/spool 1733 nixpush nixpush - -"
       ]
-      ++ optional (fileTargetDir != null) "d ${fileTargetDir} 0755 nixpush nixpush - -"
+      ++ map (dir: "d ${dir} 0755 nixpush nixpush - -") fileTargetDirs
       # The daemon's GC roots; /nix is read-only to it but for this directory (ReadWritePaths= below).
       ++ optional (gcRootsDir != "") "d ${gcRootsDir} 0755 nixpush nixpush - -";
 
@@ -442,10 +549,17 @@ in
           RuntimeDirectoryPreserve = "yes";
           LoadCredential =
             optional (cfg.signingKeyFile != null) "signing-key:${cfg.signingKeyFile}"
-            ++ optional (cfg.authTokenFile != null) "auth-token:${cfg.authTokenFile}";
+            ++ optional (cfg.authTokenFile != null) "auth-token:${cfg.authTokenFile}"
+            ++ lib.concatLists (
+              lib.mapAttrsToList (
+                name: secrets:
+                optional (secrets.signingKeyFile != null) "${credentialOf name "signing-key"}:${secrets.signingKeyFile}"
+                ++ optional (secrets.authTokenFile != null) "${credentialOf name "auth-token"}:${secrets.authTokenFile}"
+              ) cfg.targetSecrets
+            );
           EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
           ReadWritePaths =
-            optional (fileTargetDir != null) fileTargetDir
+            fileTargetDirs
             ++ optional (!lib.hasPrefix "/var/lib/" stateDir) stateDir
             # "-": a missing directory (tmpfiles not run yet) must not keep the service from starting; the
             # daemon then reports the roots' error in `nixpush status` and keeps acknowledging builds.
@@ -505,7 +619,7 @@ in
         // optionalAttrs (cfg.hook.chain != [ ]) { NIXPUSH_HOOK_CHAIN = hookChain; };
     })
 
-    (mkIf cfg.addToSubstituters {
+    (mkIf (cfg.addToSubstituters && substituterUrl != null) {
       nix.settings.substituters = [ substituterUrl ];
       nix.settings.trusted-public-keys = [ cfg.publicKey ];
     })

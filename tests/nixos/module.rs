@@ -322,7 +322,28 @@ fn module_refuses_settings_that_cannot_work() {
         ),
         (
             enabled(json!({}), json!({})),
-            "services.nixpush.settings.target.url' is used but not defined",
+            "services.nixpush.settings.target.url is not set",
+        ),
+        (
+            enabled(
+                json!({ "targets": { "offsite": { "compression": "xz" } } }),
+                json!({}),
+            ),
+            "services.nixpush.settings.targets.offsite.url is not set",
+        ),
+        (
+            enabled(
+                file.clone(),
+                json!({ "targetSecrets": { "offsite": { "signingKeyFile": "/run/secrets/k" } } }),
+            ),
+            "services.nixpush.targetSecrets.offsite names no target in settings.targets",
+        ),
+        (
+            enabled(
+                json!({ "targets": { "offsite": { "url": "https://u:p@cache.example.org" } } }),
+                json!({}),
+            ),
+            "services.nixpush.settings.targets.offsite.url holds a credential",
         ),
         (
             enabled(file.clone(), json!({ "signingKey": "/k" })),
@@ -335,6 +356,84 @@ fn module_refuses_settings_that_cannot_work() {
             "{services}\nwanted {expected:?} in:\n{err}"
         );
     }
+}
+
+// See: #18
+#[test]
+fn module_renders_named_targets_with_their_own_secrets_and_cache_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let package = fake_package(tmp.path());
+    let eval = eval_module(
+        &package,
+        &enabled(
+            json!({
+                "target": { "url": "file:///var/cache/nix" },
+                "targets": {
+                    "offsite": { "url": "https://cache.example.org", "max_upload_rate": "2MiB/s" },
+                    "local2": { "url": "file:///srv/cache2" },
+                },
+            }),
+            json!({
+                "signingKeyFile": "/run/secrets/key",
+                "targetSecrets": {
+                    "offsite": {
+                        "signingKeyFile": "/run/secrets/offsite-key",
+                        "authTokenFile": "/run/secrets/offsite-token",
+                    },
+                },
+            }),
+        ),
+    )
+    .unwrap();
+    let service = &eval["service"]["serviceConfig"];
+    assert_eq!(
+        strings(&service["LoadCredential"]),
+        [
+            "signing-key:/run/secrets/key",
+            "signing-key-offsite:/run/secrets/offsite-key",
+            "auth-token-offsite:/run/secrets/offsite-token",
+        ]
+    );
+    assert_eq!(
+        strings(&service["ReadWritePaths"]),
+        [
+            "/var/cache/nix",
+            "/srv/cache2",
+            "-/nix/var/nix/gcroots/nixpush"
+        ]
+    );
+    let text = eval["configFile"]["text"].as_str().unwrap();
+    assert!(!text.contains("/run/secrets"), "{text}");
+    let config = Config::parse(text, Path::new("module.toml")).unwrap();
+    assert_eq!(config.target_names(), ["default", "local2", "offsite"]);
+    let offsite = &config.targets["offsite"];
+    assert_eq!(
+        offsite.signing_key_file.as_deref(),
+        Some(Path::new(
+            "/run/credentials/nixpush.service/signing-key-offsite"
+        ))
+    );
+    assert_eq!(
+        offsite.auth_token_file.as_deref(),
+        Some(Path::new(
+            "/run/credentials/nixpush.service/auth-token-offsite"
+        ))
+    );
+    assert_eq!(config.targets["local2"].signing_key_file, None);
+
+    // Named targets alone: no [target] table in the file.
+    let eval = eval_module(
+        &package,
+        &enabled(
+            json!({ "targets": { "one": { "url": "file:///srv/one" } } }),
+            json!({}),
+        ),
+    )
+    .unwrap();
+    let text = eval["configFile"]["text"].as_str().unwrap();
+    assert!(!text.contains("[target]"), "{text}");
+    let config = Config::parse(text, Path::new("module.toml")).unwrap();
+    assert_eq!(config.target_names(), ["one"]);
 }
 
 #[test]
