@@ -95,7 +95,10 @@ pub fn blocks(
         state_dir_writable: report.state_dir_error.is_none(),
         queue_damaged: report.queue_damage.is_some(),
         spool_watcher_active: report.watcher.active,
-        gc_roots: None,
+        gc_roots: report.gc_roots.dir.is_some().then_some(GcRoots {
+            paths: report.gc_roots.rooted_paths,
+            bytes: report.gc_roots.rooted_bytes,
+        }),
     };
     let block = |name: &str, figures: Figures<'_>| {
         let backlog = backlogs.get(name).copied().unwrap_or_default();
@@ -113,7 +116,14 @@ pub fn blocks(
             state: figures.target.state,
             reachable: figures.target.reachable,
             degraded: figures.target.degraded.is_some(),
-            rate_limit_bytes_per_second: None,
+            // Unlimited has no figure; a hold is a limit of 0.
+            rate_limit_bytes_per_second: figures.target.upload_rate.as_ref().and_then(|r| {
+                if r.held {
+                    Some(0)
+                } else {
+                    r.limit_bytes_per_sec
+                }
+            }),
         }
     };
     let targets = if report.targets.is_empty() {
@@ -333,9 +343,77 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
-        // Not known today: no made-up zero.
-        assert!(!text.contains("nixpush_rate_limit_bytes_per_second"));
-        assert!(!text.contains("nixpush_gc_rooted"));
+        assert!(
+            text.contains("\nnixpush_rate_limit_bytes_per_second{target=\"default\"} 524288\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nnixpush_gc_rooted_paths 3\n"), "{text}");
+    }
+
+    #[test]
+    fn an_unlimited_target_and_roots_turned_off_have_no_made_up_figures() {
+        let mut report = crate::status::tests::sample();
+        report.target.upload_rate = None;
+        report.gc_roots.dir = None;
+        let (daemon, targets) = blocks(&report, &BTreeMap::new(), 0);
+        let text = render(&daemon, &targets, &Counters::default());
+        assert!(
+            !text.contains("nixpush_rate_limit_bytes_per_second"),
+            "{text}"
+        );
+        assert!(!text.contains("nixpush_gc_rooted"), "{text}");
+    }
+
+    // See: #18
+    #[test]
+    fn each_target_of_a_report_gets_its_own_labels() {
+        let mut report = crate::status::tests::sample();
+        let mut offsite = crate::status::TargetReport {
+            queued: 4,
+            in_flight: 0,
+            done: 0,
+            failed: 2,
+            skipped: 0,
+            excluded: 0,
+            up_to_date: false,
+            last_upload_at: None,
+            target: report.target.clone(),
+            in_flight_uploads: Vec::new(),
+            recent: Vec::new(),
+            failed_paths: Vec::new(),
+            totals: Default::default(),
+        };
+        offsite.target.state = TargetState::Paused;
+        let mut default = offsite.clone();
+        default.queued = 1;
+        default.failed = 0;
+        default.target.state = TargetState::Ok;
+        report.targets = [
+            ("default".to_owned(), default),
+            ("offsite".to_owned(), offsite),
+        ]
+        .into();
+        let backlogs = BTreeMap::from([(
+            "offsite".to_owned(),
+            Backlog {
+                oldest_enqueued_at_ms: Some(0),
+                retrying: 3,
+            },
+        )]);
+        let (daemon, targets) = blocks(&report, &backlogs, 60_000);
+        let text = render(&daemon, &targets, &Counters::default());
+        for line in [
+            "nixpush_queue_paths{target=\"default\",state=\"queued\"} 1",
+            "nixpush_queue_paths{target=\"offsite\",state=\"queued\"} 4",
+            "nixpush_queue_paths{target=\"offsite\",state=\"failed\"} 2",
+            "nixpush_queue_retrying_paths{target=\"offsite\"} 3",
+            "nixpush_queue_retrying_paths{target=\"default\"} 0",
+            "nixpush_queue_oldest_age_seconds{target=\"offsite\"} 60",
+            "nixpush_target_state{target=\"offsite\",state=\"paused\"} 1",
+            "nixpush_target_state{target=\"default\",state=\"ok\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 
     #[test]
