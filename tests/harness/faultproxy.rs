@@ -75,6 +75,8 @@ pub struct FaultProxy {
     only: Arc<Mutex<Option<String>>>,
     forced: Arc<AtomicU64>,
     link: Arc<AtomicU64>,
+    /// The listening socket, for the receive window of connections accepted after [`FaultProxy::throttle`].
+    listener: TcpListener,
 }
 
 impl FaultProxy {
@@ -89,6 +91,7 @@ impl FaultProxy {
     ) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        let kept = listener.try_clone().unwrap();
         let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let rng = Arc::new(Mutex::new(seed | 1));
@@ -128,12 +131,24 @@ impl FaultProxy {
             only,
             forced,
             link,
+            listener: kept,
         }
     }
 
     /// Reads request bodies at most `bytes_per_sec` from now on, like a slow link (0: as fast as they come).
+    /// Connections accepted from now on get a small receive window, as the far end of a slow link holds little
+    /// that the link has not carried: the kernel would otherwise take megabytes ahead of the "link". (Only
+    /// here: a small window on every connection changes the timing of the tests that race writers.)
     pub fn throttle(&self, bytes_per_sec: u64) {
         self.link.store(bytes_per_sec, Ordering::SeqCst);
+        if bytes_per_sec > 0 {
+            nix::sys::socket::setsockopt(
+                &self.listener,
+                nix::sys::socket::sockopt::RcvBuf,
+                &(64 * 1024),
+            )
+            .unwrap();
+        }
     }
 
     /// Fails the next `n` requests that match [`FaultProxy::only_matching`], whatever the rate.
