@@ -149,7 +149,12 @@ struct Database {
     inner: Mutex<Inner>,
     writes: AtomicU64,
     stats: Mutex<CommitStats>,
-    /// The write-ahead log, opened at the first flush (SQLite creates it at the first write).
+    /// Commits made so far (counted once COMMIT has returned).
+    committed: AtomicU64,
+    /// How many of them an fdatasync has covered.
+    synced: AtomicU64,
+    /// The write-ahead log, opened at the first flush (SQLite creates it at the first write). Its lock is held
+    /// for the length of a sync, so syncs run one at a time and a flush waiting for one sees what it covered.
     wal: Mutex<Option<File>>,
 }
 
@@ -205,6 +210,8 @@ impl SqliteQueue {
                 }),
                 writes: AtomicU64::new(0),
                 stats: Mutex::new(CommitStats::default()),
+                committed: AtomicU64::new(0),
+                synced: AtomicU64::new(0),
                 wal: Mutex::new(None),
             }),
             target: DEFAULT_TARGET.to_owned(),
@@ -879,38 +886,53 @@ impl Queue for SqliteQueue {
 
     fn flush(&self) -> Result<(), Error> {
         let started = Instant::now();
-        {
-            let mut inner = self.lock();
-            if !inner.in_transaction {
-                return Ok(());
-            }
-            let committed = inner.connection.execute_batch("COMMIT");
-            if committed.is_err() {
-                // A failed COMMIT may leave the transaction open or rolled back; either way the next write starts
-                // afresh, and the writes it covered are reported as not durable.
-                let _ = inner.connection.execute_batch("ROLLBACK");
-            }
-            inner.in_transaction = false;
-            committed.map_err(self.error("committing"))?;
+        let (through, committed_now) = self.commit()?;
+        // Even with nothing to commit: another flush may have committed writes this caller made and still be
+        // syncing them; returning before that sync ends would call them durable too early.
+        self.sync_through(through)?;
+        if committed_now {
+            let took = started.elapsed();
+            let mut stats = self.db.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            stats.commits += 1;
+            stats.total += took;
+            stats.longest = stats.longest.max(took);
         }
-        // Outside the connection's lock: writes for the next group go on while this one syncs.
-        self.sync_wal()?;
-        let took = started.elapsed();
-        let mut stats = self.db.stats.lock().unwrap_or_else(PoisonError::into_inner);
-        stats.commits += 1;
-        stats.total += took;
-        stats.longest = stats.longest.max(took);
         Ok(())
     }
 }
 
 impl SqliteQueue {
-    /// `fdatasync`s the write-ahead log (nothing to do for a database in memory).
-    fn sync_wal(&self) -> Result<(), Error> {
+    /// Commits the open transaction, if any. Returns the number of commits a sync must cover for every write
+    /// made so far to be durable, and whether this call committed.
+    fn commit(&self) -> Result<(u64, bool), Error> {
+        let mut inner = self.lock();
+        if !inner.in_transaction {
+            return Ok((self.db.committed.load(Ordering::SeqCst), false));
+        }
+        let committed = inner.connection.execute_batch("COMMIT");
+        if committed.is_err() {
+            // A failed COMMIT may leave the transaction open or rolled back; either way the next write starts
+            // afresh, and the writes it covered are reported as not durable.
+            let _ = inner.connection.execute_batch("ROLLBACK");
+        }
+        inner.in_transaction = false;
+        committed.map_err(self.error("committing"))?;
+        Ok((self.db.committed.fetch_add(1, Ordering::SeqCst) + 1, true))
+    }
+
+    /// Returns once an fdatasync of the write-ahead log that began after the first `commits` commits has ended:
+    /// one already done, one in progress, or one of its own. Outside the connection's lock, so writes for the
+    /// next group go on while this one syncs.
+    fn sync_through(&self, commits: u64) -> Result<(), Error> {
         if self.db.path == Path::new(MEMORY) {
             return Ok(());
         }
         let mut wal = self.db.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.db.synced.load(Ordering::SeqCst) >= commits {
+            return Ok(());
+        }
+        // Every commit counted now is in the log: the sync below covers at least these.
+        let covering = self.db.committed.load(Ordering::SeqCst);
         let wal_path = PathBuf::from(format!("{}-wal", self.db.path.display()));
         let io_error = |source| Error::Io {
             path: wal_path.clone(),
@@ -925,10 +947,11 @@ impl SqliteQueue {
             }
             *wal = Some(file);
         }
-        match wal.as_ref() {
-            Some(file) => file.sync_data().map_err(io_error),
-            None => Ok(()),
+        if let Some(file) = wal.as_ref() {
+            file.sync_data().map_err(io_error)?;
         }
+        self.db.synced.fetch_max(covering, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -1327,6 +1350,23 @@ mod tests {
             assert_eq!(q.recent(10).unwrap()[0].path, path(2));
             assert!(q.target("other").get(&path(1)).unwrap().is_none());
         }
+    }
+
+    #[test]
+    fn a_flush_with_nothing_to_commit_still_waits_for_the_sync_of_an_earlier_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open(&dir.path().join(DB_FILE)).unwrap();
+        q.enqueue(&[path(1)], "hook", 5).unwrap();
+        // Another flush committed this write and has not synced it yet.
+        let (through, committed) = q.commit().unwrap();
+        assert!(committed);
+        assert!(q.db.synced.load(Ordering::SeqCst) < through);
+        // This caller's write is in that commit: its flush must not return before a sync covers it.
+        q.flush().unwrap();
+        assert_eq!(q.db.synced.load(Ordering::SeqCst), through);
+        // Once covered, a flush with nothing new returns at once, without another sync.
+        q.flush().unwrap();
+        assert_eq!(q.commit_stats().commits, 0, "no commit of its own");
     }
 
     #[test]
