@@ -28,8 +28,10 @@
 //! due order live in memory and are rebuilt from `entries` at open, so they cannot disagree with what is on disk
 //! after a crash. Everything else talks to the [`Queue`] trait.
 
+mod index;
 mod open;
 mod salvage;
+mod schema;
 mod sled_import;
 mod sqlite_queue;
 

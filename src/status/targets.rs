@@ -1,13 +1,11 @@
-//! One target's part of the status report ([`TargetReport`], the `targets` object of `status --json`), its
-//! block in `nixpush status`, and the sums the report's top level shows.
-
-use std::fmt::Write as _;
+//! One target's part of the status report ([`TargetReport`], the `targets` object of `status --json`), and the
+//! sums the report's top level shows.
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    human_duration, render_filtered, render_target, totals_line, FailedPath, FinishedPath,
-    InFlightUpload, StatusReport, TargetInfo, TargetState, Totals, TotalsReport,
+    FailedPath, FinishedPath, InFlightUpload, StatusReport, TargetInfo, TargetState, Totals,
+    TotalsReport,
 };
 
 /// What `status` says about one target: the top-level fields of a report that concern a target.
@@ -92,42 +90,4 @@ pub fn add_totals(a: Totals, b: Totals) -> Totals {
         file_bytes: a.file_bytes + b.file_bytes,
         held_back: a.held_back + b.held_back,
     }
-}
-
-/// One target's block in `nixpush status` when there are several.
-pub(super) fn render_block(
-    out: &mut String,
-    name: &str,
-    report: &TargetReport,
-    hold: bool,
-    now_secs: u64,
-) {
-    render_target(out, &format!("target {name}:"), &report.target, hold);
-    let last = report
-        .last_upload_at
-        .map(|at| {
-            format!(
-                "last upload {} ago",
-                human_duration(now_secs.saturating_sub(at))
-            )
-        })
-        .unwrap_or_else(|| "no upload yet".to_owned());
-    let _ = writeln!(
-        out,
-        "          {} queued, {} in flight, {} failed; {}{last}",
-        report.queued,
-        report.in_flight,
-        report.failed,
-        if report.up_to_date {
-            "up to date, "
-        } else {
-            ""
-        }
-    );
-    let _ = writeln!(
-        out,
-        "          since start: {}",
-        totals_line(&report.totals.since_start)
-    );
-    render_filtered(out, &report.target.filtered, now_secs);
 }
