@@ -9,6 +9,7 @@ pub mod dump_nar;
 mod hook;
 pub mod push;
 mod push_progress;
+mod push_summary;
 mod queue;
 mod status;
 pub mod verify;

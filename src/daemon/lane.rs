@@ -6,11 +6,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{watch, Notify};
 
-use super::EngineStatus;
+use tokio_util::sync::CancellationToken;
+
+use super::{EngineStatus, Error, Shared};
 use crate::backend::rate::RateLimiter;
 use crate::config::Config;
-use crate::queue::Queue;
+use crate::queue::{self, Queue};
 use crate::rate_schedule::{InForce, Rate};
+use crate::store_path::StorePath;
 
 /// What the daemon's tasks share about one target.
 pub struct TargetLane {
@@ -80,4 +83,63 @@ impl TargetLane {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Queues the paths held for targets no longer configured (a renamed or removed `[targets.NAME]`, or
+/// `[target]` given a name) for every configured target instead, so nothing queued is lost; a target that
+/// already has a path finds it present.
+pub(super) fn adopt_unconfigured(shared: &Shared) -> Result<(), Error> {
+    let configured: Vec<&str> = shared.lanes.iter().map(|l| l.name.as_str()).collect();
+    let mut adopted: std::collections::BTreeMap<String, Vec<StorePath>> = Default::default();
+    for (target, entry) in shared.queue.entries_of_every_target()? {
+        if !configured.contains(&target.as_str()) {
+            adopted.entry(target).or_default().push(entry.path);
+        }
+    }
+    for (target, paths) in &adopted {
+        for lane in &shared.lanes {
+            lane.queue.enqueue(paths, "adopted", queue::now_ms())?;
+        }
+        let orphan = shared.queue.for_target(target);
+        for path in paths {
+            orphan.remove(path)?;
+        }
+        tracing::warn!(
+            paths = paths.len(),
+            "{} path(s) were queued for the target {target:?}, which is no longer configured; they are queued \
+             for {} instead",
+            paths.len(),
+            configured.join(", ")
+        );
+    }
+    if !adopted.is_empty() {
+        shared.queue.flush()?;
+    }
+    Ok(())
+}
+
+/// Keeps `lane`'s upload rate at what the schedule says; a change wakes its scheduler, which holds or resumes.
+pub(super) async fn govern_rate(
+    shared: Arc<Shared>,
+    lane: Arc<TargetLane>,
+    stop: CancellationToken,
+) {
+    let settings = {
+        let (shared, name) = (shared.clone(), lane.name.clone());
+        move || {
+            let config = shared.config();
+            config
+                .named_target(&name)
+                .map(|t| (t.max_upload_rate, t.rate_schedule.clone()))
+                .unwrap_or((crate::rate_schedule::Rate::Unlimited, Vec::new()))
+        }
+    };
+    let changed = {
+        let lane = lane.clone();
+        move |in_force: &crate::rate_schedule::InForce| {
+            lane.set_in_force(*in_force);
+            lane.work_available.notify_one();
+        }
+    };
+    crate::upload::rate::govern(Arc::clone(&lane.rate), settings, changed, stop).await;
 }

@@ -10,6 +10,7 @@ pub mod commit;
 mod importer;
 pub mod lane;
 pub mod probe;
+mod reload;
 mod report;
 pub mod resolve;
 pub mod scheduler;
@@ -438,12 +439,16 @@ pub async fn run(
     let tasks = TaskTracker::new();
     tasks.spawn(importer::run(shared.clone(), stop.clone()));
     tokio::spawn(gc_roots.maintain(shared_queue, nix_db, stop.clone()));
-    adopt_unconfigured(&shared)?;
+    lane::adopt_unconfigured(&shared)?;
     for lane in &shared.lanes {
-        tokio::spawn(govern_rate(shared.clone(), Arc::clone(lane), stop.clone()));
+        tokio::spawn(lane::govern_rate(
+            shared.clone(),
+            Arc::clone(lane),
+            stop.clone(),
+        ));
     }
     tokio::spawn(watchdog(shared.clone(), stop.clone()));
-    tokio::spawn(reload_on_signal(
+    tokio::spawn(reload::reload_on_signal(
         shared.clone(),
         reload,
         options.config_path.clone(),
@@ -552,134 +557,5 @@ async fn watchdog(shared: Arc<Shared>, stop: CancellationToken) {
         if let Err(e) = systemd::notify(&format!("WATCHDOG=1\nSTATUS={}", shared.status_line())) {
             tracing::warn!("cannot ping the systemd watchdog: {e}");
         }
-    }
-}
-
-/// Queues the paths held for targets no longer configured (a renamed or removed `[targets.NAME]`, or
-/// `[target]` given a name) for every configured target instead, so nothing queued is lost; a target that
-/// already has a path finds it present.
-fn adopt_unconfigured(shared: &Shared) -> Result<(), Error> {
-    let configured: Vec<&str> = shared.lanes.iter().map(|l| l.name.as_str()).collect();
-    let mut adopted: std::collections::BTreeMap<String, Vec<StorePath>> = Default::default();
-    for (target, entry) in shared.queue.entries_of_every_target()? {
-        if !configured.contains(&target.as_str()) {
-            adopted.entry(target).or_default().push(entry.path);
-        }
-    }
-    for (target, paths) in &adopted {
-        for lane in &shared.lanes {
-            lane.queue.enqueue(paths, "adopted", queue::now_ms())?;
-        }
-        let orphan = shared.queue.for_target(target);
-        for path in paths {
-            orphan.remove(path)?;
-        }
-        tracing::warn!(
-            paths = paths.len(),
-            "{} path(s) were queued for the target {target:?}, which is no longer configured; they are queued \
-             for {} instead",
-            paths.len(),
-            configured.join(", ")
-        );
-    }
-    if !adopted.is_empty() {
-        shared.queue.flush()?;
-    }
-    Ok(())
-}
-
-/// Keeps `lane`'s upload rate at what the schedule says; a change wakes its scheduler, which holds or resumes.
-async fn govern_rate(shared: Arc<Shared>, lane: Arc<TargetLane>, stop: CancellationToken) {
-    let settings = {
-        let (shared, name) = (shared.clone(), lane.name.clone());
-        move || {
-            let config = shared.config();
-            config
-                .named_target(&name)
-                .map(|t| (t.max_upload_rate, t.rate_schedule.clone()))
-                .unwrap_or((crate::rate_schedule::Rate::Unlimited, Vec::new()))
-        }
-    };
-    let changed = {
-        let lane = lane.clone();
-        move |in_force: &crate::rate_schedule::InForce| {
-            lane.set_in_force(*in_force);
-            lane.work_available.notify_one();
-        }
-    };
-    crate::upload::rate::govern(Arc::clone(&lane.rate), settings, changed, stop).await;
-}
-
-/// Re-reads the configuration file on SIGHUP. A file that does not load is refused and the old configuration
-/// stays; `socket` and `state_dir` only change with a restart; a changed `metrics_listen` is bound anew.
-async fn reload_on_signal(
-    shared: Arc<Shared>,
-    mut reload: tokio::sync::mpsc::UnboundedReceiver<()>,
-    config_path: Option<PathBuf>,
-    stop: CancellationToken,
-    metrics_endpoint: scrape::Endpoint,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            request = reload.recv() => if request.is_none() { return },
-        }
-        let Some(path) = config_path.clone() else {
-            tracing::warn!(
-                "reload requested, but the daemon was started without a configuration file"
-            );
-            continue;
-        };
-        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
-        let mut new = match loaded {
-            Ok(Ok(config)) => config,
-            Ok(Err(e)) => {
-                tracing::error!("refusing the new configuration, keeping the old one: {e}");
-                continue;
-            }
-            Err(e) => {
-                tracing::error!("configuration reload failed: {e}");
-                continue;
-            }
-        };
-        let old = shared.config();
-        if new.socket != old.socket || new.state_dir != old.state_dir {
-            tracing::warn!("`socket` and `state_dir` changes take effect after a restart");
-            new.socket = old.socket.clone();
-            new.state_dir = old.state_dir.clone();
-        }
-        if new.gc_roots_dir != old.gc_roots_dir || new.gc_roots_max_bytes != old.gc_roots_max_bytes
-        {
-            tracing::warn!(
-                "`gc_roots_dir` and `gc_roots_max_bytes` changes take effect after a restart"
-            );
-            new.gc_roots_dir = old.gc_roots_dir.clone();
-            new.gc_roots_max_bytes = old.gc_roots_max_bytes;
-        }
-        if new.upload_priority != old.upload_priority {
-            tracing::warn!("`upload_priority` changes take effect after a restart");
-            new.upload_priority = old.upload_priority;
-        }
-        if new.target_names() != old.target_names() {
-            tracing::error!(
-                "refusing the new configuration, keeping the old one: it names the targets {}, the daemon runs {}; \
-                 adding, removing or renaming targets takes a restart (systemctl restart nixpush)",
-                new.target_names().join(", "),
-                old.target_names().join(", ")
-            );
-            continue;
-        }
-        new.metrics_listen = metrics_endpoint.reload(&old.metrics_listen, &new.metrics_listen);
-        // At once, for uploads in flight too; each scheduler's next engine shares its lane's limiter.
-        for lane in &shared.lanes {
-            lane.apply_rate(&new);
-        }
-        shared.replace_config(new);
-        // Each scheduler rebuilds its engine for the new configuration, re-reading the token and key.
-        for lane in &shared.lanes {
-            lane.work_available.notify_one();
-        }
-        tracing::info!("configuration reloaded");
-        let _ = systemd::notify(&format!("STATUS={}", shared.status_line()));
     }
 }
