@@ -4,7 +4,9 @@
 //!
 //! Data flows one way: hook → protocol → queue → scheduler → upload → backend.
 //!
-//! - [`config`]: the TOML configuration, its defaults and validation; [`byte_size`]: sizes such as `"20GiB"` in it.
+//! - [`config`]: the TOML configuration, its defaults and validation, with `[target]` and each `[targets.NAME]`
+//!   in [`config::Target`] and one target's view of the whole ([`config::Config::for_target`]); [`byte_size`]:
+//!   sizes such as `"20GiB"` in it.
 //! - [`store_path`]: validated store paths.
 //! - [`base32`], [`hash`]: Nix base32 and SHA-256 hash strings.
 //! - [`nar`]: NAR serialisation (streaming writer), a validating reader, and listings built from the stream.
@@ -19,18 +21,23 @@
 //! - [`protocol`]: the hook socket's wire format, with message types of its own (not the queue's records).
 //! - [`hook`]: the post-build-hook client; std only.
 //! - [`spool`]: requests the hook saved while the daemon was unreachable.
-//! - [`queue`]: the durable queue (SQLite; `queue::open` checks and salvages it, and imports an older sled
-//!   queue); the only module that knows its storage engine. Its records stay inside: the
-//!   protocol and the status report convert them at the boundary.
+//! - [`queue`]: the durable queue (SQLite: its tables and their migration in `schema`, the in-memory counts and
+//!   due order per target in `index`; `queue::open` checks and salvages it, and imports an older sled queue);
+//!   an entry per path and target, each target a view of one database. The only module that knows its storage
+//!   engine. Its records stay inside: the protocol and the status report convert them at the boundary.
 //! - [`daemon`]: the long-running service: socket server ([`daemon::server`]: connection slots, framing, control
-//!   commands), request resolution, spool import, group commit, the scheduler, shutdown.
+//!   commands), request resolution, spool import, group commit, one lane per target ([`daemon::lane`]: its queue
+//!   view, status, rate and wake-ups) each with its own scheduler ([`daemon::scheduler`]: the loop, one batch, the
+//!   presence memory, the observer), SIGHUP, shutdown.
 //! - [`gc_roots`]: the symlinks that keep queued paths from Nix's garbage collector, their bound and reconcile.
-//! - [`status`]: the status report shared by the daemon and `nixpush status`, with types of its own.
+//! - [`status`]: the status report shared by the daemon and `nixpush status`, with types of its own, one part per
+//!   target ([`status::TargetReport`]) and its text rendering.
 //! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
 //! - [`retry`]: the one backoff policy type, used per path, per request and for Cachix.
-//! - [`upload`]: the engine ([`upload::Engine`]), with the dependency ordering ([`upload::order`]), what the
+//! - [`upload`]: the engine ([`upload::Engine`]; its prepare-and-upload pipeline in `upload::pipeline`), with the
+//!   dependency ordering ([`upload::order`]), what the
 //!   target and upstreams hold ([`upload::presence`]), which paths a target takes ([`upload::filter`]: include,
 //!   exclude, size, closure safety), NAR preparation, reports and log lines ([`upload::report`]).
 //! - [`backend`]: where NARs go; the only code that speaks to a cache. [`backend::target`] decides what a target

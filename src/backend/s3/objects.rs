@@ -103,58 +103,29 @@ impl S3Backend {
         bytes: Vec<u8>,
     ) -> Result<(), Error> {
         let bytes = &bytes;
-        let mut tries = 1;
-        loop {
-            let result = self
-                .retrying(|keys| async move {
+        contended(
+            key,
+            "was written by another writer first",
+            || {
+                self.retrying(|keys| async move {
                     self.put_object(&keys, key, content_type, bytes, true).await
                 })
-                .await;
-            let error = match result {
-                Ok(()) => return Ok(()),
-                Err(e) if !race::another_writer_may_have_won(&e) => return Err(e),
-                Err(e) => e,
-            };
-            let present = self.exists(key).await?;
-            match race::after_failure(error, present) {
-                Ok(()) => {
-                    tracing::debug!("{key} was written by another writer first");
-                    return Ok(());
-                }
-                Err(e) if tries < CONTENDED_TRIES => {
-                    tracing::debug!("{key}: {e}");
-                    tokio::time::sleep(contended_wait(tries)).await;
-                    tries += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            },
+            || self.exists(key),
+        )
+        .await
     }
 
     /// Stores the NAR `key`. When the upload lost to another writer's upload of the same key, the NAR that writer
     /// completed (same key, so same bytes, and the expected size) counts as ours.
     pub(super) async fn put_nar(&self, key: &str, nar: &NarFile<'_>) -> Result<(), Error> {
-        let mut tries = 1;
-        loop {
-            let error = match self.put_file(key, "application/x-nix-nar", nar).await {
-                Ok(()) => return Ok(()),
-                Err(e) if !race::another_writer_may_have_won(&e) => return Err(e),
-                Err(e) => e,
-            };
-            let present = self.object_size(key).await? == Some(nar.size);
-            match race::after_failure(error, present) {
-                Ok(()) => {
-                    tracing::debug!("{key} was completed by another writer");
-                    return Ok(());
-                }
-                Err(e) if tries < CONTENDED_TRIES => {
-                    tracing::debug!("{key}: {e}; uploading it again");
-                    tokio::time::sleep(contended_wait(tries)).await;
-                    tries += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        contended(
+            key,
+            "was completed by another writer",
+            || self.put_file(key, "application/x-nix-nar", nar),
+            || async { Ok(self.object_size(key).await? == Some(nar.size)) },
+        )
+        .await
     }
 
     /// One PUT of the whole file, or a multipart upload above the part size.
@@ -190,4 +161,39 @@ impl S3Backend {
 /// A pause before writing an object again that another writer was busy with.
 fn contended_wait(tries: u32) -> Duration {
     Duration::from_millis((500 << tries) + rand::random::<u64>() % 500)
+}
+
+/// Runs `write` until it succeeds, fails for a reason no other writer explains, or `present` shows that another
+/// writer stored `key` first (`done` says how, in the debug log); a write lost in a race is tried again up to
+/// [`CONTENDED_TRIES`] times, waiting [`contended_wait`] between tries.
+async fn contended<W, P>(
+    key: &str,
+    done: &str,
+    mut write: impl FnMut() -> W,
+    mut present: impl FnMut() -> P,
+) -> Result<(), Error>
+where
+    W: std::future::Future<Output = Result<(), Error>>,
+    P: std::future::Future<Output = Result<bool, Error>>,
+{
+    let mut tries = 1;
+    loop {
+        let error = match write().await {
+            Ok(()) => return Ok(()),
+            Err(e) if !race::another_writer_may_have_won(&e) => return Err(e),
+            Err(e) => e,
+        };
+        match race::after_failure(error, present().await?) {
+            Ok(()) => {
+                tracing::debug!("{key} {done}");
+                return Ok(());
+            }
+            Err(e) if tries < CONTENDED_TRIES => {
+                tracing::debug!("{key}: {e}; trying again");
+                tokio::time::sleep(contended_wait(tries)).await;
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

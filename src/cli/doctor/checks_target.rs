@@ -169,6 +169,28 @@ fn directory_problem(dir: &Path) -> Option<(String, String)> {
 
 /// `http(s)://`: the server answers a read of `nix-cache-info` with our credentials.
 async fn http_target(config: &Config, credentials: Credentials) -> (Check, Option<TargetInfo>) {
+    let fix = token_fix(config);
+    read_cache_info(config, credentials, &fix, "").await
+}
+
+/// `s3://`: credentials are found, and the bucket answers a signed read of `nix-cache-info`.
+async fn s3_target(config: &Config) -> (Check, Option<TargetInfo>) {
+    let source = match backend::s3::credentials::find_source(config) {
+        Ok(source) => source,
+        Err(problem) => return (Check::fail(NAME, problem, S3_CREDENTIAL_SOURCES), None),
+    };
+    let fix = format!("use keys that may read and write the bucket ({source})");
+    read_cache_info(config, Credentials::none(), &fix, &format!("; {source}")).await
+}
+
+/// The target answers a read of `nix-cache-info` (never a write) with `credentials`; `auth_fix` is the fix when
+/// it refuses them, `more` ends the line when it takes them.
+async fn read_cache_info(
+    config: &Config,
+    credentials: Credentials,
+    auth_fix: &str,
+    more: &str,
+) -> (Check, Option<TargetInfo>) {
     let url = redact_url(&config.target.url);
     let backend = match Target::backend_with(config, credentials) {
         Ok(backend) => backend,
@@ -184,48 +206,12 @@ async fn http_target(config: &Config, credentials: Credentials) -> (Check, Optio
         backend.get_document("nix-cache-info"),
     )
     .await;
-    match remote_answer(&url, answer, &token_fix(config)) {
+    match remote_answer(&url, answer, auth_fix) {
         Ok(_) => (
             Check::pass(
                 NAME,
                 format!(
-                    "{url} answers and takes our credentials for reading (doctor writes nothing)"
-                ),
-            ),
-            plain_info(),
-        ),
-        Err(check) => (check, None),
-    }
-}
-
-/// `s3://`: credentials are found, and the bucket answers a signed read of `nix-cache-info`.
-async fn s3_target(config: &Config) -> (Check, Option<TargetInfo>) {
-    let url = redact_url(&config.target.url);
-    let source = match backend::s3::credentials::find_source(config) {
-        Ok(source) => source,
-        Err(problem) => return (Check::fail(NAME, problem, S3_CREDENTIAL_SOURCES), None),
-    };
-    let backend = match Target::backend_with(config, Credentials::none()) {
-        Ok(backend) => backend,
-        Err(e) => {
-            return (
-                Check::fail(NAME, e.to_string(), "fix `url` in [target]"),
-                None,
-            )
-        }
-    };
-    let answer = deadline::future(
-        &format!("{url} to answer"),
-        backend.get_document("nix-cache-info"),
-    )
-    .await;
-    let auth_fix = format!("use keys that may read and write the bucket ({source})");
-    match remote_answer(&url, answer, &auth_fix) {
-        Ok(_) => (
-            Check::pass(
-                NAME,
-                format!(
-                    "{url} answers and takes our credentials for reading (doctor writes nothing); {source}"
+                    "{url} answers and takes our credentials for reading (doctor writes nothing){more}"
                 ),
             ),
             plain_info(),

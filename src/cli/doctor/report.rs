@@ -35,14 +35,18 @@ pub struct Check {
 }
 
 impl Check {
-    pub(super) fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    fn new(name: &'static str, outcome: Outcome, detail: String, fix: Option<String>) -> Check {
         Check {
             name,
-            outcome: Outcome::Pass,
-            detail: detail.into(),
-            fix: None,
+            outcome,
+            detail,
+            fix,
             target: None,
         }
+    }
+
+    pub(super) fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+        Check::new(name, Outcome::Pass, detail.into(), None)
     }
 
     pub(super) fn warn(
@@ -50,13 +54,7 @@ impl Check {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Check {
-        Check {
-            name,
-            outcome: Outcome::Warn,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-            target: None,
-        }
+        Check::new(name, Outcome::Warn, detail.into(), Some(fix.into()))
     }
 
     pub(super) fn fail(
@@ -64,13 +62,7 @@ impl Check {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Check {
-        Check {
-            name,
-            outcome: Outcome::Fail,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-            target: None,
-        }
+        Check::new(name, Outcome::Fail, detail.into(), Some(fix.into()))
     }
 
     /// This check, about the target `name`.
@@ -82,13 +74,7 @@ impl Check {
     }
 
     pub(super) fn skip(name: &'static str, detail: impl Into<String>) -> Check {
-        Check {
-            name,
-            outcome: Outcome::Skip,
-            detail: detail.into(),
-            fix: None,
-            target: None,
-        }
+        Check::new(name, Outcome::Skip, detail.into(), None)
     }
 }
 
