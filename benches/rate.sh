@@ -45,6 +45,7 @@ port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 mkdir -p "$SCRATCH/www/cache" "$SCRATCH/nginx"
 cat > "$SCRATCH/nginx/nginx.conf" <<EOF
 daemon off;
+user root root;
 pid $SCRATCH/nginx/nginx.pid;
 error_log $SCRATCH/nginx/error.log;
 events {}
@@ -55,7 +56,7 @@ http {
   server {
     listen 127.0.0.1:$port;
     root $SCRATCH/www;
-    location / { dav_methods PUT; create_full_put_path on; }
+    location / { dav_methods PUT; create_full_put_path on; dav_access user:rw group:r all:r; }
   }
 }
 EOF
