@@ -191,6 +191,7 @@ import json, sys
 s = json.load(sys.stdin)
 sys.exit(0 if s["queued"] == 0 and s["in_flight"] == 0 and s["spooled"] == 0 else 1)'
 }
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 start=$(date +%s.%N)
 hooks=()
 for n in 1 2 3; do
@@ -204,6 +205,7 @@ for n in 1 2 3; do
   for _ in $(seq 36000); do drained "$n" && break; sleep 0.1; done
 done
 secs=$(echo "$(date +%s.%N) - $start" | bc)
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 failed=0
 for n in 1 2 3; do
   f=$("$nixpush" --config "$work/host$n/config.toml" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["failed"])')
@@ -227,9 +229,10 @@ if nix --extra-experimental-features nix-command copy --from "file://$work/copy"
   verified=yes
 fi
 
-python3 - "$work/requests.log" "${#union[@]}" "$nar_bytes" "$secs" "$failed" "$verified" "$store_desc" <<'EOF'
+python3 - "$work/requests.log" "${#union[@]}" "$nar_bytes" "$secs" "$failed" "$verified" "$store_desc" \
+  "$load_before" "$load_after" <<'EOF'
 import collections, sys
-log, paths, nar_bytes, secs, failed, verified, store = sys.argv[1:]
+log, paths, nar_bytes, secs, failed, verified, store, load_before, load_after = sys.argv[1:]
 paths, nar_bytes, secs = int(paths), int(nar_bytes), float(secs)
 written, refused = collections.Counter(), collections.Counter()
 creates, completes, single = collections.Counter(), collections.Counter(), collections.Counter()
@@ -260,5 +263,6 @@ print(f"| NAR uploads started / NARs | {sum(creates.values()) + sum(single.value
 print(f"| NAR multipart uploads completed / multipart NARs | {sum(completes.values())} / {len(creates)} |")
 print(f"| failed paths | {failed} |")
 print(f"| real Nix substitutes the union (nix copy, bench key) | {verified} |")
+print(f"| load average (1, 5, 15 min) before / after | {load_before} / {load_after} |")
 EOF
 [ "$failed" = 0 ] && [ "$verified" = yes ] || { cat "$work/nixcopy.err" >&2; exit 1; }
