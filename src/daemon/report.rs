@@ -154,7 +154,7 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
         );
     }
     let several = targets.len() > 1;
-    // The top level: the sums, the first target's `target`, and the lists merged (each entry then names its
+    // The top level: the sums, one target's `target`, and the lists merged (each entry then names its
     // target).
     let named = |name: &str| several.then(|| name.to_owned());
     let mut in_flight_uploads = Vec::new();
@@ -181,7 +181,10 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
     recent.truncate(RECENT_SHOWN);
     failed_paths.truncate(FAILED_SHOWN);
     let sum = |field: fn(&TargetReport) -> u64| targets.values().map(field).sum::<u64>();
-    let first = targets.values().next();
+    // `[target]` when there is one, as before there were several; else the first by name.
+    let first = targets
+        .get(crate::config::DEFAULT_TARGET)
+        .or_else(|| targets.values().next());
     Ok(StatusReport {
         version: STATUS_VERSION,
         queued: sum(|t| t.queued),

@@ -90,7 +90,7 @@ pub struct StatusReport {
     /// Counters of finished paths and bytes.
     pub totals: TotalsReport,
     /// Each configured target by name (`default` for `[target]`), with the fields above that concern one
-    /// target; the fields above are their sums (and `target` the first target).
+    /// target; the fields above are their sums (and `target` is `default`, or else the first by name).
     #[serde(default)]
     pub targets: std::collections::BTreeMap<String, TargetReport>,
 }
