@@ -525,6 +525,8 @@ in
         ];
         # `nix path-info` through nix-daemon is the fallback when the database cannot be read directly.
         path = [ config.nix.package ];
+        # glibc keeps a malloc arena per busy thread, and freed memory stays in them: two keep memory flat.
+        environment.MALLOC_ARENA_MAX = "2";
         # A changed configuration is applied with SIGHUP; the queue keeps running.
         reloadTriggers = [ configFile ];
         # Restart a crash-looping daemon forever (every RestartSec) instead of giving up after systemd's default

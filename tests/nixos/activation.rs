@@ -124,7 +124,19 @@ fn module_exec_start_runs_socket_activated() {
     let service = &eval["service"];
     let exec_start = service["serviceConfig"]["ExecStart"].as_str().unwrap();
     // The unit's own environment, with PATH pointing at this machine's tools instead of config.nix.package.
-    let environment = vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
+    let mut environment: Vec<(String, String)> = service["environment"]
+        .as_object()
+        .map(|vars| {
+            vars.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().expect("a string").to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        environment,
+        [("MALLOC_ARENA_MAX".to_owned(), "2".to_owned())]
+    );
+    environment.push(("PATH".to_owned(), "/usr/bin:/bin".to_owned()));
     assert_eq!(strings(&service["path"]), ["/usr"]);
     socket_activation_answers_status(exec_start, &environment);
 }
@@ -138,9 +150,18 @@ fn distribution_exec_start_runs_socket_activated() {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .unwrap();
-    assert!(
-        !text.contains("\nEnvironment="),
-        "pass the unit's Environment= on too"
+    // The unit's Environment= lines, passed on as systemd would.
+    let environment: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|assignment| {
+            let (key, value) = assignment.trim_matches('"').split_once('=')?;
+            Some((key.to_owned(), value.to_owned()))
+        })
+        .collect();
+    assert_eq!(
+        environment,
+        [("MALLOC_ARENA_MAX".to_owned(), "2".to_owned())]
     );
-    socket_activation_answers_status(exec_start, &[]);
+    socket_activation_answers_status(exec_start, &environment);
 }
