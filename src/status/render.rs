@@ -8,15 +8,7 @@ impl StatusReport {
     /// One line answering "is my cache up to date?".
     pub fn verdict(&self, now_secs: u64) -> String {
         let waiting = self.queued + self.in_flight + self.spooled;
-        let last = self
-            .last_upload_at
-            .map(|at| {
-                format!(
-                    "last upload {} ago",
-                    human_duration(now_secs.saturating_sub(at))
-                )
-            })
-            .unwrap_or_else(|| "no upload recorded yet".to_owned());
+        let last = last_upload(self.last_upload_at, now_secs);
         let paused = self.target_in(TargetState::Paused);
         if let Some(error) = &self.state_dir_error {
             format!("NOT taking new builds: {error}; {waiting} path(s) waiting")
@@ -365,15 +357,7 @@ pub(super) fn render_block(
     now_secs: u64,
 ) {
     render_target(out, &format!("target {name}:"), &report.target, hold);
-    let last = report
-        .last_upload_at
-        .map(|at| {
-            format!(
-                "last upload {} ago",
-                human_duration(now_secs.saturating_sub(at))
-            )
-        })
-        .unwrap_or_else(|| "no upload yet".to_owned());
+    let last = last_upload(report.last_upload_at, now_secs);
     let _ = writeln!(
         out,
         "          {} queued, {} in flight, {} failed; {}{last}",
@@ -392,4 +376,15 @@ pub(super) fn render_block(
         totals_line(&report.totals.since_start)
     );
     render_filtered(out, &report.target.filtered, now_secs);
+}
+
+/// `last upload 2m ago`, or `no upload recorded yet`.
+fn last_upload(at: Option<u64>, now_secs: u64) -> String {
+    at.map(|at| {
+        format!(
+            "last upload {} ago",
+            human_duration(now_secs.saturating_sub(at))
+        )
+    })
+    .unwrap_or_else(|| "no upload recorded yet".to_owned())
 }

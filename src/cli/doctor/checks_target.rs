@@ -192,14 +192,9 @@ async fn read_cache_info(
     more: &str,
 ) -> (Check, Option<TargetInfo>) {
     let url = redact_url(&config.target.url);
-    let backend = match Target::backend_with(config, credentials) {
+    let backend = match backend_for(config, credentials) {
         Ok(backend) => backend,
-        Err(e) => {
-            return (
-                Check::fail(NAME, e.to_string(), "fix `url` in [target]"),
-                None,
-            )
-        }
+        Err(failed) => return (failed, None),
     };
     let answer = deadline::future(
         &format!("{url} to answer"),
@@ -220,17 +215,18 @@ async fn read_cache_info(
     }
 }
 
+/// The target's backend, or the failed check that says why there is none.
+fn backend_for(config: &Config, credentials: Credentials) -> Result<backend::AnyBackend, Check> {
+    Target::backend_with(config, credentials)
+        .map_err(|e| Check::fail(NAME, e.to_string(), "fix `url` in [target]"))
+}
+
 /// `cachix://`: Cachix's API answers the (read-only) cache info request with our token.
 async fn cachix_target(config: &Config, credentials: Credentials) -> (Check, Option<TargetInfo>) {
     let url = redact_url(&config.target.url);
-    let backend = match Target::backend_with(config, credentials) {
+    let backend = match backend_for(config, credentials) {
         Ok(backend) => backend,
-        Err(e) => {
-            return (
-                Check::fail(NAME, e.to_string(), "fix `url` in [target]"),
-                None,
-            )
-        }
+        Err(failed) => return (failed, None),
     };
     let answer = deadline::future(
         &format!("Cachix's API for {url} to answer"),
