@@ -261,10 +261,11 @@ impl Shared {
         }
         // On a blocking thread: the write may wait for a commit (an fsync) in progress. Every target gets its
         // own entry; one commit covers them all.
-        let (lanes, paths, from) = (
+        let (lanes, paths, from, gc_roots) = (
             self.lanes.clone(),
             resolved.paths.clone(),
             source.to_owned(),
+            Arc::clone(&self.gc_roots),
         );
         let (enqueued, woken) = tokio::task::spawn_blocking(move || {
             let now = queue::now_ms();
@@ -277,13 +278,15 @@ impl Shared {
                 }
                 queued.extend(enqueued.queued);
             }
+            // Before the ack, and while the hook (and so the build's temporary root in Nix) still waits for it.
+            // Here, on the blocking thread: creating a root is a symlink(2), which an inode allocator can make
+            // slow, and the runtime's workers serve the other hooks meanwhile.
+            gc_roots.protect(&paths);
             let (queued, duplicate) = paths.into_iter().partition(|p| queued.contains(p));
             Ok::<_, queue::Error>((Enqueued { queued, duplicate }, woken))
         })
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
-        // Before the ack, and while the hook (and so the build's temporary root in Nix) still waits for it.
-        self.gc_roots.protect(&resolved.paths);
         self.commit.make_durable().await?;
         for path in &enqueued.queued {
             tracing::info!(store_path = %path, source, via, "queued");
