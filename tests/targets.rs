@@ -8,10 +8,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::harness::cache::{
-    assert_every_narinfo_has_its_nar, assert_nix_substitutes, narinfo_file,
+    assert_every_narinfo_has_its_nar, assert_nix_substitutes, narinfo_file, nix_copy_from,
 };
 use crate::harness::deadend::{Behaviour, DeadEnd};
-use crate::harness::keys::public_key;
+use crate::harness::keys::{nix_key, public_key};
 use crate::harness::nginx::Nginx;
 use crate::harness::nix::build_paths;
 use crate::harness::setup::{file_url, signed_target, HttpCache};
@@ -42,7 +42,14 @@ fn target<'a>(status: &'a Value, name: &str) -> &'a Value {
 fn every_build_lands_in_every_target_and_each_cache_is_one_nix_accepts() {
     let env = TestEnv::new();
     let http = HttpCache::start(env.dir.path());
-    configure(&env, "", &[("web", signed_target(&env, &http.url(), ""))]);
+    // The web target signs with a key of its own.
+    let (web_key, web_public) = nix_key(env.dir.path(), "web-cache-1");
+    let web = format!(
+        "url = \"{}\"\nsigning_key_file = \"{}\"",
+        http.url(),
+        web_key.display()
+    );
+    configure(&env, "", &[("web", web)]);
     let daemon = TestDaemon::start_uploading(env);
     let paths = build_paths(daemon.env.dir.path(), "tgt-both", 64 * 1024);
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
@@ -67,7 +74,13 @@ fn every_build_lands_in_every_target_and_each_cache_is_one_nix_accepts() {
     assert_every_narinfo_has_its_nar(&daemon.env.cache_dir());
     assert_every_narinfo_has_its_nar(&http.dir());
     assert_nix_substitutes(&file_url(&daemon.env), &public_key(), &paths);
-    assert_nix_substitutes(&http.direct_url(), &public_key(), &paths);
+    assert_nix_substitutes(&http.direct_url(), web_public.trim(), &paths);
+    // Each cache carries its own target's signature only.
+    let (accepted, _) = nix_copy_from(&http.direct_url(), &public_key(), &paths);
+    assert!(
+        !accepted,
+        "the web cache is not signed with the default target's key"
+    );
 
     let text = String::from_utf8(daemon.env.nixpush(&["status"]).stdout).unwrap();
     assert!(text.contains("target default: file://"), "{text}");
