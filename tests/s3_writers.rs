@@ -303,15 +303,7 @@ async fn issue_22_aborts_only_its_own_multipart_uploads() {
     let foreign = foreign_multipart_upload(&server, &p.narinfo.url).await;
     assert_eq!(server.open_uploads(), vec![foreign.clone()]);
 
-    shared_credentials_file();
-    let url = format!(
-        "s3://{BUCKET}?endpoint={}&region=us-east-1&profile=nixpush",
-        proxy.url()
-    );
-    let mut config = Config::default();
-    config.target.url = url.clone();
-    config.target.part_size = PART_SIZE;
-    let backend = S3Backend::new(&url, &config).unwrap();
+    let backend = proxied_backend(&proxy);
     backend.prepare().await.unwrap();
     let err = backend.upload(&p.narinfo, p.nar()).await.unwrap_err();
     assert!(matches!(err, Error::Status { code: 500, .. }), "{err}");
@@ -473,6 +465,52 @@ fn issue_22_an_unreachable_target_is_the_reason_given() {
     }
 }
 
+/// A closure with a large path uploaded by the library backend to `s3s-fs` through a proxy that answers the first
+/// request matching `only` with `404 NoSuchUpload`, as when another writer's upload of the same NAR won.
+struct Superseded {
+    server: S3sFs,
+    proxy: FaultProxy,
+    public: String,
+    paths: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Superseded {
+    async fn upload(only: &str, tag: &str, seed: u64) -> Superseded {
+        let server = S3sFs::start(&[BUCKET]);
+        let proxy = FaultProxy::start(
+            server.port,
+            0.0,
+            &[Fault::Superseded],
+            std::time::Duration::ZERO,
+            seed,
+        );
+        proxy.only_matching(only);
+        proxy.fail_next(1);
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, public) = nix_key(dir.path(), &format!("nixpush-{tag}-1"));
+        let key = SecretKey::load(&sec).unwrap();
+        let paths = build_paths(dir.path(), tag, 12 * 1024 * 1024);
+        let backend = proxied_backend(&proxy);
+        backend.prepare().await.unwrap();
+        for path in &paths {
+            let p = prepare(path, Compression::Zstd, Some(&key));
+            backend.upload(&p.narinfo, p.nar()).await.unwrap();
+        }
+        assert_eq!(
+            proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        Superseded {
+            server,
+            proxy,
+            public,
+            paths,
+            _dir: dir,
+        }
+    }
+}
+
 /// The library backend for `s3s-fs` behind `proxy`.
 fn proxied_backend(proxy: &FaultProxy) -> S3Backend {
     shared_credentials_file();
@@ -490,36 +528,12 @@ fn proxied_backend(proxy: &FaultProxy) -> S3Backend {
 /// won): the NAR there counts as ours and the narinfo is written. See: #22
 #[tokio::test]
 async fn issue_22_a_superseded_upload_counts_when_the_nar_is_there() {
-    let server = S3sFs::start(&[BUCKET]);
-    let proxy = FaultProxy::start(
-        server.port,
-        0.0,
-        &[Fault::Superseded],
-        std::time::Duration::ZERO,
-        6,
-    );
     // The complete request (a part PUT has partNumber= before its uploadId=).
-    proxy.only_matching("SignedHeaders=host&uploadId=");
-    proxy.fail_next(1);
-    let dir = tempfile::tempdir().unwrap();
-    let (sec, public) = nix_key(dir.path(), "nixpush-writers-won-1");
-    let key = SecretKey::load(&sec).unwrap();
-    let paths = build_paths(dir.path(), "writerswon", 12 * 1024 * 1024);
-    let backend = proxied_backend(&proxy);
-    backend.prepare().await.unwrap();
-    for path in &paths {
-        let p = prepare(path, Compression::Zstd, Some(&key));
-        backend.upload(&p.narinfo, p.nar()).await.unwrap();
-    }
-    assert_eq!(
-        proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
-    let creates = request_counts(&proxy)
-        .get("POST nar create upload")
-        .copied();
-    assert_eq!(creates, Some(1), "{:?}", request_counts(&proxy));
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
+    let run = Superseded::upload("SignedHeaders=host&uploadId=", "writerswon", 6).await;
+    let (server, proxy, public, paths) = (&run.server, &run.proxy, &run.public, &run.paths);
+    let creates = request_counts(proxy).get("POST nar create upload").copied();
+    assert_eq!(creates, Some(1), "{:?}", request_counts(proxy));
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), public, paths);
     assert!(ok, "nix copy failed: {err}");
 }
 
@@ -527,31 +541,9 @@ async fn issue_22_a_superseded_upload_counts_when_the_nar_is_there() {
 /// ours, the old one aborted), not given up. See: #22
 #[tokio::test]
 async fn issue_22_a_superseded_upload_is_sent_again_when_the_nar_is_not_there() {
-    let server = S3sFs::start(&[BUCKET]);
-    let proxy = FaultProxy::start(
-        server.port,
-        0.0,
-        &[Fault::Superseded],
-        std::time::Duration::ZERO,
-        7,
-    );
-    proxy.only_matching("partNumber=");
-    proxy.fail_next(1);
-    let dir = tempfile::tempdir().unwrap();
-    let (sec, public) = nix_key(dir.path(), "nixpush-writers-lost-1");
-    let key = SecretKey::load(&sec).unwrap();
-    let paths = build_paths(dir.path(), "writerslost", 12 * 1024 * 1024);
-    let backend = proxied_backend(&proxy);
-    backend.prepare().await.unwrap();
-    for path in &paths {
-        let p = prepare(path, Compression::Zstd, Some(&key));
-        backend.upload(&p.narinfo, p.nar()).await.unwrap();
-    }
-    assert_eq!(
-        proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
-    let counts = request_counts(&proxy);
+    let run = Superseded::upload("partNumber=", "writerslost", 7).await;
+    let (server, proxy, public, paths) = (&run.server, &run.proxy, &run.public, &run.paths);
+    let counts = request_counts(proxy);
     assert_eq!(counts.get("POST nar create upload"), Some(&2), "{counts:?}");
     assert!(
         server.open_uploads().is_empty(),
@@ -563,6 +555,6 @@ async fn issue_22_a_superseded_upload_is_sent_again_when_the_nar_is_not_there() 
         "{:?}",
         server.stored_parts()
     );
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
+    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), public, paths);
     assert!(ok, "nix copy failed: {err}");
 }
