@@ -340,17 +340,21 @@ impl Shared {
         report::build(self)
     }
 
+    /// Entries per state, summed over every target.
+    pub fn counts(&self) -> queue::Counts {
+        self.lanes
+            .iter()
+            .map(|l| l.queue.counts())
+            .fold(queue::Counts::default(), |sum, c| queue::Counts {
+                queued: sum.queued + c.queued,
+                uploading: sum.uploading + c.uploading,
+                failed: sum.failed + c.failed,
+                held_back: sum.held_back + c.held_back,
+            })
+    }
+
     fn status_line(&self) -> String {
-        let counts =
-            self.lanes
-                .iter()
-                .map(|l| l.queue.counts())
-                .fold(queue::Counts::default(), |sum, c| queue::Counts {
-                    queued: sum.queued + c.queued,
-                    uploading: sum.uploading + c.uploading,
-                    failed: sum.failed + c.failed,
-                    held_back: sum.held_back + c.held_back,
-                });
+        let counts = self.counts();
         format!(
             "{} queued, {} uploading, {} failed{}",
             counts.queued,
@@ -477,7 +481,7 @@ pub async fn run(
     }
     tracing::info!(
         socket = %description,
-        queued = shared.queue.counts().queued,
+        queued = shared.counts().queued,
         targets = %shared
             .lanes
             .iter()

@@ -128,9 +128,10 @@ fn target_report(
             upload_rate: Some(upload_rate(lane)),
         },
         in_flight_uploads: engine.in_flight.clone(),
-        recent: queue
-            .recent(RECENT_SHOWN)?
+        // The history read above, newest first: its head is what `recent` shows.
+        recent: history
             .into_iter()
+            .take(RECENT_SHOWN)
             .map(FinishedPath::from)
             .collect(),
         failed_paths,
