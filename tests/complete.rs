@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::harness::cache::{hash_part, narinfo_file};
 use crate::remote::nix_key;
 use crate::util::{fresh_nonce, nix, TestEnv, NIX_OPTIONS};
 
@@ -102,8 +103,94 @@ fn push(env: &TestEnv, target: &str, paths: &[&str]) -> Output {
     out
 }
 
-fn hash_part(path: &str) -> &str {
-    &path["/nix/store/".len().."/nix/store/".len() + 32]
+/// The output of `outputs` whose name ends with `name`.
+fn output<'a>(outputs: &'a [String], name: &str) -> &'a str {
+    outputs
+        .iter()
+        .find(|p| p.ends_with(name))
+        .unwrap_or_else(|| panic!("no {name} in {outputs:?}"))
+}
+
+/// What Nix itself writes for `paths` (with NAR listings) and the logs of `drvs`, in `env`'s `reference/`.
+fn nix_reference(env: &TestEnv, paths: &[&str], drvs: &[String]) -> PathBuf {
+    let reference = env.dir.path().join("reference");
+    let reference_url = format!("file://{}?write-nar-listing=true", reference.display());
+    let mut args = vec!["copy", "--to", &reference_url];
+    args.extend_from_slice(paths);
+    nix_ok(&args);
+    for d in drvs {
+        nix_ok(&["store", "copy-log", "--to", &reference_url, d]);
+    }
+    reference
+}
+
+/// A realisation document without its signatures, which differ by key.
+fn unsigned(mut doc: serde_json::Value) -> serde_json::Value {
+    doc.as_object_mut().unwrap().remove("signatures");
+    doc
+}
+
+/// `nix store verify` of `top`'s closure in the cache at `url` passes with `public` as the only trusted key.
+fn assert_verifies_under(url: &str, public: &str, top: &str) {
+    let out = nix_cmd(&[
+        "store",
+        "verify",
+        "--store",
+        url,
+        "--sigs-needed",
+        "1",
+        "--option",
+        "trusted-public-keys",
+        public.trim(),
+        "-r",
+        top,
+    ]);
+    assert!(
+        out.status.success(),
+        "verify with {public}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh store under `dir` that has only the derivation `drv` substitutes `top` from `url`, which without
+/// building (max-jobs 0) it can only do through the realisations.
+fn assert_substitutes_through_realisations(
+    dir: &Path,
+    url: &str,
+    public: &str,
+    drv: &str,
+    top: &str,
+) {
+    let fresh = dir.join("fresh");
+    let fresh_store = fresh.to_str().unwrap();
+    nix_ok(&["copy", "--to", fresh_store, "--derivation", drv]);
+    let mut args = vec![
+        "build",
+        "--store",
+        fresh_store,
+        "--option",
+        "substituters",
+        url,
+        "--option",
+        "trusted-public-keys",
+        public.trim(),
+        "--max-jobs",
+        "0",
+        "--no-link",
+        drv,
+    ];
+    args.extend(NIX_OPTIONS);
+    let out = Command::new("nix")
+        .args(FEATURES)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix build from {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fresh.join(&top[1..]).exists(), "{top} not substituted");
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -116,10 +203,7 @@ fn listings_and_logs_are_what_nix_writes_and_nix_reads_them() {
     let env = TestEnv::new();
     let (drv, outputs, drvs) = build("complete.nix");
     assert_eq!(outputs.len(), 2, "{outputs:?}");
-    let top = outputs
-        .iter()
-        .find(|p| p.ends_with("complete-top"))
-        .unwrap();
+    let top = output(&outputs, "complete-top");
     let cache = env.cache_dir();
     push(
         &env,
@@ -131,12 +215,7 @@ fn listings_and_logs_are_what_nix_writes_and_nix_reads_them() {
     );
 
     // The reference: what Nix itself writes for the same paths.
-    let reference = env.dir.path().join("reference");
-    let reference_url = format!("file://{}?write-nar-listing=true", reference.display());
-    nix_ok(&["copy", "--to", &reference_url, top]);
-    for d in &drvs {
-        nix_ok(&["store", "copy-log", "--to", &reference_url, d]);
-    }
+    let reference = nix_reference(&env, &[top], &drvs);
 
     for path in &outputs {
         let name = format!("{}.ls", hash_part(path));
@@ -156,10 +235,7 @@ fn listings_and_logs_are_what_nix_writes_and_nix_reads_them() {
         ]);
         assert!(!listed.is_empty(), "{path}");
     }
-    let tree = outputs
-        .iter()
-        .find(|p| p.ends_with("complete-tree"))
-        .unwrap();
+    let tree = output(&outputs, "complete-tree");
     let listing = json(&cache.join(format!("{}.ls", hash_part(tree))));
     assert_eq!(listing["root"]["entries"]["file"]["executable"], true);
     assert_eq!(listing["root"]["entries"]["link"]["target"], "file");
@@ -195,10 +271,7 @@ fn narinfos_keep_nix_signatures_and_add_one_per_key() {
     let (extra_sec, extra_pub) = nix_key(keys, "complete-extra-1");
     let (nix_sec, nix_pub) = nix_key(keys, "complete-nix-1");
     let (_, outputs, _) = build("complete.nix");
-    let top = outputs
-        .iter()
-        .find(|p| p.ends_with("complete-top"))
-        .unwrap();
+    let top = output(&outputs, "complete-top");
     // A signature in Nix's database (ValidPaths.sigs), as a path substituted from a signed cache has.
     nix_ok(&[
         "store",
@@ -227,24 +300,7 @@ fn narinfos_keep_nix_signatures_and_add_one_per_key() {
     }
     // Each key alone is enough for Nix to trust every path.
     for public in [&main_pub, &extra_pub, &nix_pub] {
-        let out = nix_cmd(&[
-            "store",
-            "verify",
-            "--store",
-            &url,
-            "--sigs-needed",
-            "1",
-            "--option",
-            "trusted-public-keys",
-            public.trim(),
-            "-r",
-            top,
-        ]);
-        assert!(
-            out.status.success(),
-            "verify with {public}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_verifies_under(&url, public, top);
     }
 }
 
@@ -253,10 +309,7 @@ fn resign_existing_adds_our_signature_and_leaves_the_nar_alone() {
     let env = TestEnv::new();
     let (sec, public) = nix_key(env.dir.path(), "complete-resign-1");
     let (_, outputs, _) = build("complete.nix");
-    let top = outputs
-        .iter()
-        .find(|p| p.ends_with("complete-top"))
-        .unwrap();
+    let top = output(&outputs, "complete-top");
     let cache = env.cache_dir();
     let url = format!("file://{}", cache.display());
     // Nix wrote the cache, unsigned.
@@ -288,24 +341,7 @@ fn resign_existing_adds_our_signature_and_leaves_the_nar_alone() {
         assert!(sigs.contains("complete-resign-1:"), "{path}: {sigs}");
     }
     assert_eq!(nar_files(&cache), nars_before, "NARs were rewritten");
-    let out = nix_cmd(&[
-        "store",
-        "verify",
-        "--store",
-        &url,
-        "--sigs-needed",
-        "1",
-        "--option",
-        "trusted-public-keys",
-        public.trim(),
-        "-r",
-        top,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_verifies_under(&url, &public, top);
 }
 
 #[test]
@@ -314,10 +350,7 @@ fn realisations_let_nix_substitute_content_addressed_builds() {
     let (sec, public) = nix_key(env.dir.path(), "complete-ca-1");
     let (drv, outputs, _) = build("complete-ca.nix");
     assert_eq!(outputs.len(), 2, "{outputs:?}");
-    let top = outputs
-        .iter()
-        .find(|p| p.ends_with("complete-ca-top"))
-        .unwrap();
+    let top = output(&outputs, "complete-ca-top");
     let cache = env.cache_dir();
     let url = format!("file://{}", cache.display());
     push(
@@ -343,50 +376,17 @@ fn realisations_let_nix_substitute_content_addressed_builds() {
     assert_eq!(docs.len(), 2, "{docs:?}");
     for doc in docs {
         let name = doc.file_name().unwrap();
-        let mut theirs = json(&doc);
-        let mut ours = json(&cache.join("realisations").join(name));
+        let theirs = json(&doc);
+        let ours = json(&cache.join("realisations").join(name));
         let realisation: nixpush::realisation::Realisation =
             serde_json::from_value(ours.clone()).unwrap();
         assert!(
             realisation.verify(&key),
             "{name:?} is not signed by our key"
         );
-        theirs.as_object_mut().unwrap().remove("signatures");
-        ours.as_object_mut().unwrap().remove("signatures");
-        assert_eq!(ours, theirs, "{name:?}");
+        assert_eq!(unsigned(ours), unsigned(theirs), "{name:?}");
     }
-    // A fresh store that has only the derivations substitutes the outputs, which without building (max-jobs 0)
-    // it can only do through the realisations.
-    let fresh = env.dir.path().join("fresh");
-    let fresh_store = fresh.to_str().unwrap();
-    nix_ok(&["copy", "--to", fresh_store, "--derivation", &drv]);
-    let mut args = vec![
-        "build",
-        "--store",
-        fresh_store,
-        "--option",
-        "substituters",
-        &url,
-        "--option",
-        "trusted-public-keys",
-        public.trim(),
-        "--max-jobs",
-        "0",
-        "--no-link",
-        &drv,
-    ];
-    args.extend(NIX_OPTIONS);
-    let out = Command::new("nix")
-        .args(FEATURES)
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nix build from the cache: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(fresh.join(&top[1..]).exists(), "{top} not substituted");
+    assert_substitutes_through_realisations(env.dir.path(), &url, &public, &drv, top);
 }
 
 #[test]
@@ -460,18 +460,9 @@ fn remote_cache_is_complete(read_url: &str, target: &str, envs: &[(&str, &str)])
     let (sec, public) = nix_key(env.dir.path(), "complete-remote-1");
     let (_, outputs, drvs) = build("complete.nix");
     let (ca_drv, ca_outputs, _) = build("complete-ca.nix");
-    let top = outputs
-        .iter()
-        .find(|p| p.ends_with("complete-top"))
-        .unwrap();
-    let tree = outputs
-        .iter()
-        .find(|p| p.ends_with("complete-tree"))
-        .unwrap();
-    let ca_top = ca_outputs
-        .iter()
-        .find(|p| p.ends_with("complete-ca-top"))
-        .unwrap();
+    let top = output(&outputs, "complete-top");
+    let tree = output(&outputs, "complete-tree");
+    let ca_top = output(&ca_outputs, "complete-ca-top");
     env.write_config_with(
         "",
         &format!(
@@ -503,12 +494,7 @@ fn remote_cache_is_complete(read_url: &str, target: &str, envs: &[(&str, &str)])
     assert!(sigs.contains("complete-remote-1:"), "{sigs}");
 
     // The documents as served equal what Nix writes for the same paths.
-    let reference = env.dir.path().join("reference");
-    let reference_url = format!("file://{}?write-nar-listing=true", reference.display());
-    nix_ok(&["copy", "--to", &reference_url, top, &ca_drv]);
-    for d in &drvs {
-        nix_ok(&["store", "copy-log", "--to", &reference_url, d]);
-    }
+    let reference = nix_reference(&env, &[top, &ca_drv], &drvs);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -542,47 +528,11 @@ fn remote_cache_is_complete(read_url: &str, target: &str, envs: &[(&str, &str)])
             "realisations/{}",
             doc.file_name().unwrap().to_string_lossy()
         );
-        let mut served: serde_json::Value = serde_json::from_slice(&get(&key)).unwrap();
-        let mut theirs = json(&doc);
-        served.as_object_mut().unwrap().remove("signatures");
-        theirs.as_object_mut().unwrap().remove("signatures");
-        assert_eq!(served, theirs, "{key}");
+        let served: serde_json::Value = serde_json::from_slice(&get(&key)).unwrap();
+        assert_eq!(unsigned(served), unsigned(json(&doc)), "{key}");
     }
 
-    // A fresh store substitutes the content-addressed build through the realisations.
-    let fresh = env.dir.path().join("fresh");
-    let fresh_store = fresh.to_str().unwrap();
-    nix_ok(&["copy", "--to", fresh_store, "--derivation", &ca_drv]);
-    let mut args = vec![
-        "build",
-        "--store",
-        fresh_store,
-        "--option",
-        "substituters",
-        read_url,
-        "--option",
-        "trusted-public-keys",
-        public.trim(),
-        "--max-jobs",
-        "0",
-        "--no-link",
-        &ca_drv,
-    ];
-    args.extend(NIX_OPTIONS);
-    let out = Command::new("nix")
-        .args(FEATURES)
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nix build from {read_url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        fresh.join(&ca_top[1..]).exists(),
-        "{ca_top} not substituted"
-    );
+    assert_substitutes_through_realisations(env.dir.path(), read_url, &public, &ca_drv, ca_top);
 }
 
 #[test]
@@ -636,7 +586,7 @@ fn resign_existing_leaves_a_narinfo_that_differs_from_the_store_alone_and_says_s
     let cache = env.cache_dir();
     let url = format!("file://{}", cache.display());
     nix_ok(&["copy", "--to", &url, &paths[0]]);
-    let narinfo = cache.join(format!("{}.narinfo", hash_part(&paths[0])));
+    let narinfo = narinfo_file(&cache, &paths[0]);
     // A narinfo that claims another size: signing it would vouch for bytes nobody checked.
     let damaged: String = fs::read_to_string(&narinfo)
         .unwrap()
