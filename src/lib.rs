@@ -32,6 +32,8 @@
 //! - [`gc_roots`]: the symlinks that keep queued paths from Nix's garbage collector, their bound and reconcile.
 //! - [`status`]: the status report shared by the daemon and `nixpush status`, with types of its own, one part per
 //!   target ([`status::TargetReport`]) and its text rendering.
+//! - [`outcome`]: how the engine finished with a path, one vocabulary for the queue's history and the status
+//!   report.
 //! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
@@ -68,6 +70,7 @@ pub mod logging;
 pub mod metrics;
 pub mod nar;
 pub mod narinfo;
+pub mod outcome;
 pub mod pathinfo;
 pub mod priority;
 pub mod protocol;

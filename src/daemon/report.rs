@@ -61,7 +61,7 @@ fn target_report(
                 held_back_now.push(FilteredPath {
                     reason: entry.last_error.clone().unwrap_or_default(),
                     path: entry.path.clone(),
-                    outcome: status::Outcome::HeldBack,
+                    outcome: Outcome::HeldBack,
                     at_ms: entry.updated_at_ms,
                 });
             }
@@ -263,7 +263,7 @@ fn filtered_recent(
         }
         held_back_now.push(FilteredPath {
             path: record.path.clone(),
-            outcome: record.outcome.into(),
+            outcome: record.outcome,
             reason: record.reason.clone().unwrap_or_default(),
             at_ms: record.finished_at_ms,
         });
@@ -272,25 +272,11 @@ fn filtered_recent(
     held_back_now
 }
 
-impl From<Outcome> for status::Outcome {
-    fn from(outcome: Outcome) -> status::Outcome {
-        match outcome {
-            Outcome::Uploaded => status::Outcome::Uploaded,
-            Outcome::AlreadyPresent => status::Outcome::AlreadyPresent,
-            Outcome::SkippedUpstream => status::Outcome::SkippedUpstream,
-            Outcome::Excluded => status::Outcome::Excluded,
-            Outcome::SkippedGone => status::Outcome::SkippedGone,
-            Outcome::Failed => status::Outcome::Failed,
-            Outcome::HeldBack => status::Outcome::HeldBack,
-        }
-    }
-}
-
 impl From<queue::HistoryRecord> for FinishedPath {
     fn from(record: queue::HistoryRecord) -> FinishedPath {
         FinishedPath {
             path: record.path,
-            outcome: record.outcome.into(),
+            outcome: record.outcome,
             nar_size: record.nar_size,
             file_size: record.file_size,
             duration_ms: record.duration_ms,

@@ -43,6 +43,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::store_path::StorePath;
 
+/// Shared with the status report, which shows the history's outcomes as they are.
+pub use crate::outcome::Outcome;
 pub use open::{open, Damage, Opened};
 pub use sqlite_queue::{sync_dir, CommitStats, SqliteQueue, DB_FILE, ENTRIES_TABLE};
 
@@ -214,26 +216,6 @@ pub struct Backlog {
     pub oldest_enqueued_at_ms: Option<u64>,
     /// Queued paths whose last attempt failed (waiting out a backoff, or due again).
     pub retrying: u64,
-}
-
-/// How the engine finished with a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// NAR and narinfo written to the target.
-    Uploaded,
-    /// The target already had it.
-    AlreadyPresent,
-    /// An upstream cache serves it.
-    SkippedUpstream,
-    /// Filtered out by the target's `include`, `exclude` or `max_nar_size`.
-    Excluded,
-    /// Garbage-collected before it could be uploaded.
-    SkippedGone,
-    /// Gave up on it.
-    Failed,
-    /// Held back: a reference of it is filtered out and no cache has it.
-    HeldBack,
 }
 
 /// One finished path, for `status`.

@@ -27,6 +27,8 @@ pub mod targets;
 #[cfg(test)]
 pub(crate) mod tests;
 
+/// Shared with the queue's history, whose outcomes the report shows as they are.
+pub use crate::outcome::Outcome;
 pub use render::human_duration;
 pub use targets::TargetReport;
 
@@ -320,26 +322,6 @@ pub struct FailedPath {
     /// The target, in the lists that merge several targets' (the top level of a report with more than one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-}
-
-/// How the engine finished with a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// NAR and narinfo written to the target.
-    Uploaded,
-    /// The target already had it.
-    AlreadyPresent,
-    /// An upstream cache serves it.
-    SkippedUpstream,
-    /// Filtered out by the target's `include`, `exclude` or `max_nar_size`.
-    Excluded,
-    /// Garbage-collected before it could be uploaded.
-    SkippedGone,
-    /// Gave up on it.
-    Failed,
-    /// Held back: a reference of it is filtered out and no cache has it.
-    HeldBack,
 }
 
 /// One finished path.

@@ -1,0 +1,25 @@
+//! How the engine finished with a path: one vocabulary for the queue's history and the status report. A value,
+//! not a record, so the two keep their own record types and share only this. Its names are stored (history rows)
+//! and shown (`status --json`) alike; the queue's and the status report's tests pin both.
+
+use serde::{Deserialize, Serialize};
+
+/// How the engine finished with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// NAR and narinfo written to the target.
+    Uploaded,
+    /// The target already had it.
+    AlreadyPresent,
+    /// An upstream cache serves it.
+    SkippedUpstream,
+    /// Filtered out by the target's `include`, `exclude` or `max_nar_size`.
+    Excluded,
+    /// Garbage-collected before it could be uploaded.
+    SkippedGone,
+    /// Gave up on it.
+    Failed,
+    /// Held back: a reference of it is filtered out and no cache has it.
+    HeldBack,
+}
