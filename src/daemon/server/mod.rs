@@ -287,6 +287,36 @@ mod tests {
         }
     }
 
+    fn retry(paths: &[&str], all: bool) -> Request {
+        Request::Retry {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            all,
+            target: None,
+        }
+    }
+
+    fn list(after: Option<String>, limit: Option<usize>) -> Request {
+        Request::List {
+            after,
+            limit,
+            target: None,
+        }
+    }
+
+    /// The answer to a retry or drop that changed only the fixture's path.
+    fn changed_good(f: &Fixture) -> Response {
+        Response::Changed {
+            paths: vec![f.good.clone()],
+        }
+    }
+
+    /// Enqueues the fixture's path and returns its queue entry, for the test to change and `set` back.
+    async fn enqueued_good(f: &Fixture, client: &mut DuplexStream) -> crate::queue::Entry {
+        call(client, &enqueue(&[&f.good])).await;
+        let path = StorePath::parse(&f.good, f.shared.config().store_dir_str()).unwrap();
+        f.shared.queue.get(&path).unwrap().unwrap()
+    }
+
     #[tokio::test]
     async fn enqueue_acks_dedupes_and_reports() {
         let f = fixture();
@@ -377,9 +407,7 @@ mod tests {
     async fn retry_makes_a_path_waiting_out_a_backoff_due_now() {
         let f = fixture();
         let mut client = connect(&f, ROOT);
-        call(&mut client, &enqueue(&[&f.good])).await;
-        let path = StorePath::parse(&f.good, f.shared.config().store_dir_str()).unwrap();
-        let mut entry = f.shared.queue.get(&path).unwrap().unwrap();
+        let mut entry = enqueued_good(&f, &mut client).await;
         entry.attempts = 3;
         entry.last_error = Some("HTTP 503".into());
         entry.next_attempt_at_ms = crate::queue::now_ms() + 300_000;
@@ -390,21 +418,8 @@ mod tests {
             .due(crate::queue::now_ms(), 10)
             .unwrap()
             .is_empty());
-        let retried = call(
-            &mut client,
-            &Request::Retry {
-                paths: vec![f.good.clone()],
-                all: false,
-                target: None,
-            },
-        )
-        .await;
-        assert_eq!(
-            retried,
-            Response::Changed {
-                paths: vec![f.good.clone()]
-            }
-        );
+        let retried = call(&mut client, &retry(&[&f.good], false)).await;
+        assert_eq!(retried, changed_good(&f));
         let due = f.shared.queue.due(crate::queue::now_ms(), 10).unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].attempts, 3, "the attempts so far are kept");
@@ -425,12 +440,7 @@ mod tests {
             read_response(&mut client).await,
             Some(Response::Ack { .. })
         ));
-        let list = Request::List {
-            after: None,
-            limit: None,
-            target: None,
-        };
-        for byte in protocol::encode_request(&list) {
+        for byte in protocol::encode_request(&list(None, None)) {
             client.write_all(&[byte]).await.unwrap();
         }
         assert!(matches!(
@@ -443,9 +453,7 @@ mod tests {
     async fn retry_and_drop() {
         let f = fixture();
         let mut client = connect(&f, ROOT);
-        call(&mut client, &enqueue(&[&f.good])).await;
-        let path = StorePath::parse(&f.good, f.shared.config().store_dir_str()).unwrap();
-        let mut entry = f.shared.queue.get(&path).unwrap().unwrap();
+        let mut entry = enqueued_good(&f, &mut client).await;
         entry.state = crate::queue::State::Failed;
         entry.last_error = Some("HTTP 500".into());
         f.shared.queue.set(&entry).unwrap();
@@ -456,36 +464,13 @@ mod tests {
             report.failed_paths[0].last_error.as_deref(),
             Some("HTTP 500")
         );
-        let retried = call(
-            &mut client,
-            &Request::Retry {
-                paths: vec![],
-                all: true,
-                target: None,
-            },
-        )
-        .await;
-        assert_eq!(
-            retried,
-            Response::Changed {
-                paths: vec![f.good.clone()]
-            }
-        );
-        let list = Request::List {
-            after: None,
-            limit: Some(1),
-            target: None,
-        };
-        let Response::List { entries, next } = call(&mut client, &list).await else {
+        let retried = call(&mut client, &retry(&[], true)).await;
+        assert_eq!(retried, changed_good(&f));
+        let Response::List { entries, next } = call(&mut client, &list(None, Some(1))).await else {
             panic!()
         };
         assert_eq!(entries.len(), 1);
-        let list = Request::List {
-            after: next,
-            limit: Some(1),
-            target: None,
-        };
-        let Response::List { entries, next } = call(&mut client, &list).await else {
+        let Response::List { entries, next } = call(&mut client, &list(next, Some(1))).await else {
             panic!()
         };
         assert!(entries.is_empty() && next.is_none());
@@ -497,12 +482,7 @@ mod tests {
             },
         )
         .await;
-        assert_eq!(
-            dropped,
-            Response::Changed {
-                paths: vec![f.good.clone()]
-            }
-        );
+        assert_eq!(dropped, changed_good(&f));
         assert_eq!(f.shared.queue.counts().queued, 0);
     }
 }
