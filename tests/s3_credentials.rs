@@ -7,14 +7,15 @@
 //! s3s-fs checks the signature, which covers `X-Amz-Security-Token`, but keeps no list of valid session tokens;
 //! that the right token was sent is what the proxy's log shows.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::faultproxy::{Fault, FaultProxy};
 use crate::harness::aws::{apply, clean_env, expiration_of, AwsStandIn};
+use crate::harness::cache::assert_nix_copies;
 use crate::harness::process::{output, wait_until_within};
-use crate::remote::{build_paths, nix_copy_from, nix_key};
+use crate::remote::{build_paths, nix_key};
 use crate::s3s::S3sFs;
 use crate::util::{TestDaemon, TestEnv, NIXPUSH};
 
@@ -95,6 +96,57 @@ fn session_tokens(proxy: &FaultProxy) -> Vec<String> {
         .collect()
 }
 
+/// The stand-in, the bucket that takes only its keys, the recording proxy in front of the bucket, and a test
+/// environment whose `[target]` is that bucket, signed with a key of its own.
+struct Creds {
+    stand_in: AwsStandIn,
+    server: S3sFs,
+    proxy: FaultProxy,
+    env: TestEnv,
+    sec: PathBuf,
+    public: String,
+}
+
+impl Creds {
+    /// Keys that live `lifetime`; the proxy fails a share `rate` of requests with `faults` (see
+    /// [`FaultProxy::start`]); the signing key is named `key_name`.
+    fn start(key_name: &str, lifetime: Duration, rate: f64, faults: &[Fault]) -> Creds {
+        let stand_in = AwsStandIn::start(TEMP_KEY, TEMP_SECRET, ROLE, lifetime);
+        let server = S3sFs::start_with_keys(&[BUCKET], TEMP_KEY, TEMP_SECRET);
+        let proxy = FaultProxy::start(server.port, rate, faults, Duration::ZERO, 1);
+        let env = TestEnv::new();
+        let (sec, public) = nix_key(env.dir.path(), key_name);
+        env.write_config_with("", &target(&proxy, &sec, ""));
+        Creds {
+            stand_in,
+            server,
+            proxy,
+            env,
+            sec,
+            public,
+        }
+    }
+
+    /// Keys that last the hour, nothing faulted.
+    fn healthy(key_name: &str) -> Creds {
+        Creds::start(key_name, Duration::from_secs(3600), 0.0, &[])
+    }
+
+    /// Real Nix fetches every path in `paths` from the bucket under the signing key.
+    fn assert_nix_reads(&self, paths: &[String]) {
+        assert_nix_copies(&self.server.nix_url(BUCKET), &self.public, paths);
+    }
+
+    /// Every request the bucket answered was signed with session token `token`, and there was at least one.
+    fn assert_signed_only_with(&self, token: &str) {
+        let used = session_tokens(&self.proxy);
+        assert!(
+            !used.is_empty() && used.iter().all(|t| t == token),
+            "{token}: {used:?}"
+        );
+    }
+}
+
 /// Fails the test if `text` holds any of `secrets`.
 fn assert_no_secret(text: &str, secrets: &[String]) {
     for secret in secrets {
@@ -116,16 +168,12 @@ fn issued_tokens(stand_in: &AwsStandIn) -> Vec<String> {
 /// source without a secret. See: #19
 #[test]
 fn web_identity_keys_from_sts_fill_a_bucket_nix_reads() {
-    let stand_in = AwsStandIn::start(TEMP_KEY, TEMP_SECRET, ROLE, Duration::from_secs(3600));
-    let server = S3sFs::start_with_keys(&[BUCKET], TEMP_KEY, TEMP_SECRET);
-    let proxy = FaultProxy::start(server.port, 0.0, &[], Duration::ZERO, 1);
-    let env = TestEnv::new();
-    let (sec, public) = nix_key(env.dir.path(), "nixpush-creds-webid-1");
-    env.write_config_with("", &target(&proxy, &sec, ""));
-    let vars = web_identity_env(&env, &stand_in);
+    let creds = Creds::healthy("nixpush-creds-webid-1");
+    let (env, stand_in) = (&creds.env, &creds.stand_in);
+    let vars = web_identity_env(env, stand_in);
     let paths = build_paths(env.dir.path(), "credswebid", 1000);
 
-    let text = push(&env, &vars, &paths);
+    let text = push(env, &vars, &paths);
     let sts = stand_in.calls_of("sts");
     assert_eq!(sts.len(), 1, "{sts:?}");
     assert_eq!(sts[0]["status"], 200, "{sts:?}");
@@ -134,15 +182,10 @@ fn web_identity_keys_from_sts_fill_a_bucket_nix_reads() {
         (Some(ROLE), Some("nixpush-ci-run"))
     );
     let issued = sts[0]["session_token"].as_str().unwrap().to_owned();
-    let used = session_tokens(&proxy);
-    assert!(
-        !used.is_empty() && used.iter().all(|t| *t == issued),
-        "{used:?}"
-    );
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    creds.assert_signed_only_with(&issued);
+    creds.assert_nix_reads(&paths);
 
-    let (ok, check) = nixpush(&env, &vars, &["check-config"]);
+    let (ok, check) = nixpush(env, &vars, &["check-config"]);
     assert!(ok, "{check}");
     assert!(
         check.contains(&format!(
@@ -163,15 +206,11 @@ fn web_identity_keys_from_sts_fill_a_bucket_nix_reads() {
 /// request carrying the session token the stand-in requires. See: #19
 #[test]
 fn instance_metadata_keys_fill_a_bucket() {
-    let stand_in = AwsStandIn::start(TEMP_KEY, TEMP_SECRET, ROLE, Duration::from_secs(3600));
+    let creds = Creds::healthy("nixpush-creds-imds-1");
+    let (env, stand_in) = (&creds.env, &creds.stand_in);
     // Like the real service, the stand-in refuses a GET without the token.
     let (status, _) = stand_in.get("/latest/meta-data/iam/security-credentials/", &[]);
     assert_eq!(status, 401);
-    let server = S3sFs::start_with_keys(&[BUCKET], TEMP_KEY, TEMP_SECRET);
-    let proxy = FaultProxy::start(server.port, 0.0, &[], Duration::ZERO, 1);
-    let env = TestEnv::new();
-    let (sec, public) = nix_key(env.dir.path(), "nixpush-creds-imds-1");
-    env.write_config_with("", &target(&proxy, &sec, ""));
     let mut vars = clean_env(env.dir.path());
     vars.push(("AWS_EC2_METADATA_DISABLED".into(), String::new()));
     vars.push((
@@ -180,7 +219,7 @@ fn instance_metadata_keys_fill_a_bucket() {
     ));
     let paths = build_paths(env.dir.path(), "credsimds", 1000);
 
-    let text = push(&env, &vars, &paths);
+    let text = push(env, &vars, &paths);
     let calls = stand_in.calls();
     let kinds: Vec<(&str, u64)> = calls
         .iter()
@@ -198,13 +237,8 @@ fn instance_metadata_keys_fill_a_bucket() {
         "{calls:?}"
     );
     let issued = calls[3]["session_token"].as_str().unwrap().to_owned();
-    let used = session_tokens(&proxy);
-    assert!(
-        !used.is_empty() && used.iter().all(|t| *t == issued),
-        "{used:?}"
-    );
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    creds.assert_signed_only_with(&issued);
+    creds.assert_nix_reads(&paths);
     assert_no_secret(&text, &[TEMP_SECRET.to_owned(), issued]);
 }
 
@@ -212,11 +246,8 @@ fn instance_metadata_keys_fill_a_bucket() {
 /// `role_arn` and `web_identity_token_file`, chosen by `profile=` in the URL (as Nix's S3 store takes it). See: #19
 #[test]
 fn profiles_of_the_config_file() {
-    let stand_in = AwsStandIn::start(TEMP_KEY, TEMP_SECRET, ROLE, Duration::from_secs(3600));
-    let server = S3sFs::start_with_keys(&[BUCKET], TEMP_KEY, TEMP_SECRET);
-    let proxy = FaultProxy::start(server.port, 0.0, &[], Duration::ZERO, 1);
-    let env = TestEnv::new();
-    let (sec, public) = nix_key(env.dir.path(), "nixpush-creds-profile-1");
+    let creds = Creds::healthy("nixpush-creds-profile-1");
+    let (env, stand_in, proxy, sec) = (&creds.env, &creds.stand_in, &creds.proxy, &creds.sec);
     let config_file = env.dir.path().join("aws-config");
     std::fs::write(
         &config_file,
@@ -232,22 +263,21 @@ fn profiles_of_the_config_file() {
     vars.push(("AWS_CONFIG_FILE".into(), config_file.display().to_string()));
     vars.push(("AWS_ENDPOINT_URL_STS".into(), stand_in.sts_url()));
 
-    env.write_config_with("", &target(&proxy, &sec, ""));
     let mut with_profile = vars.clone();
     with_profile.push(("AWS_PROFILE".into(), "ci".into()));
     let first = build_paths(env.dir.path(), "credsprofile", 1000);
-    let text = push(&env, &with_profile, &first);
+    let text = push(env, &with_profile, &first);
     assert!(stand_in.calls_of("sts").is_empty());
-    assert!(session_tokens(&proxy).iter().all(|t| t == "(none)"));
+    assert!(session_tokens(proxy).iter().all(|t| t == "(none)"));
 
-    env.write_config_with("", &target(&proxy, &sec, "&profile=oidc"));
+    env.write_config_with("", &target(proxy, sec, "&profile=oidc"));
     let second = build_paths(env.dir.path(), "credsprofileoidc", 1000);
-    let (ok, check) = nixpush(&env, &vars, &["check-config"]);
+    let (ok, check) = nixpush(env, &vars, &["check-config"]);
     assert!(
         ok && check.contains("web identity (profile [oidc] of"),
         "{check}"
     );
-    let more = push(&env, &vars, &second);
+    let more = push(env, &vars, &second);
     let sts = stand_in.calls_of("sts");
     assert_eq!(sts.len(), 1, "{sts:?}");
     assert_eq!(
@@ -255,9 +285,8 @@ fn profiles_of_the_config_file() {
         (Some(200), Some("from-profile"))
     );
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &all);
-    assert!(ok, "nix copy failed: {err}");
-    let mut secrets = issued_tokens(&stand_in);
+    creds.assert_nix_reads(&all);
+    let mut secrets = issued_tokens(stand_in);
     secrets.extend([TEMP_SECRET.to_owned(), stand_in.token()]);
     assert_no_secret(&format!("{text}{check}{more}"), &secrets);
 }
@@ -268,12 +297,14 @@ fn profiles_of_the_config_file() {
 #[test]
 fn daemon_refreshes_expiring_keys_and_rereads_the_rotated_token() {
     let lifetime = Duration::from_secs(6);
-    let stand_in = AwsStandIn::start(TEMP_KEY, TEMP_SECRET, ROLE, lifetime);
-    let server = S3sFs::start_with_keys(&[BUCKET], TEMP_KEY, TEMP_SECRET);
-    let proxy = FaultProxy::start(server.port, 0.0, &[], Duration::ZERO, 1);
-    let env = TestEnv::new();
-    let (sec, public) = nix_key(env.dir.path(), "nixpush-creds-refresh-1");
-    env.write_config_with("", &target(&proxy, &sec, ""));
+    let Creds {
+        stand_in,
+        server,
+        proxy,
+        env,
+        public,
+        ..
+    } = Creds::start("nixpush-creds-refresh-1", lifetime, 0.0, &[]);
     let vars = web_identity_env(&env, &stand_in);
     let first = build_paths(env.dir.path(), "credsrefresh", 1000);
     let second = build_paths(env.dir.path(), "credsrefreshb", 1000);
@@ -314,8 +345,7 @@ fn daemon_refreshes_expiring_keys_and_rereads_the_rotated_token() {
     assert_ne!(used.first(), used.last(), "{used:?}");
     assert_eq!(used.last(), issued.last(), "{used:?} {issued:?}");
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &all);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), &public, &all);
 
     let mut secrets = issued;
     secrets.extend([
@@ -333,18 +363,19 @@ fn daemon_refreshes_expiring_keys_and_rereads_the_rotated_token() {
 /// new keys are fetched and the request sent again; nothing fails and STS was asked exactly twice. See: #19
 #[test]
 fn an_expired_token_answer_refreshes_the_keys_and_retries() {
-    let stand_in = AwsStandIn::start(TEMP_KEY, TEMP_SECRET, ROLE, Duration::from_secs(3600));
-    let server = S3sFs::start_with_keys(&[BUCKET], TEMP_KEY, TEMP_SECRET);
-    let proxy = FaultProxy::start(server.port, 1.0, &[Fault::ExpiredToken], Duration::ZERO, 1);
+    let creds = Creds::start(
+        "nixpush-creds-expired-1",
+        Duration::from_secs(3600),
+        1.0,
+        &[Fault::ExpiredToken],
+    );
+    let (env, stand_in, proxy) = (&creds.env, &creds.stand_in, &creds.proxy);
     // Every request signed with the first session token is refused.
     proxy.only_matching("X-Amz-Security-Token=sts-session-1-");
-    let env = TestEnv::new();
-    let (sec, public) = nix_key(env.dir.path(), "nixpush-creds-expired-1");
-    env.write_config_with("", &target(&proxy, &sec, ""));
-    let vars = web_identity_env(&env, &stand_in);
+    let vars = web_identity_env(env, stand_in);
     let paths = build_paths(env.dir.path(), "credsexpired", 1000);
 
-    let text = push(&env, &vars, &paths);
+    let text = push(env, &vars, &paths);
     let sts = stand_in.calls_of("sts");
     assert_eq!(sts.len(), 2, "{sts:?}");
     assert!(
@@ -352,14 +383,9 @@ fn an_expired_token_answer_refreshes_the_keys_and_retries() {
         "no request was refused"
     );
     let second = sts[1]["session_token"].as_str().unwrap().to_owned();
-    let used = session_tokens(&proxy);
-    assert!(
-        !used.is_empty() && used.iter().all(|t| *t == second),
-        "{used:?}"
-    );
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
-    let mut secrets = issued_tokens(&stand_in);
+    creds.assert_signed_only_with(&second);
+    creds.assert_nix_reads(&paths);
+    let mut secrets = issued_tokens(stand_in);
     secrets.extend([TEMP_SECRET.to_owned(), stand_in.token()]);
     assert_no_secret(&text, &secrets);
 }

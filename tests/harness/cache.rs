@@ -45,6 +45,12 @@ pub fn nix_copy_from(url: &str, public_key: &str, paths: &[String]) -> (bool, St
     )
 }
 
+/// [`nix_copy_from`] of `paths` from `url` under `public_key` brings every path.
+pub fn assert_nix_copies(url: &str, public_key: &str, paths: &[String]) {
+    let (ok, err) = nix_copy_from(url, public_key, paths);
+    assert!(ok, "nix copy --from {url} failed: {err}");
+}
+
 /// Real Nix substitutes every path in `paths` from `url` trusting `public_key`, and refuses them under a key that
 /// signed nothing.
 pub fn assert_nix_substitutes(url: &str, public_key: &str, paths: &[String]) {
