@@ -201,6 +201,16 @@ impl From<StorePath> for String {
     }
 }
 
+/// `/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-NAME`: a valid path for unit tests that care only about its name.
+#[cfg(test)]
+pub(crate) fn test_path(name: &str) -> StorePath {
+    StorePath::parse(
+        &format!("/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-{name}"),
+        "/nix/store",
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,20 +218,9 @@ pub(super) fn build(shared: &Shared) -> Result<StatusReport, queue::Error> {
             uptime_secs: shared.started.elapsed().as_secs(),
             hold: shared.hold,
         },
-        target: first
-            .map(|t| t.target.clone())
-            .unwrap_or_else(|| TargetInfo {
-                url: String::new(),
-                state: TargetState::Paused,
-                message: "no target configured".to_owned(),
-                reachable: None,
-                authorized: None,
-                read_url: None,
-                stats: None,
-                degraded: None,
-                filtered: FilterStatus::default(),
-                upload_rate: None,
-            }),
+        target: first.map(|t| t.target.clone()).unwrap_or_else(|| {
+            TargetInfo::new(String::new(), TargetState::Paused, "no target configured")
+        }),
         in_flight_uploads,
         recent,
         failed_paths,

@@ -42,14 +42,11 @@ pub fn over_limit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store_path::test_path;
 
     fn failed(name: &str, nar_size: u64, failed_at_ms: u64) -> FailedRoot {
         FailedRoot {
-            path: StorePath::parse(
-                &format!("/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-{name}"),
-                "/nix/store",
-            )
-            .unwrap(),
+            path: test_path(name),
             nar_size,
             failed_at_ms,
         }

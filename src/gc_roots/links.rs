@@ -108,20 +108,13 @@ pub fn explain(action: &str, dir: &Path, error: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn path(name: &str) -> StorePath {
-        StorePath::parse(
-            &format!("/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-{name}"),
-            "/nix/store",
-        )
-        .unwrap()
-    }
+    use crate::store_path::test_path;
 
     #[test]
     fn roots_are_created_idempotently_repaired_listed_and_removed() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("roots");
-        let p = path("hello");
+        let p = test_path("hello");
         create(&dir, &p).unwrap();
         create(&dir, &p).unwrap();
         let link = link_path(&dir, &p);
@@ -129,7 +122,7 @@ mod tests {
         // Someone else's files are not listed as ours.
         std::fs::write(dir.join("notes"), b"").unwrap();
         std::os::unix::fs::symlink("/etc", dir.join("etc")).unwrap();
-        let q = path("other");
+        let q = test_path("other");
         std::os::unix::fs::symlink("/tmp", link_path(&dir, &q)).unwrap();
         assert_eq!(list_owned(&dir, "/nix/store").unwrap(), vec![p.clone()]);
         // A link by our name pointing elsewhere is replaced.

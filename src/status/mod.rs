@@ -185,6 +185,28 @@ pub struct TargetInfo {
     pub upload_rate: Option<UploadRate>,
 }
 
+impl TargetInfo {
+    /// A target in `state` that nothing more is known about: not asked yet, nothing filtered, no rate.
+    pub fn new(
+        url: impl Into<String>,
+        state: TargetState,
+        message: impl Into<String>,
+    ) -> TargetInfo {
+        TargetInfo {
+            url: url.into(),
+            state,
+            message: message.into(),
+            reachable: None,
+            authorized: None,
+            read_url: None,
+            stats: None,
+            degraded: None,
+            filtered: FilterStatus::default(),
+            upload_rate: None,
+        }
+    }
+}
+
 /// What a target's filters (`include`, `exclude`, `max_nar_size`) left out: paths excluded, and paths held back
 /// because a reference of theirs is excluded and no cache has it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

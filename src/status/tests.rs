@@ -1,6 +1,7 @@
 //! The `status --json` contract, pinned, and the rendering cases.
 
 use super::*;
+use crate::store_path::test_path;
 
 pub(crate) fn sample() -> StatusReport {
     StatusReport {
@@ -38,15 +39,6 @@ pub(crate) fn sample() -> StatusReport {
             hold: true,
         },
         target: TargetInfo {
-            url: "file:///var/cache/nix".into(),
-            state: TargetState::Hold,
-            message: "uploads held (--hold)".into(),
-            reachable: None,
-            authorized: None,
-            read_url: None,
-            stats: None,
-            degraded: None,
-            filtered: FilterStatus::default(),
             upload_rate: Some(UploadRate {
                 limit_bytes_per_sec: Some(524_288),
                 source: "rate_schedule 09:00–18:00".into(),
@@ -55,16 +47,17 @@ pub(crate) fn sample() -> StatusReport {
                 next_change_local: Some("18:00".into()),
                 next_change_at: Some(1_700_028_000),
             }),
+            ..TargetInfo::new(
+                "file:///var/cache/nix",
+                TargetState::Hold,
+                "uploads held (--hold)",
+            )
         },
         in_flight_uploads: vec![],
         recent: vec![],
         failed_paths: vec![FailedPath {
             target: None,
-            path: StorePath::parse(
-                "/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-vec-top",
-                "/nix/store",
-            )
-            .unwrap(),
+            path: test_path("vec-top"),
             state: "failed".into(),
             attempts: 10,
             last_error: Some("HTTP 500".into()),
@@ -223,34 +216,27 @@ fn older_reports_without_new_fields_still_parse() {
     assert_eq!(back, expected);
 }
 
-fn path(name: &str) -> StorePath {
-    StorePath::parse(
-        &format!("/nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-{name}"),
-        "/nix/store",
-    )
-    .unwrap()
-}
-
-#[test]
-fn render_answers_whether_the_cache_is_up_to_date() {
-    let now = 1_700_000_100;
+/// The sample with nothing waiting: not held, nothing queued or failed, up to date.
+fn up_to_date_sample() -> StatusReport {
     let mut report = sample();
     report.daemon.hold = false;
     report.queued = 0;
     report.failed = 0;
     report.failed_paths.clear();
     report.up_to_date = true;
+    report
+}
+
+#[test]
+fn render_answers_whether_the_cache_is_up_to_date() {
+    let now = 1_700_000_100;
+    let mut report = up_to_date_sample();
     report.last_upload_at = Some(now - 120);
     report.target = TargetInfo {
-        url: "http://127.0.0.1:8080".into(),
-        state: TargetState::Idle,
-        message: "queue empty".into(),
         reachable: Some(true),
         authorized: Some(true),
         read_url: Some("http://127.0.0.1:8080".into()),
         stats: Some(serde_json::json!({"paths": 12, "size": "3 GiB"})),
-        degraded: None,
-        filtered: FilterStatus::default(),
         upload_rate: Some(UploadRate {
             limit_bytes_per_sec: Some(512 * 1024),
             source: "rate_schedule 09:00–18:00".into(),
@@ -259,10 +245,11 @@ fn render_answers_whether_the_cache_is_up_to_date() {
             next_change_local: Some("18:00".into()),
             next_change_at: Some(now + 3600),
         }),
+        ..TargetInfo::new("http://127.0.0.1:8080", TargetState::Idle, "queue empty")
     };
     report.recent = vec![FinishedPath {
         target: None,
-        path: path("hello-2.12"),
+        path: test_path("hello-2.12"),
         outcome: Outcome::Uploaded,
         nar_size: Some(4 * 1024 * 1024),
         file_size: Some(1024 * 1024),
@@ -299,7 +286,7 @@ fn render_answers_whether_the_cache_is_up_to_date() {
         "paused: http://127.0.0.1:8080/nix-cache-info rejected the credentials".into();
     report.in_flight_uploads = vec![InFlightUpload {
         target: None,
-        path: path("big"),
+        path: test_path("big"),
         started_at: now - 3,
         nar_bytes_done: 512,
         nar_size: Some(2048),
@@ -359,16 +346,9 @@ fn several_targets_get_a_block_each_and_the_verdict_names_the_one_at_fault() {
         up_to_date: false,
         last_upload_at: Some(now - 60),
         target: TargetInfo {
-            url: url.into(),
-            state,
-            message: message.into(),
             reachable: Some(state != TargetState::Unreachable),
             authorized: Some(state != TargetState::Paused),
-            read_url: None,
-            stats: None,
-            degraded: None,
-            filtered: FilterStatus::default(),
-            upload_rate: None,
+            ..TargetInfo::new(url, state, message)
         },
         in_flight_uploads: Vec::new(),
         recent: Vec::new(),
@@ -422,25 +402,20 @@ fn several_targets_get_a_block_each_and_the_verdict_names_the_one_at_fault() {
 #[test]
 fn render_counts_what_the_filters_left_out_with_their_reasons() {
     let now = 1_700_000_100;
-    let mut report = sample();
-    report.daemon.hold = false;
-    report.queued = 0;
-    report.failed = 0;
-    report.failed_paths.clear();
-    report.up_to_date = true;
+    let mut report = up_to_date_sample();
     report.target.filtered = FilterStatus {
         excluded: 2,
         held_back: 1,
         waiting_for_retry: 1,
         recent: vec![
             FilteredPath {
-                path: path("app"),
+                path: test_path("app"),
                 outcome: Outcome::HeldBack,
                 reason: HELD_BACK_REASON.into(),
                 at_ms: (now - 5) * 1000,
             },
             FilteredPath {
-                path: path("secret"),
+                path: test_path("secret"),
                 outcome: Outcome::Excluded,
                 reason: "matches exclude pattern \"*-secret\"".into(),
                 at_ms: (now - 5) * 1000,
