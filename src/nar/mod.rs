@@ -399,7 +399,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    fn fixture(name: &str) -> Vec<u8> {
+    /// A file of `tests/fixtures/vectors`, for the writer's tests and the reader's.
+    pub(super) fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/vectors")

@@ -1,6 +1,7 @@
 //! The reader against NARs written by the writer and by hand: round trips, and every malformed input refused.
 
 use super::*;
+use crate::nar::tests::fixture;
 use proptest::prelude::*;
 
 const VECTORS: &[&str] = &[
@@ -16,15 +17,6 @@ const VECTORS: &[&str] = &[
     "top-doc.nar",
     "added.nar",
 ];
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/vectors")
-            .join(name),
-    )
-    .unwrap()
-}
 
 fn s(bytes: &[u8]) -> Vec<u8> {
     let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
