@@ -82,9 +82,7 @@ fn push(env: &TestEnv, vars: &[(String, String)], paths: &[String]) -> String {
 fn session_tokens(proxy: &FaultProxy) -> Vec<String> {
     proxy
         .stats
-        .answered
-        .lock()
-        .unwrap()
+        .answered()
         .iter()
         .map(|(target, _)| {
             target

@@ -15,7 +15,8 @@ use nixpush::config::{Compression, Config};
 use nixpush::signing::SecretKey;
 
 use crate::faultproxy::{Fault, FaultProxy};
-use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, BUILD_OPTS};
+use crate::harness::cache::assert_nix_copies;
+use crate::remote::{build_paths, nix_key, prepare, BUILD_OPTS};
 use crate::s3::shared_credentials_file;
 use crate::s3s::{S3sFs, ACCESS_KEY, SECRET_KEY};
 use crate::util::{TestDaemon, TestEnv};
@@ -38,7 +39,7 @@ fn target(proxy: &FaultProxy, signing_key: &Path) -> String {
 /// Successful and refused PUTs per narinfo, from the proxy's request log.
 fn narinfo_writes(proxy: &FaultProxy) -> BTreeMap<String, (u32, u32)> {
     let mut writes: BTreeMap<String, (u32, u32)> = BTreeMap::new();
-    for (target, status) in proxy.stats.answered.lock().unwrap().iter() {
+    for (target, status) in &proxy.stats.answered() {
         let target = target.split('?').next().unwrap_or_default();
         if let Some(key) = target.strip_prefix(&format!("PUT /{BUCKET}/")) {
             if key.ends_with(".narinfo") {
@@ -56,7 +57,7 @@ fn narinfo_writes(proxy: &FaultProxy) -> BTreeMap<String, (u32, u32)> {
 /// Requests per kind (`PUT narinfo`, `PUT nar part`, `POST complete`, …), for the test's output.
 fn request_counts(proxy: &FaultProxy) -> BTreeMap<String, u32> {
     let mut counts = BTreeMap::new();
-    for (target, _) in proxy.stats.answered.lock().unwrap().iter() {
+    for (target, _) in &proxy.stats.answered() {
         let Some((method, path)) = target.split_once(' ') else {
             continue;
         };
@@ -102,6 +103,20 @@ fn assert_each_narinfo_written_once(proxy: &FaultProxy, expected: usize) {
     }
 }
 
+/// No multipart upload is left open in the bucket.
+fn assert_no_open_uploads(server: &S3sFs) {
+    let open = server.open_uploads();
+    assert!(open.is_empty(), "{open:?}");
+}
+
+/// A proxy in front of `server` that answers the next `times` requests matching `only` with `fault`.
+fn proxy_failing(server: &S3sFs, fault: Fault, only: &str, times: u64, seed: u64) -> FaultProxy {
+    let proxy = FaultProxy::start(server.port, 0.0, &[fault], std::time::Duration::ZERO, seed);
+    proxy.only_matching(only);
+    proxy.fail_next(times);
+    proxy
+}
+
 /// Three concurrent `nixpush push` runs of the same large path (multipart) all succeed. See: #22
 #[test]
 fn issue_22_three_pushes_of_one_large_path() {
@@ -139,14 +154,9 @@ fn issue_22_three_pushes_of_one_large_path() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &[big]);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), &public, &[big]);
     assert_each_narinfo_written_once(&proxy, 1);
-    assert!(
-        server.open_uploads().is_empty(),
-        "{:?}",
-        server.open_uploads()
-    );
+    assert_no_open_uploads(&server);
 }
 
 /// Builds three roots whose closures overlap in large paths: r1 → a, b; r2 → a, c; r3 → b, c. Returns the roots
@@ -229,14 +239,9 @@ fn issue_22_three_daemons_overlapping_closures() {
         assert_eq!(status["failed"], 0, "{status}\n{}", daemon.log());
         assert!(!daemon.log().contains(SECRET_KEY), "{}", daemon.log());
     }
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &union);
-    assert!(ok, "nix copy of the union failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), &public, &union);
     assert_each_narinfo_written_once(&proxy, union.len());
-    assert!(
-        server.open_uploads().is_empty(),
-        "{:?}",
-        server.open_uploads()
-    );
+    assert_no_open_uploads(&server);
 }
 
 /// A signed request straight to the server (not through nixpush), as another host's client would send it.
@@ -288,15 +293,7 @@ async fn foreign_multipart_upload(server: &S3sFs, key: &str) -> String {
 async fn issue_22_aborts_only_its_own_multipart_uploads() {
     let server = S3sFs::start(&[BUCKET]);
     // Every part PUT fails (500, after the backend's own retries), so the upload is given up.
-    let proxy = FaultProxy::start(
-        server.port,
-        0.0,
-        &[Fault::ServerError],
-        std::time::Duration::ZERO,
-        3,
-    );
-    proxy.only_matching("partNumber=");
-    proxy.fail_next(u64::MAX);
+    let proxy = proxy_failing(&server, Fault::ServerError, "partNumber=", u64::MAX, 3);
     let dir = tempfile::tempdir().unwrap();
     let paths = build_paths(dir.path(), "writersabort", 12 * 1024 * 1024);
     let p = prepare(paths.last().unwrap(), Compression::Zstd, None);
@@ -319,11 +316,9 @@ async fn issue_22_aborts_only_its_own_multipart_uploads() {
     let deletes = || -> Vec<String> {
         proxy
             .stats
-            .answered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(target, _)| target.clone())
+            .answered()
+            .into_iter()
+            .map(|(target, _)| target)
             .filter(|t| t.starts_with("DELETE "))
             .collect()
     };
@@ -412,8 +407,7 @@ fn issue_20_slow_down_lowers_concurrency_and_fails_nothing() {
     let log = daemon.log();
     assert!(log.contains("asked to slow down"), "{log}");
     assert!(!log.contains("giving up"), "{log}");
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), &public, &paths);
 }
 
 /// When the target stops answering mid-batch, every path's failure names the real reason, never "interrupted by
@@ -421,16 +415,8 @@ fn issue_20_slow_down_lowers_concurrency_and_fails_nothing() {
 #[test]
 fn issue_22_an_unreachable_target_is_the_reason_given() {
     let server = S3sFs::start(&[BUCKET]);
-    let proxy = FaultProxy::start(
-        server.port,
-        0.0,
-        &[Fault::ServerError],
-        std::time::Duration::ZERO,
-        5,
-    );
     // Every NAR upload fails, after the presence check and the preparation of all paths succeeded.
-    proxy.only_matching("/nar/");
-    proxy.fail_next(u64::MAX);
+    let proxy = proxy_failing(&server, Fault::ServerError, "/nar/", u64::MAX, 5);
     let dir = tempfile::tempdir().unwrap();
     let (sec, _) = nix_key(dir.path(), "nixpush-writers-reason-1");
     let paths = build_paths(dir.path(), "writersreason", 1000);
@@ -478,15 +464,7 @@ struct Superseded {
 impl Superseded {
     async fn upload(only: &str, tag: &str, seed: u64) -> Superseded {
         let server = S3sFs::start(&[BUCKET]);
-        let proxy = FaultProxy::start(
-            server.port,
-            0.0,
-            &[Fault::Superseded],
-            std::time::Duration::ZERO,
-            seed,
-        );
-        proxy.only_matching(only);
-        proxy.fail_next(1);
+        let proxy = proxy_failing(&server, Fault::Superseded, only, 1, seed);
         let dir = tempfile::tempdir().unwrap();
         let (sec, public) = nix_key(dir.path(), &format!("nixpush-{tag}-1"));
         let key = SecretKey::load(&sec).unwrap();
@@ -533,8 +511,7 @@ async fn issue_22_a_superseded_upload_counts_when_the_nar_is_there() {
     let (server, proxy, public, paths) = (&run.server, &run.proxy, &run.public, &run.paths);
     let creates = request_counts(proxy).get("POST nar create upload").copied();
     assert_eq!(creates, Some(1), "{:?}", request_counts(proxy));
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), public, paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), public, paths);
 }
 
 /// A part PUT answered `404 NoSuchUpload` and the object is not there: the NAR is uploaded again (a new upload of
@@ -545,16 +522,11 @@ async fn issue_22_a_superseded_upload_is_sent_again_when_the_nar_is_not_there() 
     let (server, proxy, public, paths) = (&run.server, &run.proxy, &run.public, &run.paths);
     let counts = request_counts(proxy);
     assert_eq!(counts.get("POST nar create upload"), Some(&2), "{counts:?}");
-    assert!(
-        server.open_uploads().is_empty(),
-        "{:?}",
-        server.open_uploads()
-    );
+    assert_no_open_uploads(server);
     assert!(
         server.stored_parts().is_empty(),
         "{:?}",
         server.stored_parts()
     );
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), public, paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), public, paths);
 }

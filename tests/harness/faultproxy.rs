@@ -53,6 +53,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// A copy of [`Stats::answered`] so far, so that a test reads it without holding the proxy's lock.
+    pub fn answered(&self) -> Vec<(String, u16)> {
+        self.answered.lock().unwrap().clone()
+    }
+
     /// Requests seen and failed for `METHOD /path` (`(0, 0)` if never seen).
     pub fn for_target(&self, method_and_path: &str) -> (u64, u64) {
         self.by_target
