@@ -393,42 +393,29 @@ mod tests {
 
     #[test]
     fn errors_name_field_and_line() {
-        let cases = [
+        // (text in TOP, its replacement, the line, what the message names)
+        let edits = [
+            ("NarSize: 400", "NarSize: 4x0", "line 7", "NarSize"),
+            ("NarSize: 400", "NarSize: 0", "line 7", "NarSize"),
             (
-                TOP.replace("NarSize: 400", "NarSize: 4x0"),
-                "line 7",
-                "NarSize",
-            ),
-            (
-                TOP.replace("NarSize: 400", "NarSize: 0"),
-                "line 7",
-                "NarSize",
-            ),
-            (
-                TOP.replace("NarHash: sha256:1", "NarHash: sha256:2"),
+                "NarHash: sha256:1",
+                "NarHash: sha256:2",
                 "line 6",
                 "NarHash",
             ),
-            (
-                TOP.replace("References: 8", "References: X"),
-                "line 8",
-                "References",
-            ),
-            (
-                TOP.replace("Deriver: n5", "Deriver: /n5"),
-                "line 9",
-                "Deriver",
-            ),
-            (TOP.replace("URL: ", "URL "), "line 2", "Key: value"),
+            ("References: 8", "References: X", "line 8", "References"),
+            ("Deriver: n5", "Deriver: /n5", "line 9", "Deriver"),
+            ("URL: ", "URL ", "line 2", "Key: value"),
+            ("Sig: nixpush-test-1:", "Sig: ", "line 10", "Sig"),
+        ];
+        let edited = edits
+            .into_iter()
+            .map(|(from, to, line, what)| (TOP.replace(from, to), line, what));
+        let others = [
             (format!("{TOP}NarSize: 400\n"), "line 11", "more than once"),
             (TOP.trim_end().to_owned(), "line 10", "newline"),
-            (
-                TOP.replace("Sig: nixpush-test-1:", "Sig: "),
-                "line 10",
-                "Sig",
-            ),
         ];
-        for (text, line, what) in cases {
+        for (text, line, what) in edited.chain(others) {
             let msg = NarInfo::parse(&text, STORE).unwrap_err().to_string();
             assert!(msg.contains(line) && msg.contains(what), "{msg}");
         }
