@@ -120,41 +120,33 @@ pub(super) async fn s3_error(method: &str, shown: &str, response: reqwest::Respo
 }
 
 /// [`s3_error`] for an error already read.
-fn summarized(error: Error) -> Error {
-    match error {
+fn summarized(mut error: Error) -> Error {
+    match &mut error {
         Error::Status {
-            method,
-            url,
-            code,
-            retry_after,
-            detail,
+            url, code, detail, ..
         } => {
-            let detail = error_summary(&detail);
+            *detail = error_summary(detail);
             // AWS answers an expired session token with 400: an authentication failure all the same.
             if REFUSED_KEYS.iter().any(|c| detail.starts_with(c)) {
-                Error::Unauthorized { url, code, detail }
-            } else {
-                Error::Status {
-                    method,
-                    url,
-                    code,
-                    retry_after,
-                    detail,
-                }
+                return Error::Unauthorized {
+                    url: std::mem::take(url),
+                    code: *code,
+                    detail: std::mem::take(detail),
+                };
             }
         }
-        Error::Unauthorized { url, code, detail } => {
-            let mut detail = error_summary(&detail);
+        Error::Unauthorized { detail, .. } => {
+            *detail = error_summary(detail);
             if detail.starts_with("SignatureDoesNotMatch") {
                 detail.push_str(
                     " (the secret access key does not belong to the access key id: check \
                      AWS_SECRET_ACCESS_KEY or the profile's aws_secret_access_key)",
                 );
             }
-            Error::Unauthorized { url, code, detail }
         }
-        other => other,
+        _ => {}
     }
+    error
 }
 
 /// `Code: Message` of an S3 (or STS) `<Error>` document; other text unchanged.
