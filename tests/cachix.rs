@@ -12,6 +12,8 @@ use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 use serde_json::json;
 
+use crate::harness::cache::assert_nix_copies;
+use crate::harness::daemon::push_summary;
 use crate::harness::process::Run;
 use crate::remote::{
     build_paths, nix_copy_from, nix_key, prepare, prepare_all, CachixServer, Prepared,
@@ -120,8 +122,7 @@ async fn self_signed_push_is_substituted_by_nix() {
         .all(|e| e["auth"] == "bearer"));
 
     let url = format!("{}/selfsigned", server.base());
-    let (ok, err) = nix_copy_from(&url, &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&url, &public, &paths);
     let (ok, err) = nix_copy_from(&url, &other, &paths);
     assert!(!ok && err.contains("lacks a valid signature"), "{err}");
 }
@@ -140,8 +141,7 @@ async fn managed_cache_signs_and_xz_works() {
     let paths = build_paths(dir.path(), "cxmg", 10_000);
     let prepared = prepare_all(&paths, Compression::Xz, None);
     push_all(&backend, &prepared).await;
-    let (ok, err) = nix_copy_from(&format!("{}/managed", server.base()), &server_key, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&format!("{}/managed", server.base()), &server_key, &paths);
 }
 
 #[tokio::test]
@@ -183,8 +183,7 @@ async fn everything_lands_through_faults() {
         .filter(|f| f["count"] != 0)
         .collect();
     assert!(left.is_empty(), "faults never triggered: {left:?}");
-    let (ok, err) = nix_copy_from(&format!("{}/faulty", server.base()), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&format!("{}/faulty", server.base()), &public, &paths);
 }
 
 #[tokio::test]
@@ -390,8 +389,7 @@ async fn bare_base64_signing_key_without_token() {
     let prepared = prepare_all(&paths, Compression::Zstd, Some(&key));
     push_all(&backend, &prepared).await;
     assert!(server.log().await.iter().all(|e| e["auth"] != "bearer"));
-    let (ok, err) = nix_copy_from(&format!("{}/keyonly", server.base()), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&format!("{}/keyonly", server.base()), &public, &paths);
 }
 
 #[tokio::test]
@@ -428,13 +426,7 @@ async fn nixpush_push_lands_a_closure_through_faults() {
         .arg(&paths[2])
         .env("TMPDIR", dir.path())
         .run();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(!stdout.contains(TOKEN) && !stderr.contains(TOKEN));
-    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let summary = push_summary(&out, TOKEN);
     assert_eq!(summary["uploaded"], 3, "{summary}");
     let mut stored = server.stored("cli").await;
     stored.sort();
@@ -450,8 +442,7 @@ async fn nixpush_push_lands_a_closure_through_faults() {
             .all(|f| f["count"] == 0),
         "{state}"
     );
-    let (ok, err) = nix_copy_from(&format!("{}/cli", server.base()), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&format!("{}/cli", server.base()), &public, &paths);
 }
 
 /// Runs `nixpush push` of `paths` to cache `cache` on `server` with the write token; returns the JSON summary.
@@ -526,8 +517,7 @@ async fn push_signs_with_cachix_signing_key_or_a_bare_key_file() {
     assert!(!stderr.contains(&bare), "{stderr}");
 
     let all: Vec<String> = from_env.iter().chain(&from_file).cloned().collect();
-    let (ok, err) = nix_copy_from(&format!("{}/barekey", server.base()), &public, &all);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&format!("{}/barekey", server.base()), &public, &all);
     // Without the signatures made by that key, Nix refuses.
     let (_, other) = nix_key(dir.path(), "barekey.cachix.org-2");
     let (ok, _) = nix_copy_from(&format!("{}/barekey", server.base()), &other, &all);
@@ -589,8 +579,7 @@ async fn hook_builds_reach_cachix_through_faults_and_nix_substitutes() {
         .collect();
     assert!(untriggered.is_empty(), "{untriggered:?}");
     let url = format!("{}/e2e", server.base());
-    let (ok, err) = nix_copy_from(&url, &public, &build.outputs);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&url, &public, &build.outputs);
     let (ok, err) = nix_copy_from(&url, &other, &build.outputs);
     assert!(!ok && err.contains("lacks a valid signature"), "{err}");
 }

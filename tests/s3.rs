@@ -3,14 +3,14 @@
 //! virtual-host addressing (s3s-fs only serves it on a port known before it starts) and a missing bucket (s3s-fs
 //! creates one on the first PUT).
 
-use std::process::Command;
-
 use nixpush::backend::s3::S3Backend;
 use nixpush::backend::{Backend, Error};
 use nixpush::config::{Compression, Config};
 use nixpush::signing::SecretKey;
 use nixpush::store_path::StorePath;
 
+use crate::harness::cache::assert_nix_copies;
+use crate::harness::daemon::push_summary;
 use crate::harness::process::Run;
 use crate::remote::{build_paths, nix_copy_from, nix_key, prepare, prepare_all, PyServer};
 use crate::s3s::{S3sFs, ACCESS_KEY, SECRET_KEY};
@@ -147,8 +147,7 @@ async fn bucket_written_like_nix_and_substituted() {
     let (_, _, etag, _) = signed(&server, "HEAD", &big.narinfo.url).await;
     assert!(etag.trim_matches('"').ends_with("-3"), "{etag}");
 
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), &public, &paths);
     let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &other, &paths);
     assert!(!ok && err.contains("lacks a valid signature"), "{err}");
 
@@ -181,8 +180,7 @@ async fn virtual_host_addressing() {
         backend.upload(&p.narinfo, p.nar()).await.unwrap();
     }
     let bucket_url = format!("{}/{BUCKET}", server.base());
-    let (ok, err) = nix_copy_from(&bucket_url, &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&bucket_url, &public, &paths);
 }
 
 #[tokio::test]
@@ -210,32 +208,18 @@ fn nixpush_push_fills_a_bucket_nix_reads() {
     let server = S3sFs::start(&[BUCKET]);
     let (sec, public) = nix_key(dir.path(), "nixpush-s3-cli-1");
     let paths = build_paths(dir.path(), "s3cli", 6 * 1024 * 1024);
-    let out = Command::new(env!("CARGO_BIN_EXE_nixpush"))
-        .arg("push")
-        .arg("--target")
-        .arg(format!(
-            "s3://{BUCKET}?endpoint={}&region=us-east-1",
-            server.base()
-        ))
-        .arg("--signing-key-file")
-        .arg(&sec)
-        .args(["--no-upstream", "--json"])
+    let out = server
+        .push_command(BUCKET, &sec)
+        .arg("--json")
         .arg(&paths[1])
         .arg(&paths[2])
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("TMPDIR", dir.path())
         .run();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(!stdout.contains(SECRET_KEY) && !stderr.contains(SECRET_KEY));
-    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let summary = push_summary(&out, SECRET_KEY);
     assert_eq!(summary["uploaded"], 3, "{summary}");
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &paths);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), &public, &paths);
 }
 
 #[tokio::test]
@@ -261,6 +245,5 @@ async fn hook_builds_reach_the_bucket_and_nix_substitutes() {
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}\n{}", daemon.log());
     assert!(!daemon.log().contains("s3cr3t"));
-    let (ok, err) = nix_copy_from(&server.nix_url(BUCKET), &public, &build.outputs);
-    assert!(ok, "nix copy failed: {err}");
+    assert_nix_copies(&server.nix_url(BUCKET), &public, &build.outputs);
 }

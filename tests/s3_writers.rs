@@ -346,16 +346,8 @@ fn issue_20_wrong_secret_names_the_signature_problem() {
     SecretKey::load(&sec).unwrap();
     let paths = build_paths(dir.path(), "writerssecret", 1000);
     let wrong = "wr0ng-s3cr3t-not-the-one";
-    let out = Command::new(env!("CARGO_BIN_EXE_nixpush"))
-        .arg("push")
-        .arg("--target")
-        .arg(format!(
-            "s3://{BUCKET}?endpoint={}&region=us-east-1",
-            server.base()
-        ))
-        .arg("--signing-key-file")
-        .arg(&sec)
-        .args(["--no-upstream"])
+    let out = server
+        .push_command(BUCKET, &sec)
         .arg(&paths[0])
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", wrong)

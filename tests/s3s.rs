@@ -112,6 +112,23 @@ impl S3sFs {
         format!("file://{}", self.bucket_dir(bucket).display())
     }
 
+    /// `nixpush push` to `bucket` on this server (path-style, us-east-1) signed with `signing_key`, upstream
+    /// caches not asked; the caller adds the paths, the keys and the rest.
+    pub fn push_command(&self, bucket: &str, signing_key: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nixpush"));
+        command
+            .arg("push")
+            .arg("--target")
+            .arg(format!(
+                "s3://{bucket}?endpoint={}&region=us-east-1",
+                self.base()
+            ))
+            .arg("--signing-key-file")
+            .arg(signing_key)
+            .arg("--no-upstream");
+        command
+    }
+
     /// Multipart uploads the server still holds (its `.upload-<id>.json` records), by upload id.
     pub fn open_uploads(&self) -> Vec<String> {
         let mut ids: Vec<String> = std::fs::read_dir(&self.root)

@@ -355,6 +355,18 @@ impl TestDaemon {
     }
 }
 
+/// The JSON summary printed by a `nixpush push --json` run that succeeded; fails the test if it failed or if
+/// `secret` shows in anything it printed.
+pub fn push_summary(out: &Output, secret: &str) -> Value {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains(secret) && !stderr.contains(secret));
+    serde_json::from_str(&stdout).unwrap()
+}
+
 /// `(input, reason)` of every refused request in a `status --json` object.
 pub fn refused_requests(status: &serde_json::Value) -> Vec<(String, String)> {
     status["refused_requests"]
