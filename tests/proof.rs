@@ -20,6 +20,7 @@ use nixpush::signing::PublicKey;
 use crate::harness::cache::{assert_nix_verifies, hash_part};
 use crate::harness::faultproxy::Fault;
 use crate::harness::keys::public_key;
+use crate::harness::nix::{eval_to_store, store_query};
 use crate::harness::process::{output, Guard};
 use crate::harness::setup::{configure_signed_target, file_url, signed_target, HttpCache};
 use crate::util::{fresh_nonce, nix, TestDaemon, TestEnv};
@@ -283,18 +284,8 @@ fn closure_of_text_files(leaves: usize) -> (String, Vec<String>) {
              leaves = builtins.genList leaf {leaves};
            in builtins.toFile "proof-top" (builtins.concatStringsSep "\n" leaves)"#
     );
-    let top = nix(&[
-        "nix-instantiate",
-        "--eval",
-        "--read-write-mode",
-        "-E",
-        &expr,
-    ]);
-    let top = top.trim().trim_matches('"').to_owned();
-    let closure: Vec<String> = nix(&["nix-store", "--query", "--requisites", &top])
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let top = eval_to_store(&expr);
+    let closure = store_query("--requisites", &top);
     assert_eq!(closure.len(), leaves + 1, "{closure:?}");
     (top, closure)
 }
@@ -320,10 +311,7 @@ fn faults_on_the_wire_delay_but_lose_nothing() {
     let (top, closure) = closure_of_text_files(24);
     let _made = StorePaths(closure.clone());
     let daemon = TestDaemon::start_uploading(env);
-    assert_eq!(
-        hook_result(&daemon.env.run_hook(&[&top], None), &top),
-        HookResult::Acked
-    );
+    assert_acked(&daemon, &top);
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}");
 
@@ -482,6 +470,38 @@ fn upload_and_verify(daemon: &mut TestDaemon, expected: &[&String]) -> BTreeSet<
     landed
 }
 
+/// A held daemon whose state directory is on a 32 MiB tmpfs of its own, and three fresh store paths for its hooks.
+/// Fields drop in order: the daemon stops before the paths go and the tmpfs is unmounted.
+struct SmallStateDir {
+    daemon: TestDaemon,
+    paths: Vec<String>,
+    _made: StorePaths,
+    tmpfs: Tmpfs,
+}
+
+impl SmallStateDir {
+    fn start() -> SmallStateDir {
+        let tmpfs = Tmpfs::mount("32m");
+        let env = env_with_state_dir(tmpfs.path());
+        let paths = crate::util::add_store_paths(3);
+        let made = StorePaths(paths.clone());
+        SmallStateDir {
+            daemon: TestDaemon::start_in(env),
+            paths,
+            _made: made,
+            tmpfs,
+        }
+    }
+}
+
+/// The hook hands `path` to `daemon`, which acknowledges it.
+fn assert_acked(daemon: &TestDaemon, path: &str) {
+    assert_eq!(
+        hook_result(&daemon.env.run_hook(&[path], None), path),
+        HookResult::Acked
+    );
+}
+
 /// Asserts that `text` names `cause` exactly once: a clear error says why, and only once.
 fn assert_says_once(text: &str, cause: &str) {
     assert_eq!(
@@ -494,15 +514,9 @@ fn assert_says_once(text: &str, cause: &str) {
 #[test]
 fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
     let started = Instant::now();
-    let tmpfs = Tmpfs::mount("32m");
-    let env = env_with_state_dir(tmpfs.path());
-    let paths = crate::util::add_store_paths(3);
-    let _made = StorePaths(paths.clone());
-    let mut daemon = TestDaemon::start_in(env);
-    assert_eq!(
-        hook_result(&daemon.env.run_hook(&[&paths[0]], None), &paths[0]),
-        HookResult::Acked
-    );
+    let mut fixture = SmallStateDir::start();
+    let (daemon, paths, tmpfs) = (&mut fixture.daemon, &fixture.paths, &fixture.tmpfs);
+    assert_acked(daemon, &paths[0]);
 
     let fill = tmpfs.fill();
     let refused = daemon.env.run_hook(&[&paths[1]], None);
@@ -537,13 +551,10 @@ fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
 
     // Space returns: the same daemon takes work again, without a restart.
     std::fs::remove_file(fill).unwrap();
-    assert_eq!(
-        hook_result(&daemon.env.run_hook(&[&paths[2]], None), &paths[2]),
-        HookResult::Acked
-    );
+    assert_acked(daemon, &paths[2]);
     assert_eq!(daemon.status()["state_dir_error"], serde_json::Value::Null);
     daemon.stop();
-    let landed = upload_and_verify(&mut daemon, &[&paths[0], &paths[2]]);
+    let landed = upload_and_verify(daemon, &[&paths[0], &paths[2]]);
     eprintln!(
         "proof: disk full: refused with {stderr:?}; {} queued paths landed and verified; {:.1} s",
         landed.len(),
@@ -554,16 +565,10 @@ fn full_state_dir_refuses_new_work_and_loses_nothing_queued() {
 #[test]
 fn read_only_state_dir_refuses_to_start_and_loses_nothing_queued() {
     let started = Instant::now();
-    let tmpfs = Tmpfs::mount("32m");
-    let env = env_with_state_dir(tmpfs.path());
-    let paths = crate::util::add_store_paths(3);
-    let _made = StorePaths(paths.clone());
-    let mut daemon = TestDaemon::start_in(env);
+    let mut fixture = SmallStateDir::start();
+    let (daemon, paths, tmpfs) = (&mut fixture.daemon, &fixture.paths, &fixture.tmpfs);
     for path in &paths[..2] {
-        assert_eq!(
-            hook_result(&daemon.env.run_hook(&[path], None), path),
-            HookResult::Acked
-        );
+        assert_acked(daemon, path);
     }
     daemon.stop();
 
@@ -591,7 +596,7 @@ fn read_only_state_dir_refuses_to_start_and_loses_nothing_queued() {
     assert!(stderr.contains("will not be pushed"), "{stderr}");
 
     tmpfs.remount("rw");
-    let landed = upload_and_verify(&mut daemon, &[&paths[0], &paths[1]]);
+    let landed = upload_and_verify(daemon, &[&paths[0], &paths[1]]);
     eprintln!(
         "proof: disk read-only: daemon said {:?}, hook said {stderr:?}; {} queued paths landed and verified; {:.1} s",
         error.trim(),

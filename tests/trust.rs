@@ -12,6 +12,7 @@ use rand::RngCore;
 
 use crate::faultproxy::{Fault, FaultProxy};
 use crate::harness::keys::{public_key, signing_key_file};
+use crate::harness::nix::{eval_to_store, store_query};
 use crate::nginx::Nginx;
 use crate::util::{fresh_nonce, nix, wait_until, TestDaemon, TestEnv, NIXPUSH};
 
@@ -73,18 +74,8 @@ fn dep_and_referrer() -> (String, String) {
         r#"let dep = builtins.toFile "trust-dep" "dependency {nonce}\n";
            in builtins.toFile "trust-top" "uses ${{dep}} {nonce}\n""#
     );
-    let top = nix(&[
-        "nix-instantiate",
-        "--eval",
-        "--read-write-mode",
-        "-E",
-        &expr,
-    ]);
-    let top = top.trim().trim_matches('"').to_owned();
-    let refs: Vec<String> = nix(&["nix-store", "--query", "--references", &top])
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let top = eval_to_store(&expr);
+    let refs = store_query("--references", &top);
     assert_eq!(refs.len(), 1, "{refs:?}");
     (refs[0].clone(), top)
 }

@@ -103,6 +103,21 @@ pub fn nix(args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// The store path the Nix expression `expr` evaluates to, with what it makes (`builtins.toFile`) written to the
+/// store.
+pub fn eval_to_store(expr: &str) -> String {
+    let out = nix(&["nix-instantiate", "--eval", "--read-write-mode", "-E", expr]);
+    out.trim().trim_matches('"').to_owned()
+}
+
+/// `nix-store --query FLAG PATH` (`--requisites`, `--references`, ...), one path an element.
+pub fn store_query(flag: &str, path: &str) -> Vec<String> {
+    nix(&["nix-store", "--query", flag, path])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// `count` new, distinct, real store paths (`nix-store --add` of small files).
 pub fn add_store_paths(count: usize) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
