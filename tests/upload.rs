@@ -13,11 +13,13 @@ use nixpush::pathinfo::LocalStore;
 use nixpush::signing::PublicKey;
 use nixpush::store_path::StorePath;
 use nixpush::upload::{
-    Engine, LogObserver, MemoryPresentCache, PathOutcome, RootOutcome, Settings,
+    BatchReport, Engine, LogObserver, MemoryPresentCache, PathOutcome, RootOutcome, Settings,
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::cache::{assert_nix_substitutes, nix_copy_from};
+use crate::harness::cache::{
+    assert_every_narinfo_has_its_nar, assert_nix_copies, assert_nix_substitutes,
+};
 use crate::harness::faultproxy::Fault;
 use crate::harness::keys::{public_key, secret_key};
 use crate::harness::nix::NIX_OPTIONS;
@@ -58,17 +60,44 @@ fn config_for(url: &str, state: &Path) -> Config {
 }
 
 fn engine(config: &Config) -> Engine<AnyBackend> {
+    engine_with(config, Settings::from_config(config).unwrap())
+}
+
+/// The engine for `config`'s target with `settings`, signing with the test key.
+fn engine_with(config: &Config, settings: Settings) -> Engine<AnyBackend> {
     let backend = AnyBackend::from_config(config, Credentials::none()).unwrap();
     let store = LocalStore::open(config.store_dir_str(), &config.nix_db).unwrap();
     Engine::new(
         Arc::new(backend),
         Arc::new(store),
-        Settings::from_config(config).unwrap(),
+        settings,
         Some(secret_key()),
         Arc::new(MemoryPresentCache::default()),
         Arc::new(LogObserver),
     )
     .unwrap()
+}
+
+/// The backend's one-time preparation (`nix-cache-info`), which the tests that need no faults there expect to pass.
+async fn prepare(engine: &Engine<AnyBackend>) {
+    nixpush::backend::Backend::prepare(engine.backend().as_ref())
+        .await
+        .unwrap();
+}
+
+/// Pushes `top` and its closure.
+async fn push(engine: &Engine<AnyBackend>, top: &StorePath) -> BatchReport {
+    engine
+        .push(std::slice::from_ref(top), &CancellationToken::new())
+        .await
+}
+
+/// The push of the one root finished.
+fn assert_done(report: &BatchReport) {
+    assert!(
+        matches!(report.roots[..], [(_, RootOutcome::Done)]),
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,17 +108,10 @@ async fn engine_fills_a_file_cache_that_nix_accepts() {
     let url = format!("file://{}", cache.display());
     let config = config_for(&url, &dir.path().join("state"));
     let engine = engine(&config);
-    nixpush::backend::Backend::prepare(engine.backend().as_ref())
-        .await
-        .unwrap();
+    prepare(&engine).await;
 
-    let report = engine
-        .push(std::slice::from_ref(&top), &CancellationToken::new())
-        .await;
-    assert!(
-        matches!(report.roots[..], [(_, RootOutcome::Done)]),
-        "{report:?}"
-    );
+    let report = push(&engine, &top).await;
+    assert_done(&report);
     let uploaded: Vec<&str> = report
         .paths
         .iter()
@@ -118,9 +140,7 @@ async fn engine_fills_a_file_cache_that_nix_accepts() {
     assert_nix_substitutes(&url, &public_key(), &[top.as_str().to_owned()]);
 
     // A second push finds everything present and uploads nothing.
-    let again = engine
-        .push(std::slice::from_ref(&top), &CancellationToken::new())
-        .await;
+    let again = push(&engine, &top).await;
     assert!(
         again
             .paths
@@ -138,16 +158,9 @@ async fn engine_fills_nginx_over_http_put() {
     let url = http.direct_url();
     let config = config_for(&url, &dir.path().join("state"));
     let engine = engine(&config);
-    nixpush::backend::Backend::prepare(engine.backend().as_ref())
-        .await
-        .unwrap();
-    let report = engine
-        .push(std::slice::from_ref(&top), &CancellationToken::new())
-        .await;
-    assert!(
-        matches!(report.roots[..], [(_, RootOutcome::Done)]),
-        "{report:?}"
-    );
+    prepare(&engine).await;
+    let report = push(&engine, &top).await;
+    assert_done(&report);
 
     // NAR before narinfo, dependency before dependant, as nginx saw it.
     let log = http.nginx.access_log();
@@ -193,22 +206,9 @@ async fn engine_survives_a_faulty_wire() {
         {
             continue;
         }
-        let report = engine
-            .push(std::slice::from_ref(&top), &CancellationToken::new())
-            .await;
+        let report = push(&engine, &top).await;
         // Whatever the faults, a published narinfo always has its NAR.
-        for entry in std::fs::read_dir(http.dir()).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "narinfo") {
-                let info =
-                    NarInfo::parse(&std::fs::read_to_string(&path).unwrap(), "/nix/store").unwrap();
-                assert!(
-                    http.dir().join(&info.url).exists(),
-                    "{} has no NAR",
-                    path.display()
-                );
-            }
-        }
+        assert_every_narinfo_has_its_nar(&http.dir());
         if matches!(report.roots[..], [(_, RootOutcome::Done)]) {
             break;
         }
@@ -217,12 +217,11 @@ async fn engine_survives_a_faulty_wire() {
         http.proxy.stats.faults.load(Ordering::SeqCst) > 0,
         "the proxy injected no fault"
     );
-    let (ok, stderr) = nix_copy_from(
+    assert_nix_copies(
         &http.direct_url(),
         &public_key(),
         &[top.as_str().to_owned()],
     );
-    assert!(ok, "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,30 +239,15 @@ async fn a_failed_presence_query_is_retried_without_failing_paths() {
         base: std::time::Duration::from_millis(20),
         ..Default::default()
     };
-    let engine = Engine::new(
-        Arc::new(AnyBackend::from_config(&config, Credentials::none()).unwrap()),
-        Arc::new(LocalStore::open(config.store_dir_str(), &config.nix_db).unwrap()),
-        settings,
-        Some(secret_key()),
-        Arc::new(MemoryPresentCache::default()),
-        Arc::new(LogObserver),
-    )
-    .unwrap();
-    nixpush::backend::Backend::prepare(engine.backend().as_ref())
-        .await
-        .unwrap();
-    let report = engine
-        .push(std::slice::from_ref(&top), &CancellationToken::new())
-        .await;
+    let engine = engine_with(&config, settings);
+    prepare(&engine).await;
+    let report = push(&engine, &top).await;
     assert_eq!(
         proxy.stats.faults.load(Ordering::SeqCst),
         u64::from(nixpush::backend::REQUEST_ATTEMPTS),
         "the fault was not injected"
     );
-    assert!(
-        matches!(report.roots[..], [(_, RootOutcome::Done)]),
-        "{report:?}"
-    );
+    assert_done(&report);
     assert!(
         report
             .paths
@@ -272,10 +256,9 @@ async fn a_failed_presence_query_is_retried_without_failing_paths() {
         "{:?}",
         report.paths
     );
-    let (ok, stderr) = nix_copy_from(
+    assert_nix_copies(
         &http.direct_url(),
         &public_key(),
         &[top.as_str().to_owned()],
     );
-    assert!(ok, "{stderr}");
 }
