@@ -209,20 +209,36 @@ fn big_store_path(dir: &Path, mib: usize) -> String {
         .to_owned()
 }
 
+/// An uploading daemon with `max_attempts = 1`, so one charged attempt parks a path, in front of an nginx cache
+/// whose proxy fails (500) every request matching `only` until its rate is set to 0. The daemon stops first.
+struct FailingTarget {
+    daemon: TestDaemon,
+    http: HttpCache,
+}
+
+impl FailingTarget {
+    fn start(only: &str, seed: u64) -> FailingTarget {
+        let env = TestEnv::new();
+        let http = HttpCache::with_faults(
+            env.dir.path(),
+            1.0,
+            &[Fault::ServerError],
+            Duration::ZERO,
+            seed,
+        );
+        http.proxy.only_matching(only);
+        configure_signed_target(&env, &http.url(), "max_attempts = 1");
+        FailingTarget {
+            daemon: TestDaemon::start_uploading(env),
+            http,
+        }
+    }
+}
+
 #[test]
 fn daemon_skips_a_path_garbage_collected_while_queued() {
-    let env = TestEnv::new();
-    let http = HttpCache::with_faults(
-        env.dir.path(),
-        1.0,
-        &[Fault::ServerError],
-        Duration::ZERO,
-        5,
-    );
-    let proxy = &http.proxy;
-    proxy.only_matching("PUT /cache/nar/");
-    configure_signed_target(&env, &http.url(), "max_attempts = 1");
-    let daemon = TestDaemon::start_uploading(env);
+    let target = FailingTarget::start("PUT /cache/nar/", 5);
+    let (daemon, http, proxy) = (&target.daemon, &target.http, &target.http.proxy);
     let path = crate::util::add_store_paths(1).remove(0);
     assert!(daemon.env.run_hook(&[&path], None).status.success());
     wait_until("a failed attempt", || {
@@ -258,19 +274,9 @@ fn daemon_skips_a_path_garbage_collected_while_queued() {
 
 #[test]
 fn daemon_waits_out_a_failing_presence_query_without_spending_attempts() {
-    let env = TestEnv::new();
-    let http = HttpCache::with_faults(
-        env.dir.path(),
-        1.0,
-        &[Fault::ServerError],
-        Duration::ZERO,
-        13,
-    );
-    let proxy = &http.proxy;
     // Every HEAD fails: the target cannot say which paths it has, though nothing is wrong with the paths.
-    proxy.only_matching("HEAD /cache/");
-    configure_signed_target(&env, &http.url(), "max_attempts = 1");
-    let daemon = TestDaemon::start_uploading(env);
+    let target = FailingTarget::start("HEAD /cache/", 13);
+    let (daemon, http, proxy) = (&target.daemon, &target.http, &target.http.proxy);
     let paths = crate::util::add_store_paths(2);
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
     assert!(daemon.env.run_hook(&refs, None).status.success());
