@@ -52,6 +52,39 @@ fn build(attrs: &[&str]) -> HashMap<String, String> {
         .collect()
 }
 
+/// The closure of `filters.nix`'s `tool`, freshly built: tool → app → secret, tool → lib.
+struct ToolClosure {
+    secret: String,
+    app: String,
+    lib: String,
+    tool: String,
+}
+
+fn build_tool() -> ToolClosure {
+    let mut p = build(&["tool"]);
+    let mut take = |name: &str| p.remove(name).unwrap_or_else(|| panic!("no {name}"));
+    ToolClosure {
+        secret: take("flt-secret"),
+        app: take("flt-app"),
+        lib: take("flt-lib"),
+        tool: take("flt-tool"),
+    }
+}
+
+/// An environment whose target is its own `file://` cache with `filter` added to `[target]`, and whose one
+/// upstream is a directory nginx serves, empty at first. Returns the environment, nginx and that directory.
+fn with_upstream(filter: &str) -> (TestEnv, HttpCache, PathBuf) {
+    let env = TestEnv::new();
+    let http = HttpCache::start(env.dir.path());
+    let upstream = http.www.join("upstream");
+    std::fs::create_dir_all(&upstream).unwrap();
+    env.write_config_with(
+        &format!("upstream = [\"{}/upstream\"]", http.nginx.url()),
+        &signed_target(&env, &file_url(&env), filter),
+    );
+    (env, http, upstream)
+}
+
 /// Every narinfo in `dir` has its NAR, and every reference it lists has a narinfo in `dir` or in one of
 /// `elsewhere` (upstream caches). Returns the store paths of the narinfos.
 fn assert_no_dangling_references(dir: &Path, elsewhere: &[&Path]) -> Vec<String> {
@@ -123,23 +156,16 @@ fn copy_to(dir: &Path, path: &str) {
 // See: #18
 #[test]
 fn an_excluded_dependency_no_cache_has_holds_its_referrers_back_until_an_upstream_serves_it() {
-    let env = TestEnv::new();
-    let http = HttpCache::start(env.dir.path());
-    let upstream = http.www.join("upstream");
-    std::fs::create_dir_all(&upstream).unwrap();
-    env.write_config_with(
-        &format!("upstream = [\"{}/upstream\"]", http.nginx.url()),
-        &signed_target(&env, &file_url(&env), "exclude = [\"*-flt-secret\"]\n"),
-    );
+    // nginx serves the upstream for as long as the test runs.
+    let (env, _http, upstream) = with_upstream("exclude = [\"*-flt-secret\"]\n");
     let cache = env.cache_dir();
     let daemon = TestDaemon::start_uploading(env);
-    let p = build(&["tool"]);
-    let (secret, app, lib, tool) = (
-        &p["flt-secret"],
-        &p["flt-app"],
-        &p["flt-lib"],
-        &p["flt-tool"],
-    );
+    let ToolClosure {
+        secret,
+        app,
+        lib,
+        tool,
+    } = &build_tool();
     assert!(daemon.env.run_hook(&[tool], None).status.success());
 
     wait_until("the tool held back", || {
@@ -259,9 +285,13 @@ fn allow_incomplete_closures_uploads_the_referrer_and_its_narinfo_lists_the_refe
             "exclude = [\"*-flt-secret\"]\nallow_incomplete_closures = true\n",
         ),
     );
-    let p = build(&["tool"]);
-    let (secret, app) = (&p["flt-secret"], &p["flt-app"]);
-    let (code, summary, stderr) = push(&env, &[&p["flt-tool"]]);
+    let ToolClosure {
+        secret,
+        app,
+        lib,
+        tool,
+    } = &build_tool();
+    let (code, summary, stderr) = push(&env, &[tool]);
     assert_eq!(code, Some(0), "{summary:#}\n{stderr}");
     assert_eq!(summary["uploaded"], 3, "{summary:#}");
     assert_eq!(summary["excluded"], 1, "{summary:#}");
@@ -278,38 +308,26 @@ fn allow_incomplete_closures_uploads_the_referrer_and_its_narinfo_lists_the_refe
         "{narinfo}"
     );
     let url = file_url(&env);
-    let uploaded: Vec<String> = ["flt-app", "flt-lib", "flt-tool"]
-        .map(|n| p[n].clone())
-        .into();
+    let uploaded = [app.clone(), lib.clone(), tool.clone()];
     assert_nix_verifies(&url, &public_key(), &uploaded);
     // What the documentation warns of: Nix will not substitute a path whose reference no cache has.
     let (copied, _) = nix_copy_from(&url, &public_key(), std::slice::from_ref(app));
     assert!(!copied, "{app} substituted without its reference");
-    assert_nix_substitutes(&url, &public_key(), &[p["flt-lib"].clone()]);
+    assert_nix_substitutes(&url, &public_key(), std::slice::from_ref(lib));
 }
 
 // See: #18
 #[test]
 fn include_takes_only_matching_paths_and_holds_back_what_needs_the_rest() {
-    let env = TestEnv::new();
-    let http = HttpCache::start(env.dir.path());
-    let upstream = http.www.join("upstream");
-    std::fs::create_dir_all(&upstream).unwrap();
-    env.write_config_with(
-        &format!("upstream = [\"{}/upstream\"]", http.nginx.url()),
-        &signed_target(
-            &env,
-            &file_url(&env),
-            "include = [\"flt-app\", \"flt-tool\", \"flt-lib\"]\n",
-        ),
-    );
-    let p = build(&["tool"]);
-    let (secret, app, lib, tool) = (
-        &p["flt-secret"],
-        &p["flt-app"],
-        &p["flt-lib"],
-        &p["flt-tool"],
-    );
+    // nginx serves the upstream for as long as the test runs.
+    let (env, _http, upstream) =
+        with_upstream("include = [\"flt-app\", \"flt-tool\", \"flt-lib\"]\n");
+    let ToolClosure {
+        secret,
+        app,
+        lib,
+        tool,
+    } = &build_tool();
     let cache = env.cache_dir();
 
     let (code, summary, stderr) = push(&env, &[tool]);
