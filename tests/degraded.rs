@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::keys::{public_key, signing_key_file};
+use crate::harness::user::test_user;
 use crate::util::{
     add_store_paths, send_signal, wait_until, TestDaemon, TestEnv, DEADLINE, NIXPUSH,
 };
@@ -283,32 +284,6 @@ fn degraded_a_removed_spool_directory_is_set_up_again_without_spinning() {
     wait_until("the imported spool file deleted", || {
         daemon.env.spool_files().is_empty()
     });
-}
-
-const TEST_USER: &str = "nixpush-test";
-
-fn test_user() -> (u32, u32) {
-    let id = |flag: &str| Command::new("id").args([flag, TEST_USER]).output().unwrap();
-    if !id("-u").status.success() {
-        let _ = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                TEST_USER,
-            ])
-            .output()
-            .unwrap();
-    }
-    let number = |flag: &str| {
-        String::from_utf8(id(flag).stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    (number("-u"), number("-g"))
 }
 
 /// A process of the test user holding every inotify instance that user may have, until dropped.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::harness::user::{test_user, TEST_USER};
 use crate::util::{add_store_paths, send_signal, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK};
 
 /// An ext4 filesystem in a file, attached to a loop device and mounted; detached and removed on drop.
@@ -307,38 +308,6 @@ fn durability_power_cut_during_an_enqueue_burst_loses_nothing() {
 #[test]
 fn durability_power_cut_during_uploads_loses_nothing() {
     power_cut(Moment::DuringUploads);
-}
-
-const TEST_USER: &str = "nixpush-test";
-
-/// The uid of the unprivileged test user (as in `security.rs`), created if missing.
-fn test_user() -> (u32, u32) {
-    let id = |flag: &str| run("id", &[flag, TEST_USER]);
-    if !id("-u").status.success() {
-        let output = run(
-            "useradd",
-            &[
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                TEST_USER,
-            ],
-        );
-        assert!(
-            output.status.success() || id("-u").status.success(),
-            "useradd: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let number = |flag: &str| {
-        String::from_utf8(id(flag).stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    (number("-u"), number("-g"))
 }
 
 // Spool files written by an allowed non-root user, who cannot open the 01733 spool directory to fsync it, while

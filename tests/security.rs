@@ -16,6 +16,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 use crate::harness::process::Run;
+use crate::harness::user::{test_user, TEST_USER};
 use crate::util::{self, TestDaemon, TestEnv, HOOK, NIXPUSH};
 
 fn stderr(output: &Output) -> String {
@@ -385,38 +386,6 @@ fn security_ten_thousand_connections_at_once() {
     assert_eq!(daemon.queued_paths(), paths);
     let log = daemon.log();
     assert!(!log.contains("panicked"), "{log}");
-}
-
-const TEST_USER: &str = "nixpush-test";
-
-/// The uid and gid of the unprivileged test user, created if missing.
-fn test_user() -> (u32, u32) {
-    let id = |flag: &str| Command::new("id").args([flag, TEST_USER]).run();
-    if !id("-u").status.success() {
-        let output = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-            ])
-            .arg(TEST_USER)
-            .run();
-        // Another test may have created it meanwhile.
-        assert!(
-            output.status.success() || id("-u").status.success(),
-            "useradd: {}",
-            stderr(&output)
-        );
-    }
-    let number = |flag: &str| {
-        String::from_utf8(id(flag).stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    (number("-u"), number("-g"))
 }
 
 /// `program ARGS…` as the test user.

@@ -14,3 +14,4 @@ pub mod process;
 pub mod prometheus;
 pub mod servers;
 pub mod setup;
+pub mod user;
