@@ -4,13 +4,13 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::harness::daemon::{daemon_command, notify_socket, wait_ready};
 use crate::harness::keys::{public_key, signing_key_file};
 use crate::harness::user::test_user;
 use crate::util::{
@@ -27,17 +27,10 @@ impl CustomDaemon {
     fn start(env: &TestEnv, hold: bool, path_var: &str, user: Option<(u32, u32)>) -> CustomDaemon {
         let notify_path = env.dir.path().join("notify-custom.sock");
         let _ = fs::remove_file(&notify_path);
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let notify = notify_socket(&notify_path);
+        // The daemon may run as the test user, who must be able to send to the socket.
         fs::set_permissions(&notify_path, fs::Permissions::from_mode(0o777)).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
         let log = env.dir.path().join("daemon-custom.log");
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
         let mut command = match user {
             Some((uid, gid)) => {
                 let mut c = Command::new("setpriv");
@@ -49,44 +42,19 @@ impl CustomDaemon {
             }
             None => Command::new(NIXPUSH),
         };
-        command
-            .arg("--config")
-            .arg(&env.config_path)
-            .arg("daemon")
-            .args(hold.then_some("--hold"))
-            .env("PATH", path_var)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("RUST_LOG", "debug")
-            .env_remove("LISTEN_FDS")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
+        daemon_command(&mut command, &env.config_path, hold, &notify_path, &log);
+        command.env("PATH", path_var);
         let mut daemon = CustomDaemon {
             child: command.spawn().unwrap(),
             log,
         };
-        let started = Instant::now();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .any(|l| l == "READY=1")
-                {
-                    return daemon;
-                }
-            }
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!("daemon exited with {status}:\n{}", daemon.log());
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "no READY=1:\n{}",
-                daemon.log()
-            );
-        }
+        let log = daemon.log.clone();
+        wait_ready(
+            &notify,
+            || daemon.child.try_wait().unwrap(),
+            || fs::read_to_string(&log).unwrap_or_default(),
+        );
+        daemon
     }
 
     fn pid(&self) -> u32 {

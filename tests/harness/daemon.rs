@@ -3,7 +3,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -200,15 +200,7 @@ impl TestDaemon {
             .dir
             .path()
             .join(format!("notify-{}.sock", self.starts));
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
+        let notify = notify_socket(&notify_path);
         let mut command = Command::new(NIXPUSH);
         for (name, value) in &self.vars {
             if value.is_empty() {
@@ -217,44 +209,20 @@ impl TestDaemon {
                 command.env(name, value);
             }
         }
-        let child = Guard::spawn(
-            command
-                .arg("--config")
-                .arg(&self.env.config_path)
-                .arg("daemon")
-                .args(self.hold.then_some("--hold"))
-                .env("NOTIFY_SOCKET", &notify_path)
-                .env("RUST_LOG", "debug")
-                .env_remove("LISTEN_FDS")
-                .env_remove("WATCHDOG_USEC")
-                .env_remove("JOURNAL_STREAM")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log),
-            "nixpush daemon",
+        daemon_command(
+            &mut command,
+            &self.env.config_path,
+            self.hold,
+            &notify_path,
+            &self.log,
         );
-        self.child = Some(child);
-        let started = Instant::now();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = notify.recv(&mut buf) {
-                let message = String::from_utf8_lossy(&buf[..n]);
-                if message.lines().any(|line| line == "READY=1") {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait() {
-                panic!(
-                    "daemon exited with {status} before READY=1:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "no READY=1 within {DEADLINE:?}:\n{}",
-                self.log()
-            );
-        }
+        self.child = Some(Guard::spawn(&mut command, "nixpush daemon"));
+        let log = self.log.clone();
+        wait_ready(
+            &notify,
+            || self.child.as_mut().unwrap().try_wait(),
+            || fs::read_to_string(&log).unwrap_or_default(),
+        );
     }
 
     /// The daemon's process id.
@@ -352,6 +320,67 @@ impl TestDaemon {
             let queued = self.queued_paths();
             paths.iter().all(|p| queued.contains(p))
         });
+    }
+}
+
+/// A bound sd_notify socket at `path` whose reads time out, so that a wait for `READY=1` can look at the daemon
+/// between them.
+pub fn notify_socket(path: &Path) -> UnixDatagram {
+    let notify = UnixDatagram::bind(path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    notify
+}
+
+/// Adds to `command` (`nixpush`, or a wrapper that runs it) what every test daemon runs with: `--config CONFIG
+/// daemon [--hold]`, sd_notify to `notify`, debug logs appended to `log`, and none of the systemd variables the
+/// test itself may have been started with.
+pub fn daemon_command(command: &mut Command, config: &Path, hold: bool, notify: &Path, log: &Path) {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("daemon")
+        .args(hold.then_some("--hold"))
+        .env("NOTIFY_SOCKET", notify)
+        .env("RUST_LOG", "debug")
+        .env_remove("LISTEN_FDS")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+}
+
+/// Waits for `READY=1` on `notify`; fails with `log()` if the daemon exits first (`exited` returns its status)
+/// or [`DEADLINE`] passes.
+pub fn wait_ready(
+    notify: &UnixDatagram,
+    mut exited: impl FnMut() -> Option<ExitStatus>,
+    log: impl Fn() -> String,
+) {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Ok(n) = notify.recv(&mut buf) {
+            let message = String::from_utf8_lossy(&buf[..n]);
+            if message.lines().any(|line| line == "READY=1") {
+                return;
+            }
+        }
+        if let Some(status) = exited() {
+            panic!("daemon exited with {status} before READY=1:\n{}", log());
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no READY=1 within {DEADLINE:?}:\n{}",
+            log()
+        );
     }
 }
 
