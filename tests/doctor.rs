@@ -7,23 +7,16 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use serde_json::Value;
 
+use crate::harness::daemon::doctor_command;
 use crate::harness::deadend::{Behaviour, DeadEnd};
 use crate::harness::keys;
 use crate::harness::process::Run;
 use crate::harness::setup::configure_signed_target;
-use crate::util::{TestDaemon, TestEnv, HOOK, NIXPUSH};
-
-/// Environment variables that would make doctor read configuration other than the test's.
-const FOREIGN_ENV: [&str; 4] = [
-    "NIXPUSH_CONFIG",
-    "NIXPUSH_AUTH_TOKEN",
-    "CACHIX_AUTH_TOKEN",
-    "NIX_CONFIG",
-];
+use crate::util::{TestDaemon, TestEnv, HOOK};
 
 /// Root without the capabilities that bypass file modes, so that modes apply to the test as to any user.
 const WITHOUT_DAC: [&str; 3] = [
@@ -44,23 +37,7 @@ impl Doctor {
         let nix_dir = config.parent().unwrap().join("nix-conf");
         fs::create_dir_all(&nix_dir).unwrap();
         fs::write(nix_dir.join("nix.conf"), nix_conf).unwrap();
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(NIXPUSH);
-                c
-            }
-            None => Command::new(NIXPUSH),
-        };
-        for var in FOREIGN_ENV {
-            command.env_remove(var);
-        }
-        let output = command
-            .env("NIX_CONF_DIR", &nix_dir)
-            .env("NIX_USER_CONF_FILES", nix_dir.join("none.conf"))
-            .arg("--config")
-            .arg(config)
-            .args(["doctor", "--json"])
+        let output = doctor_command(wrapper, config, &nix_dir)
             .stdin(Stdio::null())
             .run();
         let stdout = String::from_utf8_lossy(&output.stdout);

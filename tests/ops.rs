@@ -11,19 +11,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::cache::{hash_part, narinfo_file};
+use crate::harness::daemon::{doctor_command, isolated_nixpush, FOREIGN_ENV};
 use crate::harness::keys::{self, signing_key_file};
 use crate::harness::process::{Guard, Run};
 use crate::harness::setup::configure_signed_target;
 use crate::nginx::Nginx;
 use crate::util::{self, wait_until, TestDaemon, TestEnv, DEADLINE, HOOK, NIXPUSH};
-
-/// Environment variables that would make a command read configuration other than the test's.
-const FOREIGN_ENV: [&str; 4] = [
-    "NIXPUSH_CONFIG",
-    "NIXPUSH_AUTH_TOKEN",
-    "CACHIX_AUTH_TOKEN",
-    "NIX_CONFIG",
-];
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -43,11 +36,7 @@ fn assert_plain(what: &str, output: &str) {
 
 /// `nixpush ARGS` with nothing inherited that could point it elsewhere.
 fn nixpush(args: &[&str]) -> Output {
-    let mut command = Command::new(NIXPUSH);
-    for var in FOREIGN_ENV {
-        command.env_remove(var);
-    }
-    command.args(args).stdin(Stdio::null()).run()
+    isolated_nixpush(&[]).args(args).stdin(Stdio::null()).run()
 }
 
 /// nginx lines that refuse the narinfo of `path` with 405 (a permanent error; 401/403 would pause the target).
@@ -526,24 +515,8 @@ impl DoctorSetup {
 
     /// `doctor --json` (optionally under `wrapper`, e.g. setpriv): exit success and the checks by name.
     fn doctor(&self, wrapper: &[&str]) -> (bool, Vec<(String, String)>, String) {
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(NIXPUSH);
-                c
-            }
-            None => Command::new(NIXPUSH),
-        };
-        for var in FOREIGN_ENV {
-            command.env_remove(var);
-        }
-        let output = command
-            .env("NIX_CONF_DIR", &self.nix_conf_dir)
-            .env("NIX_USER_CONF_FILES", self.nix_conf_dir.join("none.conf"))
-            .arg("--config")
-            .arg(&self.daemon.env.config_path)
-            .args(["doctor", "--json"])
-            .run();
+        let output =
+            doctor_command(wrapper, &self.daemon.env.config_path, &self.nix_conf_dir).run();
         let out = text(&output.stdout);
         let verdict: Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("{e}: {out}\n{}", text(&output.stderr)));

@@ -16,6 +16,44 @@ use super::process::{output, send_signal, wait_until, Guard, DEADLINE};
 pub const NIXPUSH: &str = env!("CARGO_BIN_EXE_nixpush");
 /// The `nixpush-hook` binary under test.
 pub const HOOK: &str = env!("CARGO_BIN_EXE_nixpush-hook");
+/// Environment variables that would make a command read configuration other than the test's.
+pub const FOREIGN_ENV: [&str; 4] = [
+    "NIXPUSH_CONFIG",
+    "NIXPUSH_AUTH_TOKEN",
+    "CACHIX_AUTH_TOKEN",
+    "NIX_CONFIG",
+];
+
+/// `nixpush`, under `wrapper` (a program and its arguments, e.g. setpriv) unless it is empty, with none of
+/// [`FOREIGN_ENV`] inherited.
+pub fn isolated_nixpush(wrapper: &[&str]) -> Command {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(NIXPUSH);
+            c
+        }
+        None => Command::new(NIXPUSH),
+    };
+    for var in FOREIGN_ENV {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// `nixpush --config CONFIG doctor --json` as [`isolated_nixpush`] runs it, with Nix's configuration read from
+/// `nix_conf_dir/nix.conf` alone.
+pub fn doctor_command(wrapper: &[&str], config: &Path, nix_conf_dir: &Path) -> Command {
+    let mut command = isolated_nixpush(wrapper);
+    command
+        .env("NIX_CONF_DIR", nix_conf_dir)
+        .env("NIX_USER_CONF_FILES", nix_conf_dir.join("none.conf"))
+        .arg("--config")
+        .arg(config)
+        .args(["doctor", "--json"]);
+    command
+}
+
 /// A directory with a configuration file, a socket path and a state directory.
 pub struct TestEnv {
     /// Removed on drop.
