@@ -34,10 +34,12 @@ import os
 import secrets
 import signal
 import sys
-import tempfile
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import announce  # noqa: E402
 
 ROLES_PATH = "/latest/meta-data/iam/security-credentials/"
 
@@ -194,12 +196,7 @@ def main():
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(State(args)))
     server.daemon_threads = True
     port = server.server_address[1]
-    path = os.path.abspath(args.port_file)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{port}\n")
-    os.rename(tmp, path)
-    print(f"listening on 127.0.0.1:{port}", flush=True)
+    announce(port, args.port_file)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.serve_forever()
 

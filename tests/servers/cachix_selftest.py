@@ -30,23 +30,7 @@ import zstandard
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import nixfmt  # noqa: E402
-
-BUILD_OPTS = ["--option", "build-users-group", "", "--option", "sandbox", "false", "--option", "substituters", ""]
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
-RESULTS = {"passed": 0, "failed": 0}
-
-
-def check(name, condition, detail=""):
-    if condition:
-        RESULTS["passed"] += 1
-        print(f"ok: {name}")
-    else:
-        RESULTS["failed"] += 1
-        print(f"FAILED: {name} {detail}")
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout.strip()
+from selftest import build_closure, check, finish, nix_copy, run  # noqa: E402
 
 
 class Server:
@@ -163,18 +147,6 @@ def push(server, cache, token, info, signing_key=None, part_size=64 * 1024, comp
     return status, body, nar_id, q_upload, request
 
 
-def nix_copy(workdir, url, pubkey, paths, netrc=None):
-    root = tempfile.mkdtemp(prefix="root-", dir=workdir)
-    cmd = NIX + ["copy", "--from", url, "--to", root, "--option", "trusted-public-keys", pubkey,
-                 "--option", "narinfo-cache-negative-ttl", "0"]
-    if netrc:
-        cmd += ["--option", "netrc-file", netrc]
-    env = dict(os.environ, XDG_CACHE_HOME=tempfile.mkdtemp(prefix="xdg-", dir=workdir))
-    p = subprocess.run(cmd + paths, capture_output=True, text=True, env=env)
-    ok = p.returncode == 0 and all(os.path.exists(root + path) for path in paths)
-    return ok, p.stderr
-
-
 def main():
     workdir = tempfile.mkdtemp(prefix="cachix-selftest-")
     keys = {}
@@ -190,20 +162,7 @@ def main():
     # Store paths made by real Nix: a two-derivation closure (references + deriver) and an added file big
     # enough (incompressible) to need several parts.
     nonce = base64.b32encode(os.urandom(10)).decode().lower()
-    expr = os.path.join(workdir, "closure.nix")
-    with open(expr, "w") as f:
-        f.write(
-            'let dep = derivation { name = "cst-dep"; system = builtins.currentSystem; builder = "/bin/sh";\n'
-            f'  args = ["-c" "echo {nonce} > $out"]; }};\n'
-            'in derivation { name = "cst-top"; system = builtins.currentSystem; builder = "/bin/sh";\n'
-            '  args = ["-c" "echo ${dep} > $out"]; }\n'
-        )
-    top = run(["nix-build", expr, "--no-out-link"] + BUILD_OPTS).splitlines()[-1]
-    big_file = os.path.join(workdir, f"cst-big-{nonce}")
-    with open(big_file, "wb") as f:
-        f.write(os.urandom(200_000))
-    big = run(["nix-store", "--add", big_file])
-    closure = run(["nix-store", "-q", "--requisites", top]).split()
+    _, closure, big = build_closure(workdir, "cst", nonce, 200_000)
     infos = [PathInfo(p) for p in closure] + [PathInfo(big)]
     check("closure built with references and a deriver", len(closure) == 2 and infos[1].refs and
           infos[1].deriver.endswith(".drv"), str([i.refs for i in infos]))
@@ -223,8 +182,7 @@ def main():
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
-    sys.exit(1 if RESULTS["failed"] else 0)
+    finish()
 
 
 def exercise(server, workdir, keys, self_key, other_key, infos):

@@ -97,6 +97,7 @@ import zstandard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nixfmt  # noqa: E402
+from serving import announce, write_atomic  # noqa: E402
 
 CHUNK = 1 << 20
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -273,13 +274,6 @@ class State:
 
 def http_date(ts):
     return email.utils.formatdate(ts, usegmt=True)
-
-
-def write_atomic(path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1206,9 +1200,7 @@ def main():
     Handler.state = State(config, data_dir)
     server = Server(("127.0.0.1", args.port), Handler)
     port = server.server_address[1]
-    if args.port_file:
-        write_atomic(os.path.abspath(args.port_file), f"{port}\n".encode())
-    print(f"listening on 127.0.0.1:{port}", flush=True)
+    announce(port, args.port_file)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -25,19 +25,10 @@ import boto3  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUILD_OPTS = ["--option", "build-users-group", "", "--option", "sandbox", "false", "--option", "substituters", ""]
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
-RESULTS = {"passed": 0, "failed": 0}
+sys.path.insert(0, HERE)
+from selftest import NIX, build_closure, check, finish, nix_copy, run  # noqa: E402
+
 CONTENT_TYPES = {"nix-cache-info": "text/x-nix-cache-info", ".narinfo": "text/x-nix-narinfo"}
-
-
-def check(name, condition, detail=""):
-    RESULTS["passed" if condition else "failed"] += 1
-    print(f"ok: {name}" if condition else f"FAILED: {name} {detail}")
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout.strip()
 
 
 def start_server(workdir, bucket):
@@ -55,16 +46,6 @@ def start_server(workdir, bucket):
         return proc, int(f.read())
 
 
-def nix_copy(workdir, url, pubkey, paths):
-    root = tempfile.mkdtemp(prefix="root-", dir=workdir)
-    env = dict(os.environ, XDG_CACHE_HOME=tempfile.mkdtemp(prefix="xdg-", dir=workdir))
-    p = subprocess.run(
-        NIX + ["copy", "--from", url, "--to", root, "--option", "trusted-public-keys", pubkey,
-               "--option", "narinfo-cache-negative-ttl", "0"] + paths,
-        capture_output=True, text=True, env=env)
-    return p.returncode == 0 and all(os.path.exists(root + p_) for p_ in paths), p.stderr
-
-
 def main():
     workdir = tempfile.mkdtemp(prefix="s3-selftest-")
     bucket = "nixpush-selftest"
@@ -75,8 +56,7 @@ def main():
         proc.terminate()
         proc.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
-    sys.exit(1 if RESULTS["failed"] else 0)
+    finish()
 
 
 def exercise(workdir, port, bucket):
@@ -86,20 +66,8 @@ def exercise(workdir, port, bucket):
     good_pub = open(f"{workdir}/good.pub").read()
     other_pub = open(f"{workdir}/other.pub").read()
     nonce = os.urandom(8).hex()
-    expr = os.path.join(workdir, "closure.nix")
-    with open(expr, "w") as f:
-        f.write(
-            'let dep = derivation { name = "s3st-dep"; system = builtins.currentSystem; builder = "/bin/sh";\n'
-            f'  args = ["-c" "echo {nonce} > $out"]; }};\n'
-            'in derivation { name = "s3st-top"; system = builtins.currentSystem; builder = "/bin/sh";\n'
-            '  args = ["-c" "echo ${dep} > $out"]; }\n'
-        )
-    top = run(["nix-build", expr, "--no-out-link"] + BUILD_OPTS).splitlines()[-1]
-    big_file = os.path.join(workdir, f"s3st-big-{nonce}")
-    with open(big_file, "wb") as f:
-        f.write(os.urandom(12 << 20))
-    big = run(["nix-store", "--add", big_file])
-    paths = run(["nix-store", "-q", "--requisites", top]).split() + [big]
+    top, closure, big = build_closure(workdir, "s3st", nonce, 12 << 20)
+    paths = closure + [big]
 
     cache = os.path.join(workdir, "cache")
     run(NIX + ["copy", "--to", f"file://{cache}?compression=zstd&secret-key={workdir}/good.sec"] + paths)

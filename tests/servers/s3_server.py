@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
@@ -32,6 +31,9 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import boto3  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import announce  # noqa: E402
 
 
 def main():
@@ -50,13 +52,7 @@ def main():
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
     for bucket in args.bucket:
         client.create_bucket(Bucket=bucket, ACL="public-read")
-    if args.port_file:
-        path = os.path.abspath(args.port_file)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{port}\n")
-        os.rename(tmp, path)
-    print(f"listening on 127.0.0.1:{port}", flush=True)
+    announce(port, args.port_file)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
