@@ -9,6 +9,12 @@ use super::{
     default_file_target, enabled, eval_module, eval_module_with, fake_package, repo, strings,
 };
 
+/// The module enabled with `settings` and the other options `rest`, evaluated against a fake package.
+fn eval_enabled(settings: Value, rest: Value) -> Value {
+    let tmp = tempfile::tempdir().unwrap();
+    eval_module(&fake_package(tmp.path()), &enabled(settings, rest)).unwrap()
+}
+
 #[test]
 fn module_renders_a_hardened_socket_activated_service() {
     let tmp = tempfile::tempdir().unwrap();
@@ -151,23 +157,17 @@ fn module_writes_a_config_nixpush_accepts() {
 
 #[test]
 fn module_hands_secrets_over_and_trusts_the_cache() {
-    let tmp = tempfile::tempdir().unwrap();
-    let package = fake_package(tmp.path());
     let key = "mycache.cachix.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
-    let eval = eval_module(
-        &package,
-        &enabled(
-            json!({ "target": { "url": "cachix://mycache" } }),
-            json!({
-                "authTokenFile": "/run/secrets/cachix-token",
-                "signingKeyFile": "/run/secrets/cachix-key",
-                "environmentFile": "/run/secrets/nixpush.env",
-                "addToSubstituters": true,
-                "publicKey": key,
-            }),
-        ),
-    )
-    .unwrap();
+    let eval = eval_enabled(
+        json!({ "target": { "url": "cachix://mycache" } }),
+        json!({
+            "authTokenFile": "/run/secrets/cachix-token",
+            "signingKeyFile": "/run/secrets/cachix-key",
+            "environmentFile": "/run/secrets/nixpush.env",
+            "addToSubstituters": true,
+            "publicKey": key,
+        }),
+    );
     let service = &eval["service"]["serviceConfig"];
     assert_eq!(
         strings(&service["LoadCredential"]),
@@ -203,14 +203,10 @@ fn module_hands_secrets_over_and_trusts_the_cache() {
         for (k, v) in extra.as_object().unwrap() {
             rest[k] = v.clone();
         }
-        eval_module(
-            &package,
-            &enabled(
-                json!({ "target": { "url": "https://cache.example.org/nix" } }),
-                rest,
-            ),
+        eval_enabled(
+            json!({ "target": { "url": "https://cache.example.org/nix" } }),
+            rest,
         )
-        .unwrap()
     };
     assert_eq!(
         strings(&http(json!({}))["nixSettings"]["substituters"]),
@@ -240,22 +236,16 @@ fn module_hook_and_substituters_follow_their_options() {
 
 #[test]
 fn module_tells_nix_daemon_about_a_moved_socket_and_state_dir() {
-    let tmp = tempfile::tempdir().unwrap();
-    let package = fake_package(tmp.path());
-    let eval = eval_module(
-        &package,
-        &enabled(
-            json!({
-                "socket": "/run/nixpush-alt/hook.sock",
-                "state_dir": "/srv/nixpush",
-                "socket_mode": "0660",
-                "socket_group": "nixbld",
-                "target": { "url": "file:///srv/cache" },
-            }),
-            json!({}),
-        ),
-    )
-    .unwrap();
+    let eval = eval_enabled(
+        json!({
+            "socket": "/run/nixpush-alt/hook.sock",
+            "state_dir": "/srv/nixpush",
+            "socket_mode": "0660",
+            "socket_group": "nixbld",
+            "target": { "url": "file:///srv/cache" },
+        }),
+        json!({}),
+    );
     assert_eq!(
         eval["nixDaemonEnvironment"],
         json!({ "NIXPUSH_SOCKET": "/run/nixpush-alt/hook.sock", "NIXPUSH_SPOOL": "/srv/nixpush/spool" })
@@ -361,30 +351,24 @@ fn module_refuses_settings_that_cannot_work() {
 // See: #18
 #[test]
 fn module_renders_named_targets_with_their_own_secrets_and_cache_directories() {
-    let tmp = tempfile::tempdir().unwrap();
-    let package = fake_package(tmp.path());
-    let eval = eval_module(
-        &package,
-        &enabled(
-            json!({
-                "target": { "url": "file:///var/cache/nix" },
-                "targets": {
-                    "offsite": { "url": "https://cache.example.org", "max_upload_rate": "2MiB/s" },
-                    "local2": { "url": "file:///srv/cache2" },
+    let eval = eval_enabled(
+        json!({
+            "target": { "url": "file:///var/cache/nix" },
+            "targets": {
+                "offsite": { "url": "https://cache.example.org", "max_upload_rate": "2MiB/s" },
+                "local2": { "url": "file:///srv/cache2" },
+            },
+        }),
+        json!({
+            "signingKeyFile": "/run/secrets/key",
+            "targetSecrets": {
+                "offsite": {
+                    "signingKeyFile": "/run/secrets/offsite-key",
+                    "authTokenFile": "/run/secrets/offsite-token",
                 },
-            }),
-            json!({
-                "signingKeyFile": "/run/secrets/key",
-                "targetSecrets": {
-                    "offsite": {
-                        "signingKeyFile": "/run/secrets/offsite-key",
-                        "authTokenFile": "/run/secrets/offsite-token",
-                    },
-                },
-            }),
-        ),
-    )
-    .unwrap();
+            },
+        }),
+    );
     let service = &eval["service"]["serviceConfig"];
     assert_eq!(
         strings(&service["LoadCredential"]),
@@ -422,14 +406,10 @@ fn module_renders_named_targets_with_their_own_secrets_and_cache_directories() {
     assert_eq!(config.targets["local2"].signing_key_file, None);
 
     // Named targets alone: no [target] table in the file.
-    let eval = eval_module(
-        &package,
-        &enabled(
-            json!({ "targets": { "one": { "url": "file:///srv/one" } } }),
-            json!({}),
-        ),
-    )
-    .unwrap();
+    let eval = eval_enabled(
+        json!({ "targets": { "one": { "url": "file:///srv/one" } } }),
+        json!({}),
+    );
     let text = eval["configFile"]["text"].as_str().unwrap();
     assert!(!text.contains("[target]"), "{text}");
     let config = Config::parse(text, Path::new("module.toml")).unwrap();
