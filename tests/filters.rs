@@ -52,23 +52,12 @@ fn build(attrs: &[&str]) -> HashMap<String, String> {
         .collect()
 }
 
-/// The closure of `filters.nix`'s `tool`, freshly built: tool → app → secret, tool → lib.
-struct ToolClosure {
-    secret: String,
-    app: String,
-    lib: String,
-    tool: String,
-}
-
-fn build_tool() -> ToolClosure {
+/// The closure of `filters.nix`'s `tool`, freshly built (tool → app → secret, tool → lib): `[secret, app, lib,
+/// tool]`.
+fn build_tool() -> [String; 4] {
     let mut p = build(&["tool"]);
-    let mut take = |name: &str| p.remove(name).unwrap_or_else(|| panic!("no {name}"));
-    ToolClosure {
-        secret: take("flt-secret"),
-        app: take("flt-app"),
-        lib: take("flt-lib"),
-        tool: take("flt-tool"),
-    }
+    ["flt-secret", "flt-app", "flt-lib", "flt-tool"]
+        .map(|name| p.remove(name).unwrap_or_else(|| panic!("no {name}")))
 }
 
 /// An environment whose target is its own `file://` cache with `filter` added to `[target]`, and whose one
@@ -160,12 +149,7 @@ fn an_excluded_dependency_no_cache_has_holds_its_referrers_back_until_an_upstrea
     let (env, _http, upstream) = with_upstream("exclude = [\"*-flt-secret\"]\n");
     let cache = env.cache_dir();
     let daemon = TestDaemon::start_uploading(env);
-    let ToolClosure {
-        secret,
-        app,
-        lib,
-        tool,
-    } = &build_tool();
+    let [secret, app, lib, tool] = &build_tool();
     assert!(daemon.env.run_hook(&[tool], None).status.success());
 
     wait_until("the tool held back", || {
@@ -285,12 +269,7 @@ fn allow_incomplete_closures_uploads_the_referrer_and_its_narinfo_lists_the_refe
             "exclude = [\"*-flt-secret\"]\nallow_incomplete_closures = true\n",
         ),
     );
-    let ToolClosure {
-        secret,
-        app,
-        lib,
-        tool,
-    } = &build_tool();
+    let [secret, app, lib, tool] = &build_tool();
     let (code, summary, stderr) = push(&env, &[tool]);
     assert_eq!(code, Some(0), "{summary:#}\n{stderr}");
     assert_eq!(summary["uploaded"], 3, "{summary:#}");
@@ -322,12 +301,7 @@ fn include_takes_only_matching_paths_and_holds_back_what_needs_the_rest() {
     // nginx serves the upstream for as long as the test runs.
     let (env, _http, upstream) =
         with_upstream("include = [\"flt-app\", \"flt-tool\", \"flt-lib\"]\n");
-    let ToolClosure {
-        secret,
-        app,
-        lib,
-        tool,
-    } = &build_tool();
+    let [secret, app, lib, tool] = &build_tool();
     let cache = env.cache_dir();
 
     let (code, summary, stderr) = push(&env, &[tool]);
