@@ -37,14 +37,7 @@ fn backend(server: &S3sFs, part_size: u64) -> S3Backend {
 /// A SigV4-presigned request for `key` straight to the server: (status, content type, ETag, body).
 async fn signed(server: &S3sFs, method: &str, key: &str) -> (u16, String, String, Vec<u8>) {
     use rusty_s3::S3Action;
-    let bucket = rusty_s3::Bucket::new(
-        url::Url::parse(&server.base()).unwrap(),
-        rusty_s3::UrlStyle::Path,
-        BUCKET.to_owned(),
-        "us-east-1".to_owned(),
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(ACCESS_KEY, SECRET_KEY);
+    let (bucket, creds) = server.signer(BUCKET);
     let expires = std::time::Duration::from_secs(600);
     let client = reqwest::Client::new();
     let response = match method {

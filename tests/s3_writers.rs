@@ -19,7 +19,7 @@ use crate::harness::cache::assert_nix_copies;
 use crate::remote::{build_paths, nix_key, prepare, BUILD_OPTS};
 use crate::s3::shared_credentials_file;
 use crate::s3s::{S3sFs, ACCESS_KEY, SECRET_KEY};
-use crate::util::{TestDaemon, TestEnv};
+use crate::util::{nix, TestDaemon, TestEnv};
 
 const BUCKET: &str = "nixpush-writers";
 /// S3's smallest part: a 12 MiB NAR goes up in three parts.
@@ -178,23 +178,11 @@ fn overlapping_closures(dir: &Path) -> (Vec<String>, Vec<String>) {
         ),
     )
     .unwrap();
-    let out = Command::new("nix-build")
-        .arg(&expr)
-        .args(["-A", "r1", "-A", "r2", "-A", "r3", "--no-out-link"])
-        .args(BUILD_OPTS)
-        .args(["--option", "substituters", ""])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let roots: Vec<String> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let mut build = vec!["nix-build", expr.to_str().unwrap()];
+    build.extend(["-A", "r1", "-A", "r2", "-A", "r3", "--no-out-link"]);
+    build.extend(BUILD_OPTS);
+    build.extend(["--option", "substituters", ""]);
+    let roots: Vec<String> = nix(&build).lines().map(str::to_owned).collect();
     assert_eq!(roots.len(), 3, "{roots:?}");
     let out = Command::new("nix-store")
         .args(["-q", "--requisites"])
@@ -246,14 +234,7 @@ fn issue_22_three_daemons_overlapping_closures() {
 
 /// A signed request straight to the server (not through nixpush), as another host's client would send it.
 async fn foreign_multipart_upload(server: &S3sFs, key: &str) -> String {
-    let bucket = rusty_s3::Bucket::new(
-        url::Url::parse(&server.base()).unwrap(),
-        rusty_s3::UrlStyle::Path,
-        BUCKET.to_owned(),
-        "us-east-1".to_owned(),
-    )
-    .unwrap();
-    let creds = rusty_s3::Credentials::new(ACCESS_KEY, SECRET_KEY);
+    let (bucket, creds) = server.signer(BUCKET);
     use rusty_s3::S3Action;
     let url = bucket
         .create_multipart_upload(Some(&creds), key)

@@ -129,6 +129,19 @@ impl S3sFs {
         command
     }
 
+    /// `bucket` on this server (path-style, us-east-1) and the keys it accepts, for requests signed straight to it
+    /// as another client would sign them.
+    pub fn signer(&self, bucket: &str) -> (rusty_s3::Bucket, rusty_s3::Credentials) {
+        let bucket = rusty_s3::Bucket::new(
+            url::Url::parse(&self.base()).unwrap(),
+            rusty_s3::UrlStyle::Path,
+            bucket.to_owned(),
+            "us-east-1".to_owned(),
+        )
+        .unwrap();
+        (bucket, rusty_s3::Credentials::new(ACCESS_KEY, SECRET_KEY))
+    }
+
     /// Multipart uploads the server still holds (its `.upload-<id>.json` records), by upload id.
     pub fn open_uploads(&self) -> Vec<String> {
         let mut ids: Vec<String> = std::fs::read_dir(&self.root)
