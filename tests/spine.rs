@@ -148,26 +148,24 @@ fn assert_error(response: Response, expected: ErrorKind, needle: &str) {
 fn spine_bad_clients_get_errors_and_the_daemon_keeps_serving() {
     let daemon = TestDaemon::start_in(TestEnv::with_config("client_timeout_ms = 300"));
     let socket = &daemon.env.socket;
-    assert_error(
-        raw_exchange(socket, b"\0\0\0\x0bhello world"),
-        ErrorKind::Malformed,
-        "malformed message",
-    );
-    assert_error(
-        raw_exchange(socket, b"\x00\x20\x00\x00"),
-        ErrorKind::TooLarge,
-        "2097152 bytes exceeds the limit of 1048576",
-    );
-    assert_error(
-        raw_exchange(socket, b""),
-        ErrorKind::Timeout,
-        "no request within 300 ms",
-    );
-    assert_error(
-        raw_exchange(socket, b"\0\0\x01\0{\"v\":1"),
-        ErrorKind::Timeout,
-        "not complete",
-    );
+    // What each client sends, in turn, and the error the daemon answers it with.
+    let bad: [(&[u8], ErrorKind, &str); 4] = [
+        (
+            b"\0\0\0\x0bhello world",
+            ErrorKind::Malformed,
+            "malformed message",
+        ),
+        (
+            b"\x00\x20\x00\x00",
+            ErrorKind::TooLarge,
+            "2097152 bytes exceeds the limit of 1048576",
+        ),
+        (b"", ErrorKind::Timeout, "no request within 300 ms"),
+        (b"\0\0\x01\0{\"v\":1", ErrorKind::Timeout, "not complete"),
+    ];
+    for (request, kind, needle) in bad {
+        assert_error(raw_exchange(socket, request), kind, needle);
+    }
     let paths = util::add_store_paths(1);
     let output = daemon.env.run_hook(&[&paths[0]], None);
     assert_acked(&daemon.env, &output);
