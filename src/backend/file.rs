@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
-use super::{Backend, Error, NarFile, TargetInfo};
+use super::{Backend, Error, NarFile, NarinfoGate, TargetInfo};
 
 /// Prefix of temporary files in the cache; stale ones are removed by [`FileBackend::prepare`].
 const TMP_PREFIX: &str = ".nixpush-tmp-";
@@ -68,7 +68,8 @@ impl FileBackend {
         })
     }
 
-    fn upload_blocking(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+    /// Moves (or copies) the NAR into `nar/`, synced.
+    fn store_nar_blocking(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
         let nar_path = self.root.join(&narinfo.url);
         if !nar_path.starts_with(self.root.join("nar")) || narinfo.url.contains("..") {
             return Err(Error::Config(format!(
@@ -103,10 +104,18 @@ impl FileBackend {
             }
             sync_dir(&self.root.join("nar"))?;
         }
-        write_atomically(
-            &self.narinfo_path(&narinfo.store_path),
-            narinfo.render().as_bytes(),
-        )
+        Ok(())
+    }
+
+    /// Runs blocking file work off the runtime's workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&FileBackend) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let backend = self.clone();
+        tokio::task::spawn_blocking(move || work(&backend))
+            .await
+            .map_err(|e| Error::Config(format!("file task failed: {e}")))?
     }
 }
 
@@ -123,23 +132,30 @@ impl Backend for FileBackend {
             .collect())
     }
 
-    async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
-        let backend = self.clone();
-        let narinfo = narinfo.clone();
+    async fn upload_when(
+        &self,
+        narinfo: &NarInfo,
+        nar: NarFile<'_>,
+        mut gate: NarinfoGate,
+    ) -> Result<(), Error> {
+        let info = narinfo.clone();
         let nar_path = nar.path.to_owned();
         let (size, sha256) = (nar.size, nar.sha256);
-        tokio::task::spawn_blocking(move || {
-            backend.upload_blocking(
-                &narinfo,
-                NarFile {
-                    path: &nar_path,
-                    size,
-                    sha256,
-                },
-            )
+        self.blocking(move |backend| {
+            let nar = NarFile {
+                path: &nar_path,
+                size,
+                sha256,
+            };
+            backend.store_nar_blocking(&info, nar)
         })
-        .await
-        .map_err(|e| Error::Config(format!("upload task failed: {e}")))?
+        .await?;
+        gate.nar_stored().await?;
+        let (path, text) = (
+            self.narinfo_path(&narinfo.store_path),
+            narinfo.render().into_bytes(),
+        );
+        self.blocking(move |_| write_atomically(&path, &text)).await
     }
 
     fn staging_dir(&self) -> Option<PathBuf> {
@@ -153,14 +169,13 @@ impl Backend for FileBackend {
         bytes: Vec<u8>,
     ) -> Result<(), Error> {
         let path = self.root.join(key);
-        tokio::task::spawn_blocking(move || {
+        self.blocking(move |_| {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
             write_atomically(&path, &bytes)
         })
         .await
-        .map_err(|e| Error::Config(format!("document task failed: {e}")))?
     }
 
     async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {

@@ -23,7 +23,7 @@ use crate::narinfo::NarInfo;
 use crate::secret::Secret;
 use crate::store_path::StorePath;
 
-use super::{Backend, Credentials, Error, NarFile, TargetInfo};
+use super::{Backend, Credentials, Error, NarFile, NarinfoGate, TargetInfo};
 
 /// Largest response body read for diagnostics or small documents.
 pub const MAX_SMALL_BODY: usize = 64 * 1024;
@@ -170,7 +170,12 @@ impl Backend for HttpBackend {
         super::missing_narinfos(paths, |key| async move { self.exists(&key).await }).await
     }
 
-    async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+    async fn upload_when(
+        &self,
+        narinfo: &NarInfo,
+        nar: NarFile<'_>,
+        mut gate: NarinfoGate,
+    ) -> Result<(), Error> {
         if !self.exists(&narinfo.url).await? {
             match self
                 .put_file(&narinfo.url, "application/x-nix-nar", nar)
@@ -190,6 +195,7 @@ impl Backend for HttpBackend {
                 Err(e) => return Err(e),
             }
         }
+        gate.nar_stored().await?;
         self.put_bytes(
             &format!("{}.narinfo", narinfo.store_path.hash_part()),
             "text/x-nix-narinfo",

@@ -8,6 +8,7 @@ pub mod cachix;
 pub mod credentials;
 pub mod documents;
 pub mod file;
+pub mod gate;
 pub mod http;
 pub mod parts;
 pub mod race;
@@ -31,6 +32,7 @@ use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
 pub use credentials::Credentials;
+pub use gate::NarinfoGate;
 pub use target::{Kind, Target};
 
 /// A compressed NAR waiting in a local file.
@@ -72,12 +74,25 @@ pub trait Backend: Send + Sync {
         paths: &[StorePath],
     ) -> impl Future<Output = Result<Vec<StorePath>, Error>> + Send;
 
-    /// Stores `nar`, then `narinfo`. Idempotent: uploading the same path again is harmless.
+    /// Stores `nar`, then, once `gate` lets it ([`NarinfoGate::nar_stored`]), `narinfo`; when the gate refuses,
+    /// the narinfo is not written and the upload ends with [`Error::Interrupted`]. Idempotent: uploading the same
+    /// path again is harmless.
+    fn upload_when(
+        &self,
+        narinfo: &NarInfo,
+        nar: NarFile<'_>,
+        gate: NarinfoGate,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Stores `nar`, then `narinfo`, at once: for a path whose references are in the cache.
+    #[allow(clippy::manual_async_fn)]
     fn upload(
         &self,
         narinfo: &NarInfo,
         nar: NarFile<'_>,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        self.upload_when(narinfo, nar, NarinfoGate::open())
+    }
 
     /// A directory on the target's own filesystem where the engine should write compressed NARs, so that
     /// `upload` can rename instead of copy. `None`: the engine's temporary directory.
@@ -477,12 +492,17 @@ impl Backend for AnyBackend {
         }
     }
 
-    async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+    async fn upload_when(
+        &self,
+        narinfo: &NarInfo,
+        nar: NarFile<'_>,
+        gate: NarinfoGate,
+    ) -> Result<(), Error> {
         match self {
-            AnyBackend::File(b) => b.upload(narinfo, nar).await,
-            AnyBackend::Http(b) => b.upload(narinfo, nar).await,
-            AnyBackend::Cachix(b) => b.upload(narinfo, nar).await,
-            AnyBackend::S3(b) => b.upload(narinfo, nar).await,
+            AnyBackend::File(b) => b.upload_when(narinfo, nar, gate).await,
+            AnyBackend::Http(b) => b.upload_when(narinfo, nar, gate).await,
+            AnyBackend::Cachix(b) => b.upload_when(narinfo, nar, gate).await,
+            AnyBackend::S3(b) => b.upload_when(narinfo, nar, gate).await,
         }
     }
 

@@ -1,11 +1,14 @@
 //! The order in which one batch's paths are prepared and uploaded, as pure bookkeeping without I/O.
 //!
 //! The engine tells an [`Order`] what finished; the order says what may start next. Its rules:
-//! - a path is uploaded only once every reference it has in the batch is uploaded, so the cache never holds a
-//!   narinfo whose references it lacks; a path whose reference failed fails too, without being tried;
-//! - at most `workers` preparations and `workers` uploads run at once, lowest topological index first;
-//! - at most `2 × workers` prepared NARs wait on disk, except that a path whose references are all uploaded may
-//!   always start: the lowest unfinished path has that property, so the batch cannot deadlock;
+//! - a path's narinfo is published only once every reference it has in the batch is published, so the cache never
+//!   holds a narinfo whose references it lacks; its NAR may go up before that (a NAR without a narinfo is
+//!   invisible to Nix), so a chain's NARs travel side by side and only the small narinfo writes queue up;
+//! - a path whose reference failed fails too, without its narinfo being written;
+//! - at most `workers` preparations and `workers` NAR uploads run at once, lowest topological index first;
+//! - at most `2 × workers` prepared NARs wait on disk (ready, or stored and waiting to be published), except that
+//!   a path whose references are all published may always start: the lowest unfinished path has that property,
+//!   so the batch cannot deadlock;
 //! - after shutdown nothing new is prepared, and what never started is reported as cancelled.
 
 /// Where one path stands.
@@ -14,15 +17,24 @@ enum Slot {
     Waiting,
     Preparing,
     Prepared,
+    /// Its NAR is being sent.
     Uploading,
-    Finished { ok: bool },
+    /// Its NAR is in the cache; the narinfo waits for the references'.
+    Stored,
+    /// Its narinfo is being written.
+    Publishing,
+    Finished {
+        ok: bool,
+    },
 }
 
 /// What the engine should start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
-    /// Upload the prepared path at this index.
+    /// Upload the prepared path at this index (its narinfo waits for [`Start::Publish`]).
     Upload(usize),
+    /// Let the path at this index, whose NAR is stored, write its narinfo.
+    Publish(usize),
     /// Prepare the path at this index.
     Prepare(usize),
 }
@@ -55,13 +67,14 @@ impl Order {
         }
     }
 
-    /// Fails every waiting or prepared path one of whose references failed. Returns `(path, failed reference)`
-    /// pairs, in index order; along a chain the whole tail fails at once. (A referrer prepared ahead of its
-    /// reference would otherwise wait forever and end the batch reported as cancelled; the engine drops its NAR.)
+    /// Fails every path not yet publishing one of whose references failed. Returns `(path, failed reference)`
+    /// pairs, in index order; along a chain the whole tail fails at once. (A referrer prepared or stored ahead of
+    /// its reference would otherwise wait forever and end the batch reported as cancelled; the engine drops its
+    /// NAR, or its gate, so its narinfo is never written.) A referrer still sending its NAR fails once stored.
     pub fn fail_dependents(&mut self) -> Vec<(usize, usize)> {
         let mut failed = Vec::new();
         for i in 0..self.slots.len() {
-            if !matches!(self.slots[i], Slot::Waiting | Slot::Prepared) {
+            if !matches!(self.slots[i], Slot::Waiting | Slot::Prepared | Slot::Stored) {
                 continue;
             }
             if let Some(&j) = self.deps[i]
@@ -81,15 +94,21 @@ impl Order {
             .all(|&j| self.slots[j] == Slot::Finished { ok: true })
     }
 
-    /// What may start now: uploads of prepared paths whose references are in, then preparations (none once
-    /// `may_prepare` is false, after shutdown). The paths returned are marked as started.
+    /// What may start now: narinfos of stored paths whose references are in, uploads of prepared paths, then
+    /// preparations (none once `may_prepare` is false, after shutdown). The paths returned are marked as started.
     pub fn next(&mut self, may_prepare: bool) -> Vec<Start> {
         let mut starts = Vec::new();
+        for i in 0..self.slots.len() {
+            if self.slots[i] == Slot::Stored && self.references_done(i) {
+                self.slots[i] = Slot::Publishing;
+                starts.push(Start::Publish(i));
+            }
+        }
         for i in 0..self.slots.len() {
             if self.uploading >= self.workers {
                 break;
             }
-            if self.slots[i] == Slot::Prepared && self.references_done(i) {
+            if self.slots[i] == Slot::Prepared {
                 self.slots[i] = Slot::Uploading;
                 self.uploading += 1;
                 starts.push(Start::Upload(i));
@@ -102,7 +121,7 @@ impl Order {
         let staged = self
             .slots
             .iter()
-            .filter(|s| matches!(s, Slot::Prepared | Slot::Preparing))
+            .filter(|s| matches!(s, Slot::Prepared | Slot::Preparing | Slot::Stored))
             .count();
         for i in 0..self.slots.len() {
             if self.preparing >= self.workers {
@@ -127,12 +146,22 @@ impl Order {
         }
     }
 
-    /// Path `i` is in the cache.
-    pub fn uploaded(&mut self, i: usize) {
+    /// Path `i` has its NAR in the cache; its narinfo waits for [`Start::Publish`].
+    pub fn stored(&mut self, i: usize) {
         if self.slots[i] == Slot::Uploading {
             self.uploading -= 1;
-            self.slots[i] = Slot::Finished { ok: true };
+            self.slots[i] = Slot::Stored;
         }
+    }
+
+    /// Path `i` is in the cache, narinfo and all.
+    pub fn uploaded(&mut self, i: usize) {
+        match self.slots[i] {
+            Slot::Uploading => self.uploading -= 1,
+            Slot::Stored | Slot::Publishing => {}
+            Slot::Waiting | Slot::Preparing | Slot::Prepared | Slot::Finished { .. } => return,
+        }
+        self.slots[i] = Slot::Finished { ok: true };
     }
 
     /// Preparing or uploading path `i` failed.
@@ -140,17 +169,28 @@ impl Order {
         match self.slots[i] {
             Slot::Uploading => self.uploading -= 1,
             Slot::Preparing => self.preparing -= 1,
-            Slot::Waiting | Slot::Prepared | Slot::Finished { .. } => {}
+            Slot::Waiting
+            | Slot::Prepared
+            | Slot::Stored
+            | Slot::Publishing
+            | Slot::Finished { .. } => {}
         }
         self.slots[i] = Slot::Finished { ok: false };
     }
 
-    /// Fails every path that has not started or waits with a prepared NAR (the credentials were refused, so
-    /// nothing else can succeed). Returns their indices; the engine drops their prepared NARs.
+    /// Whether path `i` has its result already (an upload that ends after that, e.g. because its gate was
+    /// dropped, has nothing more to report).
+    pub fn is_finished(&self, i: usize) -> bool {
+        matches!(self.slots[i], Slot::Finished { .. })
+    }
+
+    /// Fails every path that has not started, waits with a prepared NAR, or waits to publish (the credentials
+    /// were refused, so nothing else can succeed). Returns their indices; the engine drops their prepared NARs
+    /// and gates.
     pub fn fail_pending(&mut self) -> Vec<usize> {
         let mut failed = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            if matches!(slot, Slot::Waiting | Slot::Prepared) {
+            if matches!(slot, Slot::Waiting | Slot::Prepared | Slot::Stored) {
                 *slot = Slot::Finished { ok: false };
                 failed.push(i);
             }
@@ -158,9 +198,14 @@ impl Order {
         failed
     }
 
-    /// Whether nothing is being prepared or uploaded.
+    /// Whether nothing is being prepared, uploaded or published.
     pub fn is_idle(&self) -> bool {
-        self.preparing == 0 && self.uploading == 0
+        self.preparing == 0
+            && self.uploading == 0
+            && !self
+                .slots
+                .iter()
+                .any(|s| matches!(s, Slot::Stored | Slot::Publishing))
     }
 
     /// The paths that did not finish, in index order.
@@ -192,12 +237,16 @@ mod tests {
             failed.extend(order.fail_dependents().into_iter().map(|(i, _)| i));
             let cancelled = cancel_after.is_some_and(|n| events >= n);
             for start in order.next(!cancelled) {
-                // Never more than `workers` of one kind at once.
-                let kind = |s: &Start| matches!(s, Start::Upload(_));
                 running.push_back(start);
-                let same = running.iter().filter(|s| kind(s) == kind(&start)).count();
-                assert!(same <= workers, "{same} running at once");
-                if let Start::Upload(i) = start {
+                // Never more than `workers` preparations, nor `workers` NAR uploads, at once.
+                if !matches!(start, Start::Publish(_)) {
+                    let same = running
+                        .iter()
+                        .filter(|s| std::mem::discriminant(*s) == std::mem::discriminant(&start))
+                        .count();
+                    assert!(same <= workers, "{same} running at once");
+                }
+                if let Start::Publish(i) = start {
                     for &j in &deps[i] {
                         assert!(
                             uploaded.contains(&j) || j == i,
@@ -216,7 +265,8 @@ mod tests {
                     failed.push(i);
                 }
                 Start::Prepare(i) => order.prepared(i),
-                Start::Upload(i) => {
+                Start::Upload(i) => order.stored(i),
+                Start::Publish(i) => {
                     order.uploaded(i);
                     uploaded.push(i);
                 }
@@ -300,7 +350,7 @@ mod tests {
                 .iter()
                 .filter_map(|s| match s {
                     Start::Prepare(i) => Some(*i),
-                    Start::Upload(_) => None,
+                    Start::Upload(_) | Start::Publish(_) => None,
                 })
                 .collect();
             if prepares.is_empty() {
@@ -311,26 +361,81 @@ mod tests {
                 prepared += 1;
             }
         }
-        // Path 0 uploading, four staged on disk.
-        assert_eq!(prepared, 1 + 4);
+        // Paths 0 and 1 sending their NARs (which never arrive), four staged on disk.
+        assert_eq!(prepared, 2 + 4);
         assert_eq!(order.unfinished().len(), 10);
     }
 
     #[test]
     fn a_path_whose_references_are_in_may_always_start() {
-        // 0 is uploaded; 1..=4 are prepared and wait on 5, which is not prepared yet: 5's references are
-        // done, so it starts although the staging limit (2) is reached.
+        // 1..=4 wait on 5, whose only reference is 0: once two of them are stored and waiting to be published
+        // (the staging limit, 2), 3 and 4 may not be prepared, but 5 may.
         let deps = vec![vec![], vec![5], vec![5], vec![5], vec![5], vec![0]];
         let mut order = Order::new(deps, 1);
         assert_eq!(order.next(true), [Start::Prepare(0)]);
         order.prepared(0);
         assert_eq!(order.next(true), [Start::Upload(0), Start::Prepare(1)]);
+        order.stored(0);
+        assert_eq!(order.next(true), [Start::Publish(0)]);
         order.uploaded(0);
         order.prepared(1);
-        assert_eq!(order.next(true), [Start::Prepare(2)]);
+        assert_eq!(order.next(true), [Start::Upload(1), Start::Prepare(2)]);
+        order.stored(1);
         order.prepared(2);
-        // Two staged (1, 2) = 2 × workers: 3 and 4 wait, 5 may start.
-        assert_eq!(order.next(true), [Start::Prepare(5)]);
+        assert_eq!(order.next(true), [Start::Upload(2), Start::Prepare(3)]);
+        order.stored(2);
+        order.prepared(3);
+        assert_eq!(order.next(true), [Start::Upload(3), Start::Prepare(5)]);
+    }
+
+    #[test]
+    fn a_chain_sends_its_nars_side_by_side_and_publishes_in_order() {
+        let mut order = Order::new(vec![vec![], vec![0], vec![1]], 2);
+        assert_eq!(order.next(true), [Start::Prepare(0), Start::Prepare(1)]);
+        order.prepared(0);
+        order.prepared(1);
+        assert_eq!(
+            order.next(true),
+            [Start::Upload(0), Start::Upload(1), Start::Prepare(2)]
+        );
+        // 1's NAR arrives first: its narinfo still waits for 0's.
+        order.stored(1);
+        assert!(order.next(true).is_empty());
+        order.stored(0);
+        assert_eq!(order.next(true), [Start::Publish(0)]);
+        order.prepared(2);
+        assert_eq!(order.next(true), [Start::Upload(2)]);
+        order.uploaded(0);
+        assert_eq!(order.next(true), [Start::Publish(1)]);
+        order.stored(2);
+        assert!(order.next(true).is_empty());
+        order.uploaded(1);
+        assert_eq!(order.next(true), [Start::Publish(2)]);
+        order.uploaded(2);
+        assert!(order.is_idle() && order.unfinished().is_empty());
+    }
+
+    #[test]
+    fn a_stored_referrer_of_a_failed_path_is_never_published() {
+        let mut order = Order::new(vec![vec![], vec![0], vec![0]], 2);
+        assert_eq!(order.next(true), [Start::Prepare(0), Start::Prepare(1)]);
+        order.prepared(0);
+        order.prepared(1);
+        assert_eq!(
+            order.next(true),
+            [Start::Upload(0), Start::Upload(1), Start::Prepare(2)]
+        );
+        order.stored(1);
+        order.prepared(2);
+        assert_eq!(order.next(true), [Start::Upload(2)]);
+        // 2 is still sending its NAR when 0 fails: it fails once its NAR is stored.
+        order.failed(0);
+        assert_eq!(order.fail_dependents(), [(1, 0)]);
+        assert!(order.is_finished(1) && !order.is_idle());
+        order.stored(2);
+        assert_eq!(order.fail_dependents(), [(2, 0)]);
+        assert!(order.next(true).is_empty());
+        assert!(order.is_idle() && order.unfinished().is_empty());
     }
 
     #[test]

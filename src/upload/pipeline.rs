@@ -1,19 +1,31 @@
-//! The second half of a batch: prepare NARs ahead and upload each path once its references are in the cache,
-//! with bounded parallelism; [`super::order::Order`] decides what may start.
+//! The second half of a batch: prepare NARs ahead, send them with bounded parallelism, and let each path's
+//! narinfo be written once its references' are in the cache; [`super::order::Order`] decides what may start.
 
 use super::*;
 
 /// A prepared NAR with its signed narinfo and the time preparing took.
 type Staged = (NarInfo, PreparedNar, Duration);
 
+/// What uploading one prepared path takes.
+struct UploadJob {
+    narinfo: NarInfo,
+    prepared: PreparedNar,
+    prep_time: Duration,
+    /// Bytes of the NAR on the wire so far, for progress.
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    gate: backend::NarinfoGate,
+}
+
 enum Event {
     Prepared(usize, Result<Box<Staged>, Error>),
+    /// The path's NAR is in the cache (`false`: its upload ended before that).
+    Stored(usize, bool),
     Uploaded(usize, Result<Uploaded, Error>),
 }
 
 impl<B: Backend + 'static> Engine<B> {
-    /// Prepares and uploads `paths` (topologically sorted) with bounded parallelism, references first; the
-    /// [`Order`] decides what may start.
+    /// Prepares and uploads `paths` (topologically sorted) with bounded parallelism, each narinfo after its
+    /// references'; the [`Order`] decides what may start.
     pub(super) async fn upload_in_order(
         &self,
         paths: &[&PathInfo],
@@ -35,8 +47,10 @@ impl<B: Backend + 'static> Engine<B> {
             })
             .collect();
         let mut order = Order::new(deps, self.settings.workers);
-        // NARs prepared and waiting for their references.
+        // NARs prepared and waiting for an upload slot.
         let mut staged: HashMap<usize, Box<Staged>> = HashMap::new();
+        // What lets each uploading path write its narinfo; dropped, the narinfo is never written.
+        let mut openers: HashMap<usize, backend::gate::Opener> = HashMap::new();
         let mut results: Vec<(StorePath, Result<Uploaded, Arc<Error>>)> = Vec::new();
         let mut tasks = FuturesUnordered::new();
         // Results up to here have been reported to the observer.
@@ -56,6 +70,7 @@ impl<B: Backend + 'static> Engine<B> {
             // Paths whose references failed must not be published.
             for (i, j) in order.fail_dependents() {
                 staged.remove(&i);
+                openers.remove(&i);
                 let cause = results
                     .iter()
                     .find(|(p, _)| p == &paths[j].path)
@@ -85,12 +100,27 @@ impl<B: Backend + 'static> Engine<B> {
                         let sent = self
                             .in_flight
                             .mark_uploading(&paths[i].path, prepared.file_size);
+                        let (gate, stored, opener) = backend::NarinfoGate::closed();
+                        openers.insert(i, opener);
                         tasks.push(
-                            Box::pin(self.upload_one(i, narinfo, prepared, prep_time, sent))
+                            Box::pin(async move { Event::Stored(i, stored.wait().await) })
                                 as std::pin::Pin<
                                     Box<dyn std::future::Future<Output = _> + Send + '_>,
                                 >,
                         );
+                        let upload = UploadJob {
+                            narinfo,
+                            prepared,
+                            prep_time,
+                            sent,
+                            gate,
+                        };
+                        tasks.push(Box::pin(self.upload_one(i, upload)));
+                    }
+                    order::Start::Publish(i) => {
+                        if let Some(opener) = openers.remove(&i) {
+                            opener.open();
+                        }
                     }
                     order::Start::Prepare(i) => {
                         tasks.push(Box::pin(self.prepare_one(i, paths[i])));
@@ -105,14 +135,22 @@ impl<B: Backend + 'static> Engine<B> {
                     order.prepared(i);
                     staged.insert(i, prepared);
                 }
+                Event::Stored(i, true) => order.stored(i),
+                Event::Stored(_, false) => {}
+                // Its result is in already: a reference failed, and dropping its gate ended the upload.
+                Event::Uploaded(i, Err(_)) if order.is_finished(i) => {
+                    self.in_flight.untrack(&paths[i].path);
+                }
                 Event::Prepared(i, Err(e)) | Event::Uploaded(i, Err(e)) => {
                     order.failed(i);
+                    openers.remove(&i);
                     self.in_flight.untrack(&paths[i].path);
                     let e = Arc::new(e);
                     if e.is_auth() {
                         // Nothing else can succeed until the credentials change.
                         for j in order.fail_pending() {
                             staged.remove(&j);
+                            openers.remove(&j);
                             results.push((paths[j].path.clone(), Err(Arc::clone(&e))));
                         }
                     }
@@ -227,14 +265,14 @@ impl<B: Backend + 'static> Engine<B> {
         Ok((narinfo, prepared))
     }
 
-    async fn upload_one(
-        &self,
-        i: usize,
-        narinfo: NarInfo,
-        prepared: PreparedNar,
-        prep_time: Duration,
-        sent: Arc<std::sync::atomic::AtomicU64>,
-    ) -> Event {
+    async fn upload_one(&self, i: usize, job: UploadJob) -> Event {
+        let UploadJob {
+            narinfo,
+            prepared,
+            prep_time,
+            sent,
+            gate,
+        } = job;
         let started = Instant::now();
         let nar = NarFile {
             path: &prepared.file,
@@ -255,9 +293,12 @@ impl<B: Backend + 'static> Engine<B> {
             .put_before_narinfo(&narinfo, prepared.listing.as_deref())
             .await
         {
-            Ok(()) => backend::wire::metered(meter, self.backend.upload(&narinfo, nar))
-                .await
-                .map_err(Error::from),
+            Ok(()) => {
+                let upload = self.backend.upload_when(&narinfo, nar, gate);
+                backend::wire::metered(meter, upload)
+                    .await
+                    .map_err(Error::from)
+            }
             Err(e) => Err(e),
         };
         let result = result.map_err(|e| {

@@ -177,7 +177,12 @@ mod tests {
             })
         }
 
-        async fn upload(&self, _: &NarInfo, _: NarFile<'_>) -> Result<(), backend::Error> {
+        async fn upload_when(
+            &self,
+            _: &NarInfo,
+            _: NarFile<'_>,
+            _: backend::NarinfoGate,
+        ) -> Result<(), backend::Error> {
             Ok(())
         }
     }

@@ -41,7 +41,7 @@ use crate::store_path::StorePath;
 use super::documents::Document;
 use super::http::{bounded_body, send, transport_error, MAX_SMALL_BODY};
 use super::parts::{part_ranges, part_size_for};
-use super::{Backend, Credentials, Error, NarFile, TargetInfo};
+use super::{Backend, Credentials, Error, NarFile, NarinfoGate, TargetInfo};
 
 pub use api::NarInfoCreate;
 pub use keys::{cache_name, key_name, load_signing_key, SIGNING_KEY_ENV};
@@ -344,7 +344,12 @@ impl Backend for CachixBackend {
             .collect())
     }
 
-    async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+    async fn upload_when(
+        &self,
+        narinfo: &NarInfo,
+        nar: NarFile<'_>,
+        mut gate: NarinfoGate,
+    ) -> Result<(), Error> {
         let compression = match narinfo.compression.as_str() {
             "zstd" => "zst",
             "xz" => "xz",
@@ -369,14 +374,19 @@ impl Backend for CachixBackend {
                 return Err(e);
             }
         };
-        let result = self
-            .send_parts_and_complete(&upload, &nar, &info, first_md5)
-            .await;
+        // Completing creates the narinfo, so it waits for the gate; the parts need not.
+        let result = async {
+            let parts = self.send_parts(&upload, &nar, first_md5).await?;
+            gate.nar_stored().await?;
+            self.complete(&upload, parts, &info).await
+        }
+        .await;
         let Err(error) = result else {
             return Ok(());
         };
         // Only our own upload (narId and uploadId from `create` above) is ever aborted.
         self.abort(&upload).await;
+        // A refused gate (`Interrupted`) is never another writer's doing.
         if !super::race::another_writer_may_have_won(&error) {
             return Err(error);
         }

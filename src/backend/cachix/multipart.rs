@@ -193,7 +193,8 @@ impl CachixBackend {
         }
     }
 
-    async fn complete(
+    /// Completes the upload, which creates the narinfo.
+    pub(super) async fn complete(
         &self,
         upload: &Multipart,
         parts: Option<Vec<CompletedPart>>,
@@ -248,13 +249,13 @@ impl CachixBackend {
         }
     }
 
-    pub(super) async fn send_parts_and_complete(
+    /// Sends every part of `nar`; what `complete` needs of them (`None`: some part's PUT returned no ETag).
+    pub(super) async fn send_parts(
         &self,
         upload: &Multipart,
         nar: &NarFile<'_>,
-        info: &NarInfoCreate,
         first_md5: String,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Vec<CompletedPart>>, Error> {
         let ranges = part_ranges(nar.size, part_size_for(nar.size, self.part_size));
         let mut first_md5 = Some(first_md5);
         let mut etags: Vec<(u32, Option<String>)> = stream::iter(ranges)
@@ -270,11 +271,10 @@ impl CachixBackend {
             .await?;
         etags.sort_unstable_by_key(|(number, _)| *number);
         // Without every ETag the server has to use the parts it stored (Cachix's client does the same).
-        let parts = etags
+        Ok(etags
             .into_iter()
             .map(|(part_number, etag)| etag.map(|e_tag| CompletedPart { part_number, e_tag }))
-            .collect::<Option<Vec<_>>>();
-        self.complete(upload, parts, info).await
+            .collect::<Option<Vec<_>>>())
     }
 }
 

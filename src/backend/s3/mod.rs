@@ -32,7 +32,7 @@ use crate::store_path::StorePath;
 
 use super::http::{bounded_body, status_error, transport_error};
 use super::throttle::Throttle;
-use super::{Backend, Error, NarFile, TargetInfo};
+use super::{Backend, Error, NarFile, NarinfoGate, TargetInfo};
 
 mod address;
 pub mod credentials;
@@ -132,11 +132,17 @@ impl Backend for S3Backend {
         crate::backend::missing_narinfos(paths, |key| async move { self.exists(&key).await }).await
     }
 
-    async fn upload(&self, narinfo: &NarInfo, nar: NarFile<'_>) -> Result<(), Error> {
+    async fn upload_when(
+        &self,
+        narinfo: &NarInfo,
+        nar: NarFile<'_>,
+        mut gate: NarinfoGate,
+    ) -> Result<(), Error> {
         // As Nix does: a NAR already there (same file hash, same bytes) is not sent again.
         if self.object_size(&narinfo.url).await? != Some(nar.size) {
             self.put_nar(&narinfo.url, &nar).await?;
         }
+        gate.nar_stored().await?;
         self.put_bytes_if_absent(
             &format!("{}.narinfo", narinfo.store_path.hash_part()),
             "text/x-nix-narinfo",
