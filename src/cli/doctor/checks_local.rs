@@ -85,6 +85,8 @@ pub(super) fn check_signing_key(
     nix: &Result<NixSettings, String>,
 ) -> (Check, Option<SecretKey>) {
     const NAME: &str = "signing-key";
+    // Every failure but the key file's mode leaves no key to sign with.
+    let no_key = |detail: String, fix: String| (Check::fail(NAME, detail, fix), None);
     let kind = Kind::of(config);
     let Some(file) = &config.target.signing_key_file else {
         if let Some(key_var) = kind.signing_key_env_var() {
@@ -99,16 +101,12 @@ pub(super) fn check_signing_key(
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return (
-                        Check::fail(
-                            NAME,
-                            e.to_string(),
-                            format!(
-                                "set {key_var} to the key `cachix generate-keypair` printed, or unset it for a \
-                                 Cachix-managed cache"
-                            ),
+                    return no_key(
+                        e.to_string(),
+                        format!(
+                            "set {key_var} to the key `cachix generate-keypair` printed, or unset it for a \
+                             Cachix-managed cache"
                         ),
-                        None,
                     )
                 }
             }
@@ -136,29 +134,21 @@ pub(super) fn check_signing_key(
         Ok(Some(key)) => key,
         Ok(None) => return (Check::skip(NAME, "no signing key"), None),
         Err(e) => {
-            return (
-                Check::fail(
-                    NAME,
-                    e.to_string(),
-                    format!(
-                        "put a key made by `nix-store --generate-binary-cache-key` in {}",
-                        file.display()
-                    ),
+            return no_key(
+                e.to_string(),
+                format!(
+                    "put a key made by `nix-store --generate-binary-cache-key` in {}",
+                    file.display()
                 ),
-                None,
             )
         }
     };
     let mode = match std::fs::metadata(file) {
         Ok(meta) => meta.mode() & 0o7777,
         Err(e) => {
-            return (
-                Check::fail(
-                    NAME,
-                    format!("{}: {e}", file.display()),
-                    "make the key file readable by the daemon",
-                ),
-                None,
+            return no_key(
+                format!("{}: {e}", file.display()),
+                "make the key file readable by the daemon".to_owned(),
             )
         }
     };
