@@ -1,6 +1,6 @@
 //! How the engine finished with a path: one vocabulary for the queue's history and the status report. A value,
 //! not a record, so the two keep their own record types and share only this. Its names are stored (history rows)
-//! and shown (`status --json`) alike; the queue's and the status report's tests pin both.
+//! and shown (`status --json`) alike, so `tests` pins them: renaming one would orphan stored history.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,4 +22,29 @@ pub enum Outcome {
     Failed,
     /// Held back: a reference of it is filtered out and no cache has it.
     HeldBack,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_pinned() {
+        let all = [
+            (Outcome::Uploaded, "uploaded"),
+            (Outcome::AlreadyPresent, "already_present"),
+            (Outcome::SkippedUpstream, "skipped_upstream"),
+            (Outcome::Excluded, "excluded"),
+            (Outcome::SkippedGone, "skipped_gone"),
+            (Outcome::Failed, "failed"),
+            (Outcome::HeldBack, "held_back"),
+        ];
+        for (outcome, name) in all {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<Outcome>(name.into()).unwrap(),
+                outcome
+            );
+        }
+    }
 }
