@@ -544,8 +544,9 @@ fn an_http_target_answering_507_is_waited_out_without_parking() {
     );
     // The NAR PUTs; readying the target (its nix-cache-info PUT) is retried apart from the paths.
     proxy.only_matching("PUT /cache/nar/");
-    // More refused PUTs than one attempt per path could absorb, with one attempt allowed.
-    proxy.fail_next(8);
+    // Every NAR PUT is refused until the test has seen the target degraded and more refusals than one attempt
+    // per path could absorb (one attempt allowed); only then does the target heal.
+    proxy.fail_next(u64::MAX);
     env.write_config_with(
         "",
         &format!(
@@ -562,10 +563,13 @@ fn an_http_target_answering_507_is_waited_out_without_parking() {
             .as_str()
             .is_some_and(|reason| reason.contains("507"))
     });
+    wait_until("eight refused PUTs", || {
+        proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst) >= 8
+    });
+    proxy.fail_next(0);
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}");
     assert!(status["target"]["degraded"].is_null(), "{status}");
-    assert!(proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst) >= 8);
     nix_copies_and_verifies(
         &format!("file://{}", www.join("cache").display()),
         &[top, dep],
