@@ -218,18 +218,7 @@ impl Backend for HttpBackend {
         super::with_retries(|| async {
             let response = send(self.request(Method::GET, &url), "GET", &url).await?;
             match response.status() {
-                s if s.is_success() => {
-                    let (bytes, complete) = bounded_body(response)
-                        .await
-                        .map_err(|e| transport_error("GET", &url, &e))?;
-                    if !complete {
-                        return Err(Error::Protocol {
-                            url: redact_url(&url),
-                            message: format!("document larger than {MAX_SMALL_BODY} bytes"),
-                        });
-                    }
-                    Ok(Some(bytes))
-                }
+                s if s.is_success() => whole_small_body("GET", &url, response).await.map(Some),
                 StatusCode::NOT_FOUND => Ok(None),
                 _ => Err(status_error("GET", &url, response).await),
             }
@@ -335,6 +324,29 @@ pub fn answer_error(
 pub async fn small_body(response: Response) -> Result<String, reqwest::Error> {
     let (body, _) = bounded_body(response).await?;
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Reads a whole response body of at most 64 KiB that ends within 10 s; anything larger or slower is a protocol
+/// error naming `url` (redacted here), never a truncated document.
+pub async fn whole_small_body(
+    method: &str,
+    url: &str,
+    response: Response,
+) -> Result<Vec<u8>, Error> {
+    let (bytes, complete) = bounded_body(response)
+        .await
+        .map_err(|e| transport_error(method, url, &e))?;
+    if !complete {
+        return Err(Error::Protocol {
+            url: redact_url(url),
+            message: format!(
+                "the answer is larger than {} KiB or did not end within {} s",
+                MAX_SMALL_BODY / 1024,
+                SMALL_BODY_TIME.as_secs()
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Reads at most 64 KiB of a response body, for at most 10 s. The flag says whether that was the whole body.

@@ -39,7 +39,7 @@ use crate::signing::PublicKey;
 use crate::store_path::StorePath;
 
 use super::documents::Document;
-use super::http::{bounded_body, send, transport_error, MAX_SMALL_BODY};
+use super::http::{send, whole_small_body};
 use super::parts::{part_ranges, part_size_for};
 use super::{Backend, Credentials, Error, NarFile, NarinfoGate, TargetInfo};
 
@@ -208,18 +208,7 @@ impl CachixBackend {
         body: Option<&B>,
     ) -> Result<T, Error> {
         let response = self.call(method.clone(), url, body).await?;
-        let (bytes, complete) = bounded_body(response)
-            .await
-            .map_err(|e| transport_error(method.as_str(), url.as_str(), &e))?;
-        if !complete {
-            return Err(Error::Protocol {
-                url: url.to_string(),
-                message: format!(
-                    "the answer is larger than {} KiB or did not end within 10 s",
-                    MAX_SMALL_BODY / 1024
-                ),
-            });
-        }
+        let bytes = whole_small_body(method.as_str(), url.as_str(), response).await?;
         let text = String::from_utf8_lossy(&bytes);
         serde_json::from_str(&text).map_err(|e| Error::Protocol {
             url: url.to_string(),

@@ -30,7 +30,7 @@ use crate::config::{redact_url, Config};
 use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
-use super::http::{bounded_body, status_error, transport_error};
+use super::http::{status_error, whole_small_body};
 use super::throttle::Throttle;
 use super::{Backend, Error, NarFile, NarinfoGate, TargetInfo};
 
@@ -168,18 +168,7 @@ impl Backend for S3Backend {
                 .sign(PRESIGN_FOR);
             let (response, shown) = self.send("GET", &url, |c, u| c.get(u)).await?;
             match response.status() {
-                s if s.is_success() => {
-                    let (bytes, complete) = bounded_body(response)
-                        .await
-                        .map_err(|e| transport_error("GET", &shown, &e))?;
-                    if !complete {
-                        return Err(Error::Protocol {
-                            url: shown,
-                            message: "document larger than 64 KiB".to_owned(),
-                        });
-                    }
-                    Ok(Some(bytes))
-                }
+                s if s.is_success() => whole_small_body("GET", &shown, response).await.map(Some),
                 StatusCode::NOT_FOUND => Ok(None),
                 // Without s3:ListBucket, S3 answers 403 for a key that does not exist; but refused keys are
                 // refused keys.
