@@ -388,9 +388,9 @@ mod tests {
         assert_eq!(order.next(true), [Start::Upload(3), Start::Prepare(5)]);
     }
 
-    #[test]
-    fn a_chain_sends_its_nars_side_by_side_and_publishes_in_order() {
-        let mut order = Order::new(vec![vec![], vec![0], vec![1]], 2);
+    /// Three paths, two workers, past the point where 0 and 1 send their NARs and 2 is being prepared.
+    fn sending_two(deps: Vec<Vec<usize>>) -> Order {
+        let mut order = Order::new(deps, 2);
         assert_eq!(order.next(true), [Start::Prepare(0), Start::Prepare(1)]);
         order.prepared(0);
         order.prepared(1);
@@ -398,6 +398,12 @@ mod tests {
             order.next(true),
             [Start::Upload(0), Start::Upload(1), Start::Prepare(2)]
         );
+        order
+    }
+
+    #[test]
+    fn a_chain_sends_its_nars_side_by_side_and_publishes_in_order() {
+        let mut order = sending_two(vec![vec![], vec![0], vec![1]]);
         // 1's NAR arrives first: its narinfo still waits for 0's.
         order.stored(1);
         assert!(order.next(true).is_empty());
@@ -417,14 +423,7 @@ mod tests {
 
     #[test]
     fn a_stored_referrer_of_a_failed_path_is_never_published() {
-        let mut order = Order::new(vec![vec![], vec![0], vec![0]], 2);
-        assert_eq!(order.next(true), [Start::Prepare(0), Start::Prepare(1)]);
-        order.prepared(0);
-        order.prepared(1);
-        assert_eq!(
-            order.next(true),
-            [Start::Upload(0), Start::Upload(1), Start::Prepare(2)]
-        );
+        let mut order = sending_two(vec![vec![], vec![0], vec![0]]);
         order.stored(1);
         order.prepared(2);
         assert_eq!(order.next(true), [Start::Upload(2)]);
