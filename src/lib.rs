@@ -37,6 +37,7 @@
 //! - [`cli`]: the `nixpush` command line.
 //! - [`systemd`]: sd_notify and socket activation.
 //! - [`logging`]: journald or stderr.
+//! - [`malloc_arenas`]: two glibc malloc arenas for the long-running commands.
 //! - [`retry`]: the one backoff policy type, used per path, per request and for Cachix.
 //! - [`upload`]: the engine ([`upload::Engine`]; its prepare-and-upload pipeline in `upload::pipeline`), with the
 //!   dependency ordering ([`upload::order`]), what the
@@ -67,6 +68,7 @@ pub mod gc_roots;
 pub mod hash;
 pub mod hook;
 pub mod logging;
+pub mod malloc_arenas;
 pub mod metrics;
 pub mod nar;
 pub mod narinfo;

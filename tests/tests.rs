@@ -14,6 +14,7 @@ mod formats;
 mod gc_roots;
 mod harness;
 mod hook;
+mod memory;
 mod metrics;
 mod nixos;
 mod offline;

@@ -105,6 +105,9 @@ pub enum Command {
 /// Parses the command line, runs the subcommand, and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Daemon(_) | Command::Push(_)) {
+        crate::malloc_arenas::limit();
+    }
     let config_path = cli.config.as_deref();
     let result = match cli.command {
         Command::Daemon(args) => daemon::run(config_path, args),
