@@ -6,8 +6,9 @@
 //!    (one batched `missing` query) and paths an upstream cache serves, and holds back paths that reference an
 //!    excluded path no cache has ([`filter`]);
 //! 3. streams each remaining path into a compressed NAR file ([`prepare`]) on up to `workers` blocking threads;
-//! 4. uploads a path (NAR, then the signed narinfo) only once all its references are in the cache, so a consumer
-//!    never sees a narinfo whose NAR or references are missing.
+//! 4. uploads each path's NAR as soon as it is prepared, and its signed narinfo only once its NAR and all its
+//!    references' narinfos are in the cache, so a consumer never sees a narinfo whose NAR or references are
+//!    missing.
 //!
 //! NAR preparation runs ahead of uploads, which keeps both cores busy along a chain of dependencies, but at most
 //! `2 × workers` prepared NARs wait on disk at once. The lowest unfinished path in topological order always has
