@@ -13,7 +13,7 @@
 #   upload.sh         60 paths, >= 200 MiB;            300 paths, >= 1,100 MiB;
 #                     memory at 50 and 500 paths       memory at 50, 3,000 and 12,000 paths
 #   rebuilds.sh       100 derivations, 8 rounds        200 derivations, 10 rounds
-#   backends.sh       its own defaults                 its own defaults
+#   backends.sh       60 paths, 3 rounds               300 paths, >= 1,100 MiB, 3 rounds
 #
 # Run it on an otherwise idle machine: each script prints the load average, and withholds its verdicts when the
 # 1-minute load average was above 1.0 before it started. Set NIXPUSH_PEER_HOOK for hook_bench.sh's peer column.
@@ -27,10 +27,10 @@ case ${1:-} in
 esac
 if $full; then
   hook_args=(1000 20000) nar_dir=/usr/lib/x86_64-linux-gnu nar_big_mib=2048 upload_args=(300 1100)
-  mem_sizes="50 3000 12000" rebuild_args=(200 10)
+  mem_sizes="50 3000 12000" rebuild_args=(200 10) backend_args=(300 1100 3)
 else
   hook_args=(200 5000) nar_dir=/usr/lib/gcc nar_big_mib=256 upload_args=(60 200) mem_sizes="50 500"
-  rebuild_args=(100 8)
+  rebuild_args=(100 8) backend_args=(60 220 3)
 fi
 
 logs=$(mktemp -d /var/tmp/nixpush-bench-all.XXXXXX)
@@ -59,7 +59,7 @@ bench closure_info benches/closure_info.sh
 bench upload env MEM_SIZES="$mem_sizes" benches/upload.sh "${upload_args[@]}"
 bench rebuilds benches/rebuilds.sh "${rebuild_args[@]}"
 if [ -x benches/backends.sh ]; then
-  bench backends benches/backends.sh
+  bench backends benches/backends.sh "${backend_args[@]}"
 else
   names+=(backends)
   outcome[backends]="skipped: benches/backends.sh is not in this checkout"
