@@ -11,6 +11,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::narinfo::NarInfo;
@@ -20,6 +22,12 @@ use super::{Backend, Error, NarFile, NarinfoGate, TargetInfo};
 
 /// Prefix of temporary files in the cache; stale ones are removed by [`FileBackend::prepare`].
 const TMP_PREFIX: &str = ".nixpush-tmp-";
+/// A temporary this old is a crash's leftover, not an upload in progress.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+/// How often the cache directories are swept for stale temporaries. Readying the target happens once per batch,
+/// and a sweep reads directories that hold every narinfo and NAR of the cache: swept every time, a daemon's
+/// work per batch grew with the size of its cache.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 /// A binary cache in a local directory.
 #[derive(Debug, Clone)]
@@ -28,6 +36,8 @@ pub struct FileBackend {
     url: String,
     /// The `nix-cache-info` written when the target has none.
     cache_info: String,
+    /// When the cache was last swept for stale temporaries (`None`: not yet), shared by clones.
+    swept_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl FileBackend {
@@ -41,6 +51,7 @@ impl FileBackend {
             root,
             url: url.to_owned(),
             cache_info: crate::cache_info::CacheInfo::from_config(config).render(),
+            swept_at: Arc::default(),
         })
     }
 
@@ -60,12 +71,25 @@ impl FileBackend {
         if !info.exists() {
             write_atomically(&info, self.cache_info.as_bytes())?;
         }
-        remove_stale_temporaries(&nar_dir);
-        remove_stale_temporaries(&self.root);
+        if self.sweep_due() {
+            remove_stale_temporaries(&nar_dir);
+            remove_stale_temporaries(&self.root);
+        }
         Ok(TargetInfo {
             read_url: Some(self.url.clone()),
             ..TargetInfo::default()
         })
+    }
+
+    /// Whether the stale temporaries are due to be swept: the first time the target is readied, then every
+    /// [`SWEEP_EVERY`].
+    fn sweep_due(&self) -> bool {
+        let mut swept_at = self.swept_at.lock().unwrap_or_else(|e| e.into_inner());
+        let due = swept_at.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
+        if due {
+            *swept_at = Some(Instant::now());
+        }
+        due
     }
 
     /// Moves (or copies) the NAR into `nar/`, synced.
@@ -233,16 +257,84 @@ fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let stale_after = std::time::Duration::from_secs(3600);
-    for entry in entries.flatten() {
+    // The name first: the directory holds every narinfo or NAR of the cache, and only temporaries need a stat.
+    for entry in entries.flatten().filter(|e| {
+        e.file_name()
+            .as_encoded_bytes()
+            .starts_with(TMP_PREFIX.as_bytes())
+    }) {
         let old = entry
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > stale_after);
-        if old && entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            .is_some_and(|age| age > STALE_AFTER);
+        if old {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_backend(dir: &Path) -> FileBackend {
+        let url = format!("file://{}", dir.display());
+        let config = Config::parse(
+            &format!("[target]\nurl = \"{url}\"\n"),
+            Path::new("test.toml"),
+        )
+        .unwrap();
+        FileBackend::new(&url, &config).unwrap()
+    }
+
+    /// A temporary named as ours, last modified `age` ago.
+    fn temporary(dir: &Path, name: &str, age: Duration) -> PathBuf {
+        let path = dir.join(format!("{TMP_PREFIX}{name}"));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_modified(std::time::SystemTime::now() - age)
+            .unwrap();
+        path
+    }
+
+    #[test]
+    fn readying_the_cache_removes_only_stale_temporaries_and_sweeps_once_in_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = file_backend(dir.path());
+        backend.prepare_blocking().unwrap();
+        let nar_dir = dir.path().join("nar");
+        let stale = temporary(&nar_dir, "stale", STALE_AFTER * 2);
+        let young = temporary(&nar_dir, "young", Duration::from_secs(5));
+        let foreign = nar_dir.join("old-but-not-ours");
+        std::fs::File::create(&foreign)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - STALE_AFTER * 2)
+            .unwrap();
+
+        // Swept at the first readying already: the next one soon after leaves even a stale temporary alone.
+        backend.prepare_blocking().unwrap();
+        assert!(stale.exists() && young.exists() && foreign.exists());
+
+        // A fresh backend (a restarted daemon) sweeps at once.
+        let restarted = file_backend(dir.path());
+        let in_root = temporary(dir.path(), "root", STALE_AFTER * 2);
+        restarted.prepare_blocking().unwrap();
+        assert!(
+            !stale.exists() && !in_root.exists(),
+            "stale temporaries left"
+        );
+        assert!(young.exists(), "an upload in progress lost its file");
+        assert!(foreign.exists(), "a file that is not ours was removed");
+    }
+
+    #[test]
+    fn a_sweep_is_due_again_after_its_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = file_backend(dir.path());
+        assert!(backend.sweep_due());
+        assert!(!backend.clone().sweep_due(), "clones share the sweep time");
+        *backend.swept_at.lock().unwrap() = Some(Instant::now() - SWEEP_EVERY);
+        assert!(backend.sweep_due());
     }
 }
