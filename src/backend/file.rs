@@ -61,7 +61,7 @@ impl FileBackend {
     }
 
     fn narinfo_path(&self, path: &StorePath) -> PathBuf {
-        self.root.join(format!("{}.narinfo", path.hash_part()))
+        self.root.join(super::documents::narinfo_key(path))
     }
 
     fn prepare_blocking(&self) -> Result<TargetInfo, Error> {

@@ -197,7 +197,7 @@ impl Backend for HttpBackend {
         }
         gate.nar_stored().await?;
         self.put_bytes(
-            &format!("{}.narinfo", narinfo.store_path.hash_part()),
+            &super::documents::narinfo_key(&narinfo.store_path),
             "text/x-nix-narinfo",
             narinfo.render().into_bytes(),
         )

@@ -285,7 +285,7 @@ where
     let exists = &exists;
     let answers: Vec<(StorePath, bool)> = stream::iter(paths.iter().cloned())
         .map(|path| async move {
-            let present = exists(format!("{}.narinfo", path.hash_part())).await?;
+            let present = exists(documents::narinfo_key(&path)).await?;
             Ok::<_, Error>((path, present))
         })
         .buffered(PARALLEL_HEADS)

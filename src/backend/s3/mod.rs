@@ -144,7 +144,7 @@ impl Backend for S3Backend {
         }
         gate.nar_stored().await?;
         self.put_bytes_if_absent(
-            &format!("{}.narinfo", narinfo.store_path.hash_part()),
+            &crate::backend::documents::narinfo_key(&narinfo.store_path),
             "text/x-nix-narinfo",
             narinfo.render().into_bytes(),
         )
