@@ -464,7 +464,7 @@ fn a_target_that_echoes_the_request_headers_leaks_no_token() {
     let nginx = Nginx::start(&www, "");
     let proxy = FaultProxy::start(nginx.port, 0.0, &[Fault::EchoHeaders], Duration::ZERO, 1);
     // Every request is answered with our own headers, token included, until the test has seen the echo in
-    // `status`.
+    // `status` and twelve requests have been echoed.
     proxy.fail_next(u64::MAX);
     env.write_config_with(
         "",
@@ -485,6 +485,9 @@ fn a_target_that_echoes_the_request_headers_leaks_no_token() {
             || daemon.status()["target"]["message"]
                 .to_string()
                 .contains("HTTP 500")
+    });
+    wait_until("twelve echoed requests", || {
+        proxy.stats.faults.load(std::sync::atomic::Ordering::SeqCst) >= 12
     });
     proxy.fail_next(0);
     let status = daemon.wait_drained();
