@@ -105,6 +105,25 @@ mod tests {
     use super::*;
     use crate::store_path::StorePath;
 
+    /// sled's background threads may hold the directory's lock for a moment after the writer's `Db` is dropped
+    /// (the daemon reads an old queue only after the process that wrote it is gone), so the open is retried while
+    /// it is refused for the lock alone.
+    fn read_once_unlocked(dir: &Path) -> SledContents {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match read(dir) {
+                Ok(contents) => return contents,
+                Err(Error::Open { source, .. })
+                    if source.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn reads_what_the_sled_queue_wrote() {
         let dir = tempfile::tempdir().unwrap();
@@ -131,7 +150,7 @@ mod tests {
             db.flush().unwrap();
         }
         assert!(!files(dir.path()).is_empty());
-        let contents = read(dir.path()).unwrap();
+        let contents = read_once_unlocked(dir.path());
         assert_eq!(contents.entries.len(), 1);
         assert_eq!(contents.entries[0].path, path);
         assert_eq!(contents.undecodable, vec!["garbage".to_owned()]);
