@@ -24,6 +24,19 @@ pub enum Outcome {
     HeldBack,
 }
 
+impl Outcome {
+    /// Every outcome, in declaration order (so `outcome as usize` indexes it).
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Uploaded,
+        Outcome::AlreadyPresent,
+        Outcome::SkippedUpstream,
+        Outcome::Excluded,
+        Outcome::SkippedGone,
+        Outcome::Failed,
+        Outcome::HeldBack,
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,7 +84,7 @@ fn target_report(
             }
         }
     }
-    let since = totals.since_start;
+    let since = status::Totals::from(totals.since_start);
     let history = queue.recent(queue::HISTORY_CAP)?;
     let last_upload_at = history
         .iter()
@@ -291,13 +291,13 @@ impl From<queue::RefusedRecord> for RefusedRequest {
 impl From<queue::Totals> for status::Totals {
     fn from(totals: queue::Totals) -> status::Totals {
         status::Totals {
-            uploaded: totals.uploaded,
-            already_present: totals.already_present,
-            skipped_upstream: totals.skipped_upstream,
-            excluded: totals.excluded,
-            skipped_gone: totals.skipped_gone,
-            failed: totals.failed,
-            held_back: totals.held_back,
+            uploaded: totals.paths(Outcome::Uploaded),
+            already_present: totals.paths(Outcome::AlreadyPresent),
+            skipped_upstream: totals.paths(Outcome::SkippedUpstream),
+            excluded: totals.paths(Outcome::Excluded),
+            skipped_gone: totals.paths(Outcome::SkippedGone),
+            failed: totals.paths(Outcome::Failed),
+            held_back: totals.paths(Outcome::HeldBack),
             nar_bytes: totals.nar_bytes,
             file_bytes: totals.file_bytes,
         }

@@ -34,6 +34,7 @@ mod salvage;
 mod schema;
 mod sled_import;
 mod sqlite_queue;
+mod totals;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,6 +48,7 @@ use crate::store_path::StorePath;
 pub use crate::outcome::Outcome;
 pub use open::{open, Damage, Opened};
 pub use sqlite_queue::{sync_dir, CommitStats, SqliteQueue, DB_FILE, ENTRIES_TABLE};
+pub use totals::Totals;
 
 /// The longest retry delay the engine ever sets (a server's `Retry-After` is capped at ten minutes). A stored
 /// retry time further ahead than this was written under a clock that has since gone back.
@@ -276,49 +278,6 @@ impl RefusedRecord {
             peer_uid,
             source: source.to_owned(),
             at_ms,
-        }
-    }
-}
-
-/// Counters of finished paths and bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Totals {
-    /// Paths uploaded.
-    pub uploaded: u64,
-    /// Paths the target already had.
-    pub already_present: u64,
-    /// Paths an upstream cache serves.
-    pub skipped_upstream: u64,
-    /// Paths filtered out (`include`, `exclude`, `max_nar_size`).
-    pub excluded: u64,
-    /// Paths garbage-collected before upload.
-    pub skipped_gone: u64,
-    /// Paths given up on.
-    pub failed: u64,
-    /// Uncompressed NAR bytes uploaded.
-    pub nar_bytes: u64,
-    /// Compressed bytes uploaded.
-    pub file_bytes: u64,
-    /// Paths held back because a reference of theirs is filtered out and no cache has it.
-    pub held_back: u64,
-}
-
-impl Totals {
-    /// Adds one finished path.
-    pub fn add(&mut self, record: &HistoryRecord) {
-        match record.outcome {
-            Outcome::Uploaded => {
-                self.uploaded += 1;
-                self.nar_bytes += record.nar_size.unwrap_or(0);
-                self.file_bytes += record.file_size.unwrap_or(0);
-            }
-            Outcome::AlreadyPresent => self.already_present += 1,
-            Outcome::SkippedUpstream => self.skipped_upstream += 1,
-            Outcome::Excluded => self.excluded += 1,
-            Outcome::SkippedGone => self.skipped_gone += 1,
-            Outcome::Failed => self.failed += 1,
-            Outcome::HeldBack => self.held_back += 1,
         }
     }
 }

@@ -267,8 +267,8 @@ fn lists_are_bounded_and_totals_add_up() {
     assert_eq!(recent[0].path, path(HISTORY_CAP as u32 + 4));
     let totals = q.totals().unwrap();
     assert_eq!(totals.all_time, totals.since_start);
-    assert_eq!(totals.all_time.uploaded, 53);
-    assert_eq!(totals.all_time.skipped_upstream, 52);
+    assert_eq!(totals.all_time.paths(Outcome::Uploaded), 53);
+    assert_eq!(totals.all_time.paths(Outcome::SkippedUpstream), 52);
     assert_eq!(totals.all_time.nar_bytes, 5300);
 
     for n in 0..(REFUSED_CAP + 3) {
@@ -333,8 +333,11 @@ fn each_target_keeps_its_own_entries_history_and_totals() {
     backup.record_finished(&record(3)).unwrap();
     assert_eq!(q.recent(10).unwrap().len(), 1);
     assert_eq!(backup.recent(10).unwrap()[0].path, path(3));
-    assert_eq!(q.totals().unwrap().all_time.uploaded, 1);
-    assert_eq!(backup.totals().unwrap().all_time.uploaded, 2);
+    assert_eq!(q.totals().unwrap().all_time.paths(Outcome::Uploaded), 1);
+    assert_eq!(
+        backup.totals().unwrap().all_time.paths(Outcome::Uploaded),
+        2
+    );
     assert_eq!(backup.totals().unwrap().since_start.nar_bytes, 200);
     // Refusals belong to the daemon, not a target.
     backup
