@@ -97,22 +97,81 @@ pub fn cannot_store_note(cannot: &[Document], config: &crate::config::Config) ->
     ))
 }
 
+/// A small document to store: its key in the cache, its content type and its bytes. The constructors give each
+/// kind of document its one key and content type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentBytes {
+    /// Where it goes, relative to the cache root.
+    pub key: String,
+    /// What a web server should answer it as.
+    pub content_type: &'static str,
+    /// The document.
+    pub bytes: Vec<u8>,
+}
+
+impl DocumentBytes {
+    /// The NAR listing of `path`.
+    pub fn listing(path: &StorePath, listing: &str) -> DocumentBytes {
+        DocumentBytes {
+            key: listing_key(path),
+            content_type: LISTING_TYPE,
+            bytes: listing.as_bytes().to_vec(),
+        }
+    }
+
+    /// The build log of `drv`.
+    pub fn build_log(drv: &StorePath, log: Vec<u8>) -> DocumentBytes {
+        DocumentBytes {
+            key: log_key(drv),
+            content_type: LOG_TYPE,
+            bytes: log,
+        }
+    }
+
+    /// A realisation, at the key it names itself by.
+    pub fn realisation(realisation: &crate::realisation::Realisation) -> DocumentBytes {
+        DocumentBytes {
+            key: realisation.key(),
+            content_type: REALISATION_TYPE,
+            bytes: realisation.to_json().into_bytes(),
+        }
+    }
+
+    /// `nix-cache-info`.
+    pub fn cache_info(text: String) -> DocumentBytes {
+        DocumentBytes {
+            key: "nix-cache-info".to_owned(),
+            content_type: "text/x-nix-cache-info",
+            bytes: text.into_bytes(),
+        }
+    }
+
+    /// A narinfo, rendered.
+    pub fn narinfo(narinfo: &crate::narinfo::NarInfo) -> DocumentBytes {
+        DocumentBytes {
+            key: narinfo_key(&narinfo.store_path),
+            content_type: NARINFO_TYPE,
+            bytes: narinfo.render().into_bytes(),
+        }
+    }
+}
+
 /// Content type of a NAR listing.
-pub const LISTING_TYPE: &str = "application/json";
+const LISTING_TYPE: &str = "application/json";
 /// Content type of a build log (what Nix's `addBuildLog` sends).
-pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
+const LOG_TYPE: &str = "text/plain; charset=utf-8";
 /// Content type of a realisation.
-pub const REALISATION_TYPE: &str = "application/json";
+const REALISATION_TYPE: &str = "application/json";
 /// Content type of a narinfo.
-pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
+const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 
 /// `<hash>.ls`.
-pub fn listing_key(path: &StorePath) -> String {
+fn listing_key(path: &StorePath) -> String {
     format!("{}.ls", path.hash_part())
 }
 
 /// `log/<drv base name>`.
-pub fn log_key(drv: &StorePath) -> String {
+fn log_key(drv: &StorePath) -> String {
     format!("log/{}", drv.base_name())
 }
 

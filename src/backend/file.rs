@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
-use super::{Backend, Error, NarFile, NarinfoGate, TargetInfo};
+use super::{Backend, DocumentBytes, Error, NarFile, NarUpload, NarinfoGate, TargetInfo};
 
 /// Prefix of temporary files in the cache; stale ones are removed by [`FileBackend::prepare`].
 const TMP_PREFIX: &str = ".nixpush-tmp-";
@@ -156,12 +156,8 @@ impl Backend for FileBackend {
             .collect())
     }
 
-    async fn upload_when(
-        &self,
-        narinfo: &NarInfo,
-        nar: NarFile<'_>,
-        mut gate: NarinfoGate,
-    ) -> Result<(), Error> {
+    async fn upload_when(&self, upload: NarUpload<'_>, mut gate: NarinfoGate) -> Result<(), Error> {
+        let NarUpload { narinfo, nar } = upload;
         let info = narinfo.clone();
         let nar_path = nar.path.to_owned();
         let (size, sha256) = (nar.size, nar.sha256);
@@ -186,13 +182,8 @@ impl Backend for FileBackend {
         Some(self.root.join("nar"))
     }
 
-    async fn put_document(
-        &self,
-        key: &str,
-        _content_type: &'static str,
-        bytes: Vec<u8>,
-    ) -> Result<(), Error> {
-        let path = self.root.join(key);
+    async fn put_document(&self, document: DocumentBytes) -> Result<(), Error> {
+        let (path, bytes) = (self.root.join(&document.key), document.bytes);
         self.blocking(move |_| {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

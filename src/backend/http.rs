@@ -19,11 +19,12 @@ use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 use crate::config::{redact_url, Config};
-use crate::narinfo::NarInfo;
 use crate::secret::Secret;
 use crate::store_path::StorePath;
 
-use super::{Backend, Credentials, Error, NarFile, NarinfoGate, TargetInfo};
+use super::{
+    Backend, Credentials, DocumentBytes, Error, NarFile, NarUpload, NarinfoGate, TargetInfo,
+};
 
 /// Largest response body read for diagnostics or small documents.
 pub const MAX_SMALL_BODY: usize = 64 * 1024;
@@ -157,8 +158,7 @@ impl Backend for HttpBackend {
         .await?;
         if response.status() == StatusCode::NOT_FOUND {
             let text = self.cache_info.clone();
-            self.put_bytes("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
-                .await?;
+            self.put_document(DocumentBytes::cache_info(text)).await?;
         }
         Ok(TargetInfo {
             read_url: Some(redact_url(&self.base)),
@@ -170,12 +170,8 @@ impl Backend for HttpBackend {
         super::missing_narinfos(paths, |key| async move { self.exists(&key).await }).await
     }
 
-    async fn upload_when(
-        &self,
-        narinfo: &NarInfo,
-        nar: NarFile<'_>,
-        mut gate: NarinfoGate,
-    ) -> Result<(), Error> {
+    async fn upload_when(&self, upload: NarUpload<'_>, mut gate: NarinfoGate) -> Result<(), Error> {
+        let NarUpload { narinfo, nar } = upload;
         if !self.exists(&narinfo.url).await? {
             match self
                 .put_file(&narinfo.url, "application/x-nix-nar", nar)
@@ -196,21 +192,12 @@ impl Backend for HttpBackend {
             }
         }
         gate.nar_stored().await?;
-        self.put_bytes(
-            &super::documents::narinfo_key(&narinfo.store_path),
-            "text/x-nix-narinfo",
-            narinfo.render().into_bytes(),
-        )
-        .await
+        self.put_document(DocumentBytes::narinfo(narinfo)).await
     }
 
-    async fn put_document(
-        &self,
-        key: &str,
-        content_type: &'static str,
-        bytes: Vec<u8>,
-    ) -> Result<(), Error> {
-        self.put_bytes(key, content_type, bytes).await
+    async fn put_document(&self, document: DocumentBytes) -> Result<(), Error> {
+        self.put_bytes(&document.key, document.content_type, document.bytes)
+            .await
     }
 
     async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {

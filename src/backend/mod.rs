@@ -32,6 +32,7 @@ use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
 pub use credentials::Credentials;
+pub use documents::DocumentBytes;
 pub use gate::NarinfoGate;
 pub use target::{Kind, Target};
 
@@ -44,6 +45,15 @@ pub struct NarFile<'a> {
     pub size: u64,
     /// SHA-256 of its bytes (`FileHash`).
     pub sha256: Sha256Hash,
+}
+
+/// One path's upload: its compressed NAR and the narinfo that describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct NarUpload<'a> {
+    /// The narinfo, written last.
+    pub narinfo: &'a NarInfo,
+    /// The NAR file its `URL` names.
+    pub nar: NarFile<'a>,
 }
 
 /// What a backend learned about its target when it got ready.
@@ -79,8 +89,7 @@ pub trait Backend: Send + Sync {
     /// path again is harmless.
     fn upload_when(
         &self,
-        narinfo: &NarInfo,
-        nar: NarFile<'_>,
+        upload: NarUpload<'_>,
         gate: NarinfoGate,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
@@ -91,7 +100,10 @@ pub trait Backend: Send + Sync {
         narinfo: &NarInfo,
         nar: NarFile<'_>,
     ) -> impl Future<Output = Result<(), Error>> + Send {
-        self.upload_when(narinfo, nar, NarinfoGate::open())
+        async move {
+            self.upload_when(NarUpload { narinfo, nar }, NarinfoGate::open())
+                .await
+        }
     }
 
     /// A directory on the target's own filesystem where the engine should write compressed NARs, so that
@@ -100,16 +112,14 @@ pub trait Backend: Send + Sync {
         None
     }
 
-    /// Stores a small document (see [`documents`]) at `key`, replacing any there. Only called for documents
+    /// Stores a small document (see [`documents`]) at its key, replacing any there. Only called for documents
     /// the target can hold (not in [`Backend::cannot_store`]). The default refuses, for targets (and test
     /// fakes) that hold only NARs and narinfos.
     fn put_document(
         &self,
-        key: &str,
-        _content_type: &'static str,
-        _bytes: Vec<u8>,
+        document: DocumentBytes,
     ) -> impl Future<Output = Result<(), Error>> + Send {
-        let key = key.to_owned();
+        let key = document.key;
         async move { Err(Error::Config(format!("this target cannot store {key}"))) }
     }
 
@@ -473,6 +483,17 @@ impl AnyBackend {
     }
 }
 
+/// An error for a document key that would leave the cache ([`documents::is_safe_key`]).
+fn refuse_unsafe_key(key: &str) -> Result<(), Error> {
+    if documents::is_safe_key(key) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "document key {key:?} points outside the cache"
+        )))
+    }
+}
+
 impl Backend for AnyBackend {
     async fn prepare(&self) -> Result<TargetInfo, Error> {
         match self {
@@ -492,17 +513,12 @@ impl Backend for AnyBackend {
         }
     }
 
-    async fn upload_when(
-        &self,
-        narinfo: &NarInfo,
-        nar: NarFile<'_>,
-        gate: NarinfoGate,
-    ) -> Result<(), Error> {
+    async fn upload_when(&self, upload: NarUpload<'_>, gate: NarinfoGate) -> Result<(), Error> {
         match self {
-            AnyBackend::File(b) => b.upload_when(narinfo, nar, gate).await,
-            AnyBackend::Http(b) => b.upload_when(narinfo, nar, gate).await,
-            AnyBackend::Cachix(b) => b.upload_when(narinfo, nar, gate).await,
-            AnyBackend::S3(b) => b.upload_when(narinfo, nar, gate).await,
+            AnyBackend::File(b) => b.upload_when(upload, gate).await,
+            AnyBackend::Http(b) => b.upload_when(upload, gate).await,
+            AnyBackend::Cachix(b) => b.upload_when(upload, gate).await,
+            AnyBackend::S3(b) => b.upload_when(upload, gate).await,
         }
     }
 
@@ -515,31 +531,18 @@ impl Backend for AnyBackend {
         }
     }
 
-    async fn put_document(
-        &self,
-        key: &str,
-        content_type: &'static str,
-        bytes: Vec<u8>,
-    ) -> Result<(), Error> {
-        if !documents::is_safe_key(key) {
-            return Err(Error::Config(format!(
-                "document key {key:?} points outside the cache"
-            )));
-        }
+    async fn put_document(&self, document: DocumentBytes) -> Result<(), Error> {
+        refuse_unsafe_key(&document.key)?;
         match self {
-            AnyBackend::File(b) => b.put_document(key, content_type, bytes).await,
-            AnyBackend::Http(b) => b.put_document(key, content_type, bytes).await,
-            AnyBackend::Cachix(b) => b.put_document(key, content_type, bytes).await,
-            AnyBackend::S3(b) => b.put_document(key, content_type, bytes).await,
+            AnyBackend::File(b) => b.put_document(document).await,
+            AnyBackend::Http(b) => b.put_document(document).await,
+            AnyBackend::Cachix(b) => b.put_document(document).await,
+            AnyBackend::S3(b) => b.put_document(document).await,
         }
     }
 
     async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        if !documents::is_safe_key(key) {
-            return Err(Error::Config(format!(
-                "document key {key:?} points outside the cache"
-            )));
-        }
+        refuse_unsafe_key(key)?;
         match self {
             AnyBackend::File(b) => b.get_document(key).await,
             AnyBackend::Http(b) => b.get_document(key).await,

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::backend::documents::{self, Document};
-use crate::backend::Backend;
+use crate::backend::documents::Document;
+use crate::backend::{Backend, DocumentBytes};
 use crate::narinfo::NarInfo;
 use crate::realisation::Realisation;
 use crate::store_path::StorePath;
@@ -34,11 +34,7 @@ impl<B: Backend + 'static> Engine<B> {
     ) -> Result<(), Error> {
         if let Some(listing) = listing.filter(|_| self.wants_listing()) {
             self.backend
-                .put_document(
-                    &documents::listing_key(&narinfo.store_path),
-                    documents::LISTING_TYPE,
-                    listing.as_bytes().to_vec(),
-                )
+                .put_document(DocumentBytes::listing(&narinfo.store_path, listing))
                 .await?;
         }
         if let Some(drv) = narinfo
@@ -62,7 +58,7 @@ impl<B: Backend + 'static> Engine<B> {
         // No log (the derivation was substituted, or built on another machine): nothing to send.
         if let Some(log) = log {
             self.backend
-                .put_document(&documents::log_key(drv), documents::LOG_TYPE, log)
+                .put_document(DocumentBytes::build_log(drv, log))
                 .await?;
         }
         let mut sent = self.lock_logs_sent();
@@ -102,11 +98,7 @@ impl<B: Backend + 'static> Engine<B> {
     pub(super) async fn put_after_narinfo(&self, narinfo: &NarInfo) -> Result<(), Error> {
         for realisation in self.signed_realisations(&narinfo.store_path).await? {
             self.backend
-                .put_document(
-                    &realisation.key(),
-                    documents::REALISATION_TYPE,
-                    realisation.to_json().into_bytes(),
-                )
+                .put_document(DocumentBytes::realisation(&realisation))
                 .await?;
         }
         Ok(())
@@ -117,15 +109,9 @@ impl<B: Backend + 'static> Engine<B> {
     /// only for content-addressed outputs.
     pub(super) async fn put_missing_realisations(&self, path: &StorePath) -> Result<(), Error> {
         for realisation in self.signed_realisations(path).await? {
-            let key = realisation.key();
-            if self.backend.get_document(&key).await?.is_none() {
-                self.backend
-                    .put_document(
-                        &key,
-                        documents::REALISATION_TYPE,
-                        realisation.to_json().into_bytes(),
-                    )
-                    .await?;
+            let document = DocumentBytes::realisation(&realisation);
+            if self.backend.get_document(&document.key).await?.is_none() {
+                self.backend.put_document(document).await?;
             }
         }
         Ok(())

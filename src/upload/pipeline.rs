@@ -294,7 +294,13 @@ impl<B: Backend + 'static> Engine<B> {
             .await
         {
             Ok(()) => {
-                let upload = self.backend.upload_when(&narinfo, nar, gate);
+                let upload = self.backend.upload_when(
+                    backend::NarUpload {
+                        narinfo: &narinfo,
+                        nar,
+                    },
+                    gate,
+                );
                 backend::wire::metered(meter, upload)
                     .await
                     .map_err(Error::from)

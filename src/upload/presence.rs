@@ -149,8 +149,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::backend::{self, NarFile, TargetInfo};
-    use crate::narinfo::NarInfo;
+    use crate::backend::{self, TargetInfo};
 
     /// A target whose `missing` query fails `failures` times with a 503 asking to come back after `hint`.
     struct Flaky {
@@ -179,8 +178,7 @@ mod tests {
 
         async fn upload_when(
             &self,
-            _: &NarInfo,
-            _: NarFile<'_>,
+            _: backend::NarUpload<'_>,
             _: backend::NarinfoGate,
         ) -> Result<(), backend::Error> {
             Ok(())

@@ -6,7 +6,7 @@
 //! damage shows in `status` and `push`.
 
 use crate::backend::documents::{self, Document};
-use crate::backend::Backend;
+use crate::backend::{Backend, DocumentBytes};
 use crate::narinfo::NarInfo;
 use crate::pathinfo::PathInfo;
 
@@ -60,7 +60,7 @@ impl<B: Backend + 'static> Engine<B> {
         let kept = std::mem::take(&mut narinfo.sigs);
         narinfo.add_signatures(keys.iter().map(|k| k.as_ref()), &kept);
         self.backend
-            .put_document(&key, documents::NARINFO_TYPE, narinfo.render().into_bytes())
+            .put_document(DocumentBytes::narinfo(&narinfo))
             .await?;
         Ok(Resigned::Signed)
     }

@@ -41,7 +41,7 @@ use crate::store_path::StorePath;
 use super::documents::Document;
 use super::http::{send, whole_small_body};
 use super::parts::{part_ranges, part_size_for};
-use super::{Backend, Credentials, Error, NarFile, NarinfoGate, TargetInfo};
+use super::{Backend, Credentials, DocumentBytes, Error, NarUpload, NarinfoGate, TargetInfo};
 
 pub use api::NarInfoCreate;
 pub use keys::{cache_name, key_name, load_signing_key, SIGNING_KEY_ENV};
@@ -333,12 +333,8 @@ impl Backend for CachixBackend {
             .collect())
     }
 
-    async fn upload_when(
-        &self,
-        narinfo: &NarInfo,
-        nar: NarFile<'_>,
-        mut gate: NarinfoGate,
-    ) -> Result<(), Error> {
+    async fn upload_when(&self, upload: NarUpload<'_>, mut gate: NarinfoGate) -> Result<(), Error> {
+        let NarUpload { narinfo, nar } = upload;
         let compression = match narinfo.compression.as_str() {
             "zstd" => "zst",
             "xz" => "xz",
@@ -385,14 +381,10 @@ impl Backend for CachixBackend {
         super::race::after_failure(error, present)
     }
 
-    async fn put_document(
-        &self,
-        key: &str,
-        _content_type: &'static str,
-        _bytes: Vec<u8>,
-    ) -> Result<(), Error> {
+    async fn put_document(&self, document: DocumentBytes) -> Result<(), Error> {
         Err(Error::Config(format!(
-            "Cachix's API cannot store {key}; the engine should not have asked"
+            "Cachix's API cannot store {}; the engine should not have asked",
+            document.key
         )))
     }
 

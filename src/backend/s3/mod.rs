@@ -27,12 +27,11 @@ use reqwest::StatusCode;
 use rusty_s3::{Bucket, S3Action, UrlStyle};
 
 use crate::config::{redact_url, Config};
-use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
 use super::http::{status_error, whole_small_body};
 use super::throttle::Throttle;
-use super::{Backend, Error, NarFile, NarinfoGate, TargetInfo};
+use super::{Backend, DocumentBytes, Error, NarUpload, NarinfoGate, TargetInfo};
 
 mod address;
 pub mod credentials;
@@ -119,7 +118,7 @@ impl Backend for S3Backend {
         self.credentials.current().await?;
         if !self.exists("nix-cache-info").await? {
             let text = self.cache_info.clone();
-            self.put_bytes_if_absent("nix-cache-info", "text/x-nix-cache-info", text.into_bytes())
+            self.put_bytes_if_absent(DocumentBytes::cache_info(text))
                 .await?;
         }
         Ok(TargetInfo {
@@ -132,32 +131,19 @@ impl Backend for S3Backend {
         crate::backend::missing_narinfos(paths, |key| async move { self.exists(&key).await }).await
     }
 
-    async fn upload_when(
-        &self,
-        narinfo: &NarInfo,
-        nar: NarFile<'_>,
-        mut gate: NarinfoGate,
-    ) -> Result<(), Error> {
+    async fn upload_when(&self, upload: NarUpload<'_>, mut gate: NarinfoGate) -> Result<(), Error> {
+        let NarUpload { narinfo, nar } = upload;
         // As Nix does: a NAR already there (same file hash, same bytes) is not sent again.
         if self.object_size(&narinfo.url).await? != Some(nar.size) {
             self.put_nar(&narinfo.url, &nar).await?;
         }
         gate.nar_stored().await?;
-        self.put_bytes_if_absent(
-            &crate::backend::documents::narinfo_key(&narinfo.store_path),
-            "text/x-nix-narinfo",
-            narinfo.render().into_bytes(),
-        )
-        .await
+        self.put_bytes_if_absent(DocumentBytes::narinfo(narinfo))
+            .await
     }
 
-    async fn put_document(
-        &self,
-        key: &str,
-        content_type: &'static str,
-        bytes: Vec<u8>,
-    ) -> Result<(), Error> {
-        self.put_bytes(key, content_type, bytes).await
+    async fn put_document(&self, document: DocumentBytes) -> Result<(), Error> {
+        self.put_bytes(document).await
     }
 
     async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use rusty_s3::S3Action;
 
 use super::super::parts::file_range_body;
-use super::super::{race, Error, NarFile};
+use super::super::{race, DocumentBytes, Error, NarFile};
 use super::credentials::Keys;
 use super::request::{expect_success, s3_error};
 use super::{S3Backend, PRESIGN_FOR};
@@ -50,29 +50,24 @@ impl S3Backend {
     }
 
     /// An unconditional PUT: documents that may be replaced (a re-signed narinfo, listings, logs).
-    pub(super) async fn put_bytes(
-        &self,
-        key: &str,
-        content_type: &str,
-        bytes: Vec<u8>,
-    ) -> Result<(), Error> {
-        let bytes = &bytes;
-        self.retrying(|keys| async move {
-            self.put_object(&keys, key, content_type, bytes, false)
-                .await
-        })
-        .await
+    pub(super) async fn put_bytes(&self, document: DocumentBytes) -> Result<(), Error> {
+        let document = &document;
+        self.retrying(|keys| async move { self.put_object(&keys, document, false).await })
+            .await
     }
 
     /// One signed PUT of `bytes`; `if_absent` adds `If-None-Match: *`.
     async fn put_object(
         &self,
         keys: &Keys,
-        key: &str,
-        content_type: &str,
-        bytes: &[u8],
+        document: &DocumentBytes,
         if_absent: bool,
     ) -> Result<(), Error> {
+        let DocumentBytes {
+            key,
+            content_type,
+            bytes,
+        } = document;
         let url = self
             .bucket
             .put_object(Some(&keys.s3), key)
@@ -81,7 +76,7 @@ impl S3Backend {
             .send("PUT", &url, |c, u| {
                 let request = c
                     .put(u)
-                    .header(CONTENT_TYPE, content_type)
+                    .header(CONTENT_TYPE, *content_type)
                     .header(CONTENT_LENGTH, bytes.len());
                 let request = if if_absent {
                     request.header(IF_NONE_MATCH, "*")
@@ -96,22 +91,13 @@ impl S3Backend {
 
     /// PUTs a small document unless `key` exists (`If-None-Match: *`). Another writer's copy counts as ours:
     /// a `412` means it was first, a `409` that its write is in flight (settled by a HEAD).
-    pub(super) async fn put_bytes_if_absent(
-        &self,
-        key: &str,
-        content_type: &str,
-        bytes: Vec<u8>,
-    ) -> Result<(), Error> {
-        let bytes = &bytes;
+    pub(super) async fn put_bytes_if_absent(&self, document: DocumentBytes) -> Result<(), Error> {
+        let document = &document;
         contended(
-            key,
+            &document.key,
             "was written by another writer first",
-            || {
-                self.retrying(|keys| async move {
-                    self.put_object(&keys, key, content_type, bytes, true).await
-                })
-            },
-            || self.exists(key),
+            || self.retrying(|keys| async move { self.put_object(&keys, document, true).await }),
+            || self.exists(&document.key),
         )
         .await
     }
