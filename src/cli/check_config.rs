@@ -16,6 +16,10 @@ use anyhow::Context as _;
 use crate::backend::{documents, Kind};
 use crate::config::{self, line_of, Config, DEFAULT_CONFIG_PATH};
 
+/// The exit codes, for `check-config --help`.
+pub(super) const EXIT_CODES_HELP: &str =
+    "Exit status:\n  0  the file is valid\n  1  it is not (the message names the key)";
+
 /// Arguments of `check-config`.
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -9,6 +9,13 @@ use clap::CommandFactory as _;
 
 use super::Cli;
 
+/// The exit codes, for `completions --help`.
+pub(super) const EXIT_CODES_HELP: &str = "Exit status:\n  0  the script was written";
+
+/// The exit codes, for `man --help`.
+pub(super) const MAN_EXIT_CODES_HELP: &str =
+    "Exit status:\n  0  the pages were written\n  1  they could not be";
+
 /// Arguments of `completions`.
 #[derive(Debug, clap::Args)]
 pub struct Args {

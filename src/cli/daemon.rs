@@ -9,6 +9,11 @@ use anyhow::Context as _;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::daemon::{self, shutdown, socket, Options};
 
+/// The exit codes, for `daemon --help`.
+pub(super) const EXIT_CODES_HELP: &str =
+    "Exit status:\n  0  stopped by SIGTERM or SIGINT after draining\n  \
+        1  cannot start (configuration, socket, queue) or a fatal error";
+
 /// Arguments of `daemon`.
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -11,6 +11,10 @@ use crate::config::Config;
 use crate::nar;
 use anyhow::Context as _;
 
+/// The exit codes, for `dump-nar --help`.
+pub(super) const EXIT_CODES_HELP: &str =
+    "Exit status:\n  0  the whole NAR was written\n  1  the path cannot be read";
+
 /// Arguments of `nixpush dump-nar`.
 #[derive(Debug, clap::Args)]
 pub struct Args {

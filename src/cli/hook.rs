@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+/// The exit codes, for `hook --help`.
+pub(super) const EXIT_CODES_HELP: &str =
+    "Exit status:\n  0  always, so a build never fails because of the hook";
+
 pub(super) fn run() -> anyhow::Result<ExitCode> {
     crate::hook::run();
     Ok(ExitCode::SUCCESS)

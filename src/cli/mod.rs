@@ -49,33 +49,22 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: accept paths on the hook socket, queue them durably, push them.
-    #[command(
-        after_help = "Exit status:\n  0  stopped by SIGTERM or SIGINT after draining\n  \
-        1  cannot start (configuration, socket, queue) or a fatal error"
-    )]
+    #[command(after_help = daemon::EXIT_CODES_HELP)]
     Daemon(daemon::Args),
     /// Show the daemon's queue, target and recent activity.
     #[command(after_help = status::EXIT_CODES_HELP)]
     Status(status::Args),
     /// Check a configuration file and print it with every default filled in.
-    #[command(
-        after_help = "Exit status:\n  0  the file is valid\n  1  it is not (the message names the key)"
-    )]
+    #[command(after_help = check_config::EXIT_CODES_HELP)]
     CheckConfig(check_config::Args),
     /// Run as Nix's post-build-hook (the same as the `nixpush-hook` program).
-    #[command(
-        after_help = "Exit status:\n  0  always, so a build never fails because of the hook"
-    )]
+    #[command(after_help = hook::EXIT_CODES_HELP)]
     Hook,
     /// List the queue, retry failed paths, drop a path.
-    #[command(
-        after_help = "Exit status:\n  0  done\n  1  the daemon cannot be reached or refused"
-    )]
+    #[command(after_help = queue::EXIT_CODES_HELP)]
     Queue(queue::Args),
     /// Requeue failed and held-back paths now (the same as `queue retry`).
-    #[command(
-        after_help = "Exit status:\n  0  done (also when nothing matched)\n  1  the daemon cannot be reached or refused"
-    )]
+    #[command(after_help = queue::RETRY_EXIT_CODES_HELP)]
     Retry(queue::RetryArgs),
     /// Check the whole setup (configuration, daemon, Nix hook and trust, token, key, target, spool) and say how
     /// to fix what is wrong, without writing anything; exits 0 unless a check failed (warnings do not count).
@@ -85,20 +74,16 @@ pub enum Command {
     #[command(after_help = push::EXIT_CODES_HELP)]
     Push(push::Args),
     /// Write the NAR of a path to standard output, exactly as `nix-store --dump PATH` does.
-    #[command(
-        after_help = "Exit status:\n  0  the whole NAR was written\n  1  the path cannot be read"
-    )]
+    #[command(after_help = dump_nar::EXIT_CODES_HELP)]
     DumpNar(dump_nar::Args),
     /// Recompute NAR hashes and sizes and compare them with what Nix recorded.
-    #[command(
-        after_help = "Exit status:\n  0  every path matches what Nix recorded\n  1  a path is corrupt, not valid or unreadable"
-    )]
+    #[command(after_help = verify::EXIT_CODES_HELP)]
     Verify(verify::Args),
     /// Print a shell completion script: `nixpush completions bash > /usr/share/bash-completion/completions/nixpush`.
-    #[command(after_help = "Exit status:\n  0  the script was written")]
+    #[command(after_help = completions::EXIT_CODES_HELP)]
     Completions(completions::Args),
     /// Print the manual page (roff): `nixpush man > nixpush.1; man -l nixpush.1`.
-    #[command(after_help = "Exit status:\n  0  the pages were written\n  1  they could not be")]
+    #[command(after_help = completions::MAN_EXIT_CODES_HELP)]
     Man(completions::ManArgs),
 }
 

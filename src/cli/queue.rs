@@ -7,6 +7,13 @@ use clap::Subcommand;
 
 use crate::protocol::{Request, Response};
 
+/// The exit codes, for `queue --help`.
+pub(super) const EXIT_CODES_HELP: &str =
+    "Exit status:\n  0  done\n  1  the daemon cannot be reached or refused";
+
+/// The exit codes, for `retry --help`.
+pub(super) const RETRY_EXIT_CODES_HELP: &str = "Exit status:\n  0  done (also when nothing matched)\n  1  the daemon cannot be reached or refused";
+
 /// Arguments of `queue`.
 #[derive(Debug, clap::Args)]
 pub struct Args {

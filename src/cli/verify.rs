@@ -22,6 +22,9 @@ use crate::pathinfo::{self, LocalStore, VerifyOutcome};
 use crate::store_path::{self, StorePath};
 use anyhow::Context as _;
 
+/// The exit codes, for `verify --help`.
+pub(super) const EXIT_CODES_HELP: &str = "Exit status:\n  0  every path matches what Nix recorded\n  1  a path is corrupt, not valid or unreadable";
+
 /// Arguments of `nixpush verify`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
