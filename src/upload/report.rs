@@ -145,37 +145,38 @@ pub fn upload_line(report: &PathReport) -> String {
 /// `nar_size`, `file_size`, `duration_ms`, `compression` and `nixpush_target` (journald shows them upper-cased, e.g.
 /// `STORE_PATH`, for `journalctl -o json` and filters such as `journalctl STORE_PATH=…`).
 pub fn log_report(report: &PathReport, target: Option<&str>) {
+    use tracing::Level;
+    // The fields every finished path carries, once; each arm adds its own and the message.
+    macro_rules! path_event {
+        ($level:expr, $($fields_and_message:tt)+) => {
+            tracing::event!(
+                $level,
+                store_path = %report.path,
+                nar_size = report.nar_size,
+                nixpush_target = target,
+                $($fields_and_message)+
+            )
+        };
+    }
     match &report.outcome {
-        PathOutcome::Uploaded => tracing::info!(
-            store_path = %report.path,
-            nar_size = report.nar_size,
+        PathOutcome::Uploaded => path_event!(
+            Level::INFO,
             file_size = report.file_size.unwrap_or_default(),
             duration_ms = report.duration_ms.unwrap_or_default(),
             compression = report.compression.map(Compression::narinfo_name),
-            nixpush_target = target,
             "{}",
             upload_line(report)
         ),
-        PathOutcome::Failed(reason) => tracing::warn!(
-            store_path = %report.path,
-            nar_size = report.nar_size,
-            nixpush_target = target,
-            "failed to upload {}: {reason}",
-            report.path
-        ),
-        PathOutcome::HeldBack(reason) => tracing::info!(
-            store_path = %report.path,
-            nar_size = report.nar_size,
-            nixpush_target = target,
-            "held back {}: {reason}",
-            report.path
-        ),
+        PathOutcome::Failed(reason) => {
+            path_event!(Level::WARN, "failed to upload {}: {reason}", report.path)
+        }
+        PathOutcome::HeldBack(reason) => {
+            path_event!(Level::INFO, "held back {}: {reason}", report.path)
+        }
         PathOutcome::AlreadyPresent | PathOutcome::SkippedUpstream | PathOutcome::Excluded(_) => {
-            tracing::debug!(
-                store_path = %report.path,
-                nar_size = report.nar_size,
+            path_event!(
+                Level::DEBUG,
                 outcome = ?report.outcome,
-                nixpush_target = target,
                 "skipped {}",
                 report.path
             )
