@@ -50,6 +50,16 @@ impl Kind {
         }
     }
 
+    /// The target URL of a cache named on the command line: a URL as it is, a bare name as the Cachix cache of
+    /// that name (what `cachix push NAME` means).
+    pub fn url_of_named_cache(name_or_url: &str) -> String {
+        if name_or_url.contains("://") {
+            name_or_url.to_owned()
+        } else {
+            format!("cachix://{name_or_url}")
+        }
+    }
+
     /// The environment variable the token comes from when `auth_token_file` is not set.
     pub fn token_env_var(&self) -> &'static str {
         match self {
@@ -225,6 +235,19 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_cache_name_is_a_cachix_cache_and_a_url_stays_as_it_is() {
+        assert_eq!(Kind::url_of_named_cache("demo"), "cachix://demo");
+        for url in [
+            "file:///srv/cache",
+            "https://cache.example/x",
+            "s3://b?region=x",
+            "cachix://demo",
+        ] {
+            assert_eq!(Kind::url_of_named_cache(url), url);
+        }
+    }
 
     fn config(url: &str) -> Config {
         let mut config = Config::default();

@@ -172,11 +172,7 @@ fn leading_cache(args: &[PathBuf]) -> Option<String> {
 /// The `--target` for a cache named on the command line: the name of the configured target it is (so that
 /// target's token and key files apply), or else its URL.
 fn cache_target(cache: &str, config_path: Option<&Path>) -> String {
-    let url = if cache.contains("://") {
-        cache.to_owned()
-    } else {
-        format!("cachix://{cache}")
-    };
+    let url = crate::backend::Kind::url_of_named_cache(cache);
     let file = config_path
         .map(Path::to_owned)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
