@@ -45,7 +45,9 @@
 //!   exclude, size, closure safety), NAR preparation, reports and log lines ([`upload::report`]).
 //! - [`backend`]: where NARs go; the only code that speaks to a cache. [`backend::target`] decides what a target
 //!   is (backend, token, signing key, name, identity) for the daemon, `push` and `doctor`; `file://`, HTTP, S3
-//!   and Cachix (`backend::cachix`: API, multipart upload, keys) each have a module, upstream caches one more.
+//!   and Cachix (`backend::cachix`: API, multipart upload, keys) each have a module, upstream caches one more;
+//!   [`backend::error`] classifies what a target answers (transient, auth, target fault) and retries a request,
+//!   [`backend::documents`] names every small document (key, content type) besides NARs.
 //! - [`priority`]: idle CPU and I/O priority for hashing and compression, so uploads yield to builds.
 //! - [`secret`]: secrets that never print.
 //! - [`metrics`]: Prometheus metrics at `/metrics` (`metrics_listen`): the text format, counters, the scrape, the
