@@ -83,27 +83,28 @@ pub enum Error {
     Derivation(#[from] derivation::Error),
 }
 
-/// What Nix recorded about one valid store path.
+/// What Nix recorded about one valid store path: its `ValidPaths` row, field for column in the table's order
+/// (`path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca`), then its `Refs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
     /// The path.
     pub path: StorePath,
     /// SHA-256 of its NAR.
     pub nar_hash: Sha256Hash,
-    /// Size of its NAR.
-    pub nar_size: u64,
-    /// References, sorted, self-reference included.
-    pub references: Vec<StorePath>,
+    /// When it became valid, in Unix seconds.
+    pub registration_time: i64,
     /// The derivation that built it, if known.
     pub deriver: Option<StorePath>,
+    /// Size of its NAR.
+    pub nar_size: u64,
+    /// Whether it was built locally (Nix's "ultimate" flag).
+    pub ultimate: bool,
     /// Signatures (`name:base64`) Nix already holds for it.
     pub sigs: Vec<String>,
     /// Content-address assertion, for content-addressed paths.
     pub ca: Option<String>,
-    /// When it became valid, in Unix seconds.
-    pub registration_time: i64,
-    /// Whether it was built locally (Nix's "ultimate" flag).
-    pub ultimate: bool,
+    /// References, sorted, self-reference included.
+    pub references: Vec<StorePath>,
 }
 
 impl PathInfo {
