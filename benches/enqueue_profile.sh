@@ -27,13 +27,7 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$work/files"
-python3 - "$work/files" "$n" "$work-$(date +%s%N)" <<'PY'
-import os, sys
-d, n, nonce = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-for i in range(n):
-    with open(os.path.join(d, f"nixpush-enqueue-{i}"), "w") as f:
-        f.write(f"{nonce} {i}\n")
-PY
+python3 benches/fresh_files.py "$work/files" "$n" "$work-$(date +%s%N)"
 find "$work/files" -type f | xargs -n 1000 nix-store --add > "$work/paths.txt" 2>/dev/null
 printf 'socket = "%s"\nstate_dir = "%s"\ngc_roots_dir = "%s"\nupstream = []\n[target]\nurl = "file://%s/cache"\n' \
   "$work/run/nixpush.sock" "$work/state" "$work/gcroots" "$work" > "$work/config.toml"

@@ -67,13 +67,7 @@ start_daemon() { # $1: --hold or ""
 # Registered store paths nobody has queued: nix-store --add of fresh small files. $1: count, $2: list file.
 add_paths() {
   mkdir -p "$work/files-$2"
-  python3 - "$work/files-$2" "$1" "$work-$(date +%s%N)" <<'PY'
-import os, sys
-d, n, nonce = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-for i in range(n):
-    with open(os.path.join(d, f"nixpush-bench-{i}"), "w") as f:
-        f.write(f"{nonce} {i}\n")
-PY
+  python3 benches/fresh_files.py "$work/files-$2" "$1" "$work-$(date +%s%N)"
   find "$work/files-$2" -type f | xargs -n 1000 nix-store --add > "$work/$2.txt"
   cat "$work/$2.txt" >> "$work/added.txt"
   rm -rf "$work/files-$2"
