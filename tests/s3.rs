@@ -72,15 +72,17 @@ async fn signed(server: &S3sFs, method: &str, key: &str) -> (u16, String, String
 pub fn shared_credentials_file() {
     static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     FILE.get_or_init(|| {
-        let file = std::env::temp_dir().join(format!(
-            "nixpush-test-aws-credentials-{}",
-            std::process::id()
-        ));
+        // In the build's scratch directory, not /tmp: it outlives the process (statics are never dropped), and
+        // every test process writes the same text, so one name, replaced atomically, is all it needs.
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let file = dir.join("aws-credentials");
+        let partial = dir.join(format!("aws-credentials.{}", std::process::id()));
         std::fs::write(
-            &file,
+            &partial,
             "[nixpush]\naws_access_key_id = AKTEST\naws_secret_access_key = s3cr3t\n",
         )
         .unwrap();
+        std::fs::rename(&partial, &file).unwrap();
         std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &file);
         file
     });

@@ -81,6 +81,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -1201,6 +1202,8 @@ def main():
     server = Server(("127.0.0.1", args.port), Handler)
     port = server.server_address[1]
     announce(port, args.port_file)
+    # The harness stops servers with SIGTERM; exiting through `finally` removes the temp dir made above.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
