@@ -23,6 +23,7 @@ use crate::harness::keys::public_key;
 use crate::harness::nix::{eval_to_store, store_query};
 use crate::harness::process::{output, Guard};
 use crate::harness::setup::{configure_signed_target, file_url, signed_target, HttpCache};
+use crate::harness::tmpfs::Tmpfs;
 use crate::util::{fresh_nonce, nix, TestDaemon, TestEnv};
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -372,78 +373,6 @@ fn faults_on_the_wire_delay_but_lose_nothing() {
     );
 }
 
-/// A tmpfs of `size` mounted on a fresh directory; unmounted (lazily, in case something still has it open) on
-/// drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::Builder::new()
-            .prefix("nixpush-tmpfs")
-            .tempdir()
-            .unwrap();
-        let out = output(
-            std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
-                .arg("tmpfs")
-                .arg(dir.path()),
-        );
-        assert!(
-            out.status.success(),
-            "mount tmpfs (the proof suite runs as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// `mount -o remount,OPTION`.
-    fn remount(&self, option: &str) {
-        let out = output(
-            std::process::Command::new("mount")
-                .args(["-o", &format!("remount,{option}")])
-                .arg(self.path()),
-        );
-        assert!(
-            out.status.success(),
-            "remount {option}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Writes zeros until the filesystem is full; returns the file to delete to free the space.
-    fn fill(&self) -> std::path::PathBuf {
-        use std::io::Write as _;
-        let path = self.path().join("fill");
-        let mut file = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0u8; 1 << 20];
-        loop {
-            match file.write_all(&chunk) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(28) => break,
-                Err(e) => panic!("filling {}: {e}", path.display()),
-            }
-        }
-        // What did not fit in whole chunks.
-        while file.write_all(&[0u8; 4096]).is_ok() {}
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .output();
-    }
-}
-
 /// An environment whose state directory is `state`, with a signed `file://` target.
 fn env_with_state_dir(state: &Path) -> TestEnv {
     let mut env = TestEnv::new();
@@ -481,7 +410,7 @@ struct SmallStateDir {
 
 impl SmallStateDir {
     fn start() -> SmallStateDir {
-        let tmpfs = Tmpfs::mount("32m");
+        let tmpfs = Tmpfs::mount("32m").expect("mount a tmpfs (the proof suite runs as root)");
         let env = env_with_state_dir(tmpfs.path());
         let paths = crate::util::add_store_paths(3);
         let made = StorePaths(paths.clone());

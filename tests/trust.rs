@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use rand::RngCore;
 use crate::faultproxy::{Fault, FaultProxy};
 use crate::harness::keys::{public_key, signing_key_file};
 use crate::harness::nix::{eval_to_store, store_query};
+use crate::harness::tmpfs::Tmpfs;
 use crate::nginx::Nginx;
 use crate::util::{fresh_nonce, nix, wait_until, TestDaemon, TestEnv, NIXPUSH};
 
@@ -95,51 +96,6 @@ fn random_store_paths(dir: &Path, count: usize, bytes: usize) -> Vec<String> {
     let paths: Vec<String> = nix(&args).lines().map(str::to_owned).collect();
     assert_eq!(paths.len(), count);
     paths
-}
-
-/// A tmpfs mounted by the test, unmounted on drop (also when the test fails).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. `64k`) on `dir`; `None` where this machine cannot mount one.
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        fs::create_dir_all(dir).unwrap();
-        let output = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()
-            .ok()?;
-        if !output.status.success() {
-            eprintln!(
-                "cannot mount a tmpfs ({}); skipping",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-            return None;
-        }
-        Some(Tmpfs(dir.to_owned()))
-    }
-
-    /// Grows (or shrinks) the filesystem in place.
-    fn resize(&self, size: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot resize the tmpfs");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 fn file_target(cache: &Path, key: &Path, extra: &str) -> String {
@@ -347,10 +303,11 @@ fn check_config_refuses_each_bad_key_token_and_url_with_its_message() {
 fn a_full_target_filesystem_is_waited_out_and_uploads_resume_when_it_grows() {
     let env = TestEnv::new();
     let key = signing_key_file(env.dir.path());
-    let cache = env.cache_dir();
-    let Some(filesystem) = Tmpfs::mount(&cache, "64k") else {
-        return;
+    let filesystem = match Tmpfs::mount("64k") {
+        Ok(filesystem) => filesystem,
+        Err(e) => return eprintln!("cannot mount a tmpfs ({e}); skipping"),
     };
+    let cache = filesystem.path().to_owned();
     // Two attempts would park a path whose upload failed for a reason of its own; a full target is not one.
     env.write_config_with(
         "",
@@ -381,7 +338,7 @@ fn a_full_target_filesystem_is_waited_out_and_uploads_resume_when_it_grows() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("DEGRADED: No space left on device"), "{text}");
 
-    filesystem.resize("16m");
+    filesystem.remount("size=16m");
     let status = daemon.wait_drained();
     assert_eq!(status["failed"], 0, "{status}");
     assert!(status["target"]["degraded"].is_null(), "{status}");

@@ -14,4 +14,5 @@ pub mod process;
 pub mod prometheus;
 pub mod servers;
 pub mod setup;
+pub mod tmpfs;
 pub mod user;
