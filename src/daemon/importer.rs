@@ -21,7 +21,7 @@ use crate::metrics::SpoolImport;
 use crate::spool;
 use crate::status::WatcherStatus;
 
-use super::{auth, Shared};
+use super::{auth, intake, Shared};
 
 /// Safety-net rescan interval while the watcher runs.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
@@ -243,15 +243,15 @@ async fn import_one(shared: &Shared, spool_dir: &Path, path: &Path) -> bool {
         finish(shared, path).await;
         return false;
     }
-    let resolved = shared
-        .resolver
-        .resolve(request.drv_path.as_deref(), &request.out_paths, &config)
-        .await;
-    let source: String = request.source.chars().take(32).collect();
-    match shared
-        .enqueue_durably(&resolved, &source, Some(file.owner_uid), "spool")
-        .await
-    {
+    let request = intake::Request {
+        drv_path: request.drv_path.clone(),
+        out_paths: request.out_paths.clone(),
+        source: request.source.chars().take(32).collect(),
+        peer_uid: Some(file.owner_uid),
+        via: "spool",
+    };
+    let (resolved, enqueued) = shared.take_request(request).await;
+    match enqueued {
         Ok(enqueued) => {
             shared.metrics.spool_import(SpoolImport::Imported);
             tracing::info!(

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod commit;
 mod importer;
+pub mod intake;
 pub mod lane;
 pub mod probe;
 mod reload;
@@ -30,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::gc_roots::GcRoots;
-use crate::queue::{self, Enqueued, HistoryRecord, Outcome, Queue, RefusedRecord};
+use crate::queue::{self, Enqueued, HistoryRecord, Outcome, Queue};
 use crate::status::{InFlightUpload, StatusReport, TargetState, WatcherStatus};
 
 use crate::store_path::StorePath;
@@ -180,7 +181,7 @@ impl Shared {
         Arc::new(Shared {
             lanes,
             config: RwLock::new(Arc::new(config)),
-            commit: commit::GroupCommit::start(queue.clone()),
+            commit: commit::GroupCommit::new(queue.clone()),
             queue,
             resolver: resolve::Resolver::new(),
             hold,
@@ -229,75 +230,38 @@ impl Shared {
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
     }
 
-    /// Records and logs a refusal. `via` is `socket` or `spool`.
-    pub fn refuse(&self, input: &str, reason: &str, peer_uid: Option<u32>, via: &str) {
-        let record = RefusedRecord::new(input, reason, peer_uid, via, queue::now_ms());
-        tracing::warn!(store_path = %record.input, peer_uid, via, "refused: {reason}");
-        if let Err(e) = state_dir::check(&self.config().state_dir) {
-            // Logged only: a write the filesystem refuses would break the queue until a restart.
-            tracing::warn!("not recording the refusal: {e}");
-            return;
-        }
-        if let Err(e) = self.queue.record_refused(&record) {
-            tracing::error!("cannot record a refusal: {e}");
+    /// What taking a request needs, with the current configuration.
+    pub fn intake(&self) -> intake::Intake {
+        intake::Intake {
+            config: self.config(),
+            queue: Arc::clone(&self.queue),
+            lanes: self.lanes.clone(),
+            gc_roots: Arc::clone(&self.gc_roots),
+            commit: self.commit.clone(),
+            resolver: self.resolver.clone(),
         }
     }
 
-    /// Records the refusals, queues the accepted paths and waits until both are on disk.
-    pub async fn enqueue_durably(
+    /// Records and logs a refusal. `via` is `socket` or `spool`.
+    pub fn refuse(&self, input: &str, reason: &str, peer_uid: Option<u32>, via: &str) {
+        self.intake().refuse(input, reason, peer_uid, via);
+    }
+
+    /// Resolves `request`, records its refusals, queues what it names and waits until all of it is on disk; see
+    /// [`intake`].
+    pub async fn take_request(
         &self,
-        resolved: &resolve::Resolved,
-        source: &str,
-        peer_uid: Option<u32>,
-        via: &str,
-    ) -> Result<Enqueued, Error> {
-        if let Some(reason) = &resolved.unchecked {
-            return Err(Error::Unchecked(reason.clone()));
-        }
-        // Before any write: a full filesystem would fail the commit and every write until space returns.
-        state_dir::check(&self.config().state_dir)?;
-        for refusal in &resolved.refused {
-            self.refuse(&refusal.input, &refusal.reason, peer_uid, via);
-        }
-        // On a blocking thread: the write may wait for a commit (an fsync) in progress. Every target gets its
-        // own entry; one commit covers them all.
-        let (lanes, paths, from, gc_roots) = (
-            self.lanes.clone(),
-            resolved.paths.clone(),
-            source.to_owned(),
-            Arc::clone(&self.gc_roots),
-        );
-        let (enqueued, woken) = tokio::task::spawn_blocking(move || {
-            let now = queue::now_ms();
-            let mut queued = std::collections::BTreeSet::new();
-            let mut woken = Vec::new();
-            for lane in &lanes {
-                let enqueued = lane.queue.enqueue(&paths, &from, now)?;
-                if !enqueued.queued.is_empty() {
-                    woken.push(Arc::clone(lane));
-                }
-                queued.extend(enqueued.queued);
-            }
-            // Before the ack, and while the hook (and so the build's temporary root in Nix) still waits for it.
-            // Here, on the blocking thread: creating a root is a symlink(2), which an inode allocator can make
-            // slow, and the runtime's workers serve the other hooks meanwhile.
-            gc_roots.protect(&paths);
-            let (queued, duplicate) = paths.into_iter().partition(|p| queued.contains(p));
-            Ok::<_, queue::Error>((Enqueued { queued, duplicate }, woken))
-        })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
-        self.commit.make_durable().await?;
-        for path in &enqueued.queued {
-            tracing::info!(store_path = %path, source, via, "queued");
-        }
-        for path in &enqueued.duplicate {
-            tracing::debug!(store_path = %path, source, via, "already queued");
-        }
-        for lane in woken {
-            lane.work_available.notify_one();
-        }
-        Ok(enqueued)
+        request: intake::Request,
+    ) -> (resolve::Resolved, Result<Enqueued, Error>) {
+        let intake = self.intake();
+        tokio::task::spawn_blocking(move || intake.take(&request))
+            .await
+            .unwrap_or_else(|e| {
+                (
+                    resolve::Resolved::default(),
+                    Err(Error::Task(e.to_string())),
+                )
+            })
     }
 
     /// Roots paths `nixpush retry` requeued again; one Nix collected while its root was released (over

@@ -102,8 +102,11 @@ pub fn validate(input: &str, store_dir: &str) -> Result<StorePath, String> {
     }
 }
 
-/// Resolves requests, asking Nix's registry (one cached database connection) what is valid.
-#[derive(Default)]
+/// Resolves requests, asking Nix's registry (one cached database connection, shared by clones) what is valid.
+/// Resolving blocks (on Nix's database, rarely on `nix-store`): it runs on a blocking thread of the runtime, with
+/// the rest of the request, so that a hook's request costs one hand-off between threads rather than one per
+/// lookup.
+#[derive(Clone, Default)]
 pub struct Resolver {
     registry: Registry,
 }
@@ -115,20 +118,19 @@ impl Resolver {
     }
 
     /// Validates `out_paths`, or, when there are none, resolves and validates the outputs of `drv_path`.
-    pub async fn resolve(
+    pub fn resolve(
         &self,
         drv_path: Option<&str>,
         out_paths: &[String],
         config: &Config,
     ) -> Resolved {
-        let mut resolved = self.resolve_on_disk(drv_path, out_paths, config).await;
-        self.refuse_unregistered(&mut resolved, &config.nix_db)
-            .await;
+        let mut resolved = self.resolve_on_disk(drv_path, out_paths, config);
+        self.refuse_unregistered(&mut resolved, &config.nix_db);
         resolved
     }
 
     /// Everything but the registration check.
-    async fn resolve_on_disk(
+    fn resolve_on_disk(
         &self,
         drv_path: Option<&str>,
         out_paths: &[String],
@@ -149,8 +151,8 @@ impl Resolver {
         let drv = match validate(drv_input, store_dir) {
             Ok(drv) if drv.is_derivation() => {
                 match self
-                    .invalid_paths(std::slice::from_ref(&drv), &config.nix_db)
-                    .await
+                    .registry
+                    .invalid_paths_blocking(std::slice::from_ref(&drv), &config.nix_db)
                 {
                     Ok(invalid) if invalid.is_empty() => drv,
                     Ok(_) => {
@@ -172,7 +174,10 @@ impl Resolver {
                 return resolved;
             }
         };
-        match self.derivation_outputs(&drv, &config.nix_db).await {
+        match self
+            .registry
+            .derivation_outputs_blocking(&drv, &config.nix_db)
+        {
             Ok(outputs) if !outputs.is_empty() => {
                 for output in &outputs {
                     resolved.accept(output, store_dir);
@@ -185,11 +190,14 @@ impl Resolver {
     }
 
     /// Moves paths Nix does not know as valid from `paths` to `refused`.
-    async fn refuse_unregistered(&self, resolved: &mut Resolved, nix_db: &Path) {
+    fn refuse_unregistered(&self, resolved: &mut Resolved, nix_db: &Path) {
         if resolved.paths.is_empty() {
             return;
         }
-        match self.invalid_paths(&resolved.paths, nix_db).await {
+        match self
+            .registry
+            .invalid_paths_blocking(&resolved.paths, nix_db)
+        {
             Ok(invalid) => {
                 for path in invalid {
                     resolved.paths.retain(|p| *p != path);
@@ -206,22 +214,6 @@ impl Resolver {
                 resolved.uncheckable(&what, format!("cannot check their validity: {e}"));
             }
         }
-    }
-
-    async fn invalid_paths(
-        &self,
-        paths: &[StorePath],
-        nix_db: &Path,
-    ) -> Result<Vec<StorePath>, Error> {
-        self.registry.invalid_paths(paths, nix_db).await
-    }
-
-    async fn derivation_outputs(
-        &self,
-        drv: &StorePath,
-        nix_db: &Path,
-    ) -> Result<Vec<String>, Error> {
-        self.registry.derivation_outputs(drv, nix_db).await
     }
 }
 
@@ -249,8 +241,8 @@ mod tests {
         (tmp, config)
     }
 
-    #[tokio::test]
-    async fn out_paths_are_validated_with_reasons() {
+    #[test]
+    fn out_paths_are_validated_with_reasons() {
         let (_tmp, config) = store();
         let dir = config.store_dir_str().to_owned();
         let good = format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present");
@@ -263,7 +255,7 @@ mod tests {
             "relative/path".to_owned(),
             format!("{dir}/not-a-store-path"),
         ];
-        let resolved = Resolver::new().resolve(None, &inputs, &config).await;
+        let resolved = Resolver::new().resolve(None, &inputs, &config);
         assert_eq!(resolved.paths.len(), 1);
         let reasons: Vec<_> = resolved.refused.iter().map(|r| r.reason.as_str()).collect();
         assert_eq!(
@@ -285,25 +277,23 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn drv_path_must_be_a_derivation() {
+    #[test]
+    fn drv_path_must_be_a_derivation() {
         let (_tmp, config) = store();
         let dir = config.store_dir_str().to_owned();
-        let resolved = Resolver::new()
-            .resolve(
-                Some(&format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present")),
-                &[],
-                &config,
-            )
-            .await;
+        let resolved = Resolver::new().resolve(
+            Some(&format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present")),
+            &[],
+            &config,
+        );
         assert!(resolved.paths.is_empty());
         assert!(resolved.refused[0].reason.contains("not a derivation"));
-        let resolved = Resolver::new().resolve(None, &[], &config).await;
+        let resolved = Resolver::new().resolve(None, &[], &config);
         assert_eq!(resolved.refused[0].reason, "the request names no paths");
     }
 
-    #[tokio::test]
-    async fn drv_outputs_come_from_the_database() {
+    #[test]
+    fn drv_outputs_come_from_the_database() {
         let (tmp, mut config) = store();
         let dir = config.store_dir_str().to_owned();
         let drv = format!("{dir}/hrnw32bvgf2gvs4zqkcrbqwbjhi40kq8-ht-b.drv");
@@ -321,7 +311,7 @@ mod tests {
         .unwrap();
         let resolver = Resolver::new();
         for _ in 0..2 {
-            let resolved = resolver.resolve(Some(&drv), &[], &config).await;
+            let resolved = resolver.resolve(Some(&drv), &[], &config);
             assert_eq!(resolved.paths.len(), 1);
             assert_eq!(resolved.paths[0].as_str(), out);
             assert_eq!(resolved.refused[0].input, gone);
@@ -329,16 +319,14 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn paths_nix_did_not_register_are_refused() {
+    #[test]
+    fn paths_nix_did_not_register_are_refused() {
         let (_tmp, config) = store();
         let dir = config.store_dir_str().to_owned();
         let planted = format!("{dir}/0000000000000000000000000000000a-planted");
         std::os::unix::fs::symlink("/etc", &planted).unwrap();
         let present = format!("{dir}/5gnj0y388labni6sfyda6isvycfvxmmg-present");
-        let resolved = Resolver::new()
-            .resolve(None, &[planted.clone(), present.clone()], &config)
-            .await;
+        let resolved = Resolver::new().resolve(None, &[planted.clone(), present.clone()], &config);
         assert_eq!(resolved.paths.len(), 1);
         assert_eq!(resolved.paths[0].as_str(), present);
         assert_eq!(resolved.refused[0].input, planted);

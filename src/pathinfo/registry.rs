@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::Connection;
+use tokio::runtime::Handle;
 
 use crate::store_path::StorePath;
 
@@ -39,10 +40,13 @@ pub enum Error {
     /// `nix-store` failed or could not run.
     #[error("{0}")]
     NixStore(String),
+    /// The lookup's thread died.
+    #[error("the lookup failed: {0}")]
+    Panicked(String),
 }
 
-/// Nix's registry of valid paths, with one cached read-only connection to its database.
-#[derive(Default)]
+/// Nix's registry of valid paths, with one cached read-only connection to its database (shared by clones).
+#[derive(Clone, Default)]
 pub struct Registry {
     db: Arc<Mutex<Option<OpenDb>>>,
 }
@@ -59,20 +63,29 @@ impl Registry {
     }
 
     /// Which of `paths` are not valid paths of the store: from the database at `nix_db`, else from
-    /// `nix-store`.
+    /// `nix-store`. Blocks, on the database or on `nix-store`: call it on a blocking thread of the runtime.
+    pub fn invalid_paths_blocking(
+        &self,
+        paths: &[StorePath],
+        nix_db: &Path,
+    ) -> Result<Vec<StorePath>, Error> {
+        match invalid_in_db(&self.db, nix_db, paths) {
+            Ok(invalid) => return Ok(invalid),
+            Err(e) => tracing::warn!("database validity check failed, asking nix-store: {e}"),
+        }
+        Handle::current().block_on(invalid_from_nix_store(paths))
+    }
+
+    /// [`Registry::invalid_paths_blocking`] on a blocking thread.
     pub async fn invalid_paths(
         &self,
         paths: &[StorePath],
         nix_db: &Path,
     ) -> Result<Vec<StorePath>, Error> {
-        let (cache, db, owned) = (self.db.clone(), nix_db.to_owned(), paths.to_vec());
-        let from_db = tokio::task::spawn_blocking(move || invalid_in_db(&cache, &db, &owned)).await;
-        match from_db {
-            Ok(Ok(invalid)) => return Ok(invalid),
-            Ok(Err(e)) => tracing::warn!("database validity check failed, asking nix-store: {e}"),
-            Err(e) => tracing::warn!("database validity check panicked, asking nix-store: {e}"),
-        }
-        invalid_from_nix_store(paths).await
+        let (registry, db, owned) = (self.clone(), nix_db.to_owned(), paths.to_vec());
+        tokio::task::spawn_blocking(move || registry.invalid_paths_blocking(&owned, &db))
+            .await
+            .unwrap_or_else(|e| Err(Error::Panicked(e.to_string())))
     }
 
     /// The NAR size of each of `paths` that is valid (invalid ones are left out): from the database at `nix_db`,
@@ -104,26 +117,21 @@ impl Registry {
         Ok(sizes)
     }
 
-    /// The output paths of `drv`: from the database at `nix_db`, else from `nix-store`.
-    pub async fn derivation_outputs(
+    /// The output paths of `drv`: from the database at `nix_db`, else from `nix-store`. Blocks like
+    /// [`Registry::invalid_paths_blocking`].
+    pub fn derivation_outputs_blocking(
         &self,
         drv: &StorePath,
         nix_db: &Path,
     ) -> Result<Vec<String>, Error> {
-        let (cache, db, path) = (self.db.clone(), nix_db.to_owned(), drv.clone());
-        let from_db =
-            tokio::task::spawn_blocking(move || outputs_from_db(&cache, &db, &path)).await;
-        match from_db {
-            Ok(Ok(outputs)) if !outputs.is_empty() => return Ok(outputs),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+        match outputs_from_db(&self.db, nix_db, drv) {
+            Ok(outputs) if !outputs.is_empty() => return Ok(outputs),
+            Ok(_) => {}
+            Err(e) => {
                 tracing::warn!(store_path = %drv, "database lookup failed, asking nix-store: {e}")
             }
-            Err(e) => {
-                tracing::warn!(store_path = %drv, "database lookup panicked, asking nix-store: {e}")
-            }
         }
-        outputs_from_nix_store(drv).await
+        Handle::current().block_on(outputs_from_nix_store(drv))
     }
 }
 

@@ -9,7 +9,7 @@ use crate::queue::{Queue, State};
 use crate::store_path::StorePath;
 
 use super::super::auth::{self, Peer};
-use super::super::{resolve, Shared};
+use super::super::{intake, resolve, Shared};
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error {
@@ -58,16 +58,16 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
                 shared.metrics.hook_request(HookResult::Refused);
                 return error(ErrorKind::PermissionDenied, reason);
             }
-            let source: String = source.chars().take(32).collect();
-            let resolved = shared
-                .resolver
-                .resolve(drv_path.as_deref(), &out_paths, &config)
-                .await;
+            let request = intake::Request {
+                drv_path,
+                out_paths,
+                source: source.chars().take(32).collect(),
+                peer_uid: peer.uid,
+                via: "socket",
+            };
+            let (resolved, enqueued) = shared.take_request(request).await;
             let refused = refusal_messages(&resolved.refused);
-            let answer = match shared
-                .enqueue_durably(&resolved, &source, peer.uid, "socket")
-                .await
-            {
+            let answer = match enqueued {
                 Ok(_) if resolved.paths.is_empty() => error(ErrorKind::Refused, refused.join("; ")),
                 Ok(enqueued) => Response::Ack {
                     accepted: enqueued.queued.iter().map(|p| p.to_string()).collect(),
