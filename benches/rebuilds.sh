@@ -7,7 +7,11 @@
 #            `secret-key-files` set so the paths are signed;
 #   hold     nixpush-hook, with a `nixpush daemon --hold` that only queues: the cost of the hook alone;
 #   nixpush  nixpush-hook, with `nixpush daemon` uploading to a signed file:// cache in the background: the hook
-#            plus the uploads competing with the build (nixpush − hold is what the uploads cost).
+#            plus the uploads competing with the build (nixpush − hold is what the uploads cost);
+#   peer     only when NIXPUSH_PEER_HOOK names newAM/nix-post-build-hook-queue's client (its `post-build-hook`
+#            binary, built from its source): the leanest hook there is, one datagram to
+#            /run/nix-post-build-hook-queue.sock (received and dropped here), no ack and nothing on disk; what any
+#            hook costs beyond /bin/true's process start. This script never downloads or builds that project.
 # Both daemons are started once and kept running for every round, as in production. The order rotates from round
 # to round to spread the noise. After each nixpush build the script waits until the cache holds every output, so
 # no upload spills into the next build. Reports the median build wall time of each way with the range, the ratios,
@@ -17,6 +21,7 @@
 #
 #   benches/rebuilds.sh [N] [ROUNDS]     (as root, from anywhere; N defaults to 200, ROUNDS to 10, at least 8
 #                                         for a verdict)
+#   NIXPUSH_PEER_HOOK=/path/to/post-build-hook benches/rebuilds.sh
 set -euo pipefail
 n=${1:-200}
 runs=${2:-10}
@@ -26,8 +31,11 @@ bin=$PWD/target/release
 
 work=$(mktemp -d /var/tmp/nixpush-bench.XXXXXX)
 daemon_pids=()
+peer_pid=
+peer_socket=/run/nix-post-build-hook-queue.sock
 cleanup() {
   for pid in "${daemon_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  if [ -n "$peer_pid" ]; then kill "$peer_pid" 2>/dev/null || true; wait "$peer_pid" 2>/dev/null || true; rm -f "$peer_socket"; fi
   # Outputs before the derivations that produced them, each list backwards: `nix-store --delete` stops at the
   # first path that a path not yet deleted still refers to, and derivation i is only referred to by later ones.
   for list in added-outputs added-drvs; do
@@ -115,6 +123,7 @@ run_way() { # way, round number
       extra=(--option post-build-hook "$bin/nixpush-hook") ;;
     nixpush)
       extra=(--option post-build-hook "$bin/nixpush-hook") ;;
+    peer) extra=(--option post-build-hook "$peer") ;;
   esac
   local load
   load=$(cut -d' ' -f1 /proc/loadavg)
@@ -160,6 +169,30 @@ PY
 
 stamp=$(date +%s%N)
 ways=(none true nix-copy hold nixpush)
+# The peer's client sends one datagram per output to a fixed socket; a receiver that drops them stands in for its
+# daemon, so the client does the same work as in production.
+peer=${NIXPUSH_PEER_HOOK:-}
+if [ -n "$peer" ]; then
+  if [ ! -x "$peer" ]; then
+    echo "NIXPUSH_PEER_HOOK=$peer is not executable" >&2; exit 1
+  elif [ -e "$peer_socket" ]; then
+    echo "== peer way skipped: $peer_socket exists (a real nix-post-build-hook-queue?); not touching it" >&2
+  else
+    python3 - "$peer_socket" <<'PY' &
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+while True:
+    s.recv(65536)
+PY
+    peer_pid=$!
+    for _ in $(seq 100); do [ -S "$peer_socket" ] && break; sleep 0.05; done
+    ways+=(peer)
+  fi
+else
+  echo "== peer way skipped: set NIXPUSH_PEER_HOOK to the client binary of newAM/nix-post-build-hook-queue" \
+    "(post-build-hook) to add it" >&2
+fi
 load_before=$(cut -d' ' -f1 /proc/loadavg)
 echo "== $n derivations, $runs rounds of ${#ways[@]} ways; $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)," \
   "$(nix --version), nixpush $(git describe --always --dirty 2>/dev/null || echo '?')" >&2
@@ -169,18 +202,19 @@ for run in $(seq "$runs"); do
   for k in $(seq 0 $((${#ways[@]} - 1))); do run_way "${ways[$(((k + run - 1) % ${#ways[@]}))]}" "$run"; done
 done
 
-python3 - "$work/results.tsv" "$n" "$runs" "$load_before" <<'PY'
+python3 - "$work/results.tsv" "$n" "$runs" "$load_before" "${ways[@]}" <<'PY'
 import statistics, sys
 path, n, runs, load_before = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 rows = [l.rstrip("\n").split("\t") for l in open(path)]
-ways = ("none", "true", "nix-copy", "hold", "nixpush")
+ways = sys.argv[5:]
 wall = {w: [float(r[2]) for r in rows if r[0] == w] for w in ways}
 loads = [float(r[5]) for r in rows]
 med = {w: statistics.median(t) for w, t in wall.items()}
 cache = [float(r[3]) for r in rows if r[0] == "nixpush"]
 rss = [int(r[4]) for r in rows if r[0] == "nixpush"]
 names = {"none": "no hook", "true": "`/bin/true` hook", "nix-copy": "`nix copy` hook (the manual's recipe)",
-         "hold": "`nixpush-hook`, daemon `--hold` (queueing only)", "nixpush": "`nixpush-hook`, daemon uploading"}
+         "hold": "`nixpush-hook`, daemon `--hold` (queueing only)", "nixpush": "`nixpush-hook`, daemon uploading",
+         "peer": "newAM/nix-post-build-hook-queue's client (one datagram, no ack)"}
 print(f"{n} derivations built with `nix-build -j 2`, median of {runs} rounds (order rotated between rounds), one")
 print(f"daemon per nixpush way kept running; load average {load_before} before the run, "
       f"{min(loads):.2f}–{max(loads):.2f} before the rounds.")
@@ -205,6 +239,9 @@ r2 = med["nix-copy"] / med["nixpush"]
 print(f"- nixpush (daemon uploading) vs `/bin/true` hook: {r1:.3f}× (goal ≤ 1.05×: {verdict(r1 <= 1.05)})")
 print(f"- the hook alone (daemon `--hold`) vs `/bin/true` hook: {r_hold:.3f}×; the uploads add "
       f"{(med['nixpush'] - med['hold']) / n * 1000:+.1f} ms per derivation")
+if "peer" in med:
+    print(f"- the peer's client vs `/bin/true` hook: {med['peer'] / med['true']:.3f}×; nixpush-hook (`--hold`) "
+          f"adds {(med['hold'] - med['peer']) / n * 1000:+.1f} ms per derivation over it")
 print(f"- `nix copy` hook vs nixpush: {r2:.2f}× slower (goal ≥ 5×: {verdict(r2 >= 5)})")
 print(f"- nixpush: cache holds all {n} outputs {statistics.median(cache):.2f} s after the build started (median; "
       f"runs {', '.join(f'{t:.2f}' for t in cache)}); daemon peak RSS {max(rss) / 1024:.1f} MiB")

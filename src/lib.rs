@@ -26,7 +26,8 @@
 //!   an entry per path and target, each target a view of one database. The only module that knows its storage
 //!   engine. Its records stay inside: the protocol and the status report convert them at the boundary.
 //! - [`daemon`]: the long-running service: socket server ([`daemon::server`]: connection slots, framing, control
-//!   commands), request resolution, spool import, group commit, one lane per target ([`daemon::lane`]: its queue
+//!   commands), request intake ([`daemon::intake`]: resolution, queue write, GC root and group commit on one
+//!   blocking thread), spool import, one lane per target ([`daemon::lane`]: its queue
 //!   view, status, rate and wake-ups) each with its own scheduler ([`daemon::scheduler`]: the loop, one batch, the
 //!   presence memory, the observer), SIGHUP, shutdown.
 //! - [`gc_roots`]: the symlinks that keep queued paths from Nix's garbage collector, their bound and reconcile.

@@ -2,7 +2,7 @@
 //!
 //! [`run`] takes an already bound listener and a [`Shutdown`], so tests and systemd socket activation go through
 //! the same code path as a plain start. Everything the tasks share lives in [`Shared`]: the configuration (swapped
-//! on SIGHUP), the queue behind the [`Queue`] trait, the group committer, the "work available" signal the upload
+//! on SIGHUP), the queue behind the [`Queue`] trait, the group commit, the "work available" signal the upload
 //! scheduler waits on, and the engine's status for `nixpush status`.
 
 pub mod auth;
@@ -153,7 +153,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the shared state, without GC roots, and starts the group committer on the current runtime.
+    /// Builds the shared state, without GC roots.
     pub fn new(config: Config, queue: Arc<dyn Queue>, hold: bool) -> Arc<Shared> {
         Shared::with_gc_roots(config, queue, hold, Arc::new(GcRoots::disabled()))
     }
