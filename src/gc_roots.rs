@@ -21,6 +21,7 @@
 
 mod bound;
 mod links;
+mod rooted;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ use crate::pathinfo::registry::Registry;
 use crate::queue::{Entry, Queue, State};
 use crate::status::GcRootsStatus;
 use crate::store_path::StorePath;
+
+use rooted::Rooted;
 
 /// The daemon's GC roots: what is rooted, what the bound released, and the last error.
 pub struct GcRoots {
@@ -53,7 +56,7 @@ pub struct GcRoots {
 #[derive(Default)]
 struct Inner {
     /// Paths with a root, and their NAR size once looked up.
-    rooted: HashMap<StorePath, Option<u64>>,
+    rooted: Rooted,
     /// Failed paths whose roots the bound released.
     released: HashSet<StorePath>,
     /// Why roots cannot be created or removed, while they cannot.
@@ -136,7 +139,7 @@ impl GcRoots {
         let mut failed = None;
         for path in paths {
             inner.released.remove(path);
-            if inner.rooted.contains_key(path) {
+            if inner.rooted.contains(path) {
                 continue;
             }
             match links::create(dir, path) {
@@ -213,7 +216,7 @@ impl GcRoots {
         GcRootsStatus {
             dir: self.dir.as_ref().map(|d| d.display().to_string()),
             rooted_paths: inner.rooted.len() as u64,
-            rooted_bytes: rooted_bytes(&inner),
+            rooted_bytes: inner.rooted.bytes(),
             max_bytes: self.max_bytes,
             over_limit_unrooted: inner.released.len() as u64,
             error: inner.error.clone(),
@@ -375,27 +378,22 @@ impl GcRoots {
 
     /// One round of [`GcRoots::maintain`].
     async fn maintenance_pass(self: &Arc<Self>, queue: &Arc<dyn Queue>, nix_db: &Path) {
-        let without_size: Vec<StorePath> = {
-            let inner = self.lock();
-            inner
-                .rooted
-                .iter()
-                .filter(|(_, size)| size.is_none())
-                .map(|(path, _)| path.clone())
-                .collect()
-        };
+        let without_size = self.lock().rooted.take_unsized();
         if !without_size.is_empty() {
             match self.registry.nar_sizes(&without_size, nix_db).await {
                 Ok(sizes) => {
                     let mut inner = self.lock();
-                    for path in without_size {
-                        if let Some(size) = inner.rooted.get_mut(&path) {
-                            // Not valid any more: it counts for nothing.
-                            *size = Some(sizes.get(&path).copied().unwrap_or(0));
-                        }
+                    for path in &without_size {
+                        // Not valid any more: it counts for nothing.
+                        inner
+                            .rooted
+                            .set_size(path, sizes.get(path).copied().unwrap_or(0));
                     }
                 }
-                Err(e) => tracing::warn!("cannot read NAR sizes of rooted paths: {e}"),
+                Err(e) => {
+                    tracing::warn!("cannot read NAR sizes of rooted paths: {e}");
+                    self.lock().rooted.return_unsized(without_size);
+                }
             }
         }
         let (this, queue) = (Arc::clone(self), Arc::clone(queue));
@@ -424,7 +422,7 @@ impl GcRoots {
             entries
                 .into_iter()
                 .map(|e| e.path)
-                .filter(|p| !inner.rooted.contains_key(p) && !inner.released.contains(p))
+                .filter(|p| !inner.rooted.contains(p) && !inner.released.contains(p))
                 .collect()
         };
         self.protect(&missing);
@@ -434,7 +432,7 @@ impl GcRoots {
     fn apply_bound(&self, queue: &dyn Queue) {
         let Some(dir) = &self.dir else { return };
         let mut inner = self.lock();
-        let total = rooted_bytes(&inner);
+        let total = inner.rooted.bytes();
         if total <= self.max_bytes {
             return;
         }
@@ -449,7 +447,7 @@ impl GcRoots {
             .into_iter()
             .filter(|e| e.state == State::Failed)
             .filter_map(|e| {
-                let size = (*inner.rooted.get(&e.path)?).unwrap_or(0);
+                let size = inner.rooted.size(&e.path)?.unwrap_or(0);
                 Some(bound::FailedRoot {
                     path: e.path,
                     nar_size: size,
@@ -501,10 +499,6 @@ fn waiting_paths(queue: &dyn Queue) -> Result<Vec<Entry>, crate::queue::Error> {
         }
     }
     Ok(by_path.into_values().collect())
-}
-
-fn rooted_bytes(inner: &Inner) -> u64 {
-    inner.rooted.values().map(|s| s.unwrap_or(0)).sum()
 }
 
 /// Records `message`, logging it only when it is new.
