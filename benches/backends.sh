@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps >/dev/null
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
-cargo build --release --quiet --bin nixpush
+cargo build --quiet --release --bins --examples
 nixpush=$PWD/target/release/nixpush
 # The test servers' Python packages (moto, PyNaCl) live in the suite's virtual environment.
 server_python="${XDG_CACHE_HOME:-$HOME/.cache}/nixpush/test-venv/bin/python3"

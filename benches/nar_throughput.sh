@@ -24,7 +24,7 @@ need hyperfine hyperfine
 [ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 need nix-store nix-bin
 
-cargo build --release --quiet --bin nixpush
+cargo build --quiet --release --bins --examples
 NIXPUSH="$PWD/target/release/nixpush"
 SRC_DIR="${NAR_BENCH_DIR:-/usr/lib/x86_64-linux-gnu}"
 BIG_MIB="${NAR_BENCH_BIG_MIB:-2048}"

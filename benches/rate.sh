@@ -19,7 +19,7 @@ need nix-store nix-bin
 need nginx nginx-light
 need python3 python3
 
-cargo build --release --quiet --bin nixpush --bin nixpush-hook
+cargo build --quiet --release --bins --examples
 BIN="$PWD/target/release"
 SCRATCH="$(mktemp -d)"
 PATH_ADDED=""

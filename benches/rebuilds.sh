@@ -26,7 +26,7 @@ set -euo pipefail
 n=${1:-200}
 runs=${2:-10}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bins
+cargo build --quiet --release --bins --examples
 bin=$PWD/target/release
 
 work=$(mktemp -d /var/tmp/nixpush-bench.XXXXXX)

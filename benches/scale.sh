@@ -23,7 +23,7 @@ mib_a=${1:-48} mib_b=${2:-32} mib_c=${3:-24}
 garage_version=2.5.0
 
 scripts/install-test-deps >/dev/null
-cargo build --release --quiet --bin nixpush --bin nixpush-hook
+cargo build --quiet --release --bins --examples
 nixpush=$PWD/target/release/nixpush
 hook=$PWD/target/release/nixpush-hook
 

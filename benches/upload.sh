@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps >/dev/null
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
-cargo build --release --quiet
+cargo build --quiet --release --bins --examples
 nixpush=$PWD/target/release/nixpush
 
 top=$(benches/make-closure.sh "${1:-300}" "${2:-1100}")
