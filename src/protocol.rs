@@ -392,6 +392,8 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Respons
             e.into()
         }
     })?;
+    // Nothing follows: the daemon can close after its answer rather than watch for another request.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut header = [0; 4];
     read_exact_by(&mut stream, &mut header, &remaining, &timed_out)?;
     let mut payload = vec![0; frame_len(header)?];

@@ -1,9 +1,8 @@
-//! A request to queue paths, from what the client sent to a durable ack, on one blocking thread: the paths checked
+//! A request to queue paths, from what the client sent to a durable ack, on the calling thread: the paths checked
 //! against Nix's database, the refusals recorded, every target's entry written, the paths rooted, and the
-//! fdatasync that covers it all. The hook waits for one hand-off from the runtime to that thread and one back,
-//! rather than one per lookup and write; each hand-off costs a wake-up and two context switches, which is most of
-//! what an ack costs beyond its sync.
-
+//! fdatasync that covers it all. [`Intake::take_all`] takes several at once with one commit: the socket's accept
+//! threads answer every hook waiting that way, and the runtime's handler and the spool importer take one at a
+//! time on a blocking thread.
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -42,20 +41,56 @@ pub struct Intake {
     pub(super) resolver: Resolver,
 }
 
+/// A request whose entries are written and not yet known to be on disk.
+struct Staged<'a> {
+    lanes: Vec<&'a Arc<TargetLane>>,
+    queued: BTreeSet<crate::store_path::StorePath>,
+}
+
 impl Intake {
     /// Resolves `request` and queues what it names durably. Blocks: call it on a blocking thread of the runtime.
     pub fn take(&self, request: &Request) -> (Resolved, Result<Enqueued, Error>) {
-        let resolved = self.resolver.resolve(
-            request.drv_path.as_deref(),
-            &request.out_paths,
-            &self.config,
-        );
-        let enqueued = self.enqueue(&resolved, request);
-        (resolved, enqueued)
+        let mut taken = self.take_all(std::slice::from_ref(request));
+        taken.pop().expect("one answer per request")
     }
 
-    /// Records the refusals, queues the accepted paths for every target and returns once both are on disk.
-    fn enqueue(&self, resolved: &Resolved, request: &Request) -> Result<Enqueued, Error> {
+    /// [`Intake::take`] for several requests at once: every request is resolved and written, then one commit
+    /// makes them all durable. One answer per request, in order; a request that fails does not fail the others,
+    /// a commit that fails fails them all.
+    pub fn take_all(&self, requests: &[Request]) -> Vec<(Resolved, Result<Enqueued, Error>)> {
+        let staged: Vec<_> = requests
+            .iter()
+            .map(|request| {
+                let resolved = self.resolver.resolve(
+                    request.drv_path.as_deref(),
+                    &request.out_paths,
+                    &self.config,
+                );
+                let staged = self.stage(&resolved, request);
+                (resolved, staged)
+            })
+            .collect();
+        let committed = if staged.iter().any(|(_, staged)| staged.is_ok()) {
+            self.commit.make_durable_blocking()
+        } else {
+            Ok(())
+        };
+        staged
+            .into_iter()
+            .zip(requests)
+            .map(|((resolved, staged), request)| {
+                let enqueued = staged.and_then(|staged| {
+                    committed.clone()?;
+                    Ok(finish(&resolved, request, staged))
+                });
+                (resolved, enqueued)
+            })
+            .collect()
+    }
+
+    /// Records the refusals and writes the accepted paths' entries for every target; the caller's commit makes
+    /// them durable.
+    fn stage(&self, resolved: &Resolved, request: &Request) -> Result<Staged<'_>, Error> {
         if let Some(reason) = &resolved.unchecked {
             return Err(Error::Unchecked(reason.clone()));
         }
@@ -82,23 +117,10 @@ impl Intake {
         }
         // Before the ack, while the hook (and so the build's temporary root in Nix) still waits for it.
         self.gc_roots.protect(&resolved.paths);
-        self.commit.make_durable_blocking()?;
-        let (queued, duplicate): (Vec<_>, Vec<_>) = resolved
-            .paths
-            .iter()
-            .cloned()
-            .partition(|p| queued.contains(p));
-        let (source, via) = (request.source.as_str(), request.via);
-        for path in &queued {
-            tracing::info!(store_path = %path, source, via, "queued");
-        }
-        for path in &duplicate {
-            tracing::debug!(store_path = %path, source, via, "already queued");
-        }
-        for lane in woken {
-            lane.work_available.notify_one();
-        }
-        Ok(Enqueued { queued, duplicate })
+        Ok(Staged {
+            lanes: woken,
+            queued,
+        })
     }
 
     /// Records and logs a refusal; written to disk by the next commit.
@@ -113,5 +135,65 @@ impl Intake {
         if let Err(e) = self.queue.record_refused(&record) {
             tracing::error!("cannot record a refusal: {e}");
         }
+    }
+}
+
+/// What a durable request answers: which paths are newly queued and which were already. Wakes the targets that
+/// have new work.
+fn finish(resolved: &Resolved, request: &Request, staged: Staged<'_>) -> Enqueued {
+    let (queued, duplicate): (Vec<_>, Vec<_>) = resolved
+        .paths
+        .iter()
+        .cloned()
+        .partition(|p| staged.queued.contains(p));
+    let (source, via) = (request.source.as_str(), request.via);
+    for path in &queued {
+        tracing::info!(store_path = %path, source, via, "queued");
+    }
+    for path in &duplicate {
+        tracing::debug!(store_path = %path, source, via, "already queued");
+    }
+    for lane in staged.lanes {
+        lane.work_available.notify_one();
+    }
+    Enqueued { queued, duplicate }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::daemon::server::tests::fixture;
+
+    use super::*;
+
+    #[test]
+    fn requests_taken_together_share_one_commit_and_keep_their_own_answers() {
+        let f = fixture();
+        let request = |paths: &[&str]| Request {
+            drv_path: None,
+            out_paths: paths.iter().map(|p| p.to_string()).collect(),
+            source: "hook".into(),
+            peer_uid: Some(0),
+            via: "socket",
+        };
+        let requests = [
+            request(&[&f.good]),
+            request(&[&f.good]),
+            request(&["/tmp/x"]),
+        ];
+        let taken = f.shared.intake().take_all(&requests);
+        assert_eq!(f.sqlite.commit_stats().commits, 1);
+        let answers: Vec<_> = taken
+            .iter()
+            .map(|(resolved, enqueued)| {
+                let enqueued = enqueued.as_ref().unwrap();
+                (
+                    resolved.refused.len(),
+                    enqueued.queued.len(),
+                    enqueued.duplicate.len(),
+                )
+            })
+            .collect();
+        assert_eq!(answers, [(0, 1, 0), (0, 0, 1), (1, 0, 0)]);
+        assert_eq!(f.shared.queue.refused_total().unwrap(), 1);
     }
 }

@@ -383,13 +383,7 @@ pub async fn run(
     queue.flush()?;
     let queue = Arc::new(queue);
     let description = listener.describe();
-    let socket = tokio::net::UnixListener::from_std(listener.socket).map_err(|source| {
-        socket::Error::Setup {
-            action: "listen on",
-            path: PathBuf::from(&description),
-            source,
-        }
-    })?;
+    let socket = listener.socket;
     // Hashing and compression yield to builds; the socket, acks and group commit stay on this runtime. Dropped
     // when `run` returns, abandoning a NAR still being prepared rather than waiting for it behind the builds: its
     // path is still `uploading` in the queue and starts over after a restart.
@@ -440,6 +434,18 @@ pub async fn run(
         }
     }
 
+    let acceptor = server::Acceptor::start(
+        socket,
+        shared.clone(),
+        tokio::runtime::Handle::current(),
+        tasks.clone(),
+        stop.clone(),
+    )
+    .map_err(|source| socket::Error::Setup {
+        action: "listen on",
+        path: PathBuf::from(&description),
+        source,
+    })?;
     if let Err(e) = systemd::notify(&format!("READY=1\nSTATUS={}", shared.status_line())) {
         tracing::warn!("cannot notify systemd: {e}");
     }
@@ -456,7 +462,11 @@ pub async fn run(
         "nixpush daemon ready"
     );
 
-    server::accept_loop(socket, shared.clone(), stop.clone(), &tasks).await;
+    stop.cancelled().await;
+    // Answers what the accept threads already read before the drain below waits for the rest.
+    tokio::task::spawn_blocking(move || acceptor.stop())
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?;
     tracing::info!("stopped accepting; draining");
     let _ = systemd::notify("STATUS=draining");
     tasks.close();

@@ -52,39 +52,12 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             out_paths,
             source,
         } => {
-            if let Err(reason) = denied() {
-                let input = drv_path.clone().unwrap_or_else(|| out_paths.join(" "));
-                shared.refuse(&input, &reason, peer.uid, "socket");
-                shared.metrics.hook_request(HookResult::Refused);
-                return error(ErrorKind::PermissionDenied, reason);
-            }
-            let request = intake::Request {
-                drv_path,
-                out_paths,
-                source: source.chars().take(32).collect(),
-                peer_uid: peer.uid,
-                via: "socket",
+            let request = match admit(drv_path, out_paths, &source, peer, shared) {
+                Ok(request) => request,
+                Err(answer) => return answer,
             };
             let (resolved, enqueued) = shared.take_request(request).await;
-            let refused = refusal_messages(&resolved.refused);
-            let answer = match enqueued {
-                Ok(_) if resolved.paths.is_empty() => error(ErrorKind::Refused, refused.join("; ")),
-                Ok(enqueued) => Response::Ack {
-                    accepted: enqueued.queued.iter().map(|p| p.to_string()).collect(),
-                    duplicate: enqueued.duplicate.len(),
-                    refused,
-                },
-                Err(e) => internal(e),
-            };
-            shared.metrics.hook_request(match &answer {
-                Response::Ack { .. } => HookResult::Acked,
-                Response::Error {
-                    kind: ErrorKind::Refused,
-                    ..
-                } => HookResult::Refused,
-                _ => HookResult::Error,
-            });
-            answer
+            answer_enqueue(&resolved, enqueued, shared)
         }
         Request::Retry { paths, all, target } => {
             if let Err(reason) = denied() {
@@ -187,6 +160,57 @@ pub async fn handle(request: Request, peer: Peer, shared: &Shared) -> Response {
             }
         }
     }
+}
+
+/// The intake request for an `enqueue` from `peer`, or the answer refusing it (recorded and counted) when `peer`
+/// may not enqueue.
+pub(super) fn admit(
+    drv_path: Option<String>,
+    out_paths: Vec<String>,
+    source: &str,
+    peer: Peer,
+    shared: &Shared,
+) -> Result<intake::Request, Response> {
+    if let Err(reason) = auth::check(peer.uid, peer.gid, &shared.config()) {
+        let input = drv_path.unwrap_or_else(|| out_paths.join(" "));
+        shared.refuse(&input, &reason, peer.uid, "socket");
+        shared.metrics.hook_request(HookResult::Refused);
+        return Err(error(ErrorKind::PermissionDenied, reason));
+    }
+    Ok(intake::Request {
+        drv_path,
+        out_paths,
+        source: source.chars().take(32).collect(),
+        peer_uid: peer.uid,
+        via: "socket",
+    })
+}
+
+/// The answer to an `enqueue` once it is taken: the ack, or why nothing was queued. Counted in the metrics.
+pub(super) fn answer_enqueue(
+    resolved: &resolve::Resolved,
+    enqueued: Result<crate::queue::Enqueued, crate::daemon::Error>,
+    shared: &Shared,
+) -> Response {
+    let refused = refusal_messages(&resolved.refused);
+    let answer = match enqueued {
+        Ok(_) if resolved.paths.is_empty() => error(ErrorKind::Refused, refused.join("; ")),
+        Ok(enqueued) => Response::Ack {
+            accepted: enqueued.queued.iter().map(|p| p.to_string()).collect(),
+            duplicate: enqueued.duplicate.len(),
+            refused,
+        },
+        Err(e) => internal(e),
+    };
+    shared.metrics.hook_request(match &answer {
+        Response::Ack { .. } => HookResult::Acked,
+        Response::Error {
+            kind: ErrorKind::Refused,
+            ..
+        } => HookResult::Refused,
+        _ => HookResult::Error,
+    });
+    answer
 }
 
 /// One page of the entries of `lanes`, in lane then path order, after the cursor `after`, and the cursor of the

@@ -1,12 +1,13 @@
-//! The hook socket's server: the accept loop and the per-connection handler.
+//! The hook socket's server: the accept threads and the per-connection handler.
 //!
 //! Each connection gets `client_timeout_ms` to deliver each request. A malformed, oversized or late request is
 //! answered with an error naming the problem, logged, and the connection closed; the loop keeps serving everyone
 //! else. The handler takes any `AsyncRead + AsyncWrite`, so tests drive it over `tokio::io::duplex`.
 //!
-//! `slots` holds the connection table and its eviction, `framing` reads frames, `control` answers
-//! requests.
+//! `acceptor` takes connections and answers hooks' requests itself, `slots` holds the connection table and its
+//! eviction, `framing` reads frames, `control` answers requests.
 
+mod acceptor;
 mod control;
 mod framing;
 mod slots;
@@ -15,70 +16,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::UnixListener;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::protocol::{self, ErrorKind, Response};
 
 use super::auth::Peer;
 use super::Shared;
 
+pub use acceptor::Acceptor;
 pub use control::handle;
 pub use slots::MAX_CONNECTIONS;
 
 use framing::{read_frame, read_some, FIRST_READ};
 use slots::{Slot, Slots};
 
-/// Accepts connections until `stop` is cancelled. Connection tasks run on `tasks`.
-pub async fn accept_loop(
-    listener: UnixListener,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    tasks: &TaskTracker,
-) {
-    let slots = Arc::new(Slots::default());
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let peer = match stream.peer_cred() {
-                    Ok(cred) => Peer {
-                        uid: Some(cred.uid()),
-                        gid: Some(cred.gid()),
-                        pid: cred.pid(),
-                    },
-                    Err(e) => {
-                        tracing::warn!("cannot read peer credentials: {e}");
-                        Peer::default()
-                    }
-                };
-                let slot = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    slot = slots.clone().take() => slot,
-                };
-                let (shared, stop) = (shared.clone(), stop.clone());
-                tasks.spawn(async move {
-                    serve(stream, peer, &shared, &stop, &slot).await;
-                });
-            }
-            Err(e) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                }
-            }
-        }
-    }
-}
-
-/// The table of connections being served.
 /// Serves requests on one connection until the client closes it, sends something invalid, is too slow, or the
 /// daemon stops (between requests only: a request already being read is answered).
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
@@ -91,16 +43,54 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     serve(stream, peer, shared, stop, &slot).await;
 }
 
+/// Where serving a connection starts: what the accept threads already read from it, answered and not yet sent.
+#[derive(Default)]
+struct Resume {
+    /// Bytes received and not yet consumed.
+    received: Vec<u8>,
+    /// Requests already answered.
+    served: u64,
+    /// The end of an answer the socket did not take at once.
+    unsent: Vec<u8>,
+}
+
+impl Resume {
+    /// A connection nothing has been answered on yet, with what it sent so far.
+    fn read(received: Vec<u8>) -> Resume {
+        Resume {
+            received,
+            ..Resume::default()
+        }
+    }
+}
+
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: S,
     peer: Peer,
     shared: &Shared,
     stop: &CancellationToken,
     slot: &Slot,
 ) {
-    let mut served = 0u64;
-    // Bytes received and not yet consumed. A hook's request usually arrives in one read.
-    let mut received = Vec::new();
+    serve_from(stream, peer, shared, stop, slot, Resume::default()).await;
+}
+
+async fn serve_from<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    peer: Peer,
+    shared: &Shared,
+    stop: &CancellationToken,
+    slot: &Slot,
+    resume: Resume,
+) {
+    let Resume {
+        // Bytes received and not yet consumed. A hook's request usually arrives in one read.
+        mut received,
+        mut served,
+        unsent,
+    } = resume;
+    if !unsent.is_empty() && !send_answer(&mut stream, &unsent, peer, shared).await {
+        return;
+    }
     loop {
         slot.state.set_waiting(true);
         let timeout_ms = shared.config().client_timeout_ms;
@@ -155,22 +145,35 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let response = handle(request, peer, shared).await;
         let frame = protocol::encode_response(&response);
-        let write_deadline = Instant::now() + Duration::from_millis(timeout_ms);
-        match timeout_at(write_deadline, stream.write_all(&frame)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(peer_uid = peer.uid, "cannot send the answer: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(
-                    peer_uid = peer.uid,
-                    "client did not read its answer in time"
-                );
-                return;
-            }
+        if !send_answer(&mut stream, &frame, peer, shared).await {
+            return;
         }
         served += 1;
+    }
+}
+
+/// Writes an answer within the client timeout; false when the connection is done for.
+async fn send_answer<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    frame: &[u8],
+    peer: Peer,
+    shared: &Shared,
+) -> bool {
+    let timeout_ms = shared.config().client_timeout_ms;
+    let write_deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    match timeout_at(write_deadline, stream.write_all(frame)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(peer_uid = peer.uid, "cannot send the answer: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(
+                peer_uid = peer.uid,
+                "client did not read its answer in time"
+            );
+            false
+        }
     }
 }
 
@@ -208,7 +211,7 @@ async fn refuse_connection<S: AsyncWrite + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::daemon) mod tests {
     use super::*;
     use crate::config::Config;
     use crate::daemon::resolve;
@@ -224,13 +227,17 @@ mod tests {
         pid: None,
     };
 
-    struct Fixture {
+    pub(in crate::daemon) struct Fixture {
         _tmp: tempfile::TempDir,
-        shared: Arc<Shared>,
-        good: String,
+        pub(in crate::daemon) shared: Arc<Shared>,
+        /// The queue behind `shared`, for its commit counts.
+        pub(in crate::daemon) sqlite: Arc<SqliteQueue>,
+        /// A path registered in the fixture's Nix database.
+        pub(in crate::daemon) good: String,
     }
 
-    fn fixture() -> Fixture {
+    /// A daemon's shared state over a temporary store, Nix database and queue.
+    pub(in crate::daemon) fn fixture() -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
         std::fs::create_dir(&store).unwrap();
@@ -246,9 +253,11 @@ mod tests {
             ..Config::default()
         };
         resolve::register_for_tests(&config.nix_db, &[good.to_str().unwrap()]);
-        let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::temporary().unwrap());
+        let sqlite = Arc::new(SqliteQueue::temporary().unwrap());
+        let queue: Arc<dyn Queue> = sqlite.clone();
         Fixture {
             shared: Shared::new(config, queue, true),
+            sqlite,
             good: good.display().to_string(),
             _tmp: tmp,
         }

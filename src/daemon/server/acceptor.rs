@@ -1,0 +1,533 @@
+//! The accept threads. A hook's request arrives with its connection, so a thread takes every connection waiting,
+//! reads what each has already sent without waiting for more, and answers the complete `enqueue` requests itself:
+//! all of them resolved and written, one commit, then the acks. Any other connection, or one whose request is not
+//! all there yet, goes to the runtime's handler ([`super::serve`]) with the bytes read so far, which answers it
+//! (and every error) as it answers everything else.
+//!
+//! So a hook's ack costs the wake-up of one thread. Through the runtime it crossed five (the poller, the accept
+//! loop, a reader, a blocking-pool thread, a writer), and those hand-offs were most of what an ack cost beyond
+//! its fdatasync.
+//!
+//! Two threads take turns: one waits for connections while the other answers what it took, so a slow sync or
+//! Nix database in one batch does not stop the next connections from being taken.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, recv, send, sockopt, MsgFlags};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::protocol::{self, Request, Response};
+
+use super::super::auth::Peer;
+use super::super::Shared;
+use super::control;
+use super::framing::FIRST_READ;
+use super::slots::Slots;
+use super::Resume;
+
+/// Threads taking turns at the listener.
+const THREADS: usize = 2;
+/// Connections taken at once; the rest wait in the listen backlog for the next turn.
+const MAX_BATCH: usize = 64;
+
+/// The running accept threads. Dropping it stops them without waiting; [`Acceptor::stop`] waits.
+pub struct Acceptor {
+    threads: Vec<JoinHandle<()>>,
+    /// Closed to stop the threads: its peer, which they poll, then reads end of stream.
+    stop: Option<UnixStream>,
+}
+
+impl Acceptor {
+    /// Starts taking connections on `listener`. Connections the threads do not answer themselves are served on
+    /// `runtime`, tracked by `tasks`, until `stop` is cancelled.
+    pub fn start(
+        listener: UnixListener,
+        shared: Arc<Shared>,
+        runtime: Handle,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> io::Result<Acceptor> {
+        listener.set_nonblocking(true)?;
+        let (stop_sender, stop_receiver) = UnixStream::pair()?;
+        let turns = Arc::new(Turns {
+            listener,
+            turn: Mutex::new(()),
+            stop_receiver,
+            handover: Handover {
+                shared,
+                runtime,
+                tasks,
+                stop,
+                slots: Arc::new(Slots::default()),
+            },
+        });
+        let mut acceptor = Acceptor {
+            threads: Vec::with_capacity(THREADS),
+            stop: Some(stop_sender),
+        };
+        for n in 0..THREADS {
+            let turns = Arc::clone(&turns);
+            let thread = std::thread::Builder::new()
+                .name(format!("nixpush-accept{n}"))
+                .spawn(move || turns.run())?;
+            acceptor.threads.push(thread);
+        }
+        Ok(acceptor)
+    }
+
+    /// Stops taking connections and returns once every request already read is answered. Blocks.
+    pub fn stop(mut self) {
+        self.stop.take();
+        for thread in std::mem::take(&mut self.threads) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.take();
+    }
+}
+
+/// What the accept threads share.
+struct Turns {
+    listener: UnixListener,
+    /// Held by the thread waiting at the listener.
+    turn: Mutex<()>,
+    stop_receiver: UnixStream,
+    handover: Handover,
+}
+
+/// A connection taken, with what it had sent.
+struct Incoming {
+    stream: UnixStream,
+    peer: Peer,
+    /// Bytes after the first request (a client sending several at once).
+    rest: Vec<u8>,
+    /// Whether the client has closed its side: nothing follows, so the connection closes after the answer.
+    closed: bool,
+}
+
+impl Turns {
+    fn run(&self) {
+        loop {
+            let batch = {
+                let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+                if !self.wait() {
+                    return;
+                }
+                self.accept_batch()
+            };
+            self.answer(batch);
+        }
+    }
+
+    /// Waits until a connection is waiting (true) or the acceptor stops (false).
+    fn wait(&self) -> bool {
+        loop {
+            let mut fds = [
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.stop_receiver.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("cannot wait for connections: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            }
+            if fds[1].any() != Some(false) {
+                return false;
+            }
+            if fds[0].any() == Some(true) {
+                return true;
+            }
+        }
+    }
+
+    /// Every connection waiting, up to [`MAX_BATCH`].
+    fn accept_batch(&self) -> Vec<UnixStream> {
+        let mut batch = Vec::new();
+        while batch.len() < MAX_BATCH {
+            match self.listener.accept() {
+                Ok((stream, _)) => batch.push(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    if batch.is_empty() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    break;
+                }
+            }
+        }
+        batch
+    }
+
+    /// Answers the complete `enqueue` requests in `batch` with one commit; hands every other connection over.
+    fn answer(&self, batch: Vec<UnixStream>) {
+        let handover = &self.handover;
+        let mut waiting = Vec::new();
+        let mut requests = Vec::new();
+        for stream in batch {
+            let Some((incoming, request)) = handover.read_enqueue(stream) else {
+                continue;
+            };
+            let Request::Enqueue {
+                drv_path,
+                out_paths,
+                source,
+            } = request
+            else {
+                unreachable!("read_enqueue hands over everything else")
+            };
+            match control::admit(
+                drv_path,
+                out_paths,
+                &source,
+                incoming.peer,
+                &handover.shared,
+            ) {
+                Ok(request) => {
+                    waiting.push(incoming);
+                    requests.push(request);
+                }
+                Err(refusal) => handover.reply(incoming, &refusal),
+            }
+        }
+        if requests.is_empty() {
+            return;
+        }
+        let shared = &handover.shared;
+        let taken = shared.intake().take_all(&requests);
+        for (incoming, (resolved, enqueued)) in waiting.into_iter().zip(taken) {
+            let answer = control::answer_enqueue(&resolved, enqueued, shared);
+            handover.reply(incoming, &answer);
+        }
+    }
+}
+
+/// Passing connections to the runtime's handler.
+struct Handover {
+    shared: Arc<Shared>,
+    runtime: Handle,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    slots: Arc<Slots>,
+}
+
+impl Handover {
+    /// The connection's `enqueue` request, when it has sent one whole; otherwise hands the connection over (or
+    /// drops it, when it closed without a word) and returns `None`.
+    fn read_enqueue(&self, stream: UnixStream) -> Option<(Incoming, Request)> {
+        let peer = peer_of(&stream);
+        let mut received = vec![0; FIRST_READ];
+        let n = match recv(stream.as_raw_fd(), &mut received, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => 0,
+            Err(e) => {
+                tracing::debug!(peer_uid = peer.uid, "connection error: {e}");
+                return None;
+            }
+        };
+        received.truncate(n);
+        let frame = received
+            .first_chunk::<4>()
+            .and_then(|header| protocol::frame_len(*header).ok())
+            .filter(|len| 4 + len <= received.len())
+            .and_then(|len| {
+                protocol::decode_request(&received[4..4 + len])
+                    .ok()
+                    .map(|r| (len, r))
+            });
+        let Some((len, request @ Request::Enqueue { .. })) = frame else {
+            self.hand_over(stream, peer, Resume::read(received));
+            return None;
+        };
+        let rest = received.split_off(4 + len);
+        // A one-request client shuts its side after sending; finding that now saves watching the connection.
+        let closed = rest.is_empty()
+            && n < FIRST_READ
+            && matches!(
+                recv(
+                    stream.as_raw_fd(),
+                    &mut [0; 1],
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK
+                ),
+                Ok(0)
+            );
+        let incoming = Incoming {
+            stream,
+            peer,
+            rest,
+            closed,
+        };
+        Some((incoming, request))
+    }
+
+    /// Sends `answer`; then closes the connection or hands it over for the client's next request (or for the
+    /// rest of the answer, when the socket would not take it all at once).
+    fn reply(&self, incoming: Incoming, answer: &Response) {
+        let frame = protocol::encode_response(answer);
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        let sent = match send(incoming.stream.as_raw_fd(), &frame, flags) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => 0,
+            Err(e) => {
+                tracing::debug!(peer_uid = incoming.peer.uid, "cannot send the answer: {e}");
+                return;
+            }
+        };
+        if sent == frame.len() && incoming.closed {
+            return;
+        }
+        let resume = Resume {
+            received: incoming.rest,
+            served: 1,
+            unsent: frame[sent..].to_vec(),
+        };
+        self.hand_over(incoming.stream, incoming.peer, resume);
+    }
+
+    /// Serves the connection on the runtime, from where `resume` says.
+    fn hand_over(&self, stream: UnixStream, peer: Peer, resume: Resume) {
+        if let Err(e) = stream.set_nonblocking(true) {
+            tracing::debug!(peer_uid = peer.uid, "connection error: {e}");
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let (stop, slots) = (self.stop.clone(), Arc::clone(&self.slots));
+        let serve = async move {
+            let stream = match tokio::net::UnixStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!("cannot serve a connection: {e}");
+                    return;
+                }
+            };
+            let slot = slots.take().await;
+            super::serve_from(stream, peer, &shared, &stop, &slot, resume).await;
+        };
+        self.tasks.spawn_on(serve, &self.runtime);
+    }
+}
+
+/// Who is on the other end, from `SO_PEERCRED`.
+fn peer_of(stream: &UnixStream) -> Peer {
+    match getsockopt(stream, sockopt::PeerCredentials) {
+        Ok(cred) => Peer {
+            uid: Some(cred.uid()),
+            gid: Some(cred.gid()),
+            pid: Some(cred.pid()),
+        },
+        Err(e) => {
+            tracing::warn!("cannot read peer credentials: {e}");
+            Peer::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::daemon::server::tests::{fixture, Fixture};
+    use crate::protocol::ErrorKind;
+    use crate::store_path::StorePath;
+
+    /// The accept threads on a socket in a temporary directory; stopped when dropped.
+    struct Running {
+        acceptor: Option<Acceptor>,
+        socket: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(acceptor) = self.acceptor.take() {
+                acceptor.stop();
+            }
+        }
+    }
+
+    fn start(f: &Fixture) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nixpush.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let acceptor = Acceptor::start(
+            listener,
+            f.shared.clone(),
+            Handle::current(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        Running {
+            acceptor: Some(acceptor),
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn enqueue(paths: &[&str]) -> Request {
+        Request::Enqueue {
+            drv_path: None,
+            out_paths: paths.iter().map(|p| p.to_string()).collect(),
+            source: "hook".into(),
+        }
+    }
+
+    /// The next answer, or `None` once the daemon has closed the connection.
+    fn answer(stream: &mut UnixStream) -> Option<Response> {
+        let mut header = [0; 4];
+        stream.read_exact(&mut header).ok()?;
+        let mut payload = vec![0; protocol::frame_len(header).unwrap()];
+        stream.read_exact(&mut payload).unwrap();
+        Some(protocol::decode_response(&payload).unwrap())
+    }
+
+    /// Runs the client side off the runtime's threads, which serve what the accept threads hand over.
+    async fn client<T: Send + 'static>(run: impl FnOnce() -> T + Send + 'static) -> T {
+        tokio::task::spawn_blocking(run).await.unwrap()
+    }
+
+    fn acked(good: &str, duplicate: usize) -> Response {
+        let accepted = if duplicate == 0 {
+            vec![good.to_owned()]
+        } else {
+            vec![]
+        };
+        Response::Ack {
+            accepted,
+            duplicate,
+            refused: vec![],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hook_request_is_acked_durably_and_the_connection_closed() {
+        let f = fixture();
+        let running = start(&f);
+        let (socket, good) = (running.socket.clone(), f.good.clone());
+        let answers = client(move || {
+            let mut stream = UnixStream::connect(&socket).unwrap();
+            stream
+                .write_all(&protocol::encode_request(&enqueue(&[&good])))
+                .unwrap();
+            stream.shutdown(Shutdown::Write).unwrap();
+            (answer(&mut stream), answer(&mut stream))
+        })
+        .await;
+        assert_eq!(answers, (Some(acked(&f.good, 0)), None));
+        let path = StorePath::parse(&f.good, f.shared.config().store_dir_str()).unwrap();
+        assert!(f.shared.queue.get(&path).unwrap().is_some());
+        assert_eq!(f.sqlite.commit_stats().commits, 1, "acked after a commit");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_kept_open_is_served_after_its_first_answer() {
+        let f = fixture();
+        let running = start(&f);
+        let (socket, good) = (running.socket.clone(), f.good.clone());
+        let answers = client(move || {
+            let mut stream = UnixStream::connect(&socket).unwrap();
+            let mut answers = Vec::new();
+            stream
+                .write_all(&protocol::encode_request(&enqueue(&[&good])))
+                .unwrap();
+            answers.push(answer(&mut stream));
+            // Two requests in one write: the second waits in what the first read took.
+            let mut two = protocol::encode_request(&enqueue(&[&good]));
+            two.extend(protocol::encode_request(&Request::Status));
+            stream.write_all(&two).unwrap();
+            answers.push(answer(&mut stream));
+            answers.push(answer(&mut stream));
+            stream.shutdown(Shutdown::Write).unwrap();
+            answers.push(answer(&mut stream));
+            answers
+        })
+        .await;
+        assert_eq!(answers[0], Some(acked(&f.good, 0)));
+        assert_eq!(answers[1], Some(acked(&f.good, 1)));
+        assert!(
+            matches!(&answers[2], Some(Response::Status(report)) if report.queued == 1),
+            "{:?}",
+            answers[2]
+        );
+        assert_eq!(answers[3], None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn other_requests_and_bad_frames_are_answered_by_the_runtime() {
+        let f = fixture();
+        let running = start(&f);
+        let (socket, good) = (running.socket.clone(), f.good.clone());
+        let answers = client(move || {
+            let call = |bytes: &[u8]| {
+                let mut stream = UnixStream::connect(&socket).unwrap();
+                stream.write_all(bytes).unwrap();
+                stream.shutdown(Shutdown::Write).unwrap();
+                answer(&mut stream)
+            };
+            let mut pieces = UnixStream::connect(&socket).unwrap();
+            for byte in protocol::encode_request(&enqueue(&[&good])) {
+                pieces.write_all(&[byte]).unwrap();
+            }
+            vec![
+                call(&protocol::encode_request(&Request::Status)),
+                call(b"\0\0\0\x05hello"),
+                call(&protocol::encode_request(&enqueue(&["/tmp/x"]))),
+                answer(&mut pieces),
+            ]
+        })
+        .await;
+        assert!(
+            matches!(answers[0], Some(Response::Status(_))),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(
+                &answers[1],
+                Some(Response::Error {
+                    kind: ErrorKind::Malformed,
+                    ..
+                })
+            ),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(&answers[2], Some(Response::Error { kind: ErrorKind::Refused, message })
+                if message.contains("not inside the store directory")),
+            "{answers:?}"
+        );
+        assert_eq!(answers[3], Some(acked(&f.good, 0)));
+        assert_eq!(f.shared.queue.refused_total().unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_returns_once_both_threads_have_let_go_of_the_listener() {
+        let f = fixture();
+        let mut running = start(&f);
+        running.acceptor.take().unwrap().stop();
+        let refused = UnixStream::connect(&running.socket).map_err(|e| e.kind());
+        assert_eq!(refused.err(), Some(io::ErrorKind::ConnectionRefused));
+    }
+}
