@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -38,6 +38,10 @@ use super::Resume;
 const THREADS: usize = 2;
 /// Connections taken at once; the rest wait in the listen backlog for the next turn.
 const MAX_BATCH: usize = 64;
+/// How long a thread waits for the requests of the connections it took. A hook writes its request right after
+/// connecting, so it is there within microseconds; a client that takes longer is served by the runtime (with its
+/// timeout and eviction) while the other thread keeps taking connections.
+const WAIT_FOR_REQUEST: Duration = Duration::from_millis(2);
 
 /// The running accept threads. Dropping it stops them without waiting; [`Acceptor::stop`] waits.
 pub struct Acceptor {
@@ -178,22 +182,56 @@ impl Turns {
         batch
     }
 
-    /// Answers the complete `enqueue` requests in `batch` with one commit; hands every other connection over.
+    /// Answers the complete `enqueue` requests in `batch`, one commit for all that have arrived, and waits up to
+    /// [`WAIT_FOR_REQUEST`] for the rest; hands every other connection over.
     fn answer(&self, batch: Vec<UnixStream>) {
+        let handover = &self.handover;
+        let deadline = Instant::now() + WAIT_FOR_REQUEST;
+        let mut pending: Vec<_> = batch.into_iter().map(Partial::new).collect();
+        loop {
+            let mut ready = Vec::new();
+            for partial in std::mem::take(&mut pending) {
+                match handover.read_more(partial) {
+                    Read::Enqueue(incoming, request) => ready.push((incoming, request)),
+                    Read::Partial(partial) => pending.push(partial),
+                    Read::Done => {}
+                }
+            }
+            self.answer_ready(ready);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if pending.is_empty() {
+                return;
+            }
+            if left.is_zero() {
+                for partial in pending {
+                    let resume = Resume::read(partial.received);
+                    handover.hand_over(partial.stream, partial.peer, resume);
+                }
+                return;
+            }
+            let mut fds: Vec<_> = pending
+                .iter()
+                .map(|p| PollFd::new(p.stream.as_fd(), PollFlags::POLLIN))
+                .collect();
+            let timeout =
+                PollTimeout::try_from(left.as_millis().max(1) as u64).unwrap_or(PollTimeout::MAX);
+            let _ = poll(&mut fds, timeout);
+        }
+    }
+
+    /// Answers requests that have arrived whole: refusals at once, the rest with one commit.
+    fn answer_ready(&self, ready: Vec<(Incoming, Request)>) {
         let handover = &self.handover;
         let mut waiting = Vec::new();
         let mut requests = Vec::new();
-        for stream in batch {
-            let Some((incoming, request)) = handover.read_enqueue(stream) else {
-                continue;
-            };
+        for (incoming, request) in ready {
             let Request::Enqueue {
                 drv_path,
                 out_paths,
                 source,
             } = request
             else {
-                unreachable!("read_enqueue hands over everything else")
+                unreachable!("read_more hands over everything else")
             };
             match control::admit(
                 drv_path,
@@ -221,6 +259,33 @@ impl Turns {
     }
 }
 
+/// A connection taken whose request has not arrived whole yet.
+struct Partial {
+    stream: UnixStream,
+    peer: Peer,
+    received: Vec<u8>,
+}
+
+impl Partial {
+    fn new(stream: UnixStream) -> Partial {
+        Partial {
+            peer: peer_of(&stream),
+            stream,
+            received: Vec::new(),
+        }
+    }
+}
+
+/// What a connection has sent so far.
+enum Read {
+    /// A whole `enqueue` request.
+    Enqueue(Incoming, Request),
+    /// Not a whole request yet.
+    Partial(Partial),
+    /// Handed over to the runtime, or closed.
+    Done,
+}
+
 /// Passing connections to the runtime's handler.
 struct Handover {
     shared: Arc<Shared>,
@@ -231,38 +296,64 @@ struct Handover {
 }
 
 impl Handover {
-    /// The connection's `enqueue` request, when it has sent one whole; otherwise hands the connection over (or
-    /// drops it, when it closed without a word) and returns `None`.
-    fn read_enqueue(&self, stream: UnixStream) -> Option<(Incoming, Request)> {
-        let peer = peer_of(&stream);
-        let mut received = vec![0; FIRST_READ];
-        let n = match recv(stream.as_raw_fd(), &mut received, MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => return None,
-            Ok(n) => n,
-            Err(Errno::EAGAIN | Errno::EINTR) => 0,
+    /// Reads what the connection has sent without waiting. A whole `enqueue` request is returned; any other
+    /// request, anything invalid, and a request too big for one read go to the runtime's handler, which answers
+    /// them (and every error) as it always does.
+    fn read_more(&self, partial: Partial) -> Read {
+        let Partial {
+            stream,
+            peer,
+            mut received,
+        } = partial;
+        let had = received.len();
+        received.resize(FIRST_READ, 0);
+        let got = match recv(
+            stream.as_raw_fd(),
+            &mut received[had..],
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) if had == 0 => return Read::Done,
+            Ok(n) => Some(n),
+            Err(Errno::EAGAIN | Errno::EINTR) => None,
             Err(e) => {
                 tracing::debug!(peer_uid = peer.uid, "connection error: {e}");
-                return None;
+                return Read::Done;
             }
         };
-        received.truncate(n);
-        let frame = received
-            .first_chunk::<4>()
-            .and_then(|header| protocol::frame_len(*header).ok())
-            .filter(|len| 4 + len <= received.len())
-            .and_then(|len| {
-                protocol::decode_request(&received[4..4 + len])
-                    .ok()
-                    .map(|r| (len, r))
-            });
-        let Some((len, request @ Request::Enqueue { .. })) = frame else {
+        received.truncate(had + got.unwrap_or(0));
+        let header = received.first_chunk::<4>().map(|h| protocol::frame_len(*h));
+        let whole = match header {
+            // A partial request still fits in one read: wait for the rest.
+            None if got != Some(0) => {
+                return Read::Partial(Partial {
+                    stream,
+                    peer,
+                    received,
+                })
+            }
+            Some(Ok(len))
+                if 4 + len <= FIRST_READ && received.len() < 4 + len && got != Some(0) =>
+            {
+                return Read::Partial(Partial {
+                    stream,
+                    peer,
+                    received,
+                })
+            }
+            Some(Ok(len)) if received.len() >= 4 + len => Some(len),
+            _ => None,
+        };
+        let request = whole.and_then(|len| {
+            let request = protocol::decode_request(&received[4..4 + len]).ok()?;
+            matches!(request, Request::Enqueue { .. }).then_some((len, request))
+        });
+        let Some((len, request)) = request else {
             self.hand_over(stream, peer, Resume::read(received));
-            return None;
+            return Read::Done;
         };
         let rest = received.split_off(4 + len);
         // A one-request client shuts its side after sending; finding that now saves watching the connection.
         let closed = rest.is_empty()
-            && n < FIRST_READ
             && matches!(
                 recv(
                     stream.as_raw_fd(),
@@ -277,7 +368,7 @@ impl Handover {
             rest,
             closed,
         };
-        Some((incoming, request))
+        Read::Enqueue(incoming, request)
     }
 
     /// Sends `answer`; then closes the connection or hands it over for the client's next request (or for the
