@@ -6,6 +6,7 @@
 #   benches/enqueue_profile.sh [PATHS=10000] [none|stat|perf]      (as root, with Nix and perf for stat/perf)
 #   BASE=/mnt/journaled benches/enqueue_profile.sh                 (state and roots on another filesystem)
 #   NIXPUSH_BENCH_BIN=/other/target/release benches/enqueue_profile.sh   (another build's daemon)
+#   ROOTS=off benches/enqueue_profile.sh                           (gc_roots_dir = "": no GC-root symlink per path)
 #
 # `stat` prints the daemon's CPU time and context switches (divide by PATHS for the cost of one request), `perf`
 # where its CPU goes. The GC roots go to BASE too (not /nix/var/nix/gcroots): what is measured is the cost of
@@ -30,13 +31,14 @@ mkdir -p "$work/files"
 python3 benches/fresh_files.py "$work/files" "$n" "$work-$(date +%s%N)"
 find "$work/files" -type f | xargs -n 1000 nix-store --add > "$work/paths.txt" 2>/dev/null
 printf 'socket = "%s"\nstate_dir = "%s"\ngc_roots_dir = "%s"\nupstream = []\n[target]\nurl = "file://%s/cache"\n' \
-  "$work/run/nixpush.sock" "$work/state" "$work/gcroots" "$work" > "$work/config.toml"
+  "$work/run/nixpush.sock" "$work/state" "$( [ "${ROOTS:-on}" = off ] || echo "$work/gcroots")" "$work" \
+  > "$work/config.toml"
 "$nbin/nixpush" --config "$work/config.toml" daemon --hold 2>"$work/daemon.log" &
 daemon_pid=$!
 for _ in $(seq 200); do "$nbin/nixpush" --config "$work/config.toml" status >/dev/null 2>&1 && break; sleep 0.05; done
 journal=$(findmnt -no SOURCE -T "$work" | sed 's|/dev/||')
 echo "== $(nproc) cores, $(uname -r), $work on $(findmnt -no FSTYPE,SOURCE -T "$work")" \
-  "($( [ -e "/proc/fs/jbd2/$journal-8" ] && echo "with a journal" || echo "no journal")), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  "($( [ -e "/proc/fs/jbd2/$journal-8" ] && echo "with a journal" || echo "no journal")), GC roots ${ROOTS:-on}, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 recorder=
 case $mode in
   stat) perf stat -e task-clock,context-switches,cpu-migrations -p "$daemon_pid" -o "$work/stat.txt" & recorder=$! ;;

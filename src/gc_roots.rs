@@ -39,6 +39,10 @@ use crate::store_path::StorePath;
 
 use rooted::Rooted;
 
+/// How long after a new root the maintenance pass (sizes, bound, healing) starts: long enough for a burst of hooks
+/// to share it, short next to any upload.
+pub const MAINTENANCE_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The daemon's GC roots: what is rooted, what the bound released, and the last error.
 pub struct GcRoots {
     /// `None` when `gc_roots_dir = ""`.
@@ -357,7 +361,9 @@ impl GcRoots {
     }
 
     /// Runs until `stop`: after each change, looks up the NAR sizes of newly rooted paths (off the ack path),
-    /// retries roots that could not be created, and applies `gc_roots_max_bytes`.
+    /// retries roots that could not be created, and applies `gc_roots_max_bytes`. A pass starts
+    /// [`MAINTENANCE_DELAY`] after the change that called for it, so a burst of hooks shares one pass, and while
+    /// the task waits out the delay a new root wakes no thread at all.
     pub async fn maintain(
         self: Arc<Self>,
         queue: Arc<dyn Queue>,
@@ -371,6 +377,10 @@ impl GcRoots {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.changed.notified() => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(MAINTENANCE_DELAY) => {}
             }
             self.maintenance_pass(&queue, &nix_db).await;
         }
