@@ -53,8 +53,10 @@ verdict() { # goal text, met (0/1)
 start_daemon() { # $1: --hold or ""
   if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid"; wait "$daemon_pid" || true; daemon_pid=; fi
   rm -rf "$work/state" "$work/run"
-  printf 'socket = "%s"\nstate_dir = "%s"\nupstream = []\n[target]\nurl = "file://%s/cache"\n' \
-    "$work/run/nixpush.sock" "$work/state" "$work" > "$work/config.toml"
+  # Its own roots directory: a daemon prunes its roots to its queue, so the default one belongs to the real daemon
+  # (and roots there would keep this script's paths from being deleted).
+  printf 'socket = "%s"\nstate_dir = "%s"\ngc_roots_dir = "%s"\nupstream = []\n[target]\nurl = "file://%s/cache"\n' \
+    "$work/run/nixpush.sock" "$work/state" "$work/gcroots" "$work" > "$work/config.toml"
   "$nbin/nixpush" --config "$work/config.toml" daemon $1 2>>"$work/daemon.log" &
   daemon_pid=$!
   for _ in $(seq 200); do

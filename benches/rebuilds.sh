@@ -68,6 +68,9 @@ start_daemon() { # name, cache directory, extra daemon arguments…
   cat > "$work/$name.toml" <<EOF
 socket = "$work/$name/nixpush.sock"
 state_dir = "$work/$name/state"
+# Each daemon its own roots: a daemon prunes its roots directory to its own queue, so sharing the default one
+# would take the real daemon's roots, and roots there would keep the benchmark's paths from being deleted.
+gc_roots_dir = "$work/$name/gcroots"
 upstream = []
 [target]
 url = "file://$cache"

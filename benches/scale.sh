@@ -173,6 +173,8 @@ for n in 1 2 3; do
   cat > "$work/host$n/config.toml" <<EOF
 socket = "$work/host$n/nixpush.sock"
 state_dir = "$work/host$n/state"
+# Each host its own roots: a daemon prunes its roots directory to its own queue.
+gc_roots_dir = "$work/host$n/gcroots"
 upstream = []
 
 [target]

@@ -105,6 +105,8 @@ size[nix-copy-nginx]=$(du -sb "$work/www/nix/nar" | cut -f1)
 cat > "$work/daemon.toml" <<EOF
 socket = "$work/daemon.sock"
 state_dir = "$work/daemon-state"
+# Its own roots: a daemon prunes the roots directory to its queue, so the default one belongs to the real daemon.
+gc_roots_dir = "$work/daemon-gcroots"
 upstream = []
 [target]
 url = "file://$work/daemon-cache"
