@@ -440,7 +440,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::daemon::server::tests::{fixture, Fixture};
+    use crate::daemon::server::tests::{enqueue, fixture, Fixture};
     use crate::protocol::ErrorKind;
     use crate::store_path::StorePath;
 
@@ -475,14 +475,6 @@ mod tests {
             acceptor: Some(acceptor),
             socket,
             _dir: dir,
-        }
-    }
-
-    fn enqueue(paths: &[&str]) -> Request {
-        Request::Enqueue {
-            drv_path: None,
-            out_paths: paths.iter().map(|p| p.to_string()).collect(),
-            source: "hook".into(),
         }
     }
 

@@ -288,7 +288,8 @@ pub(in crate::daemon) mod tests {
         read_response(client).await.unwrap()
     }
 
-    fn enqueue(paths: &[&str]) -> Request {
+    /// A hook's request to queue `paths`.
+    pub(in crate::daemon) fn enqueue(paths: &[&str]) -> Request {
         Request::Enqueue {
             drv_path: None,
             out_paths: paths.iter().map(|p| p.to_string()).collect(),
