@@ -85,13 +85,7 @@ if [ -n "$peer" ]; then
     echo "== peer column skipped: $peer_socket exists (a real nix-post-build-hook-queue?); not touching it"
     peer=
   else
-    python3 - "$peer_socket" <<'PY' &
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-while True:
-    s.recv(65536)
-PY
+    python3 benches/peer_sink.py "$peer_socket" &
     peer_pid=$!
     for _ in $(seq 100); do [ -S "$peer_socket" ] && break; sleep 0.05; done
   fi

@@ -181,13 +181,7 @@ if [ -n "$peer" ]; then
   elif [ -e "$peer_socket" ]; then
     echo "== peer way skipped: $peer_socket exists (a real nix-post-build-hook-queue?); not touching it" >&2
   else
-    python3 - "$peer_socket" <<'PY' &
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-while True:
-    s.recv(65536)
-PY
+    python3 benches/peer_sink.py "$peer_socket" &
     peer_pid=$!
     for _ in $(seq 100); do [ -S "$peer_socket" ] && break; sleep 0.05; done
     ways+=(peer)

@@ -33,13 +33,7 @@ trap cleanup EXIT
 
 peer=${NIXPUSH_PEER_HOOK:-}
 if [ -n "$peer" ] && [ ! -e "$peer_socket" ]; then
-  python3 - "$peer_socket" <<'PY' &
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-while True:
-    s.recv(65536)
-PY
+  python3 benches/peer_sink.py "$peer_socket" &
   peer_pid=$!
   for _ in $(seq 100); do [ -S "$peer_socket" ] && break; sleep 0.05; done
 elif [ -n "$peer" ]; then
