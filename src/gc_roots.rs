@@ -41,7 +41,7 @@ use rooted::Rooted;
 
 /// How long after a new root the maintenance pass (sizes, bound, healing) starts: long enough for a burst of hooks
 /// to share it, short next to any upload.
-pub const MAINTENANCE_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+const MAINTENANCE_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The daemon's GC roots: what is rooted, what the bound released, and the last error.
 pub struct GcRoots {
@@ -362,7 +362,7 @@ impl GcRoots {
 
     /// Runs until `stop`: after each change, looks up the NAR sizes of newly rooted paths (off the ack path),
     /// retries roots that could not be created, and applies `gc_roots_max_bytes`. A pass starts
-    /// [`MAINTENANCE_DELAY`] after the change that called for it, so a burst of hooks shares one pass, and while
+    /// `MAINTENANCE_DELAY` after the change that called for it, so a burst of hooks shares one pass, and while
     /// the task waits out the delay a new root wakes no thread at all.
     pub async fn maintain(
         self: Arc<Self>,

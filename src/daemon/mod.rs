@@ -383,7 +383,6 @@ pub async fn run(
     queue.flush()?;
     let queue = Arc::new(queue);
     let description = listener.describe();
-    let socket = listener.socket;
     // Hashing and compression yield to builds; the socket, acks and group commit stay on this runtime. Dropped
     // when `run` returns, abandoning a NAR still being prepared rather than waiting for it behind the builds: its
     // path is still `uploading` in the queue and starts over after a restart.
@@ -435,7 +434,7 @@ pub async fn run(
     }
 
     let acceptor = server::Acceptor::start(
-        socket,
+        listener.socket,
         shared.clone(),
         tokio::runtime::Handle::current(),
         tasks.clone(),

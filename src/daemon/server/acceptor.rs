@@ -321,28 +321,24 @@ impl Handover {
             }
         };
         received.truncate(had + got.unwrap_or(0));
-        let header = received.first_chunk::<4>().map(|h| protocol::frame_len(*h));
-        let whole = match header {
-            // A partial request still fits in one read: wait for the rest.
-            None if got != Some(0) => {
-                return Read::Partial(Partial {
-                    stream,
-                    peer,
-                    received,
-                })
-            }
-            Some(Ok(len))
-                if 4 + len <= FIRST_READ && received.len() < 4 + len && got != Some(0) =>
-            {
-                return Read::Partial(Partial {
-                    stream,
-                    peer,
-                    received,
-                })
-            }
-            Some(Ok(len)) if received.len() >= 4 + len => Some(len),
-            _ => None,
+        let eof = got == Some(0);
+        let frame_len = received
+            .first_chunk::<4>()
+            .map(|header| protocol::frame_len(*header).ok());
+        // A request that still fits in one read waits for the rest; a whole one is taken; the rest go over.
+        let (waiting, whole) = match frame_len {
+            None => (!eof, None),
+            Some(Some(len)) if received.len() >= 4 + len => (false, Some(len)),
+            Some(Some(len)) => (!eof && 4 + len <= FIRST_READ, None),
+            Some(None) => (false, None),
         };
+        if waiting {
+            return Read::Partial(Partial {
+                stream,
+                peer,
+                received,
+            });
+        }
         let request = whole.and_then(|len| {
             let request = protocol::decode_request(&received[4..4 + len]).ok()?;
             matches!(request, Request::Enqueue { .. }).then_some((len, request))
@@ -412,7 +408,7 @@ impl Handover {
                 }
             };
             let slot = slots.take().await;
-            super::serve_from(stream, peer, &shared, &stop, &slot, resume).await;
+            super::serve(stream, peer, &shared, &stop, &slot, resume).await;
         };
         self.tasks.spawn_on(serve, &self.runtime);
     }

@@ -40,7 +40,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) {
     let slot = Arc::new(Slots::default()).take().await;
-    serve(stream, peer, shared, stop, &slot).await;
+    serve(stream, peer, shared, stop, &slot, Resume::default()).await;
 }
 
 /// Where serving a connection starts: what the accept threads already read from it, answered and not yet sent.
@@ -64,17 +64,8 @@ impl Resume {
     }
 }
 
+/// Serves the connection in `slot` from where `resume` says.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
-    peer: Peer,
-    shared: &Shared,
-    stop: &CancellationToken,
-    slot: &Slot,
-) {
-    serve_from(stream, peer, shared, stop, slot, Resume::default()).await;
-}
-
-async fn serve_from<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: Peer,
     shared: &Shared,
