@@ -1,11 +1,11 @@
-//! Garbage-collector roots for the paths in the queue: while a path is queued, uploading or failed, a symlink in
-//! `gc_roots_dir` (default `/nix/var/nix/gcroots/nixpush`) keeps `nix-store --gc` from deleting it.
+//! Garbage-collector roots for the paths in the queue: while a path is queued, uploading or failed, a file in
+//! `gc_roots_dir` (default `/nix/var/nix/gcroots/nixpush`) named after it keeps `nix-store --gc` from deleting it.
 //!
 //! ```text
-//! /nix/var/nix/gcroots/nixpush/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello -> /nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello
+//! /nix/var/nix/gcroots/nixpush/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello   (a hard link of .anchor, roots /nix/store/ripzxnb3whas7h2iw572d3b0sby1nxxw-hello)
 //! ```
 //!
-//! - [`GcRoots::protect`] creates roots before the hook's ack (one `symlink(2)` per path, no fsync);
+//! - [`GcRoots::protect`] creates roots before the hook's ack (one `link(2)` per path, no fsync; `gc_roots/links.rs`);
 //! - [`GcRoots::entry_finished`] removes one once its queue entry is gone (done for every target, or dropped);
 //! - [`GcRoots::reconcile`] makes the directory match the queue at startup, since the queue is the durable record;
 //! - [`GcRoots::maintain`] looks up NAR sizes off the ack path and applies `gc_roots_max_bytes` (`gc_roots/bound.rs`).
@@ -134,7 +134,7 @@ impl GcRoots {
     }
 
     /// Roots `paths`, which the caller has just queued (or found queued). Cheap enough for the ack path: one
-    /// `symlink(2)` per path not rooted yet, sizes are looked up later. Never fails: an error is logged once and
+    /// `link(2)` per path not rooted yet, sizes are looked up later. Never fails: an error is logged once and
     /// shown in `status`.
     pub fn protect(&self, paths: &[StorePath]) {
         let Some(dir) = &self.dir else { return };

@@ -30,7 +30,7 @@
 //!   blocking thread), spool import, one lane per target ([`daemon::lane`]: its queue
 //!   view, status, rate and wake-ups) each with its own scheduler ([`daemon::scheduler`]: the loop, one batch, the
 //!   presence memory, the observer), SIGHUP, shutdown.
-//! - [`gc_roots`]: the symlinks that keep queued paths from Nix's garbage collector, their bound and reconcile.
+//! - [`gc_roots`]: the roots that keep queued paths from Nix's garbage collector, their bound and reconcile.
 //! - [`status`]: the status report shared by the daemon and `nixpush status`, with types of its own, one part per
 //!   target ([`status::TargetReport`]) and its text rendering.
 //! - [`outcome`]: how the engine finished with a path, one vocabulary for the queue's history and the status

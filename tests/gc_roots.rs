@@ -37,8 +37,10 @@ fn link(dir: &Path, path: &str) -> PathBuf {
     dir.join(Path::new(path).file_name().unwrap())
 }
 
+/// Whether the daemon's root of `path` is in `dir`: a regular file named after the path (a hard link of the
+/// directory's anchor).
 fn has_root(dir: &Path, path: &str) -> bool {
-    fs::read_link(link(dir, path)).is_ok_and(|target| target == Path::new(path))
+    fs::symlink_metadata(link(dir, path)).is_ok_and(|meta| meta.file_type().is_file())
 }
 
 /// `nix-store --delete PATH`: whether Nix deleted it.
@@ -197,13 +199,21 @@ fn roots_are_reconciled_with_the_queue_at_startup() {
         .is_some_and(|w| w.contains("outside /nix/var/nix/gcroots")));
     daemon.stop();
 
-    // While the daemon was down: one root lost, one stale root for a path not queued, and a foreign file.
+    // While the daemon was down: one root lost, one stale root for a path not queued (in the symlink form earlier
+    // versions made), and a foreign file.
+    // A queued path's root in that old form is kept as it is.
     fs::remove_file(link(&dir, &paths[0])).unwrap();
     std::os::unix::fs::symlink(&paths[2], link(&dir, &paths[2])).unwrap();
+    fs::remove_file(link(&dir, &paths[1])).unwrap();
+    std::os::unix::fs::symlink(&paths[1], link(&dir, &paths[1])).unwrap();
     fs::write(dir.join("README"), b"not nixpush's").unwrap();
     daemon.restart();
     assert!(has_root(&dir, &paths[0]), "missing root re-created");
-    assert!(has_root(&dir, &paths[1]));
+    assert_eq!(
+        fs::read_link(link(&dir, &paths[1])).unwrap(),
+        Path::new(&paths[1]),
+        "a root in the old form is kept"
+    );
     assert!(
         fs::symlink_metadata(link(&dir, &paths[2])).is_err(),
         "stale root removed"

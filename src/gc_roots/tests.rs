@@ -79,7 +79,10 @@ async fn protect_and_finish_follow_the_queue() {
         .enqueue(std::slice::from_ref(&a), "test", 1)
         .unwrap();
     roots.protect(std::slice::from_ref(&a));
-    assert_eq!(std::fs::read_link(f.link(&a)).unwrap(), a.as_path());
+    assert!(std::fs::symlink_metadata(f.link(&a))
+        .unwrap()
+        .file_type()
+        .is_file());
     // Still queued (queued again meanwhile): the root stays.
     roots.entry_finished(&a, &*f.queue);
     assert!(rooted(&f.link(&a)));
