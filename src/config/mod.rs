@@ -210,8 +210,8 @@ pub struct Config {
     /// Where the daemon serves Prometheus metrics at `/metrics`: `IP:PORT` (e.g. `127.0.0.1:9464`) or an absolute
     /// Unix socket path. Unset: nothing listens.
     pub metrics_listen: Option<String>,
-    /// Directory of the roots (files named after store paths) that protect queued, uploading and failed paths from Nix's garbage collector
-    /// (see [`crate::gc_roots`]). Empty turns roots off. Read at start.
+    /// Directory of the roots (files named after store paths) that protect queued, uploading and failed paths from
+    /// Nix's garbage collector (see [`crate::gc_roots`]). Empty turns roots off. Read at start.
     pub gc_roots_dir: PathBuf,
     /// NAR size of the rooted paths beyond which the oldest failed paths lose their roots.
     pub gc_roots_max_bytes: crate::byte_size::ByteSize,
