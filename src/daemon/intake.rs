@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::gc_roots::GcRoots;
 use crate::queue::{self, Enqueued, Queue, RefusedRecord};
+use crate::store_path::StorePath;
 
 use super::commit::GroupCommit;
 use super::lane::TargetLane;
@@ -44,20 +45,21 @@ pub struct Intake {
 /// A request whose entries are written and not yet known to be on disk.
 struct Staged<'a> {
     lanes: Vec<&'a Arc<TargetLane>>,
-    queued: BTreeSet<crate::store_path::StorePath>,
+    queued: BTreeSet<StorePath>,
 }
 
 impl Intake {
     /// Resolves `request` and queues what it names durably. Blocks: call it on a blocking thread of the runtime.
     pub fn take(&self, request: &Request) -> (Resolved, Result<Enqueued, Error>) {
         let mut taken = self.take_all(std::slice::from_ref(request));
-        taken.pop().expect("one answer per request")
+        taken.after_ack();
+        taken.answers.pop().expect("one answer per request")
     }
 
     /// [`Intake::take`] for several requests at once: every request is resolved and written, then one commit
     /// makes them all durable. One answer per request, in order; a request that fails does not fail the others,
-    /// a commit that fails fails them all.
-    pub fn take_all(&self, requests: &[Request]) -> Vec<(Resolved, Result<Enqueued, Error>)> {
+    /// a commit that fails fails them all. The caller answers the clients, then calls [`Taken::after_ack`].
+    pub fn take_all(&self, requests: &[Request]) -> Taken {
         let staged: Vec<_> = requests
             .iter()
             .map(|request| {
@@ -75,17 +77,19 @@ impl Intake {
         } else {
             Ok(())
         };
-        staged
-            .into_iter()
-            .zip(requests)
-            .map(|((resolved, staged), request)| {
-                let enqueued = staged.and_then(|staged| {
-                    committed.clone()?;
-                    Ok(finish(&resolved, request, staged))
-                });
-                (resolved, enqueued)
-            })
-            .collect()
+        let mut taken = Taken {
+            answers: Vec::with_capacity(requests.len()),
+            logged: Vec::new(),
+            woken: Vec::new(),
+        };
+        for ((resolved, staged), request) in staged.into_iter().zip(requests) {
+            let enqueued = staged.and_then(|staged| {
+                committed.clone()?;
+                Ok(taken.finish(&resolved, request, staged))
+            });
+            taken.answers.push((resolved, enqueued));
+        }
+        taken
     }
 
     /// Records the refusals and writes the accepted paths' entries for every target; the caller's commit makes
@@ -138,25 +142,54 @@ impl Intake {
     }
 }
 
-/// What a durable request answers: which paths are newly queued and which were already. Wakes the targets that
-/// have new work.
-fn finish(resolved: &Resolved, request: &Request, staged: Staged<'_>) -> Enqueued {
-    let (queued, duplicate): (Vec<_>, Vec<_>) = resolved
-        .paths
-        .iter()
-        .cloned()
-        .partition(|p| staged.queued.contains(p));
-    let (source, via) = (request.source.as_str(), request.via);
-    for path in &queued {
-        tracing::info!(store_path = %path, source, via, "queued");
+/// The answers of [`Intake::take_all`], and what is left to do once the clients have them: logging each queued
+/// path and waking the targets with new work. Neither is needed for the ack, and both take the answering thread's
+/// time (a log write per path, a wake-up of the runtime), so hooks are answered first.
+#[must_use = "call after_ack once the clients are answered"]
+pub struct Taken {
+    /// One answer per request, in order.
+    pub answers: Vec<(Resolved, Result<Enqueued, Error>)>,
+    /// Per durable request: the paths newly queued and already queued, who sent them and how.
+    logged: Vec<(Vec<StorePath>, Vec<StorePath>, String, &'static str)>,
+    woken: Vec<Arc<TargetLane>>,
+}
+
+impl Taken {
+    /// What a durable request answers: which paths are newly queued and which were already.
+    fn finish(&mut self, resolved: &Resolved, request: &Request, staged: Staged<'_>) -> Enqueued {
+        let (queued, duplicate): (Vec<_>, Vec<_>) = resolved
+            .paths
+            .iter()
+            .cloned()
+            .partition(|p| staged.queued.contains(p));
+        self.logged.push((
+            queued.clone(),
+            duplicate.clone(),
+            request.source.clone(),
+            request.via,
+        ));
+        for lane in staged.lanes {
+            if !self.woken.iter().any(|woken| Arc::ptr_eq(woken, lane)) {
+                self.woken.push(Arc::clone(lane));
+            }
+        }
+        Enqueued { queued, duplicate }
     }
-    for path in &duplicate {
-        tracing::debug!(store_path = %path, source, via, "already queued");
+
+    /// Logs the queued paths and wakes the targets that have new work.
+    pub fn after_ack(&mut self) {
+        for (queued, duplicate, source, via) in self.logged.drain(..) {
+            for path in &queued {
+                tracing::info!(store_path = %path, source, via, "queued");
+            }
+            for path in &duplicate {
+                tracing::debug!(store_path = %path, source, via, "already queued");
+            }
+        }
+        for lane in self.woken.drain(..) {
+            lane.work_available.notify_one();
+        }
     }
-    for lane in staged.lanes {
-        lane.work_available.notify_one();
-    }
-    Enqueued { queued, duplicate }
 }
 
 #[cfg(test)]
@@ -180,9 +213,10 @@ mod tests {
             request(&[&f.good]),
             request(&["/tmp/x"]),
         ];
-        let taken = f.shared.intake().take_all(&requests);
+        let mut taken = f.shared.intake().take_all(&requests);
         assert_eq!(f.sqlite.commit_stats().commits, 1);
         let answers: Vec<_> = taken
+            .answers
             .iter()
             .map(|(resolved, enqueued)| {
                 let enqueued = enqueued.as_ref().unwrap();
@@ -195,5 +229,15 @@ mod tests {
             .collect();
         assert_eq!(answers, [(0, 1, 0), (0, 0, 1), (1, 0, 0)]);
         assert_eq!(f.shared.queue.refused_total().unwrap(), 1);
+
+        // The target with new work is woken once the answers are out, not before.
+        let lane = &f.shared.lanes[0];
+        let woken = || {
+            let notified = lane.work_available.notified();
+            futures_util::FutureExt::now_or_never(notified).is_some()
+        };
+        assert!(!woken(), "woken before the answers were sent");
+        taken.after_ack();
+        assert!(woken(), "not woken after the answers");
     }
 }

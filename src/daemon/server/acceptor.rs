@@ -251,11 +251,12 @@ impl Turns {
             return;
         }
         let shared = &handover.shared;
-        let taken = shared.intake().take_all(&requests);
-        for (incoming, (resolved, enqueued)) in waiting.into_iter().zip(taken) {
+        let mut taken = shared.intake().take_all(&requests);
+        for (incoming, (resolved, enqueued)) in waiting.into_iter().zip(taken.answers.drain(..)) {
             let answer = control::answer_enqueue(&resolved, enqueued, shared);
             handover.reply(incoming, &answer);
         }
+        taken.after_ack();
     }
 }
 
