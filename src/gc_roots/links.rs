@@ -6,8 +6,8 @@
 //!
 //! Why hard links and not symlinks: a symlink to a store path is too long to live in its inode, so each one costs
 //! the filesystem a new inode and a data block, the largest single cost of an ack; a hard link is a directory entry
-//! only (`benches/root_links.py`, ext4 root disk, load 1.51 from a build alongside: 10–22 µs a root against 41–486 µs;
-//! no quiet-machine figure yet). The symlinks earlier versions made are still recognised, kept and removed as roots.
+//! only (`benches/root_links.py /var/tmp 3000 8`, ext4 root disk, load 0.27: 9.6 µs a root against 472 µs). The
+//! symlinks earlier versions made are still recognised, kept and removed as roots.
 
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
