@@ -14,6 +14,8 @@
 #                     memory at 50 and 500 paths       memory at 50, 3,000 and 12,000 paths
 #   rebuilds.sh       100 derivations, 8 rounds        200 derivations, 10 rounds
 #   backends.sh       60 paths, 3 rounds               300 paths, >= 1,100 MiB, 3 rounds
+#   root_links.py     1,000 roots, 4 rounds            3,000 roots, 8 rounds
+#   fsync_gap.py      100 commits, 2 rounds            200 commits, 3 rounds
 #
 # Run it on an otherwise idle machine: each script prints the load average, and withholds its verdicts when the
 # 1-minute load average was above 1.0 before it started. Set NIXPUSH_PEER_HOOK for hook_bench.sh's peer column.
@@ -28,9 +30,10 @@ esac
 if $full; then
   hook_args=(1000 20000) nar_dir=/usr/lib/x86_64-linux-gnu nar_big_mib=2048 upload_args=(300 1100)
   mem_sizes="50 3000 12000" rebuild_args=(200 10) backend_args=(300 1100 3)
+  root_args=(3000 8) fsync_args=(200 3)
 else
   hook_args=(200 5000) nar_dir=/usr/lib/gcc nar_big_mib=256 upload_args=(60 200) mem_sizes="50 500"
-  rebuild_args=(100 8) backend_args=(60 220 3)
+  rebuild_args=(100 8) backend_args=(60 220 3) root_args=(1000 4) fsync_args=(100 2)
 fi
 
 logs=$(mktemp -d /var/tmp/nixpush-bench-all.XXXXXX)
@@ -58,6 +61,8 @@ bench nar_throughput env NAR_BENCH_DIR="$nar_dir" NAR_BENCH_BIG_MIB="$nar_big_mi
 bench closure_info benches/closure_info.sh
 bench upload env MEM_SIZES="$mem_sizes" benches/upload.sh "${upload_args[@]}"
 bench rebuilds benches/rebuilds.sh "${rebuild_args[@]}"
+bench root_links python3 benches/root_links.py /var/tmp "${root_args[@]}"
+bench fsync_gap python3 benches/fsync_gap.py /var/tmp "${fsync_args[@]}"
 if [ -x benches/backends.sh ]; then
   bench backends benches/backends.sh "${backend_args[@]}"
 else
@@ -77,7 +82,7 @@ for name in "${names[@]}"; do
   # (not rebuilds.sh's per-run progress).
   # Progress bars are carriage-return lines; keep only what follows the last \r.
   sed 's/.*\r//' "$logs/$name.log" | grep -E \
-    '^\||^- |^== |^runs:|overhead:|paths/s|peak RSS|Maximum resident|^Closure:|^nixpush|agree$|^[0-9]+ derivations|^daemon per|load average' \
+    '^\||^- |^== |^runs:|overhead:|paths/s|peak RSS|Maximum resident|^Closure:|^nixpush|agree$|^[0-9]+ derivations|^daemon per|load average|^load |per form|per gap' \
     | grep -v '^   round ' || echo "(no result lines; see the output above)"
 done
 exit "$failed"
